@@ -97,12 +97,16 @@ class EncoderConfig:
     max_batch: int = 8
     poll_timeout_ms: int = 50
     model_id: str = "mobilenet_v2-imagenet+proj576"
+    health_host: str = "127.0.0.1"
+    health_port: int = 50052
 
 
 @dataclass
 class LLMConfig:
     model_path: str = field(default_factory=lambda: str(Path(_build_dir()) / "models" / "smollm2-135m-instruct"))
     group_id: str = "livelens-llm"
+    health_host: str = "127.0.0.1"
+    health_port: int = 50053
     system_prompt: str = (
         "You are livelens, an assistant watching a live video. Each <frame> holds what "
         "the camera saw at the given stream time. Answer briefly about what you have seen."

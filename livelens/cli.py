@@ -1,0 +1,181 @@
+"""`livelens` command line: up, watch, bench, health.
+
+Exit codes: 0 success, 1 a runtime failure (with a sentence saying what), 2 bad usage or
+configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from livelens.config import ConfigError, LivelensConfig, load_config
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"livelens: error: {message}", file=sys.stderr)
+    return code
+
+
+def _default_token(cfg: LivelensConfig) -> str:
+    return os.environ.get("LIVELENS_TOKEN") or next(iter(cfg.gateway.tokens), "")
+
+
+def _watch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fps", type=float, default=2.0, help="frames per second sent (default 2)")
+    p.add_argument("--ask", action="append", default=[], metavar="SECONDS:QUESTION",
+                   help="ask QUESTION when the stream reaches SECONDS (repeatable)")
+    p.add_argument("--stream-id", default="", help="stream id (default: from the file name)")
+    p.add_argument("--max-seconds", type=float, default=None, help="stop after this stream time")
+    p.add_argument("--no-realtime", action="store_true",
+                   help="send frames as fast as accepted instead of at their stream time")
+
+
+async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
+                     args: argparse.Namespace) -> int:
+    from livelens.client import Client
+    from livelens.video import VideoError, read_frames
+    from livelens.watcher import ConsolePrinter, ScheduledQuestion, watch_video
+
+    try:
+        questions = [ScheduledQuestion.parse(s) for s in args.ask]
+        total = sum(1 for _ in read_frames(video, args.fps, args.max_seconds, max_side=32))
+    except (ValueError, VideoError) as exc:
+        return _fail(str(exc), 2)
+    stream_id = args.stream_id or f"{Path(video).stem}-{int(time.time())}"
+    printer = ConsolePrinter(total)
+    import grpc
+
+    try:
+        async with Client(target, token) as client:
+            report = await watch_video(client, video, stream_id, args.fps, questions,
+                                       realtime=not args.no_realtime,
+                                       max_seconds=args.max_seconds, printer=printer)
+    except grpc.aio.AioRpcError as exc:
+        printer.close()
+        return _fail(f"{exc.code().name}: {exc.details()} (gateway {target})")
+    printer.close()
+    unanswered = [a.question for a in report.answers.values() if not a.done]
+    print(f"\nstreamed {report.frames_sent} frames ({report.frames_acked} acknowledged) in "
+          f"{report.wall_s:.1f}s; {len(report.answers) - len(unanswered)} answers, "
+          f"{len(report.alerts)} alerts, {len(report.errors)} errors")
+    if unanswered:
+        return _fail(f"no complete answer to: {'; '.join(unanswered)}")
+    return 0
+
+
+def cmd_watch(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    target = args.target or f"{cfg.gateway.host}:{cfg.gateway.port}"
+    return asyncio.run(_run_watch(cfg, target, args.token or _default_token(cfg), args.video, args))
+
+
+def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    from livelens.infra.ports import PortInUseError
+    from livelens.infra.process import ProcessFailed
+    from livelens.stack import Stack
+    from livelens.video import VideoError, sample_video
+
+    run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="livelens-up-"))
+    stack = Stack(cfg, run_dir)
+    try:
+        stack.start(progress=lambda msg: print(f"==> {msg}", flush=True))
+        if not args.no_demo:
+            try:
+                video = args.video or str(sample_video())
+            except VideoError as exc:
+                return _fail(str(exc))
+            if not args.ask:
+                args.ask = ["8:What do you see in the video?", "20:What are the people doing?"]
+            args.max_seconds = args.max_seconds or 30.0
+            print(f"==> demo: streaming {video} at {args.fps:g} fps", flush=True)
+            code = asyncio.run(_run_watch(cfg, stack.gateway_target, _default_token(cfg), video, args))
+            if code:
+                return code
+        if args.exit_after_demo:
+            return 0
+        print(f"==> livelens is up: gateway {stack.gateway_target}. Ctrl-C stops everything.",
+              flush=True)
+        while True:
+            stack.check_alive()
+            time.sleep(1)
+    except PortInUseError as exc:
+        return _fail(str(exc))
+    except (ProcessFailed, FileNotFoundError, TimeoutError) as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print("\n==> stopping", flush=True)
+        return 0
+    finally:
+        stack.stop()
+
+
+def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    from livelens.bench.e2e import run_e2e
+
+    return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=Path(args.out))
+
+
+def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    from livelens.health import check
+
+    targets = {
+        "gateway": f"{cfg.gateway.host}:{cfg.gateway.port}",
+        "encoder": f"{cfg.encoder.health_host}:{cfg.encoder.health_port}",
+        "llm": f"{cfg.llm.health_host}:{cfg.llm.health_port}",
+    }
+    names = [args.service] if args.service else list(targets)
+    ok = True
+    for name in names:
+        serving = check(targets[name], timeout_s=2.0)
+        ok &= serving
+        print(f"{name:8s} {targets[name]:22s} {'SERVING' if serving else 'NOT SERVING'}")
+    return 0 if ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="livelens", description=__doc__)
+    parser.add_argument("--config", help="YAML configuration file (also LIVELENS_CONFIG)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start the whole stack locally and run the demo")
+    _watch_args(up)
+    up.add_argument("--video", help="demo video (default: opencv-doc's vtest.avi)")
+    up.add_argument("--no-demo", action="store_true", help="start the stack only")
+    up.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
+    up.add_argument("--run-dir", help="where logs and the effective config go (default: a temp dir)")
+
+    watch = sub.add_parser("watch", help="stream a video file through the gateway and ask about it")
+    watch.add_argument("video", help="video file, camera index, or rtsp:// URL")
+    _watch_args(watch)
+    watch.add_argument("--target", help="gateway host:port (default: gateway.host:gateway.port)")
+    watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench.add_argument("suite", choices=["e2e"])
+    bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
+    bench.add_argument("--fps", type=float, default=2.0)
+    bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
+    bench.add_argument("--out", default="bench/results/e2e.json")
+
+    h = sub.add_parser("health", help="ask the services whether they are serving")
+    h.add_argument("--service", choices=["gateway", "encoder", "llm"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        return _fail(f"configuration: {exc}", 2)
+    handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health}
+    return handlers[args.command](cfg, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

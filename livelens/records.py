@@ -1,0 +1,72 @@
+"""Packing and unpacking the Kafka records whose payloads are arrays or images."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from livelens.v1 import messages_pb2 as pb
+
+_DTYPES = {pb.TokensRecord.FLOAT16: np.float16}
+
+
+class BadImage(ValueError):
+    """Image bytes that do not decode to a frame."""
+
+
+def decode_image(data: bytes, encoding: int = pb.FrameRecord.ENCODING_UNSPECIFIED,
+                 width: int = 0, height: int = 0) -> np.ndarray:
+    """JPEG/PNG (or raw RGB with its size) -> RGB uint8 [H, W, 3]."""
+    if encoding == pb.FrameRecord.RAW_RGB:
+        if width <= 0 or height <= 0 or len(data) != width * height * 3:
+            raise BadImage(f"raw RGB frame of {len(data)} bytes does not match {width}x{height}")
+        return np.frombuffer(data, np.uint8).reshape(height, width, 3)
+    if not data:
+        raise BadImage("empty image")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        raise BadImage("image bytes are not a decodable JPEG or PNG")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def image_encoding(data: bytes) -> int:
+    if data[:3] == b"\xff\xd8\xff":
+        return pb.FrameRecord.JPEG
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return pb.FrameRecord.PNG
+    return pb.FrameRecord.ENCODING_UNSPECIFIED
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
+    ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise BadImage("could not encode JPEG")
+    return buf.tobytes()
+
+
+def set_tokens(rec: pb.TokensRecord, tokens: np.ndarray, kept: np.ndarray | None = None) -> None:
+    """Store the kept tokens ([grid_h*grid_w, H] with an optional bool mask) in `rec`."""
+    n, hidden = tokens.shape
+    rec.dtype = pb.TokensRecord.FLOAT16
+    rec.hidden_size = hidden
+    if kept is not None and not kept.all():
+        rec.kept_mask = kept.astype(np.uint8).tobytes()
+        tokens = tokens[kept]
+    rec.embeddings = np.ascontiguousarray(tokens, dtype=np.float16).tobytes()
+
+
+def get_tokens(rec: pb.TokensRecord) -> tuple[np.ndarray, np.ndarray]:
+    """(kept tokens [n_kept, H], kept mask bool [grid_h*grid_w]) of a record."""
+    dtype = _DTYPES.get(rec.dtype)
+    if dtype is None:
+        raise ValueError(f"unsupported token dtype {rec.dtype}")
+    grid = rec.grid_h * rec.grid_w
+    kept = (np.frombuffer(rec.kept_mask, np.uint8).astype(bool) if rec.kept_mask
+            else np.ones(grid, bool))
+    if kept.size != grid:
+        raise ValueError(f"kept mask has {kept.size} entries for a {rec.grid_h}x{rec.grid_w} grid")
+    tokens = np.frombuffer(rec.embeddings, dtype).reshape(-1, rec.hidden_size)
+    if tokens.shape[0] != int(kept.sum()):
+        raise ValueError(f"{tokens.shape[0]} tokens for {int(kept.sum())} kept positions")
+    return tokens, kept

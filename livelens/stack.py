@@ -1,0 +1,131 @@
+"""The whole livelens stack on one machine: broker, Triton, LLM service, encoder, gateway.
+
+Used by `livelens up`, the e2e benchmark and the integration test fixtures, so they all
+start the same processes the same way. Every port is checked before anything starts, and
+a taken port is reported with the setting that moves it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from livelens import health
+from livelens import kafka as lk
+from livelens.config import REPO_ROOT, LivelensConfig, to_dict
+from livelens.infra.broker import TansuBroker
+from livelens.infra.ports import ensure_free
+from livelens.infra.process import ManagedProcess
+from livelens.infra.triton import TritonServer
+
+Progress = Callable[[str], None]
+
+
+def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
+    """(host, port, setting) of every port the local stack listens on."""
+    ports = [
+        (cfg.gateway.host, cfg.gateway.port, "gateway.port"),
+        (cfg.encoder.health_host, cfg.encoder.health_port, "encoder.health_port"),
+        (cfg.llm.health_host, cfg.llm.health_port, "llm.health_port"),
+    ]
+    if cfg.broker.enabled:
+        ports.append((cfg.broker.host, cfg.broker.port, "broker.port"))
+    if cfg.triton.enabled:
+        t = cfg.triton
+        ports += [(t.host, t.grpc_port, "triton.grpc_port"), (t.host, t.http_port, "triton.http_port"),
+                  (t.host, t.metrics_port, "triton.metrics_port")]
+    return ports
+
+
+def check_prerequisites(cfg: LivelensConfig) -> None:
+    missing = []
+    if not (Path(cfg.llm.model_path) / "config.json").is_file():
+        missing.append(f"LLM weights at {cfg.llm.model_path}")
+    if cfg.triton.enabled and not Path(cfg.vision.onnx_path).is_file():
+        missing.append(f"vision model at {cfg.vision.onnx_path}")
+    if missing:
+        raise FileNotFoundError("missing " + " and ".join(missing) + ": run `make models`")
+
+
+class Stack:
+    def __init__(self, cfg: LivelensConfig, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.processes: list[ManagedProcess] = []
+
+    def _service(self, name: str, module: str) -> ManagedProcess:
+        env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / "livelens.yaml"),
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
+                                                           os.environ.get("PYTHONPATH")]))}
+        # Settings come from the file written below; stray overrides must not differ from it.
+        for key in [k for k in env if k.startswith("LIVELENS_") and "__" in k]:
+            del env[key]
+        return ManagedProcess(name, [sys.executable, "-m", module],
+                              self.run_dir / f"{name}.log", env=env, cwd=REPO_ROOT)
+
+    def start(self, progress: Progress = print) -> None:
+        cfg = self.cfg
+        check_prerequisites(cfg)
+        for host, port, setting in port_settings(cfg):
+            ensure_free(host, port, setting)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "livelens.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        try:
+            self._start(progress)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, progress: Progress) -> None:
+        cfg = self.cfg
+        t0 = time.monotonic()
+        if cfg.broker.enabled:
+            progress(f"starting Kafka broker (tansu) on {cfg.broker.host}:{cfg.broker.port}")
+            broker = TansuBroker(cfg.broker, self.run_dir / "broker.log")
+            self.processes.append(broker)
+            broker.start()
+            broker.wait_ready()
+        lk.ensure_topics(cfg.kafka)
+        triton: TritonServer | None = None
+        if cfg.triton.enabled:
+            progress(f"starting Triton on {cfg.triton.grpc_url}")
+            triton = TritonServer(cfg.triton, self.run_dir / "triton.log")
+            self.processes.append(triton)
+            triton.start()
+        progress("starting LLM service (loads vLLM, ~30-60 s on CPU)")
+        llm = self._service("llm", "services.llm")
+        self.processes.append(llm)
+        llm.start()
+        if triton is not None:
+            triton.wait_ready(cfg.triton.startup_timeout_s)
+        progress("starting encoder and gateway")
+        encoder = self._service("encoder", "services.encoder")
+        gateway = self._service("gateway", "services.gateway")
+        self.processes += [encoder, gateway]
+        encoder.start()
+        gateway.start()
+        gateway.wait_ready(lambda: health.check(self.gateway_target), 60)
+        encoder.wait_ready(lambda: health.check(f"{cfg.encoder.health_host}:{cfg.encoder.health_port}"), 120)
+        llm.wait_ready(lambda: health.check(f"{cfg.llm.health_host}:{cfg.llm.health_port}"), 300, 1.0)
+        progress(f"stack ready in {time.monotonic() - t0:.0f}s; logs in {self.run_dir}")
+
+    @property
+    def gateway_target(self) -> str:
+        return f"{self.cfg.gateway.host}:{self.cfg.gateway.port}"
+
+    def check_alive(self) -> None:
+        for p in self.processes:
+            if not p.running:
+                from livelens.infra.process import ProcessFailed, log_tail
+
+                raise ProcessFailed(f"{p.name} stopped; log {p.log_path}:\n{log_tail(p.log_path)}")
+
+    def stop(self) -> None:
+        for p in reversed(self.processes):
+            p.stop()
+        self.processes.clear()

@@ -1,0 +1,186 @@
+"""Stream a video through the gateway, ask questions at stream times, collect what comes back.
+
+Shared by `livelens watch`, the `livelens up` demo, the e2e benchmark and the tests, so
+all of them exercise the same client path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from livelens.client import Alert, Answer, Client, Event, ItemError
+from livelens.records import encode_jpeg
+from livelens.video import read_frames
+
+
+@dataclass(frozen=True)
+class ScheduledQuestion:
+    at_s: float
+    text: str
+
+    @staticmethod
+    def parse(spec: str) -> ScheduledQuestion:
+        """"SECONDS:QUESTION", e.g. "12.5:What is the man holding?"."""
+        at, sep, text = spec.partition(":")
+        try:
+            seconds = float(at)
+        except ValueError:
+            seconds = -1.0
+        if not sep or seconds < 0 or not text.strip():
+            raise ValueError(f"--ask expects SECONDS:QUESTION (e.g. 10:What happened?), got {spec!r}")
+        return ScheduledQuestion(seconds, text.strip())
+
+
+@dataclass
+class AnswerRecord:
+    question: str
+    asked_at_s: float
+    asked_unix: float
+    text: str = ""
+    stream_time_s: float = 0.0
+    ttft_s: float = 0.0  # measured by the client: question sent -> first delta received
+    server_ttft_s: float = 0.0  # the engine's own submit -> first token
+    done: bool = False
+
+
+@dataclass
+class WatchReport:
+    frames_sent: int = 0
+    frames_acked: int = 0
+    wall_s: float = 0.0
+    answers: dict[str, AnswerRecord] = field(default_factory=dict)
+    alerts: list[Alert] = field(default_factory=list)
+    errors: list[ItemError] = field(default_factory=list)
+    send_unix: dict[int, float] = field(default_factory=dict)
+    ack_unix: dict[int, float] = field(default_factory=dict)
+
+
+class ConsolePrinter:
+    """Prints answers as they stream and alerts as they come, above a progress bar."""
+
+    def __init__(self, total_frames: int | None, quiet: bool = False) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total_frames, unit="frame", desc="streaming", disable=quiet,
+                        file=sys.stderr, dynamic_ncols=True)
+        self.open_answer: str | None = None
+
+    def write(self, text: str) -> None:
+        with self.bar.external_write_mode():
+            sys.stdout.write(text)
+            sys.stdout.flush()
+
+    def frame_sent(self) -> None:
+        self.bar.update(1)
+
+    def asked(self, q: AnswerRecord) -> None:
+        self.write(f"\n[{q.asked_at_s:6.1f}s] Q: {q.question}\n")
+
+    def event(self, event: Event, report: WatchReport) -> None:
+        if isinstance(event, Answer):
+            rec = report.answers.get(event.request_id)
+            if rec is None:
+                return
+            if self.open_answer != event.request_id:
+                self.write(f"[{event.stream_time_s:6.1f}s] A: ")
+                self.open_answer = event.request_id
+            self.write(event.text)
+            if event.final:
+                self.write(f"\n          (answer about stream time {event.stream_time_s:.1f}s; "
+                           f"first token after {rec.ttft_s:.2f}s)\n")
+                self.open_answer = None
+        elif isinstance(event, Alert):
+            self.write(f"\n[{event.stream_time_s:6.1f}s] ALERT ({event.reason}, "
+                       f"score {event.score:.2f}): {event.text}\n")
+        elif isinstance(event, ItemError):
+            self.write(f"\n[error] {event.status}: {event.message}\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+async def watch_video(
+    client: Client,
+    source: str | os.PathLike[str],
+    stream_id: str,
+    fps: float,
+    questions: list[ScheduledQuestion],
+    realtime: bool = True,
+    max_seconds: float | None = None,
+    printer: ConsolePrinter | None = None,
+    on_event: Callable[[Event], None] | None = None,
+    answer_timeout_s: float = 120.0,
+) -> WatchReport:
+    report = WatchReport()
+    pending = sorted(questions, key=lambda q: q.at_s)
+    start = time.monotonic()
+    async with client.watch(stream_id) as session:
+        events = session.events()
+
+        async def consume() -> None:
+            async for event in events:
+                now = time.time()
+                if isinstance(event, Answer):
+                    rec = report.answers.get(event.request_id)
+                    if rec is not None:
+                        if not rec.text and not rec.ttft_s:
+                            rec.ttft_s = now - rec.asked_unix
+                        rec.text += event.text
+                        rec.stream_time_s = event.stream_time_s
+                        if event.final:
+                            rec.done = True
+                            rec.server_ttft_s = event.ttft_s
+                elif isinstance(event, Alert):
+                    report.alerts.append(event)
+                elif isinstance(event, ItemError):
+                    report.errors.append(event)
+                    if event.request_id in report.answers:
+                        report.answers[event.request_id].done = True
+                else:
+                    report.frames_acked += 1
+                    report.ack_unix[event.seq] = now
+                if printer:
+                    printer.event(event, report)
+                if on_event:
+                    on_event(event)
+
+        consumer = asyncio.create_task(consume())
+
+        async def ask(q: ScheduledQuestion) -> None:
+            rec = AnswerRecord(q.text, q.at_s, time.time())
+            request_id = f"q-{len(report.answers)}-{int(rec.asked_unix * 1000) % 100000}"
+            report.answers[request_id] = rec
+            if printer:
+                printer.asked(rec)
+            await session.ask(q.text, request_id=request_id)
+
+        seq = 0
+        for frame in read_frames(source, fps, max_seconds=max_seconds):
+            while pending and pending[0].at_s <= frame.pts_s:
+                await ask(pending.pop(0))
+            if realtime:
+                delay = start + frame.pts_s - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            report.send_unix[seq] = time.time()
+            await session.send_frame(seq, frame.pts_s, encode_jpeg(frame.rgb))
+            report.frames_sent += 1
+            seq += 1
+            if printer:
+                printer.frame_sent()
+        for q in pending:  # asked after the end of the video: about everything seen
+            await ask(q)
+        deadline = time.monotonic() + answer_timeout_s
+        while time.monotonic() < deadline and (
+            report.frames_acked + len([e for e in report.errors if e.seq]) < report.frames_sent
+            or not all(a.done for a in report.answers.values())
+        ):
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(consumer, 10)
+    report.wall_s = time.monotonic() - start
+    return report

@@ -1,0 +1,283 @@
+"""The gateway: the only thing clients talk to.
+
+`Watch` takes frames and questions and returns acks, answer deltas, alerts and per-item
+errors; a bad item is answered with an `ItemError` carrying its gRPC status while the
+stream goes on. Stream-level problems (authentication, limits) end the call with the
+status itself. Frames and commands go to Kafka; answers come back through `KafkaRouter`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from livelens import kafka as lk
+from livelens.config import LivelensConfig
+from livelens.infra.ports import ensure_free
+from livelens.v1 import api_pb2, api_pb2_grpc
+from livelens.v1 import messages_pb2 as pb
+from services.gateway.decider import ResponseTimingDecider
+from services.gateway.router import KafkaRouter
+from services.gateway.sessions import Session, SessionRegistry
+from services.gateway.validation import InvalidItem, check_frame, check_question, check_stream_id
+
+log = logging.getLogger("livelens.gateway")
+
+ResponseHandler = Callable[[pb.ResponseRecord], None]
+
+
+def item_error(exc: InvalidItem, seq: int = 0, request_id: str = "") -> api_pb2.WatchResponse:
+    return api_pb2.WatchResponse(error=api_pb2.ItemError(
+        code=exc.code.value[0], status=exc.code.name, message=exc.message, seq=seq,
+        request_id=request_id))
+
+
+class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
+    def __init__(self, cfg: LivelensConfig, producer: Any) -> None:
+        self.cfg = cfg
+        self.producer = producer
+        self.sessions = SessionRegistry(cfg.gateway.max_streams_per_tenant)
+        self.handlers: dict[str, ResponseHandler] = {}
+
+    # --- Kafka side ------------------------------------------------------------------
+    def on_response(self, rec: pb.ResponseRecord) -> None:
+        handler = self.handlers.get(rec.request_id)
+        if handler is not None:
+            handler(rec)
+            if rec.final:
+                self.handlers.pop(rec.request_id, None)
+
+    def on_tokens(self, rec: pb.TokensRecord) -> None:
+        session = self.sessions.get(rec.stream_id)
+        if session is None or not self.cfg.gateway.proactive_alerts:
+            return
+        decision = session.decider.observe(rec.pts_s, rec.novelty)
+        if decision is not None:
+            self.raise_alert(session, decision.reason, decision.score, decision.pts_s)
+
+    def raise_alert(self, session: Session, reason: str, score: float, pts_s: float) -> None:
+        request_id = f"alert-{uuid.uuid4().hex[:12]}"
+        parts: list[str] = []
+
+        def collect(rec: pb.ResponseRecord) -> None:
+            parts.append(rec.text_delta)
+            if rec.final:
+                session.pending.discard(request_id)
+                text = "".join(parts).strip() if not rec.error else ""
+                session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
+                    request_id=request_id, stream_time_s=pts_s, reason=reason, score=score,
+                    text=text)))
+
+        self.handlers[request_id] = collect
+        session.pending.add(request_id)
+        self.publish_ask(session.stream_id, session.tenant, request_id,
+                         self.cfg.gateway.alert_prompt, 0, proactive=True)
+
+    def publish_ask(self, stream_id: str, tenant: str, request_id: str, question: str,
+                    max_tokens: int, proactive: bool = False) -> None:
+        cmd = pb.CommandRecord(stream_id=stream_id, tenant=tenant, gateway_time_unix=time.time(),
+                               ask=pb.AskCommand(request_id=request_id, question=question,
+                                                 max_tokens=max_tokens, proactive=proactive))
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, stream_id, cmd)
+
+    # --- auth ------------------------------------------------------------------------
+    async def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        header = dict(context.invocation_metadata() or ()).get("authorization", "")
+        scheme, _, token = str(header).partition(" ")
+        tenant = self.cfg.gateway.tokens.get(token) if scheme.lower() == "bearer" else None
+        if tenant is None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
+        return str(tenant)
+
+    # --- Watch -----------------------------------------------------------------------
+    async def Watch(self, request_iterator: AsyncIterator[api_pb2.WatchRequest],
+                    context: grpc.aio.ServicerContext) -> AsyncIterator[api_pb2.WatchResponse]:
+        tenant = await self.tenant(context)
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("item") != "open":
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                "the first message of Watch must be `open` with a stream id")
+        stream_id = first.open.stream_id
+        g = self.cfg.gateway
+        session = Session(stream_id, tenant, ResponseTimingDecider(g.alert_novelty_threshold,
+                                                                   g.alert_cooldown_s))
+        try:
+            check_stream_id(stream_id)
+            self.sessions.open(session)
+        except InvalidItem as exc:
+            await context.abort(exc.code, exc.message)
+        log.info("stream %s opened by tenant %s", stream_id, tenant)
+        self.publish_command(session, open_=True)
+        session.send(api_pb2.WatchResponse(opened=api_pb2.Opened(stream_id=stream_id, tenant=tenant)))
+        reader = asyncio.create_task(self.read_items(session, request_iterator))
+        try:
+            while True:
+                if reader.done() and not session.pending and session.outbox.empty():
+                    break
+                try:
+                    yield await asyncio.wait_for(session.outbox.get(), timeout=0.2)
+                except TimeoutError:
+                    continue
+            reader.result()  # surface a reader failure as the call's status
+        finally:
+            reader.cancel()
+            for request_id in session.pending:
+                self.handlers.pop(request_id, None)
+            self.sessions.close(stream_id)
+            self.publish_command(session, open_=False)
+            log.info("stream %s closed", stream_id)
+
+    def publish_command(self, session: Session, open_: bool) -> None:
+        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant,
+                               gateway_time_unix=time.time())
+        if open_:
+            cmd.open.SetInParent()
+        else:
+            cmd.close.SetInParent()
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+
+    async def read_items(self, session: Session, items: AsyncIterator[api_pb2.WatchRequest]) -> None:
+        loop = asyncio.get_running_loop()
+        async for item in items:
+            kind = item.WhichOneof("item")
+            if kind == "frame":
+                self.accept_frame(session, item.frame, loop)
+            elif kind == "question":
+                self.accept_question(session, item.question)
+            else:
+                session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                                                    "the stream is already open")))
+
+    def accept_frame(self, session: Session, frame: api_pb2.Frame,
+                     loop: asyncio.AbstractEventLoop) -> None:
+        try:
+            encoding, rgb = check_frame(frame, self.cfg.gateway, session.last_seq, session.last_pts)
+        except InvalidItem as exc:
+            session.send(item_error(exc, seq=frame.seq))
+            return
+        session.last_seq, session.last_pts = frame.seq, frame.pts_s
+        session.newest_pts = frame.pts_s
+        rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, seq=frame.seq,
+                             pts_s=frame.pts_s, encoding=encoding, data=frame.image,
+                             width=rgb.shape[1], height=rgb.shape[0], gateway_time_unix=time.time())
+        future = lk.publish(self.producer, self.cfg.kafka.frames_topic, session.stream_id, rec)
+        ack = api_pb2.WatchResponse(ack=api_pb2.Ack(seq=frame.seq))
+
+        def done(_: Any) -> None:
+            loop.call_soon_threadsafe(session.send, ack)
+
+        def failed(exc: BaseException) -> None:
+            err = InvalidItem(grpc.StatusCode.UNAVAILABLE, f"frame {frame.seq} not queued: {exc}")
+            loop.call_soon_threadsafe(session.send, item_error(err, seq=frame.seq))
+
+        future.add_callback(done)
+        future.add_errback(failed)
+
+    def accept_question(self, session: Session, question: api_pb2.Question) -> None:
+        request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
+        try:
+            text = check_question(question.text, self.cfg.gateway)
+            if request_id in self.handlers:
+                raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
+                                  f"request id {request_id!r} is already being answered")
+        except InvalidItem as exc:
+            session.send(item_error(exc, request_id=request_id))
+            return
+
+        def relay(rec: pb.ResponseRecord) -> None:
+            if rec.error:
+                session.send(item_error(InvalidItem(grpc.StatusCode.INTERNAL, rec.error),
+                                        request_id=request_id))
+            session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
+                request_id=request_id, text=rec.text_delta, final=rec.final,
+                stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s)))
+            if rec.final:
+                session.pending.discard(request_id)
+
+        self.handlers[request_id] = relay
+        session.pending.add(request_id)
+        self.publish_ask(session.stream_id, session.tenant, request_id, text, question.max_tokens)
+
+    # --- Ask -------------------------------------------------------------------------
+    async def Ask(self, request: api_pb2.AskRequest,
+                  context: grpc.aio.ServicerContext) -> api_pb2.AskResponse:
+        tenant = await self.tenant(context)
+        try:
+            check_stream_id(request.stream_id)
+            self.sessions.for_tenant(request.stream_id, tenant)
+            text = check_question(request.question, self.cfg.gateway)
+        except InvalidItem as exc:
+            await context.abort(exc.code, exc.message)
+        request_id = f"ask-{uuid.uuid4().hex[:12]}"
+        queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
+        self.handlers[request_id] = queue.put_nowait
+        self.publish_ask(request.stream_id, tenant, request_id, text, request.max_tokens)
+        timeout = request.timeout_s or self.cfg.gateway.ask_timeout_s
+        parts: list[str] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    rec = await queue.get()
+                    parts.append(rec.text_delta)
+                    if rec.final:
+                        break
+        except TimeoutError:
+            self.handlers.pop(request_id, None)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"no complete answer within {timeout:.0f}s")
+        if rec.error:
+            await context.abort(grpc.StatusCode.INTERNAL, rec.error)
+        return api_pb2.AskResponse(request_id=request_id, text="".join(parts).strip(),
+                                   stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s)
+
+
+async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:
+    g = cfg.gateway
+    ensure_free(g.host, g.port, "gateway.port")
+    lk.ensure_topics(cfg.kafka)
+    producer = lk.make_producer(cfg.kafka, "livelens-gateway")
+    servicer = LiveLensServicer(cfg, producer)
+    router = KafkaRouter(cfg.kafka, asyncio.get_running_loop(), servicer.on_response,
+                         servicer.on_tokens)
+    server = grpc.aio.server(options=[
+        # Room above the frame limit, so an oversized frame gets its own ItemError
+        # instead of gRPC ending the whole stream.
+        ("grpc.max_receive_message_length", 4 * g.max_frame_bytes + 1024 * 1024),
+    ])
+    api_pb2_grpc.add_LiveLensServicer_to_server(servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([
+        api_pb2.DESCRIPTOR.services_by_name["LiveLens"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    ], server)
+    address = f"{g.host}:{g.port}"
+    if g.tls_cert:
+        creds = grpc.ssl_server_credentials([(Path(g.tls_key).read_bytes(),
+                                              Path(g.tls_cert).read_bytes())])
+        server.add_secure_port(address, creds)
+    else:
+        server.add_insecure_port(address)
+    await server.start()
+    router.start()
+    for name in ("", "livelens.v1.LiveLens"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("gateway serving on %s (%s)", address, "TLS" if g.tls_cert else "plaintext")
+    try:
+        await stop.wait()
+    finally:
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(grace=2)
+        router.stop()
+        producer.close()

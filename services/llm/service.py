@@ -1,0 +1,186 @@
+"""The LLM service: tokens + commands in, answer deltas out.
+
+One consumer group reads the tokens and commands topics; both are keyed by stream id and
+have the same partition count, so the replica that owns a stream's partition holds its
+context and receives its questions. Kafka polling runs in a thread; contexts, questions
+and the engine live on one asyncio loop, so a context is only touched from one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from livelens import kafka as lk
+from livelens.config import LivelensConfig
+from livelens.health import HealthServer
+from livelens.records import get_tokens
+from livelens.v1 import messages_pb2 as pb
+from services.llm.context import FrameSegment, StreamContext
+from services.llm.embedder import ContextEmbedder
+from services.llm.engine import VllmEngine
+
+log = logging.getLogger("livelens.llm")
+
+
+@dataclass
+class LLMStats:
+    frames: int = 0
+    duplicates: int = 0
+    questions: int = 0
+    errors: int = 0
+
+
+class LLMService:
+    def __init__(self, cfg: LivelensConfig) -> None:
+        self.cfg = cfg
+        self.contexts: dict[str, StreamContext] = {}
+        self.stats = LLMStats()
+        self.stop_event = threading.Event()
+        self.embedder: ContextEmbedder | None = None
+        self.engine: VllmEngine | None = None
+        self.producer: Any = None
+
+    # --- state -----------------------------------------------------------------------
+    def context(self, stream_id: str) -> StreamContext:
+        ctx = self.contexts.get(stream_id)
+        if ctx is None:
+            c = self.cfg.llm
+            ctx = StreamContext(stream_id, c.sink_frames, c.window_frames, c.dialogue_turns)
+            self.contexts[stream_id] = ctx
+        return ctx
+
+    def on_tokens(self, rec: pb.TokensRecord) -> None:
+        tokens, kept = get_tokens(rec)
+        added = self.context(rec.stream_id).add_frame(FrameSegment(rec.seq, rec.pts_s, tokens, kept))
+        if added:
+            self.stats.frames += 1
+        else:
+            self.stats.duplicates += 1
+
+    def on_command(self, rec: pb.CommandRecord) -> None:
+        kind = rec.WhichOneof("command")
+        if kind == "close":
+            self.contexts.pop(rec.stream_id, None)
+        elif kind == "ask":
+            self.stats.questions += 1
+            asyncio.get_running_loop().create_task(self.answer(rec))
+
+    # --- answering -------------------------------------------------------------------
+    def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
+        msg = pb.ResponseRecord(stream_id=cmd.stream_id, tenant=cmd.tenant,
+                                request_id=cmd.ask.request_id, proactive=cmd.ask.proactive, **fields)
+        lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
+
+    async def answer(self, cmd: pb.CommandRecord) -> None:
+        assert self.engine is not None and self.embedder is not None
+        c = self.cfg.llm
+        picked = time.time()
+        ctx = self.context(cmd.stream_id)
+        ask = cmd.ask
+        t0 = time.perf_counter()
+        composed = ctx.compose(c.system_prompt, ask.question)
+        max_tokens = ask.max_tokens or c.max_answer_tokens
+        # Trim the oldest window frames until the prompt plus the answer fits.
+        limit = len(ctx.window)
+        while self.embedder.count(composed) + max_tokens > c.max_model_len and limit > 0:
+            limit -= 1
+            composed = ctx.compose(c.system_prompt, ask.question, window_limit=limit)
+        embeds = self.embedder.embed(composed)
+        compose_s = time.perf_counter() - t0
+        timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
+                                   compose_s=compose_s, context_tokens=int(embeds.shape[0]),
+                                   context_frames=len(composed.frames))
+        text: list[str] = []
+        stream_time = composed.newest_pts_s
+        try:
+            async for delta in self.engine.generate(embeds, f"{ask.request_id}-{uuid.uuid4().hex[:6]}",
+                                                    max_tokens):
+                if delta.first_token_s is not None:
+                    timings.ttft_s = delta.first_token_s
+                text.append(delta.text)
+                if delta.finished:
+                    timings.total_s = time.perf_counter() - t0
+                    self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
+                                 timings=timings)
+                elif delta.text:
+                    self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
+        except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
+            self.stats.errors += 1
+            log.exception("question %s on %s failed", ask.request_id, cmd.stream_id)
+            self.respond(cmd, final=True, error=f"the model could not answer: {exc}",
+                         stream_time_s=stream_time)
+            return
+        finally:
+            self.producer.flush()
+        if not ask.proactive:
+            ctx.add_turn(ask.question, "".join(text).strip())
+
+    # --- plumbing --------------------------------------------------------------------
+    def poll_kafka(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+        k = self.cfg.kafka
+        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic], self.cfg.llm.group_id)
+        try:
+            while not self.stop_event.is_set():
+                for tp, records in consumer.poll(timeout_ms=100).items():
+                    for r in records:
+                        msg: Any = pb.TokensRecord() if tp.topic == k.tokens_topic else pb.CommandRecord()
+                        try:
+                            msg.ParseFromString(r.value)
+                        except Exception:  # noqa: BLE001 - a foreign record on our topic
+                            log.warning("unparseable record on %s", tp.topic)
+                            continue
+                        loop.call_soon_threadsafe(queue.put_nowait, msg)
+        finally:
+            consumer.close()
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    async def run(self) -> None:
+        cfg = self.cfg
+        health = HealthServer(cfg.llm.health_host, cfg.llm.health_port, "llm.health_port",
+                              "livelens.llm").start()
+        self.embedder = ContextEmbedder(cfg.llm.model_path)
+        self.engine = VllmEngine(cfg.llm)
+        lk.ensure_topics(cfg.kafka)
+        self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        poller = threading.Thread(target=self.poll_kafka, args=(loop, queue), daemon=True)
+        poller.start()
+        health.set(True)
+        log.info("llm service ready: model %s", cfg.llm.model_path)
+        try:
+            while (msg := await queue.get()) is not None:
+                try:
+                    if isinstance(msg, pb.TokensRecord):
+                        self.on_tokens(msg)
+                    else:
+                        self.on_command(msg)
+                except ValueError as exc:
+                    self.stats.errors += 1
+                    log.warning("bad record for stream %s: %s", msg.stream_id, exc)
+        finally:
+            health.set(False)
+            self.stop_event.set()
+            poller.join(5)
+            self.producer.close()
+            self.engine.shutdown()
+            health.stop()
+
+
+def main(cfg: LivelensConfig) -> None:
+    service = LLMService(cfg)
+
+    async def runner() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.stop_event.set)
+        await service.run()
+
+    asyncio.run(runner())
