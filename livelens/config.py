@@ -96,6 +96,7 @@ class EncoderConfig:
     image_size: int = 224
     max_batch: int = 8
     poll_timeout_ms: int = 50
+    triton_retries: int = 5
     model_id: str = "mobilenet_v2-imagenet+proj576"
     health_host: str = "127.0.0.1"
     health_port: int = 50052

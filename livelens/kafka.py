@@ -90,15 +90,17 @@ def _consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
     }
 
 
-def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str) -> KafkaConsumer:
+def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
+                        auto_commit: bool = True) -> KafkaConsumer:
     """A member of a consumer group: partition ownership decides which replica holds a
-    stream. Offsets are committed by the caller after a record is processed."""
+    stream. With `auto_commit=False` the caller commits after a record's results are
+    published (at-least-once; consumers dedupe by (stream, seq))."""
     return KafkaConsumer(
         *topics,
         bootstrap_servers=cfg.bootstrap,
         group_id=group_id,
         client_id=f"{group_id}-{uuid.uuid4().hex[:6]}",
-        enable_auto_commit=True,
+        enable_auto_commit=auto_commit,
         auto_commit_interval_ms=1000,
         auto_offset_reset="earliest",
         session_timeout_ms=cfg.session_timeout_ms,

@@ -61,7 +61,10 @@ class WatchReport:
 
 
 class ConsolePrinter:
-    """Prints answers as they stream and alerts as they come, above a progress bar."""
+    """Prints answers as they stream and alerts as they come, under a progress bar.
+
+    While an answer streams, the bar is cleared and its updates held back, so the
+    answer's deltas form one clean line in the terminal."""
 
     def __init__(self, total_frames: int | None, quiet: bool = False) -> None:
         from tqdm import tqdm
@@ -69,36 +72,53 @@ class ConsolePrinter:
         self.bar = tqdm(total=total_frames, unit="frame", desc="streaming", disable=quiet,
                         file=sys.stderr, dynamic_ncols=True)
         self.open_answer: str | None = None
+        self.held_frames = 0
+        self.skipped: set[str] = set()
 
-    def write(self, text: str) -> None:
+    def _line(self, text: str) -> None:
         with self.bar.external_write_mode():
             sys.stdout.write(text)
             sys.stdout.flush()
 
     def frame_sent(self) -> None:
-        self.bar.update(1)
+        if self.open_answer is None:
+            self.bar.update(1)
+        else:
+            self.held_frames += 1
 
     def asked(self, q: AnswerRecord) -> None:
-        self.write(f"\n[{q.asked_at_s:6.1f}s] Q: {q.question}\n")
+        self._line(f"[{q.asked_at_s:6.1f}s] Q: {q.question}\n")
 
     def event(self, event: Event, report: WatchReport) -> None:
         if isinstance(event, Answer):
             rec = report.answers.get(event.request_id)
             if rec is None:
                 return
-            if self.open_answer != event.request_id:
-                self.write(f"[{event.stream_time_s:6.1f}s] A: ")
+            if self.open_answer not in (None, event.request_id):
+                self.skipped.add(event.request_id)  # overlaps the answer on screen
+            if event.request_id in self.skipped:
+                if event.final:  # it overlapped another answer: print it whole now
+                    self.skipped.discard(event.request_id)
+                    self._line(f"[{event.stream_time_s:6.1f}s] A: {rec.text.strip()}\n")
+                return
+            if self.open_answer is None:
+                self.bar.clear()
+                sys.stdout.write(f"[{event.stream_time_s:6.1f}s] A: ")
                 self.open_answer = event.request_id
-            self.write(event.text)
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
             if event.final:
-                self.write(f"\n          (answer about stream time {event.stream_time_s:.1f}s; "
-                           f"first token after {rec.ttft_s:.2f}s)\n")
+                sys.stdout.write(f"\n          (about stream time {event.stream_time_s:.1f}s; "
+                                 f"first token after {rec.ttft_s:.2f}s)\n")
                 self.open_answer = None
+                self.bar.update(self.held_frames)
+                self.held_frames = 0
+                self.bar.refresh()
         elif isinstance(event, Alert):
-            self.write(f"\n[{event.stream_time_s:6.1f}s] ALERT ({event.reason}, "
+            self._line(f"[{event.stream_time_s:6.1f}s] ALERT ({event.reason}, "
                        f"score {event.score:.2f}): {event.text}\n")
         elif isinstance(event, ItemError):
-            self.write(f"\n[error] {event.status}: {event.message}\n")
+            self._line(f"[error] {event.status}: {event.message}\n")
 
     def close(self) -> None:
         self.bar.close()

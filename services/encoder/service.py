@@ -82,6 +82,22 @@ class EncoderService:
                 self.stats.frames_encoded += 1
         return out
 
+    def process_with_retry(self, frames: list[pb.FrameRecord],
+                           model: VisionModelClient) -> list[pb.TokensRecord]:
+        """Triton may be restarting: retry with backoff, then give up (the process exits,
+        its offsets uncommitted, and the frames are encoded again after the restart)."""
+        seqs = dict(self.last_seq)
+        for attempt in range(self.cfg.encoder.triton_retries + 1):
+            try:
+                return self.process(frames, model)
+            except Exception as exc:  # noqa: BLE001 - tritonclient raises many kinds
+                self.last_seq = dict(seqs)  # the frames were not encoded: not seen either
+                if attempt == self.cfg.encoder.triton_retries:
+                    raise
+                log.warning("Triton call failed (%s); retry %d", exc, attempt + 1)
+                time.sleep(min(5.0, 0.5 * 2**attempt))
+        raise AssertionError("unreachable")
+
     def run(self) -> None:
         cfg = self.cfg
         health = HealthServer(cfg.encoder.health_host, cfg.encoder.health_port,
@@ -90,7 +106,8 @@ class EncoderService:
         model.wait_ready()
         lk.ensure_topics(cfg.kafka)
         producer = lk.make_producer(cfg.kafka, "livelens-encoder")
-        consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic], cfg.encoder.group_id)
+        consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic],
+                                          cfg.encoder.group_id, auto_commit=False)
         health.set(True)
         log.info("encoder ready: triton %s model %s", cfg.triton_url, cfg.encoder.model_name)
         try:
@@ -108,9 +125,10 @@ class EncoderService:
                         frames.append(frame)
                 if not frames:
                     continue
-                for rec in self.process(frames, model):
+                for rec in self.process_with_retry(frames, model):
                     lk.publish(producer, cfg.kafka.tokens_topic, rec.stream_id, rec)
                 producer.flush()
+                consumer.commit()  # only now: a crash before this replays the frames
         finally:
             health.set(False)
             consumer.close()

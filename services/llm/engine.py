@@ -71,5 +71,15 @@ class VllmEngine:
                 ttft = first
             yield Delta(completion.text, out.finished, ttft, total)
 
+    async def warmup(self, embeds: torch.Tensor) -> float:
+        """Run one short request of a typical context's length; returns its seconds.
+
+        The first forward on the CPU backend pays one-time kernel set-up (tens of seconds
+        here), which must not land on the first user's question."""
+        start = time.perf_counter()
+        async for _ in self.generate(embeds, "livelens-warmup", 2):
+            pass
+        return time.perf_counter() - start
+
     def shutdown(self) -> None:
         self.llm.shutdown()

@@ -17,6 +17,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import torch
+
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
@@ -43,6 +46,7 @@ class LLMService:
         self.contexts: dict[str, StreamContext] = {}
         self.stats = LLMStats()
         self.stop_event = threading.Event()
+        self.assigned = threading.Event()  # the group gave us partitions: we hold streams
         self.embedder: ContextEmbedder | None = None
         self.engine: VllmEngine | None = None
         self.producer: Any = None
@@ -122,15 +126,32 @@ class LLMService:
         if not ask.proactive:
             ctx.add_turn(ask.question, "".join(text).strip())
 
+    def warmup_context(self) -> torch.Tensor:
+        """A context as long as a full one (sink + window of 7x7-token frames), of
+        random visual tokens, distinct from any stream's so it caches nothing useful."""
+        assert self.embedder is not None
+        c = self.cfg.llm
+        ctx = StreamContext("warmup", c.sink_frames, c.window_frames, 0)
+        rng = np.random.default_rng(0)
+        for i in range(c.sink_frames + c.window_frames):
+            tokens = rng.standard_normal((49, self.embedder.hidden_size)).astype(np.float16)
+            ctx.add_frame(FrameSegment(i, i * 0.5, tokens, np.ones(49, bool)))
+        return self.embedder.embed(ctx.compose(c.system_prompt, "warm-up"))
+
     # --- plumbing --------------------------------------------------------------------
     def poll_kafka(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
         k = self.cfg.kafka
-        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic], self.cfg.llm.group_id)
+        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic],
+                                          self.cfg.llm.group_id)
         try:
             while not self.stop_event.is_set():
-                for tp, records in consumer.poll(timeout_ms=100).items():
+                polled = consumer.poll(timeout_ms=100)
+                if consumer.assignment():
+                    self.assigned.set()
+                for tp, records in polled.items():
                     for r in records:
-                        msg: Any = pb.TokensRecord() if tp.topic == k.tokens_topic else pb.CommandRecord()
+                        is_tokens = tp.topic == k.tokens_topic
+                        msg: Any = pb.TokensRecord() if is_tokens else pb.CommandRecord()
                         try:
                             msg.ParseFromString(r.value)
                         except Exception:  # noqa: BLE001 - a foreign record on our topic
@@ -149,10 +170,15 @@ class LLMService:
         self.engine = VllmEngine(cfg.llm)
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
+        warm = self.warmup_context()
+        log.info("engine warm-up (%d tokens) took %.1fs", warm.shape[0],
+                 await self.engine.warmup(warm))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         poller = threading.Thread(target=self.poll_kafka, args=(loop, queue), daemon=True)
         poller.start()
+        # Serving means owning partitions: before that, questions would find no frames.
+        await asyncio.to_thread(self.assigned.wait, 60)
         health.set(True)
         log.info("llm service ready: model %s", cfg.llm.model_path)
         try:

