@@ -125,7 +125,8 @@ class LLMConfig:
 
 @dataclass
 class VisionConfig:
-    onnx_path: str = field(default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_encoder" / "1" / "model.onnx"))
+    onnx_path: str = field(
+        default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_encoder" / "1" / "model.onnx"))
     seed: int = 0
 
 

@@ -7,6 +7,7 @@ larger than Kafka's 1 MiB default.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -52,10 +53,8 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
             if name not in existing
         ]
         if new:
-            try:
+            with contextlib.suppress(TopicAlreadyExistsError):  # another service was first
                 admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # another service created them first
     finally:
         admin.close()
     wait_for_partitions(cfg, all_topics(cfg), deadline)

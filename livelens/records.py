@@ -29,7 +29,7 @@ def decode_image(data: bytes, encoding: int = pb.FrameRecord.ENCODING_UNSPECIFIE
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def image_encoding(data: bytes) -> int:
+def image_encoding(data: bytes) -> pb.FrameRecord.Encoding:
     if data[:3] == b"\xff\xd8\xff":
         return pb.FrameRecord.JPEG
     if data[:8] == b"\x89PNG\r\n\x1a\n":

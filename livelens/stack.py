@@ -20,7 +20,7 @@ from livelens import kafka as lk
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict
 from livelens.infra.broker import TansuBroker
 from livelens.infra.ports import ensure_free
-from livelens.infra.process import ManagedProcess
+from livelens.infra.process import ManagedProcess, ProcessFailed, log_tail
 from livelens.infra.triton import TritonServer
 
 Progress = Callable[[str], None]
@@ -58,15 +58,15 @@ class Stack:
         self.run_dir = run_dir
         self.processes: list[ManagedProcess] = []
 
-    def _service(self, name: str, module: str) -> ManagedProcess:
+    def _service(self, name: str, module: str, health_target: str) -> ManagedProcess:
         env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / "livelens.yaml"),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
         # Settings come from the file written below; stray overrides must not differ from it.
         for key in [k for k in env if k.startswith("LIVELENS_") and "__" in k]:
             del env[key]
-        return ManagedProcess(name, [sys.executable, "-m", module],
-                              self.run_dir / f"{name}.log", env=env, cwd=REPO_ROOT)
+        return ManagedProcess(name, [sys.executable, "-m", module], self.run_dir / f"{name}.log",
+                              env=env, cwd=REPO_ROOT, ready_check=lambda: health.check(health_target))
 
     def start(self, progress: Progress = print) -> None:
         cfg = self.cfg
@@ -89,29 +89,29 @@ class Stack:
             broker = TansuBroker(cfg.broker, self.run_dir / "broker.log")
             self.processes.append(broker)
             broker.start()
-            broker.wait_ready()
+            broker.wait_ready(30)
         lk.ensure_topics(cfg.kafka)
-        triton: TritonServer | None = None
         if cfg.triton.enabled:
             progress(f"starting Triton on {cfg.triton.grpc_url}")
             triton = TritonServer(cfg.triton, self.run_dir / "triton.log")
             self.processes.append(triton)
             triton.start()
         progress("starting LLM service (loads vLLM, ~30-60 s on CPU)")
-        llm = self._service("llm", "services.llm")
+        llm = self._service("llm", "services.llm", f"{cfg.llm.health_host}:{cfg.llm.health_port}")
         self.processes.append(llm)
         llm.start()
-        if triton is not None:
-            triton.wait_ready(cfg.triton.startup_timeout_s)
+        if cfg.triton.enabled:
+            triton.wait_ready()
         progress("starting encoder and gateway")
-        encoder = self._service("encoder", "services.encoder")
-        gateway = self._service("gateway", "services.gateway")
+        encoder = self._service("encoder", "services.encoder",
+                                f"{cfg.encoder.health_host}:{cfg.encoder.health_port}")
+        gateway = self._service("gateway", "services.gateway", self.gateway_target)
         self.processes += [encoder, gateway]
         encoder.start()
         gateway.start()
-        gateway.wait_ready(lambda: health.check(self.gateway_target), 60)
-        encoder.wait_ready(lambda: health.check(f"{cfg.encoder.health_host}:{cfg.encoder.health_port}"), 120)
-        llm.wait_ready(lambda: health.check(f"{cfg.llm.health_host}:{cfg.llm.health_port}"), 300, 1.0)
+        gateway.wait_ready(60)
+        encoder.wait_ready(120)
+        llm.wait_ready(300, poll_s=1.0)
         progress(f"stack ready in {time.monotonic() - t0:.0f}s; logs in {self.run_dir}")
 
     @property
@@ -121,8 +121,6 @@ class Stack:
     def check_alive(self) -> None:
         for p in self.processes:
             if not p.running:
-                from livelens.infra.process import ProcessFailed, log_tail
-
                 raise ProcessFailed(f"{p.name} stopped; log {p.log_path}:\n{log_tail(p.log_path)}")
 
     def stop(self) -> None:

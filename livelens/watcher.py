@@ -179,8 +179,7 @@ async def watch_video(
                 printer.asked(rec)
             await session.ask(q.text, request_id=request_id)
 
-        seq = 0
-        for frame in read_frames(source, fps, max_seconds=max_seconds):
+        for seq, frame in enumerate(read_frames(source, fps, max_seconds=max_seconds)):
             while pending and pending[0].at_s <= frame.pts_s:
                 await ask(pending.pop(0))
             if realtime:
@@ -190,7 +189,6 @@ async def watch_video(
             report.send_unix[seq] = time.time()
             await session.send_frame(seq, frame.pts_s, encode_jpeg(frame.rgb))
             report.frames_sent += 1
-            seq += 1
             if printer:
                 printer.frame_sent()
         for q in pending:  # asked after the end of the video: about everything seen

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import time
@@ -39,10 +40,8 @@ async def collect(session, until, timeout_s: float = 120.0) -> list:
             if until(seen):
                 return
 
-    try:
+    with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(run(), timeout_s)
-    except TimeoutError:
-        pass
     return seen
 
 

@@ -1,7 +1,14 @@
 import numpy as np
 import pytest
 
-from livelens.records import BadImage, decode_image, encode_jpeg, get_tokens, image_encoding, set_tokens
+from livelens.records import (
+    BadImage,
+    decode_image,
+    encode_jpeg,
+    get_tokens,
+    image_encoding,
+    set_tokens,
+)
 from livelens.v1 import messages_pb2 as pb
 
 

@@ -47,12 +47,9 @@ class TansuBroker(ManagedProcess):
         ensure_free(self.cfg.host, self.cfg.port, "broker.port")
         super().start()
 
-    def wait_ready(self, check=None, timeout_s: float = 30.0, poll_s: float = 0.1) -> None:  # type: ignore[override]
-        def accepting() -> bool:
-            with socket.create_connection((self.cfg.host, self.cfg.port), timeout=0.5):
-                return True
-
-        super().wait_ready(check or accepting, timeout_s, poll_s)
+    def is_ready(self) -> bool:
+        with socket.create_connection((self.cfg.host, self.cfg.port), timeout=0.5):
+            return True
 
     @property
     def bootstrap(self) -> str:

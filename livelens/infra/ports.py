@@ -17,9 +17,7 @@ class PortInUseError(Exception):
         self.port = port
         self.setting = setting
         env = "LIVELENS_" + setting.replace(".", "__", 1).upper()
-        super().__init__(
-            f"port {port} is already in use; set {setting} (env {env}) to a free port"
-        )
+        super().__init__(f"port {port} is already in use; set {setting} (env {env}) to a free port")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -6,6 +6,7 @@ these, so `livelens up` and the test fixtures stop them all the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -33,16 +34,26 @@ class ManagedProcess:
         log_path: Path,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
+        ready_check: Callable[[], bool] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
-        self.log_path = log_path
+        self.log_path = Path(log_path)
         self.env = env
         self.cwd = cwd
+        self.ready_check = ready_check
         self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def is_ready(self) -> bool:
+        """Overridden by servers that know how to ask; by default the given check."""
+        return self.ready_check() if self.ready_check else self.running
 
     def start(self) -> None:
+        if self.running:
+            raise ProcessFailed(f"{self.name} is already running")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.started_at = time.monotonic()
         log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
         # A new session: Ctrl-C in the terminal reaches `livelens up`, which stops the
         # children in order, instead of hitting every child at once.
@@ -50,6 +61,7 @@ class ManagedProcess:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             env=self.env,
             cwd=self.cwd,
             start_new_session=True,
@@ -60,7 +72,11 @@ class ManagedProcess:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, check: Callable[[], bool], timeout_s: float, poll_s: float = 0.25) -> None:
+    def wait_ready(self, timeout_s: float, poll_s: float = 0.25) -> float:
+        """Block until is_ready(); returns seconds since start(). Fails fast, with the
+        log's tail, when the process exits."""
+        if self.proc is None:
+            raise ProcessFailed(f"{self.name} was not started")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running:
@@ -70,8 +86,8 @@ class ManagedProcess:
                     + log_tail(self.log_path)
                 )
             try:
-                if check():
-                    return
+                if self.is_ready():
+                    return time.monotonic() - self.started_at
             except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
                 pass
             time.sleep(poll_s)
@@ -80,15 +96,30 @@ class ManagedProcess:
             + log_tail(self.log_path)
         )
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM to the process group, then SIGKILL to whatever is left of it
+        (children such as Triton's backend stubs or vLLM's engine core)."""
+        proc = self.proc
+        if proc is None:
             return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(grace_s)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> ManagedProcess:
+        self.start()
         try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
+            self.wait_ready(60.0)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

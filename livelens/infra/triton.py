@@ -16,20 +16,17 @@ import importlib.util
 import json
 import os
 import shutil
-import signal
 import stat
-import subprocess
 import sys
 import sysconfig
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 
 from livelens.config import REPO_ROOT, TritonConfig
 from livelens.infra.ports import ensure_free
+from livelens.infra.process import ManagedProcess
 
 STUB_NAME = "triton_python_backend_stub"
 STAMP_NAME = ".livelens-layout.json"
@@ -86,7 +83,9 @@ def prepare_triton(work_dir: Path | None = None) -> TritonLayout:
     if stamp_path.is_file() and json.loads(stamp_path.read_text()) == stamp:
         return layout
     shutil.rmtree(dst, ignore_errors=True)
-    shutil.copytree(server_src, dst, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__"))
+    shutil.copytree(
+        server_src, dst, ignore=shutil.ignore_patterns("python_backend_stubs", "__pycache__")
+    )
     stub_dst = layout.backend_dir / "python" / STUB_NAME
     shutil.copy2(stub_src, stub_dst)
     _make_executable(layout.server_bin)
@@ -118,7 +117,7 @@ def triton_env(layout: TritonLayout, base: dict[str, str] | None = None) -> dict
     return env
 
 
-class TritonServer:
+class TritonServer(ManagedProcess):
     """One tritonserver process serving `cfg.model_repository`.
 
     with TritonServer(cfg, log_path) as server:   # start() + wait_ready()
@@ -126,12 +125,9 @@ class TritonServer:
     """
 
     def __init__(self, cfg: TritonConfig, log_path: Path, work_dir: Path | None = None) -> None:
+        super().__init__("triton", [], log_path)
         self.cfg = cfg
-        self.log_path = Path(log_path)
         self.work_dir = work_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.ready_after_s: float | None = None
-        self._started_at = 0.0
 
     @property
     def http_url(self) -> str:
@@ -158,8 +154,6 @@ class TritonServer:
         ]
 
     def start(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            raise TritonError("tritonserver is already running")
         for port, name in (
             (self.cfg.grpc_port, "triton.grpc_port"),
             (self.cfg.http_port, "triton.http_port"),
@@ -169,18 +163,9 @@ class TritonServer:
         if not Path(self.cfg.model_repository).is_dir():
             raise TritonError(f"model repository {self.cfg.model_repository} does not exist")
         layout = prepare_triton(self.work_dir)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self._started_at = time.monotonic()
-            # Own session: stop() can reach the backend stubs tritonserver spawns.
-            self.proc = subprocess.Popen(
-                self.command(layout),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=triton_env(layout),
-                start_new_session=True,
-            )
+        self.argv = self.command(layout)
+        self.env = triton_env(layout)
+        super().start()
 
     def _get_ok(self, path: str) -> bool:
         try:
@@ -194,64 +179,6 @@ class TritonServer:
             f"/v2/models/{self.cfg.model_name}/ready"
         )
 
-    def wait_ready(self, timeout: float | None = None) -> float:
+    def wait_ready(self, timeout_s: float | None = None, poll_s: float = 0.25) -> float:
         """Block until server and model are ready; return seconds since start()."""
-        if self.proc is None:
-            raise TritonError("tritonserver was not started")
-        limit = self.cfg.startup_timeout_s if timeout is None else timeout
-        deadline = time.monotonic() + limit
-        while time.monotonic() < deadline:
-            code = self.proc.poll()
-            if code is not None:
-                raise TritonError(f"tritonserver exited with code {code}:\n{self.log_tail()}")
-            if self.is_ready():
-                self.ready_after_s = time.monotonic() - self._started_at
-                return self.ready_after_s
-            time.sleep(0.25)
-        raise TritonError(
-            f"tritonserver not ready after {limit:.0f}s (triton.startup_timeout_s):\n"
-            f"{self.log_tail()}"
-        )
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:])
-
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM (Triton unloads models and ends its stubs), then SIGKILL the group."""
-        proc = self.proc
-        if proc is None:
-            return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Kill whatever is left of the group we created (stubs outliving the server).
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        proc.wait()
-        self.proc = None
-
-    def __enter__(self) -> TritonServer:
-        self.start()
-        try:
-            self.wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        return super().wait_ready(self.cfg.startup_timeout_s if timeout_s is None else timeout_s, poll_s)

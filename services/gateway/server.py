@@ -107,6 +107,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         if first is None or first.WhichOneof("item") != "open":
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 "the first message of Watch must be `open` with a stream id")
+        assert first is not None  # abort() raised otherwise
         stream_id = first.open.stream_id
         g = self.cfg.gateway
         session = Session(stream_id, tenant, ResponseTimingDecider(g.alert_novelty_threshold,

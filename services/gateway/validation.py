@@ -11,6 +11,7 @@ import numpy as np
 from livelens.config import GatewayConfig
 from livelens.records import BadImage, decode_image, image_encoding
 from livelens.v1 import api_pb2
+from livelens.v1 import messages_pb2 as pb
 
 STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
@@ -28,7 +29,8 @@ def check_stream_id(stream_id: str) -> None:
                           f"stream id {stream_id[:40]!r} is invalid: use 1-128 of A-Z a-z 0-9 . _ -")
 
 
-def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int, last_pts: float) -> tuple[int, np.ndarray]:
+def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
+                last_pts: float) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
     """Returns (encoding, decoded RGB) of a frame that may be published."""
     size = len(frame.image)
     if size > cfg.max_frame_bytes:
