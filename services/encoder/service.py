@@ -108,11 +108,18 @@ class EncoderService:
         producer = lk.make_producer(cfg.kafka, "livelens-encoder")
         consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic],
                                           cfg.encoder.group_id, auto_commit=False)
+        # Serving means owning partitions (Tansu takes seconds to settle a group join).
+        deadline = time.monotonic() + 60
+        pending: dict = {}
+        while not consumer.assignment() and time.monotonic() < deadline:
+            for tp, records in consumer.poll(timeout_ms=200).items():
+                pending.setdefault(tp, []).extend(records)
         health.set(True)
         log.info("encoder ready: triton %s model %s", cfg.triton_url, cfg.encoder.model_name)
         try:
             while not self.stop_event.is_set():
-                polled = consumer.poll(timeout_ms=cfg.encoder.poll_timeout_ms)
+                polled = pending or consumer.poll(timeout_ms=cfg.encoder.poll_timeout_ms)
+                pending = {}
                 frames = []
                 for records in polled.values():
                     for r in records:

@@ -79,15 +79,16 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
         self.handlers[request_id] = collect
         session.pending.add(request_id)
-        self.publish_ask(session.stream_id, session.tenant, request_id,
-                         self.cfg.gateway.alert_prompt, 0, proactive=True)
+        self.publish_ask(session, request_id, self.cfg.gateway.alert_prompt, 0, proactive=True)
 
-    def publish_ask(self, stream_id: str, tenant: str, request_id: str, question: str,
+    def publish_ask(self, session: Session, request_id: str, question: str,
                     max_tokens: int, proactive: bool = False) -> None:
-        cmd = pb.CommandRecord(stream_id=stream_id, tenant=tenant, gateway_time_unix=time.time(),
+        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant,
+                               gateway_time_unix=time.time(),
                                ask=pb.AskCommand(request_id=request_id, question=question,
-                                                 max_tokens=max_tokens, proactive=proactive))
-        lk.publish(self.producer, self.cfg.kafka.commands_topic, stream_id, cmd)
+                                                 max_tokens=max_tokens, proactive=proactive,
+                                                 after_seq=session.last_seq))
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
 
     # --- auth ------------------------------------------------------------------------
     async def tenant(self, context: grpc.aio.ServicerContext) -> str:
@@ -207,7 +208,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
         self.handlers[request_id] = relay
         session.pending.add(request_id)
-        self.publish_ask(session.stream_id, session.tenant, request_id, text, question.max_tokens)
+        self.publish_ask(session, request_id, text, question.max_tokens)
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,
@@ -215,14 +216,14 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         tenant = await self.tenant(context)
         try:
             check_stream_id(request.stream_id)
-            self.sessions.for_tenant(request.stream_id, tenant)
+            session = self.sessions.for_tenant(request.stream_id, tenant)
             text = check_question(request.question, self.cfg.gateway)
         except InvalidItem as exc:
             await context.abort(exc.code, exc.message)
         request_id = f"ask-{uuid.uuid4().hex[:12]}"
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
         self.handlers[request_id] = queue.put_nowait
-        self.publish_ask(request.stream_id, tenant, request_id, text, request.max_tokens)
+        self.publish_ask(session, request_id, text, request.max_tokens)
         timeout = request.timeout_s or self.cfg.gateway.ask_timeout_s
         parts: list[str] = []
         try:

@@ -24,13 +24,32 @@ class Delta:
     num_tokens: int
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(dtype: str) -> str:
+    """"auto": bfloat16 where the hardware computes it (GPU, AVX512-BF16/AMX CPUs), else
+    float32. Without native bf16 a CPU emulates it: measured here (AVX2 only), a
+    1182-token prefill of SmolLM2-135M took 33 s in bf16."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
+
+
 def engine_args(cfg: LLMConfig):  # -> AsyncEngineArgs (vllm imported lazily: it is slow)
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     return AsyncEngineArgs(
         model=cfg.model_path,
         tokenizer=cfg.model_path,
-        dtype="bfloat16",
+        dtype=resolve_dtype(cfg.dtype),
         max_model_len=cfg.max_model_len,
         block_size=cfg.block_size,
         enable_prompt_embeds=True,
@@ -50,6 +69,10 @@ class VllmEngine:
 
         self.llm = AsyncLLM.from_engine_args(engine_args(cfg))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return getattr(torch, resolve_dtype(self.cfg.dtype))
+
     async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
@@ -62,7 +85,8 @@ class VllmEngine:
         start = time.perf_counter()
         first: float | None = None
         total = 0
-        async for out in self.llm.generate({"prompt_embeds": embeds}, params, request_id):
+        prompt = {"prompt_embeds": embeds.to(self.dtype)}
+        async for out in self.llm.generate(prompt, params, request_id):
             completion = out.outputs[0]
             total += len(completion.token_ids)
             ttft = None

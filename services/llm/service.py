@@ -88,6 +88,13 @@ class LLMService:
         picked = time.time()
         ctx = self.context(cmd.stream_id)
         ask = cmd.ask
+        # The question overtakes the frames sent just before it (they go through the
+        # encoder first): wait, bounded, until they are in the context.
+        waited = time.monotonic()
+        deadline = waited + c.frame_wait_s
+        while ctx.last_seq < ask.after_seq and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        waited = time.monotonic() - waited
         t0 = time.perf_counter()
         composed = ctx.compose(c.system_prompt, ask.question)
         max_tokens = ask.max_tokens or c.max_answer_tokens
@@ -99,7 +106,7 @@ class LLMService:
         embeds = self.embedder.embed(composed)
         compose_s = time.perf_counter() - t0
         timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
-                                   compose_s=compose_s, context_tokens=int(embeds.shape[0]),
+                                   frame_wait_s=waited, compose_s=compose_s, context_tokens=int(embeds.shape[0]),
                                    context_frames=len(composed.frames))
         text: list[str] = []
         stream_time = composed.newest_pts_s
