@@ -99,7 +99,7 @@ def test_grpcurl_health_and_ask(stack):
     assert code == 0, stderr
     reply = json.loads(stdout)
     assert reply["text"].strip(), reply
-    assert reply["streamTimeS"] == 2.0, reply  # the newest of the 5 frames sent
+    assert reply["stream_time_s"] == 2.0, reply  # the newest of the 5 frames sent
 
 
 def test_bad_inputs_answered_while_stream_goes_on(stack):
