@@ -73,5 +73,5 @@ for bin in helm kubectl; do
 done
 
 "$DEST/helm" version --short
-"$DEST/kubectl" version --client 2>/dev/null | head -n1
+"$DEST/kubectl" version --client 2>/dev/null | sed -n 1p  # not head: SIGPIPE under pipefail
 echo "installed helm and kubectl into $DEST"

@@ -1,0 +1,86 @@
+"""The `livelens` command as a user runs it: exit codes, messages, Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from livelens.config import REPO_ROOT
+from livelens.infra.ports import free_port, is_free
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "livelens.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=REPO_ROOT)
+
+
+def test_bad_config_exits_2_with_the_setting():
+    out = run_cli("health", env={"LIVELENS_GATEWAY__PORT": "not-a-port"})
+    assert out.returncode == 2
+    assert "gateway.port: expected int" in out.stderr
+
+
+def test_watch_missing_video_exits_2():
+    out = run_cli("watch", "/nonexistent/video.mp4")
+    assert out.returncode == 2
+    assert "does not exist" in out.stderr
+
+
+def test_watch_bad_ask_exits_2():
+    out = run_cli("watch", "whatever.mp4", "--ask", "soon:what?")
+    assert out.returncode == 2
+    assert "SECONDS:QUESTION" in out.stderr
+
+
+def test_watch_without_gateway_says_unavailable():
+    from livelens.video import sample_video
+
+    port = free_port()
+    out = run_cli("watch", str(sample_video("bigbuckbunny.mp4")), "--target", f"127.0.0.1:{port}",
+                  "--no-realtime")
+    assert out.returncode == 1
+    assert "UNAVAILABLE" in out.stderr and f"127.0.0.1:{port}" in out.stderr
+
+
+def test_up_names_the_taken_port_and_its_setting():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        out = run_cli("up", "--no-demo", env={"LIVELENS_GATEWAY__PORT": str(port)})
+    if "run `make models`" in out.stderr:
+        pytest.skip("models not built")
+    assert out.returncode == 1
+    assert f"port {port} is already in use; set gateway.port (env LIVELENS_GATEWAY__PORT)" in out.stderr
+
+
+@pytest.mark.integration
+def test_ctrl_c_stops_everything_up_started(tmp_path):
+    ports = {"BROKER__PORT": free_port(), "TRITON__GRPC_PORT": free_port(),
+             "TRITON__HTTP_PORT": free_port(), "TRITON__METRICS_PORT": free_port(),
+             "GATEWAY__PORT": free_port(), "ENCODER__HEALTH_PORT": free_port(),
+             "LLM__HEALTH_PORT": free_port()}
+    env = {**os.environ, **{f"LIVELENS_{k}": str(v) for k, v in ports.items()},
+           "LIVELENS_KAFKA__BOOTSTRAP": f"127.0.0.1:{ports['BROKER__PORT']}"}
+    proc = subprocess.Popen([sys.executable, "-m", "livelens.cli", "up", "--no-demo", "--run-dir",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, cwd=REPO_ROOT)
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 300
+    for line in proc.stdout:
+        lines.append(line)
+        if "livelens is up" in line or time.monotonic() > deadline:
+            break
+    assert any("livelens is up" in line for line in lines), "".join(lines)
+    assert not is_free("127.0.0.1", ports["GATEWAY__PORT"])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    for port in ports.values():
+        assert is_free("127.0.0.1", port), f"port {port} still taken after Ctrl-C"
