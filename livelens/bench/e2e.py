@@ -94,7 +94,11 @@ async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seco
         print("phase 2: burst, same frames as fast as accepted", flush=True)
         burst = await watch_video(client, video, "bench-burst", fps, [], realtime=False,
                                   max_seconds=seconds)
-    await asyncio.sleep(2)  # last tokens in flight
+    # Wait for every frame's tokens (the burst queues frames faster than they are encoded).
+    deadline = time.monotonic() + 300
+    expected = [("bench-live", seq) for seq in live.send_unix] + [("bench-burst", seq) for seq in burst.send_unix]
+    while time.monotonic() < deadline and not all(key in arrivals.arrivals for key in expected):
+        await asyncio.sleep(0.2)
     live_r = measure(live, "bench-live", arrivals.arrivals)
     burst_r = measure(burst, "bench-burst", arrivals.arrivals)
     ttfts = [a.ttft_s for a in live.answers.values() if a.done and a.ttft_s]
