@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -82,6 +83,14 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="livelens-up-"))
     stack = Stack(cfg, run_dir)
+
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    # SIGTERM (kill, a supervisor) stops the stack the same way as Ctrl-C; so does SIGINT
+    # even where a shell started us with it ignored (background jobs).
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     try:
         stack.start(progress=lambda msg: print(f"==> {msg}", flush=True))
         if not args.no_demo:

@@ -111,4 +111,4 @@ class VllmEngine:
         return time.perf_counter() - start
 
     def shutdown(self) -> None:
-        self.llm.shutdown()
+        self.llm.shutdown(timeout=10)
