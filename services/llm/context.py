@@ -1,9 +1,11 @@
 """A stream's context: what the LLM sees when it answers about the stream.
 
-    [system][sink: first frames][retrieved: (next issue)][window: recent frames][dialogue][question]
+    [system][sink: first frames][retrieved segments][window: recent frames][dialogue][question]
 
 The sink is kept for good (attention sinks keep a windowed model stable, StreamingLLM);
-the window holds the most recent frames; the dialogue keeps the last few turns. The
+the window holds the most recent frames; frames leaving the window are handed to
+`on_evict` in chunks (the LLM service stores them as segments in the tiered store, from
+where a question can bring them back); the dialogue keeps the last few turns. The
 composition is a list of parts, text or visual tokens, that a materializer turns into
 what the engine takes (today: one `prompt_embeds` tensor).
 """
@@ -11,6 +13,7 @@ what the engine takes (today: one `prompt_embeds` tensor).
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,6 +77,10 @@ class StreamContext:
     dialogue: deque[Turn] = field(default_factory=deque)
     last_seq: int = -1
     frames_seen: int = 0
+    chunk_frames: int = 1
+    on_evict: Callable[[str, int, list[FrameSegment]], None] | None = None
+    evicted: list[FrameSegment] = field(default_factory=list)
+    chunks_evicted: int = 0
 
     def add_frame(self, segment: FrameSegment) -> bool:
         """Add a frame; False (and nothing changes) for a redelivered or stale one."""
@@ -86,7 +93,12 @@ class StreamContext:
             return True
         self.window.append(segment)
         while len(self.window) > self.window_frames:
-            self.window.popleft()  # the next issue spills these to the segment store
+            self.evicted.append(self.window.popleft())
+            if len(self.evicted) >= self.chunk_frames:
+                if self.on_evict is not None:
+                    self.on_evict(self.stream_id, self.chunks_evicted, self.evicted)
+                self.chunks_evicted += 1
+                self.evicted = []
         return True
 
     def add_turn(self, question: str, answer: str) -> None:
@@ -94,18 +106,20 @@ class StreamContext:
         while len(self.dialogue) > self.dialogue_turns:
             self.dialogue.popleft()
 
-    def compose(self, system_prompt: str, question: str, window_limit: int | None = None) -> ComposedContext:
-        """ChatML composition (SmolLM2's template). `window_limit` trims the oldest window
-        frames when the whole context would not fit the engine's length."""
+    def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
+                retrieved: Sequence[FrameSegment] = ()) -> ComposedContext:
+        """ChatML composition (SmolLM2's template). `retrieved` frames (in time order) go
+        between the sink and the window; `window_limit` trims the oldest window frames when
+        the whole context would not fit the engine's length."""
         window = list(self.window)
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
-        frames = self.sink + window
+        frames = self.sink + list(retrieved) + window
         parts: list[Part] = [TextPart(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
                                       "<|im_start|>user\nThe video so far:\n")]
-        for i, frame in enumerate(frames):
-            if i == len(self.sink) and self.sink:
-                parts.append(TextPart("...\n"))  # the gap between the sink and the window
+        for prev, frame in zip([None, *frames], frames, strict=False):
+            if prev is not None and frame.seq != prev.seq + 1:
+                parts.append(TextPart("...\n"))  # frames left out between these two
             parts.append(TextPart(frame_label(frame.pts_s)))
             parts.append(VisualPart(frame))
             parts.append(TextPart("</frame>\n"))

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,7 @@ from livelens.v1 import messages_pb2 as pb
 from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
+from services.llm.segments import Segment, TieredSegmentStore, top_k_in_time_order
 
 log = logging.getLogger("livelens.llm")
 
@@ -50,15 +53,37 @@ class LLMService:
         self.embedder: ContextEmbedder | None = None
         self.engine: VllmEngine | None = None
         self.producer: Any = None
+        c = cfg.llm
+        self.store = TieredSegmentStore(
+            ram_budget_bytes=int(c.store_ram_mb * 2**20),
+            disk_dir=Path(c.store_disk_dir) / f"llm-{os.getpid()}" if c.store_disk_dir else None,
+            disk_budget_bytes=int(c.store_disk_mb * 2**20), retention_segments=c.retention_segments)
 
     # --- state -----------------------------------------------------------------------
     def context(self, stream_id: str) -> StreamContext:
         ctx = self.contexts.get(stream_id)
         if ctx is None:
             c = self.cfg.llm
-            ctx = StreamContext(stream_id, c.sink_frames, c.window_frames, c.dialogue_turns)
+            ctx = StreamContext(stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
+                                chunk_frames=c.chunk_frames, on_evict=self.store_evicted)
             self.contexts[stream_id] = ctx
         return ctx
+
+    def store_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
+        self.store.put(Segment(stream_id, index, tuple(frames)))
+
+    def retrieve(self, stream_id: str, query: np.ndarray | None) -> list[FrameSegment]:
+        """Top-k stored segments for a query embedding (an example image's pooled tokens),
+        in time order; nothing without a query."""
+        if query is None or not self.cfg.llm.retrieve_top_k:
+            return []
+        indices, keys = self.store.keys(stream_id)
+        frames: list[FrameSegment] = []
+        for index in top_k_in_time_order(indices, keys, query, self.cfg.llm.retrieve_top_k):
+            segment = self.store.get(stream_id, index)
+            if segment is not None:  # a corrupt or missing file is skipped (and counted)
+                frames.extend(segment.frames)
+        return frames
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         tokens, kept = get_tokens(rec)
@@ -72,6 +97,7 @@ class LLMService:
         kind = rec.WhichOneof("command")
         if kind == "close":
             self.contexts.pop(rec.stream_id, None)
+            self.store.drop_stream(rec.stream_id)
         elif kind == "ask":
             self.stats.questions += 1
             asyncio.get_running_loop().create_task(self.answer(rec))
