@@ -124,9 +124,17 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    out = Path(args.out or f"bench/results/{args.suite}.json")
+    if args.suite == "needle":
+        from livelens.bench.needle import run_needle
+
+        try:
+            return run_needle(cfg, out, args.minutes, args.depths, args.k)
+        except FileNotFoundError as exc:
+            return _fail(str(exc))
     from livelens.bench.e2e import run_e2e
 
-    return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=Path(args.out))
+    return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=out)
 
 
 def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
@@ -165,11 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e"])
+    bench.add_argument("suite", choices=["e2e", "needle"])
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
     bench.add_argument("--fps", type=float, default=2.0)
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
-    bench.add_argument("--out", default="bench/results/e2e.json")
+    bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
+    bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
+                       help="needle: haystack lengths in minutes")
+    bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                       help="needle: where the needle goes (0 = start, 1 = end)")
+    bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")
 
     h = sub.add_parser("health", help="ask the services whether they are serving")
     h.add_argument("--service", choices=["gateway", "encoder", "llm"])
