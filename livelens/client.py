@@ -38,6 +38,7 @@ class Answer:
     final: bool
     stream_time_s: float
     ttft_s: float
+    retrieved_pts_s: tuple[float, ...] = ()  # older moments brought back (final delta)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class AskResult:
     text: str
     stream_time_s: float
     ttft_s: float
+    retrieved_pts_s: tuple[float, ...] = ()
 
 
 Event = Ack | Answer | Alert | ItemError
@@ -74,7 +76,7 @@ def _event(resp: api_pb2.WatchResponse) -> Event | None:
         return Ack(resp.ack.seq)
     if kind == "answer":
         a = resp.answer
-        return Answer(a.request_id, a.text, a.final, a.stream_time_s, a.ttft_s)
+        return Answer(a.request_id, a.text, a.final, a.stream_time_s, a.ttft_s, tuple(a.retrieved_pts_s))
     if kind == "alert":
         al = resp.alert
         return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text)
@@ -136,10 +138,13 @@ class WatchSession:
         await self._outgoing.put(api_pb2.WatchRequest(frame=api_pb2.Frame(seq=seq, pts_s=pts_s,
                                                                           image=image)))
 
-    async def ask(self, question: str, max_tokens: int = 0, request_id: str = "") -> str:
+    async def ask(self, question: str, max_tokens: int = 0, request_id: str = "",
+                  example_image: bytes = b"") -> str:
+        """Ask about the stream; with `example_image` (JPEG/PNG) the moments that look like
+        it are brought back into the context ("when did this appear?")."""
         request_id = request_id or f"q-{uuid.uuid4().hex[:12]}"
         await self._outgoing.put(api_pb2.WatchRequest(question=api_pb2.Question(
-            request_id=request_id, text=question, max_tokens=max_tokens)))
+            request_id=request_id, text=question, max_tokens=max_tokens, example_image=example_image)))
         return request_id
 
     async def close(self) -> None:
@@ -205,8 +210,9 @@ class Client:
                 await session.wait_closed()
 
     async def ask(self, stream_id: str, question: str, max_tokens: int = 0,
-                  timeout_s: float = 0.0) -> AskResult:
+                  timeout_s: float = 0.0, example_image: bytes = b"") -> AskResult:
         r = await self.stub.Ask(api_pb2.AskRequest(stream_id=stream_id, question=question,
-                                                   max_tokens=max_tokens, timeout_s=timeout_s),
+                                                   max_tokens=max_tokens, timeout_s=timeout_s,
+                                                   example_image=example_image),
                                 metadata=self.metadata)
-        return AskResult(r.request_id, r.text, r.stream_time_s, r.ttft_s)
+        return AskResult(r.request_id, r.text, r.stream_time_s, r.ttft_s, tuple(r.retrieved_pts_s))

@@ -240,3 +240,33 @@ def test_tokens_carry_novelty_and_shape(stack):
     assert alerts and alerts[0].reason == "scene_change"
     assert alerts[0].stream_time_s == pytest.approx(len(a) * 0.5)
     assert alerts[0].text.strip()
+
+
+def test_question_with_example_image_brings_back_older_moments(stack):
+    """A needle (4 Megamind frames) deep in vtest footage, long out of the window: asking
+    with another Megamind frame as the example retrieves the needle's stream times."""
+    hay = frames_of("vtest.avi", 18.0)
+    megamind = [encode_jpeg(f.rgb) for f in read_frames(sample_video("Megamind.avi"), 4.0, max_seconds=4.0)]
+    needle, example = megamind[4:12:2], megamind[7]  # the example is not one of the inserted frames
+    frames = hay[:12] + needle + hay[12:32]
+    needle_pts = [seq * 0.5 for seq in range(12, 16)]
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("needle") as s:
+            for i, image in enumerate(frames):
+                await s.send_frame(i, i * 0.5, image)
+            await s.ask("When did this appear?", request_id="with-example", example_image=example)
+            await s.ask("What is there?", request_id="without")
+            await s.ask("Hm?", request_id="bad-example", example_image=b"not an image")
+            events = await collect(s, lambda ev: sum(isinstance(e, Answer) and e.final for e in ev) == 2)
+            unary = await client.ask("needle", "When did this appear?", max_tokens=4, example_image=example)
+            return events, unary
+
+    events, unary = asyncio.run(run())
+    finals = {e.request_id: e for e in events if isinstance(e, Answer) and e.final}
+    got = finals["with-example"].retrieved_pts_s
+    assert len(set(got) & set(needle_pts)) >= 3, got
+    assert finals["without"].retrieved_pts_s == ()
+    assert len(set(unary.retrieved_pts_s) & set(needle_pts)) >= 3, unary
+    (err,) = [e for e in events if isinstance(e, ItemError)]
+    assert err.request_id == "bad-example" and "example image" in err.message

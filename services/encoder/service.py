@@ -50,10 +50,12 @@ class EncoderService:
         pixels: list[np.ndarray] = []
         for frame in frames:
             self.stats.frames_in += 1
-            if frame.seq <= self.last_seq.get(frame.stream_id, -1):
+            is_query = bool(frame.query_request_id)  # a question's example image: no seq, no novelty
+            if not is_query and frame.seq <= self.last_seq.get(frame.stream_id, -1):
                 self.stats.duplicates += 1
                 continue
-            self.last_seq[frame.stream_id] = frame.seq
+            if not is_query:
+                self.last_seq[frame.stream_id] = frame.seq
             try:
                 rgb = decode_image(frame.data, frame.encoding, frame.width, frame.height)
             except BadImage as exc:  # the gateway validates, so this is a foreign producer
@@ -73,9 +75,10 @@ class EncoderService:
                 rec = pb.TokensRecord(
                     stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq,
                     pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[1] // grid,
-                    novelty=self.novelty.update(frame.stream_id, frame_tokens),
+                    novelty=0.0 if frame.query_request_id else self.novelty.update(frame.stream_id, frame_tokens),
                     encoder_model=self.cfg.encoder.model_id,
                     gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
+                    query_request_id=frame.query_request_id,
                 )
                 set_tokens(rec, frame_tokens)
                 out.append(rec)

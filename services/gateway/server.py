@@ -28,7 +28,7 @@ from livelens.v1 import messages_pb2 as pb
 from services.gateway.decider import ResponseTimingDecider
 from services.gateway.router import KafkaRouter
 from services.gateway.sessions import Session, SessionRegistry
-from services.gateway.validation import InvalidItem, check_frame, check_question, check_stream_id
+from services.gateway.validation import InvalidItem, check_frame, check_image, check_question, check_stream_id
 
 log = logging.getLogger("livelens.gateway")
 
@@ -58,7 +58,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         session = self.sessions.get(rec.stream_id)
-        if session is None or not self.cfg.gateway.proactive_alerts:
+        if session is None or rec.query_request_id or not self.cfg.gateway.proactive_alerts:
             return
         decision = session.decider.observe(rec.pts_s, rec.novelty)
         if decision is not None:
@@ -82,13 +82,28 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         self.publish_ask(session, request_id, self.cfg.gateway.alert_prompt, 0, proactive=True)
 
     def publish_ask(self, session: Session, request_id: str, question: str,
-                    max_tokens: int, proactive: bool = False) -> None:
+                    max_tokens: int, proactive: bool = False,
+                    example: tuple[pb.FrameRecord.Encoding, bytes] | None = None) -> None:
+        """The question on the commands topic; an example image first, on the frames topic
+        (the encoder turns it into the retrieval query)."""
+        if example is not None:
+            rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, seq=-1,
+                                 encoding=example[0], data=example[1], gateway_time_unix=time.time(),
+                                 query_request_id=request_id)
+            lk.publish(self.producer, self.cfg.kafka.frames_topic, session.stream_id, rec)
         cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant,
                                gateway_time_unix=time.time(),
                                ask=pb.AskCommand(request_id=request_id, question=question,
                                                  max_tokens=max_tokens, proactive=proactive,
-                                                 after_seq=session.last_seq))
+                                                 after_seq=session.last_seq,
+                                                 has_example=example is not None))
         lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+
+    def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
+        if not data:
+            return None
+        encoding, _ = check_image(data, self.cfg.gateway, "the example image")
+        return encoding, data
 
     # --- auth ------------------------------------------------------------------------
     async def tenant(self, context: grpc.aio.ServicerContext) -> str:
@@ -189,6 +204,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
         try:
             text = check_question(question.text, self.cfg.gateway)
+            example = self.check_example(question.example_image)
             if request_id in self.handlers:
                 raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
                                   f"request id {request_id!r} is already being answered")
@@ -202,13 +218,14 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                         request_id=request_id))
             session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
                 request_id=request_id, text=rec.text_delta, final=rec.final,
-                stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s)))
+                stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s,
+                retrieved_pts_s=rec.retrieved_pts_s)))
             if rec.final:
                 session.pending.discard(request_id)
 
         self.handlers[request_id] = relay
         session.pending.add(request_id)
-        self.publish_ask(session, request_id, text, question.max_tokens)
+        self.publish_ask(session, request_id, text, question.max_tokens, example=example)
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,
@@ -218,12 +235,13 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             check_stream_id(request.stream_id)
             session = self.sessions.for_tenant(request.stream_id, tenant)
             text = check_question(request.question, self.cfg.gateway)
+            example = self.check_example(request.example_image)
         except InvalidItem as exc:
             await context.abort(exc.code, exc.message)
         request_id = f"ask-{uuid.uuid4().hex[:12]}"
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
         self.handlers[request_id] = queue.put_nowait
-        self.publish_ask(session, request_id, text, request.max_tokens)
+        self.publish_ask(session, request_id, text, request.max_tokens, example=example)
         timeout = request.timeout_s or self.cfg.gateway.ask_timeout_s
         parts: list[str] = []
         try:
@@ -240,7 +258,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         if rec.error:
             await context.abort(grpc.StatusCode.INTERNAL, rec.error)
         return api_pb2.AskResponse(request_id=request_id, text="".join(parts).strip(),
-                                   stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s)
+                                   stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s,
+                                   retrieved_pts_s=rec.retrieved_pts_s)
 
 
 async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:

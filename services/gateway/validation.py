@@ -32,11 +32,8 @@ def check_stream_id(stream_id: str) -> None:
 def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
                 last_pts: float) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
     """Returns (encoding, decoded RGB) of a frame that may be published."""
-    size = len(frame.image)
-    if size > cfg.max_frame_bytes:
-        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"frame {frame.seq} is {size} bytes, over gateway.max_frame_bytes "
-                          f"({cfg.max_frame_bytes})")
+    if len(frame.image) > cfg.max_frame_bytes:  # before anything else: the cheapest check
+        check_image(frame.image, cfg, f"frame {frame.seq}")
     if frame.seq <= last_seq:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"frame seq {frame.seq} is not above the last accepted seq {last_seq}")
@@ -44,18 +41,25 @@ def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"frame {frame.seq} has pts {frame.pts_s}, before the previous frame's "
                           f"{last_pts}")
-    encoding = image_encoding(frame.image)
-    if not encoding:
+    return check_image(frame.image, cfg, f"frame {frame.seq}")
+
+
+def check_image(data: bytes, cfg: GatewayConfig, what: str) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
+    """A JPEG/PNG within the byte and pixel limits -> (encoding, decoded RGB)."""
+    if len(data) > cfg.max_frame_bytes:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"frame {frame.seq} is not a JPEG or PNG image")
+                          f"{what} is {len(data)} bytes, over gateway.max_frame_bytes ({cfg.max_frame_bytes})")
+    encoding = image_encoding(data)
+    if not encoding:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is not a JPEG or PNG image")
     try:
-        rgb = decode_image(frame.image, encoding)
+        rgb = decode_image(data, encoding)
     except BadImage:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"frame {frame.seq} is a corrupt image (it does not decode)") from None
+                          f"{what} is a corrupt image (it does not decode)") from None
     if rgb.shape[0] * rgb.shape[1] > cfg.max_frame_pixels:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"frame {frame.seq} is {rgb.shape[1]}x{rgb.shape[0]}, over "
+                          f"{what} is {rgb.shape[1]}x{rgb.shape[0]}, over "
                           f"gateway.max_frame_pixels ({cfg.max_frame_pixels})")
     return encoding, rgb
 

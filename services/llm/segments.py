@@ -159,6 +159,11 @@ class TieredSegmentStore:
             self._delete(stream_id, index)
         self._entries.pop(stream_id, None)
 
+    def close(self) -> None:
+        """Delete every stored segment (the store is a cache: Kafka is the durable log)."""
+        for stream_id in list(self._entries):
+            self.drop_stream(stream_id)
+
     def __len__(self) -> int:
         return sum(len(e) for e in self._entries.values())
 

@@ -53,6 +53,7 @@ class LLMService:
         self.embedder: ContextEmbedder | None = None
         self.engine: VllmEngine | None = None
         self.producer: Any = None
+        self.examples: dict[str, np.ndarray] = {}  # request id -> pooled example embedding
         c = cfg.llm
         self.store = TieredSegmentStore(
             ram_budget_bytes=int(c.store_ram_mb * 2**20),
@@ -87,6 +88,11 @@ class LLMService:
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         tokens, kept = get_tokens(rec)
+        if rec.query_request_id:  # a question's example image: the retrieval query
+            self.examples[rec.query_request_id] = tokens.astype(np.float32).mean(0)
+            while len(self.examples) > 1024:  # examples whose question never came
+                self.examples.pop(next(iter(self.examples)))
+            return
         added = self.context(rec.stream_id).add_frame(FrameSegment(rec.seq, rec.pts_s, tokens, kept))
         if added:
             self.stats.frames += 1
@@ -120,15 +126,18 @@ class LLMService:
         deadline = waited + c.frame_wait_s
         while ctx.last_seq < ask.after_seq and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
+        while ask.has_example and ask.request_id not in self.examples and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
-        composed = ctx.compose(c.system_prompt, ask.question)
+        retrieved = self.retrieve(cmd.stream_id, self.examples.pop(ask.request_id, None))
+        composed = ctx.compose(c.system_prompt, ask.question, retrieved=retrieved)
         max_tokens = ask.max_tokens or c.max_answer_tokens
         # Trim the oldest window frames until the prompt plus the answer fits.
         limit = len(ctx.window)
         while self.embedder.count(composed) + max_tokens > c.max_model_len and limit > 0:
             limit -= 1
-            composed = ctx.compose(c.system_prompt, ask.question, window_limit=limit)
+            composed = ctx.compose(c.system_prompt, ask.question, window_limit=limit, retrieved=retrieved)
         embeds = self.embedder.embed(composed)
         compose_s = time.perf_counter() - t0
         timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
@@ -145,7 +154,7 @@ class LLMService:
                 if delta.finished:
                     timings.total_s = time.perf_counter() - t0
                     self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
-                                 timings=timings)
+                                 timings=timings, retrieved_pts_s=[f.pts_s for f in retrieved])
                 elif delta.text:
                     self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
@@ -229,6 +238,7 @@ class LLMService:
             self.stop_event.set()
             poller.join(5)
             self.producer.close()
+            self.store.close()
             self.engine.shutdown()
             health.stop()
 
