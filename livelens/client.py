@@ -123,6 +123,11 @@ class WatchSession:
                     q.put_nowait(event)
             self.status = grpc.StatusCode.OK
         except grpc.aio.AioRpcError as exc:
+            # When the server ends the call before our first message is out (a bad token,
+            # a limit), the failed send can surface first: report the server's status.
+            code, details = await self._call.code(), await self._call.details()
+            if exc.code() == grpc.StatusCode.INTERNAL and code not in (grpc.StatusCode.OK, exc.code()):
+                exc = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
             self.status, self.details = exc.code(), exc.details() or ""
             if not self._opened.done():
                 self._opened.set_exception(exc)

@@ -36,6 +36,8 @@ def is_free(host: str, port: int) -> bool:
         if s.connect_ex((host, port)) == 0:
             return False
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # As servers bind: connections in TIME_WAIT from a stopped server do not block it.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
