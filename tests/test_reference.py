@@ -51,7 +51,7 @@ SCRIPT = textwrap.dedent('''
         completion = final.outputs[0]
         first = completion.logprobs[0]
         top = {int(t): float(lp.logprob) for t, lp in first.items()}
-        print(json.dumps({"n": int(embeds.shape[0]), "ref_tokens": ref_tokens,
+        open(sys.argv[1], "w").write(json.dumps({"n": int(embeds.shape[0]), "ref_tokens": ref_tokens,
                           "vllm_tokens": list(completion.token_ids),
                           "top": top, "ref_top": {t: float(ref_logprobs[t]) for t in top}}))
         engine.shutdown()
@@ -66,11 +66,12 @@ def test_recompute_matches_reference(tmp_path):
         pytest.skip("LLM not built (make models)")
     script = tmp_path / "check.py"
     script.write_text(SCRIPT)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600,
+    result_path = tmp_path / "result.json"
+    out = subprocess.run([sys.executable, str(script), str(result_path)], capture_output=True, text=True, timeout=600,
                          cwd=REPO_ROOT, env={**os.environ, "PYTHONPATH": str(REPO_ROOT),
                                              "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(result_path.read_text())
     assert result["n"] > 400
     assert result["vllm_tokens"] == result["ref_tokens"]
     for token, logprob in result["top"].items():

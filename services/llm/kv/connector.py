@@ -133,6 +133,7 @@ class SegmentKVConnector(KVConnectorBase_V1):
         self._plans: dict[str, list[LoadSlice]] = {}
         # worker side: seg_id -> layer -> (k, v), filled by save_kv_layer, flushed by wait_for_save
         self._pending: dict[str, tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self._isa: dict[str, str] = {}
         logger.info("SegmentKVConnector role=%s store=%s rope_theta=%s", role.name, store_dir, self.rope_theta)
 
     # ------------------------------------------------------------------ scheduler side
@@ -224,6 +225,20 @@ class SegmentKVConnector(KVConnectorBase_V1):
             if isinstance(getattr(layer, "kv_cache", None), torch.Tensor) and layer.kv_cache.dim() == 4
         }
 
+    def _isa_of(self, layer_name: str) -> str:
+        """The CPU attention kernel's ISA of a layer ("vec" on AVX2/AVX-512 fp32), which decides
+        the packed key layout; read from the layer in the current forward context."""
+        isa = self._isa.get(layer_name)
+        if isa is None:
+            try:
+                from vllm.forward_context import get_forward_context
+
+                layer = get_forward_context().no_compile_layers.get(layer_name)
+            except (AssertionError, RuntimeError):
+                layer = None
+            isa = self._isa[layer_name] = str(getattr(layer, "isa", "vec"))
+        return isa
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, SegmentConnectorMetadata)
@@ -261,10 +276,7 @@ class SegmentKVConnector(KVConnectorBase_V1):
         assert isinstance(meta, SegmentConnectorMetadata)
         if not meta.saves:
             return
-        from vllm.forward_context import get_forward_context
-
-        layer = get_forward_context().no_compile_layers.get(layer_name)
-        isa = getattr(layer, "isa", "vec")
+        isa = self._isa_of(layer_name)
         for op in meta.saves:
             k, v = read_kv(kv_layer, torch.tensor(op.slots, dtype=torch.int64), isa)
             self._pending.setdefault(op.seg_id, (op.pos_start, {}))[1][layer_name] = (k, v)
