@@ -125,6 +125,10 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     out = Path(args.out or f"bench/results/{args.suite}.json")
+    if args.suite == "context":
+        from livelens.bench.context import run_context
+
+        return run_context(cfg, out, args.minutes)
     if args.suite == "needle":
         from livelens.bench.needle import run_needle
 
@@ -173,13 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "needle"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle"])
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
     bench.add_argument("--fps", type=float, default=2.0)
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
     bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
-                       help="needle: haystack lengths in minutes")
+                       help="context, needle: stream lengths in minutes")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                        help="needle: where the needle goes (0 = start, 1 = end)")
     bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")

@@ -47,8 +47,10 @@ vLLM instantiates the class twice:
     (tensors first, metadata last) and logs an event.
 
 Limits (prototype): CPU backend only (ISA "vec" verified, fp32), one KV-cache group
-(plain attention models), no tensor/pipeline parallelism, preempted requests are not
-re-loaded, segments must be contiguous from token 0 (vLLM only has prefix hits).
+(plain attention models), no tensor/pipeline parallelism, segments must be contiguous
+from token 0 (vLLM only has prefix hits). Preemption: a preempted request is planned and
+loaded again when it is rescheduled (its block table is replaced), but that path is
+untested. A save range lying inside the loaded prefix is skipped (it is stored already).
 """
 
 from __future__ import annotations
@@ -157,6 +159,8 @@ class SegmentKVConnector(KVConnectorBase_V1):
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         rid = request.request_id
+        if not request.kv_transfer_params:
+            return  # not ours: no state, no per-step work
         state = self._reqs.get(rid)
         if state is None:
             try:

