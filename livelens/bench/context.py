@@ -143,7 +143,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
         xs = [m for m, _ in pts]
         ax1.plot(xs, [r["ttft_p50_s"] for _, r in pts], marker="o", label=method)
         ax2.plot(xs, [r["host_context_mb"] for _, r in pts], marker="o", label=method)
-    ax1.set(xlabel="stream length (minutes at 2 fps)", ylabel="time to first token p50 (s)", xscale="log")
+    ax1.set(xlabel="stream length (minutes at 2 fps)", ylabel="time to first token p50 (s)", xscale="log",
+            yscale="log")
     ax2.set(xlabel="stream length (minutes at 2 fps)", ylabel="host RAM of the context (MB)", xscale="log")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
