@@ -333,6 +333,10 @@ def test_prototype_save_load_same_greedy_tokens(tmp_path: Path) -> None:
         for tid, lp in r[name]["top5_first"]:
             assert abs(base_top[tid] - lp) < 1e-3
     assert any(e["event"] == "load" and e["tokens"] == 448 for e in r["events"])
+    # load + save in one request: the saved KV equals the one from a full prefill
+    assert v["load_and_save_same_tokens"] and r["load_and_save"]["num_cached_tokens"] == 200
+    assert r["load_and_save"]["max_abs_diff_S2_vs_S"] < 1e-3
+    assert r["load_and_save"]["S2_meta"] == {"id": "S2", "pos_start": 200, "num_tokens": 248}
     # local prefix-cache hit (192 tokens) completed by the connector (256 tokens)
     assert r["mixed_same_tokens"] and r["mixed"]["num_cached_tokens"] == 448
     assert r["events"][-1]["tokens"] == 256 and r["events"][-1]["segments"] == [["P", 192, 256, 0]]

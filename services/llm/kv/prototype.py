@@ -16,6 +16,8 @@ from the connector.
            and "S_shift" (pos_start SHIFT+200); P+Q loads both, so the loader re-rotates
            their keys by delta = -SHIFT. By RoPE's relative-position invariance this must
            reproduce the base run up to fp32 rounding.
+4b. load_and_save: P+Q loads "C" and saves the tokens it computes [200, 448) as "S2"
+           (the streaming step: a frame prefilled after loaded context); S2 must equal S.
 5. norot:  negative control: the same shifted KV stored with pos_start 0 (so no
            re-rotation): the answer is expected to change.
 6. compose: the streaming composition [sink = C[:64]][S][Q], S moved from [200, 448) to
@@ -173,6 +175,19 @@ def main() -> None:
     results["load"] = measured("load", full, {"load": [{"id": "P"}]})
     results["load_cs"] = measured("load_cs", full, {"load": [{"id": "C"}, {"id": "S"}]})
 
+    # The streaming step: one request loads "C" and saves the tokens it computes, [200, 448),
+    # as "S2"; they must equal "S" (saved from the full prefill of P) up to fp32 rounding.
+    tokens_ls, _, cached_ls, _ = run(
+        full, {"load": [{"id": "C"}], "save": [{"id": "S2", "start": N_C, "num_tokens": N_S}]}, args.max_tokens
+    )
+    s_ref, s2 = store.load("S"), store.load("S2")
+    results["load_and_save"] = {
+        "tokens": tokens_ls,
+        "num_cached_tokens": cached_ls,
+        "S2_meta": store.meta("S2").__dict__ if store.meta("S2") else None,
+        "max_abs_diff_S2_vs_S": max(float((s2[k] - s_ref[k]).abs().max()) for k in s_ref),
+    }
+
     # Transformers' KV at shifted positions, stored under vLLM's layer names.
     saved_p = store.load("P")
     names = sorted({k[:-2] for k in saved_p}, key=lambda s: int(re.findall(r"\d+", s)[0]))
@@ -227,6 +242,7 @@ def main() -> None:
         "rerot_same_tokens": results["rerot"]["tokens"] == base,
         "norot_same_tokens": results["norot"]["tokens"] == base,
         "loaded_tokens": results["load"]["num_cached_tokens"],
+        "load_and_save_same_tokens": results["load_and_save"]["tokens"] == base,
         "compose_same_first_token": results["compose_kv"]["tokens"][:1] == results["compose_recompute"]["tokens"][:1],
         "compose_same_tokens": results["compose_kv"]["tokens"] == results["compose_recompute"]["tokens"],
     }
