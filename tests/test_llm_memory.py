@@ -1,0 +1,40 @@
+"""The LLM service's host memory stays flat while a stream grows to thousands of frames."""
+
+import numpy as np
+
+from livelens.config import load_config
+from livelens.records import set_tokens
+from livelens.v1 import messages_pb2 as pb
+from services.llm.service import LLMService
+
+
+def tokens_record(seq: int, rng: np.random.Generator) -> pb.TokensRecord:
+    rec = pb.TokensRecord(stream_id="long", tenant="t", seq=seq, pts_s=seq * 0.5, grid_h=7, grid_w=7)
+    set_tokens(rec, rng.standard_normal((49, 576)).astype(np.float16))
+    return rec
+
+
+def test_memory_flat_over_thousands_of_frames(tmp_path):
+    cfg = load_config(env={})
+    cfg.llm.store_disk_dir = str(tmp_path)
+    cfg.llm.store_ram_mb = 8
+    cfg.llm.store_disk_mb = 32
+    service = LLMService(cfg)
+    rng = np.random.default_rng(0)
+    ram, disk = [], []
+    for seq in range(4000):
+        service.on_tokens(tokens_record(seq, rng))
+        if seq % 250 == 249:
+            ram.append(service.store.stats.ram_bytes)
+            disk.append(service.store.stats.disk_bytes)
+    ctx = service.contexts["long"]
+    assert len(ctx.sink) == cfg.llm.sink_frames and len(ctx.window) == cfg.llm.window_frames
+    assert max(ram) <= 8 * 2**20 and max(disk) <= 32 * 2**20
+    assert ram[-1] == ram[len(ram) // 2], "flat once the budget is reached"
+    # a replayed record changes nothing
+    before = (service.store.stats.ram_bytes, service.stats.frames)
+    service.on_tokens(tokens_record(3999, rng))
+    assert (service.store.stats.ram_bytes, service.stats.frames) == before
+    assert service.stats.duplicates == 1
+    service.store.close()
+    assert not list(tmp_path.rglob("*.seg"))
