@@ -32,8 +32,7 @@ def check_stream_id(stream_id: str) -> None:
 def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
                 last_pts: float) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
     """Returns (encoding, decoded RGB) of a frame that may be published."""
-    if len(frame.image) > cfg.max_frame_bytes:  # before anything else: the cheapest check
-        check_image(frame.image, cfg, f"frame {frame.seq}")
+    check_size(frame.image, cfg, f"frame {frame.seq}")  # first: the cheapest check
     if frame.seq <= last_seq:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"frame seq {frame.seq} is not above the last accepted seq {last_seq}")
@@ -44,11 +43,15 @@ def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
     return check_image(frame.image, cfg, f"frame {frame.seq}")
 
 
-def check_image(data: bytes, cfg: GatewayConfig, what: str) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
-    """A JPEG/PNG within the byte and pixel limits -> (encoding, decoded RGB)."""
+def check_size(data: bytes, cfg: GatewayConfig, what: str) -> None:
     if len(data) > cfg.max_frame_bytes:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{what} is {len(data)} bytes, over gateway.max_frame_bytes ({cfg.max_frame_bytes})")
+
+
+def check_image(data: bytes, cfg: GatewayConfig, what: str) -> tuple[pb.FrameRecord.Encoding, np.ndarray]:
+    """A JPEG/PNG within the byte and pixel limits -> (encoding, decoded RGB)."""
+    check_size(data, cfg, what)
     encoding = image_encoding(data)
     if not encoding:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, f"{what} is not a JPEG or PNG image")

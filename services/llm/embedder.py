@@ -64,5 +64,6 @@ class ContextEmbedder:
         return torch.cat(pieces, 0)
 
     def count(self, context: ComposedContext) -> int:
-        return sum(len(self.text_ids(p.text)) if isinstance(p, TextPart) else p.segment.num_tokens
+        # Through embed_text's cache: the text parts are tokenized once for count and embed.
+        return sum(int(self.embed_text(p.text).shape[0]) if isinstance(p, TextPart) else p.segment.num_tokens
                    for p in context.parts)

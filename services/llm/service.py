@@ -120,13 +120,12 @@ class LLMService:
         picked = time.time()
         ctx = self.context(cmd.stream_id)
         ask = cmd.ask
-        # The question overtakes the frames sent just before it (they go through the
-        # encoder first): wait, bounded, until they are in the context.
+        # The question overtakes the frames sent just before it and its example image
+        # (both go through the encoder first): wait, bounded, until they are here.
         waited = time.monotonic()
         deadline = waited + c.frame_wait_s
-        while ctx.last_seq < ask.after_seq and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
-        while ask.has_example and ask.request_id not in self.examples and time.monotonic() < deadline:
+        while (ctx.last_seq < ask.after_seq or (ask.has_example and ask.request_id not in self.examples)) \
+                and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
