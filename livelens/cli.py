@@ -128,7 +128,7 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     if args.suite == "context":
         from livelens.bench.context import run_context
 
-        return run_context(cfg, out, args.minutes)
+        return run_context(cfg, out, args.minutes, methods=args.methods)
     if args.suite == "needle":
         from livelens.bench.needle import run_needle
 
@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
     bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
                        help="context, needle: stream lengths in minutes")
+    bench.add_argument("--methods", nargs="+", default=None,
+                       choices=["full_context", "window_recompute", "recompute", "streaming_kv"],
+                       help="context: which methods (default: all four)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                        help="needle: where the needle goes (0 = start, 1 = end)")
     bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")

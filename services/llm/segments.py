@@ -228,12 +228,21 @@ class TieredSegmentStore:
             self.stats.segments_disk -= 1
 
 
+def cosine_scores(keys: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Cosine of `query` with each row of `keys` (rows are normalized when stored)."""
+    if keys.size == 0:
+        return np.zeros(0, np.float32)
+    q = query.astype(np.float32)
+    return keys @ (q / (np.linalg.norm(q) + 1e-6))
+
+
 def top_k_in_time_order(indices: list[int], keys: np.ndarray, query: np.ndarray, k: int) -> list[int]:
     """The k segments whose keys are most cosine-similar to `query`, sorted by time."""
+    return sorted(best_first(indices, cosine_scores(keys, query), k))
+
+
+def best_first(indices: list[int], scores: np.ndarray, k: int) -> list[int]:
+    """The k best-scoring segment indices, best first (ties: the older first)."""
     if not indices or k <= 0:
         return []
-    q = query.astype(np.float32)
-    q = q / (np.linalg.norm(q) + 1e-6)
-    scores = keys @ q
-    best = np.argsort(-scores, kind="stable")[:k]
-    return sorted(indices[i] for i in best)
+    return [indices[i] for i in np.argsort(-scores, kind="stable")[:k]]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -30,7 +31,9 @@ from livelens.v1 import messages_pb2 as pb
 from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
-from services.llm.segments import Segment, TieredSegmentStore, top_k_in_time_order
+from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
+from services.llm.question_retrieval import QuestionQueries, question_scores
+from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores
 
 log = logging.getLogger("livelens.llm")
 
@@ -52,6 +55,8 @@ class LLMService:
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
         self.embedder: ContextEmbedder | None = None
         self.engine: VllmEngine | None = None
+        self.materializer: Materializer | None = None
+        self.queries: QuestionQueries | None = None  # question-text retrieval (streaming_kv)
         self.producer: Any = None
         self.examples: dict[str, np.ndarray] = {}  # request id -> pooled example embedding
         c = cfg.llm
@@ -72,19 +77,41 @@ class LLMService:
 
     def store_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.store.put(Segment(stream_id, index, tuple(frames)))
+        if self.materializer is not None:
+            self.materializer.frames_evicted(stream_id, index, frames)
 
-    def retrieve(self, stream_id: str, query: np.ndarray | None) -> list[FrameSegment]:
-        """Top-k stored segments for a query embedding (an example image's pooled tokens),
-        in time order; nothing without a query."""
-        if query is None or not self.cfg.llm.retrieve_top_k:
+    def retrieve(self, stream_id: str, example: np.ndarray | None, question: str) -> list[FrameSegment]:
+        """Stored segments for a question, in time order: scored by the example image's
+        pooled embedding when the question has one, else (streaming KV) by the question's
+        own attention queries against each segment's mean key. Top-k, then cut to the
+        retrieved part's token budget (best first)."""
+        c = self.cfg.llm
+        if not c.retrieve_top_k:
             return []
-        indices, keys = self.store.keys(stream_id)
-        frames: list[FrameSegment] = []
-        for index in top_k_in_time_order(indices, keys, query, self.cfg.llm.retrieve_top_k):
+        if example is not None:
+            indices, keys = self.store.keys(stream_id)
+            ranked = best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
+        elif self.queries is not None and isinstance(self.materializer, StreamingKVMaterializer):
+            assert self.embedder is not None
+            indices, qkeys = self.materializer.question_keys(stream_id)
+            if not indices:
+                return []
+            query = self.queries(self.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
+            ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
+        else:
+            return []
+        picked: list[Segment] = []
+        budget = c.retrieve_token_budget
+        for index in ranked:
             segment = self.store.get(stream_id, index)
-            if segment is not None:  # a corrupt or missing file is skipped (and counted)
-                frames.extend(segment.frames)
-        return frames
+            if segment is None:  # a corrupt or missing file is skipped (and counted)
+                continue
+            size = sum(f.num_tokens for f in segment.frames)
+            if size > budget:
+                break
+            budget -= size
+            picked.append(segment)
+        return [f for segment in sorted(picked, key=lambda g: g.index) for f in segment.frames]
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         tokens, kept = get_tokens(rec)
@@ -93,9 +120,12 @@ class LLMService:
             while len(self.examples) > 1024:  # examples whose question never came
                 self.examples.pop(next(iter(self.examples)))
             return
-        added = self.context(rec.stream_id).add_frame(FrameSegment(rec.seq, rec.pts_s, tokens, kept))
-        if added:
+        ctx = self.context(rec.stream_id)
+        frame = FrameSegment(rec.seq, rec.pts_s, tokens, kept)
+        if ctx.add_frame(frame):
             self.stats.frames += 1
+            if self.materializer is not None:
+                self.materializer.frame_added(ctx, frame)
         else:
             self.stats.duplicates += 1
 
@@ -104,6 +134,8 @@ class LLMService:
         if kind == "close":
             self.contexts.pop(rec.stream_id, None)
             self.store.drop_stream(rec.stream_id)
+            if self.materializer is not None:
+                self.materializer.drop_stream(rec.stream_id)
         elif kind == "ask":
             self.stats.questions += 1
             asyncio.get_running_loop().create_task(self.answer(rec))
@@ -115,21 +147,22 @@ class LLMService:
         lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
 
     async def answer(self, cmd: pb.CommandRecord) -> None:
-        assert self.engine is not None and self.embedder is not None
+        assert self.materializer is not None and self.embedder is not None
         c = self.cfg.llm
         picked = time.time()
         ctx = self.context(cmd.stream_id)
         ask = cmd.ask
         # The question overtakes the frames sent just before it and its example image
-        # (both go through the encoder first): wait, bounded, until they are here.
+        # (both go through the encoder first, and on the streaming-KV path through their
+        # prefill): wait, bounded, until they are here.
         waited = time.monotonic()
         deadline = waited + c.frame_wait_s
-        while (ctx.last_seq < ask.after_seq or (ask.has_example and ask.request_id not in self.examples)) \
-                and time.monotonic() < deadline:
+        while (self.materializer.ready_seq(ctx) < ask.after_seq
+               or (ask.has_example and ask.request_id not in self.examples)) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
-        retrieved = self.retrieve(cmd.stream_id, self.examples.pop(ask.request_id, None))
+        retrieved = self.retrieve(cmd.stream_id, self.examples.pop(ask.request_id, None), ask.question)
         composed = ctx.compose(c.system_prompt, ask.question, retrieved=retrieved)
         max_tokens = ask.max_tokens or c.max_answer_tokens
         # Trim the oldest window frames until the prompt plus the answer fits.
@@ -137,16 +170,15 @@ class LLMService:
         while self.embedder.count(composed) + max_tokens > c.max_model_len and limit > 0:
             limit -= 1
             composed = ctx.compose(c.system_prompt, ask.question, window_limit=limit, retrieved=retrieved)
-        embeds = self.embedder.embed(composed)
         compose_s = time.perf_counter() - t0
         timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
-                                   frame_wait_s=waited, compose_s=compose_s, context_tokens=int(embeds.shape[0]),
-                                   context_frames=len(composed.frames))
+                                   frame_wait_s=waited, compose_s=compose_s,
+                                   context_tokens=self.embedder.count(composed), context_frames=len(composed.frames))
         text: list[str] = []
         stream_time = composed.newest_pts_s
         try:
-            async for delta in self.engine.generate(embeds, f"{ask.request_id}-{uuid.uuid4().hex[:6]}",
-                                                    max_tokens):
+            async for delta in self.materializer.generate(composed, f"{ask.request_id}-{uuid.uuid4().hex[:6]}",
+                                                          max_tokens):
                 if delta.first_token_s is not None:
                     timings.ttft_s = delta.first_token_s
                 text.append(delta.text)
@@ -208,7 +240,15 @@ class LLMService:
         health = HealthServer(cfg.llm.health_host, cfg.llm.health_port, "llm.health_port",
                               "livelens.llm").start()
         self.embedder = ContextEmbedder(cfg.llm.model_path)
-        self.engine = VllmEngine(cfg.llm)
+        if cfg.llm.materializer == "streaming_kv":
+            kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
+            self.engine = VllmEngine(cfg.llm, kv_dir)
+            self.materializer = StreamingKVMaterializer(self.engine, self.embedder, cfg.llm)
+            self.queries = QuestionQueries(cfg.llm.model_path, cfg.llm.retrieve_layers)
+        else:
+            kv_dir = None
+            self.engine = VllmEngine(cfg.llm)
+            self.materializer = RecomputeMaterializer(self.engine, self.embedder)
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()
@@ -239,6 +279,8 @@ class LLMService:
             self.producer.close()
             self.store.close()
             self.engine.shutdown()
+            if kv_dir is not None:  # stored KV is a cache of this process
+                shutil.rmtree(kv_dir, ignore_errors=True)
             health.stop()
 
 

@@ -8,7 +8,10 @@ Enable it with
         "kv_connector": "SegmentKVConnector",
         "kv_connector_module_path": "services.llm.kv.connector",
         "kv_role": "kv_both",
-        "kv_connector_extra_config": {"store_dir": "/path/to/store"},
+        "kv_connector_extra_config": {"store_dir": "/path/to/store",
+                                      # optional: "store_dtype": "float16", "ram_cache_mb": 512,
+                                      # "mean_key_layers": [12], "rope_theta": ...
+                                      },
     })
 
 and drive it per request with `SamplingParams(extra_args={"kv_transfer_params": {...}})`
@@ -50,11 +53,13 @@ Limits (prototype): CPU backend only (ISA "vec" verified, fp32), one KV-cache gr
 (plain attention models), no tensor/pipeline parallelism, segments must be contiguous
 from token 0 (vLLM only has prefix hits). Preemption: a preempted request is planned and
 loaded again when it is rescheduled (its block table is replaced), but that path is
-untested. A save range lying inside the loaded prefix is skipped (it is stored already).
+untested. A save range that was already computed before the step (vLLM's own prefix cache
+hit it, or we loaded it) is saved in the first step: its KV is in the request's blocks.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -120,6 +125,12 @@ def rope_params(vllm_config: VllmConfig, extra: dict[str, Any]) -> tuple[float, 
     return float(theta), str(rope_type)
 
 
+def layer_index(layer_name: str) -> int | None:
+    """12 for "model.layers.12.self_attn.attn"."""
+    match = re.search(r"layers\.(\d+)\.", layer_name)
+    return int(match.group(1)) if match else None
+
+
 class SegmentKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[arg-type]
@@ -127,7 +138,10 @@ class SegmentKVConnector(KVConnectorBase_V1):
         store_dir = extra.get("store_dir")
         if not store_dir:
             raise ValueError("SegmentKVConnector needs kv_connector_extra_config['store_dir']")
-        self.store = SegmentStore(store_dir)
+        dtype = extra.get("store_dtype")
+        self.store = SegmentStore(store_dir, getattr(torch, dtype) if dtype else None,
+                                  ram_bytes=int(float(extra.get("ram_cache_mb", 0)) * 2**20))
+        self.mean_key_layers = {int(i) for i in extra.get("mean_key_layers", [])}
         self.block_size = vllm_config.cache_config.block_size
         self.rope_theta, self.rope_type = rope_params(vllm_config, extra)
         # scheduler side
@@ -176,14 +190,14 @@ class SegmentKVConnector(KVConnectorBase_V1):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = SegmentConnectorMetadata()
-        progress: list[tuple[str, int, int]] = []  # (req_id, computed before, computed after this step)
+        progress: list[tuple[str, int]] = []  # (req_id, tokens computed by the end of this step)
         for new in scheduler_output.scheduled_new_reqs:
             state = self._reqs.get(new.req_id)
             if state is None:
                 continue
             state.block_ids = list(new.block_ids[0])
             n = scheduler_output.num_scheduled_tokens.get(new.req_id, 0)
-            progress.append((new.req_id, new.num_computed_tokens, new.num_computed_tokens + n))
+            progress.append((new.req_id, new.num_computed_tokens + n))
         cached = scheduler_output.scheduled_cached_reqs
         for i, rid in enumerate(cached.req_ids):
             state = self._reqs.get(rid)
@@ -196,9 +210,9 @@ class SegmentKVConnector(KVConnectorBase_V1):
                 else:
                     state.block_ids.extend(new_blocks[0])
             n = scheduler_output.num_scheduled_tokens.get(rid, 0)
-            progress.append((rid, cached.num_computed_tokens[i], cached.num_computed_tokens[i] + n))
+            progress.append((rid, cached.num_computed_tokens[i] + n))
 
-        for rid, before, after in progress:
+        for rid, after in progress:
             state = self._reqs[rid]
             if state.load:
                 slots = [
@@ -207,7 +221,9 @@ class SegmentKVConnector(KVConnectorBase_V1):
                 meta.loads.append(LoadOp(rid, state.load, slots))
                 state.load = []
             for spec in state.saves:
-                if spec.seg_id in state.saved or not (before < spec.end <= after):
+                # Due once the range is in the request's blocks: computed by the end of this
+                # step, or before it (a local prefix-cache hit is not in our store).
+                if spec.seg_id in state.saved or spec.end > after:
                     continue
                 save_slots = slots_for(state.block_ids, self.block_size, spec.start, spec.num_tokens)
                 meta.saves.append(SaveOp(rid, spec.seg_id, spec.start, [int(x) for x in save_slots]))
@@ -285,9 +301,23 @@ class SegmentKVConnector(KVConnectorBase_V1):
             k, v = read_kv(kv_layer, torch.tensor(op.slots, dtype=torch.int64), isa)
             self._pending.setdefault(op.seg_id, (op.pos_start, {}))[1][layer_name] = (k, v)
 
+    def mean_keys(self, pos_start: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+        """{"mean_keys": {layer index: [kv_heads][head_dim]}}: the segment's mean *pre-RoPE* key
+        of each chosen layer (keys rotated back to position 0, so a summary does not depend
+        on where the segment sat), for retrieval by question (ReKV's block vectors)."""
+        out: dict[str, Any] = {}
+        for name, (k, _) in layers.items():
+            index = layer_index(name)
+            if index is None or index not in self.mean_key_layers:
+                continue
+            back = -(pos_start + torch.arange(k.shape[0], dtype=torch.int64))
+            unrotated = rerotate_keys(k.float(), back, self.rope_theta, k.shape[-1])
+            out[str(index)] = unrotated.mean(0).tolist()
+        return {"mean_keys": out} if out else {}
+
     def wait_for_save(self) -> None:
         for seg_id, (pos_start, layers) in self._pending.items():
-            self.store.save(seg_id, pos_start, layers)
+            self.store.save(seg_id, pos_start, layers, self.mean_keys(pos_start, layers))
             n = next(iter(layers.values()))[0].shape[0] if layers else 0
             self.store.log_event(event="save", seg_id=seg_id, pos_start=pos_start, tokens=n, layers=len(layers))
             logger.info("SegmentKVConnector: saved segment %s (%d tokens, %d layers)", seg_id, n, len(layers))

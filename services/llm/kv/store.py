@@ -7,7 +7,13 @@ as they were computed at positions [pos_start, pos_start + num_tokens):
     <dir>/<id>.json          {"id", "pos_start", "num_tokens", "layers", "dtype", ...}
 
 The JSON is written last (atomic rename), so a segment is visible to the scheduler only
-once its tensors are complete. Keys are stored post-RoPE (as vLLM caches them).
+once its tensors are complete. Keys are stored post-RoPE (as vLLM caches them), in the
+store's dtype (float16 halves the disk of float32 KV; float32 keeps it bit-exact). The
+JSON may carry small per-segment summaries (the mean pre-RoPE key of chosen layers, for
+retrieval by the LLM service).
+
+Segments recently saved or loaded stay in RAM (`ram_bytes`, least recently used out):
+a frame's KV is loaded again and again while it is in a stream's window.
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import json
 import os
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,10 +45,18 @@ class SegmentMeta:
     num_tokens: int
 
 
+def segment_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 class SegmentStore:
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], dtype: torch.dtype | None = None, ram_bytes: int = 0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.dtype = dtype  # None: as given
+        self.ram_bytes = ram_bytes
+        self._ram: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
+        self._ram_used = 0
 
     def _paths(self, seg_id: str) -> tuple[Path, Path]:
         check_id(seg_id)
@@ -54,15 +70,16 @@ class SegmentStore:
             return None
         return SegmentMeta(id=d["id"], pos_start=int(d["pos_start"]), num_tokens=int(d["num_tokens"]))
 
-    def save(self, seg_id: str, pos_start: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def save(self, seg_id: str, pos_start: int, layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+             summary: dict[str, Any] | None = None) -> None:
         from safetensors.torch import save_file
 
         tensor_path, meta_path = self._paths(seg_id)
         tensors: dict[str, torch.Tensor] = {}
         num_tokens = -1
         for name, (k, v) in layers.items():
-            tensors[f"{name}.k"] = k.contiguous()
-            tensors[f"{name}.v"] = v.contiguous()
+            tensors[f"{name}.k"] = k.to(self.dtype or k.dtype).contiguous()
+            tensors[f"{name}.v"] = v.to(self.dtype or v.dtype).contiguous()
             num_tokens = k.shape[0]
         tmp = tensor_path.with_suffix(".safetensors.tmp")
         save_file(tensors, str(tmp))
@@ -72,18 +89,57 @@ class SegmentStore:
             "pos_start": pos_start,
             "num_tokens": num_tokens,
             "layers": sorted(layers),
-            "dtype": str(next(iter(layers.values()))[0].dtype) if layers else None,
+            "dtype": str(next(iter(tensors.values())).dtype) if tensors else None,
+            "bytes": segment_bytes(tensors),
             "saved_at": time.time(),
+            **(summary or {}),
         }
         tmp_meta = meta_path.with_suffix(".json.tmp")
         tmp_meta.write_text(json.dumps(meta))
         os.replace(tmp_meta, meta_path)
+        self._remember(seg_id, tensors)
+
+    def summary(self, seg_id: str) -> dict[str, Any] | None:
+        """The segment's whole JSON metadata, or None if it is not (or no longer) stored."""
+        _, meta_path = self._paths(seg_id)
+        try:
+            return dict(json.loads(meta_path.read_text()))
+        except (OSError, ValueError):
+            return None
 
     def load(self, seg_id: str) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
+        cached = self._ram.get(seg_id)
+        if cached is not None:
+            self._ram.move_to_end(seg_id)
+            return cached
         tensor_path, _ = self._paths(seg_id)
-        return load_file(str(tensor_path))
+        tensors = load_file(str(tensor_path))
+        self._remember(seg_id, tensors)
+        return tensors
+
+    def delete(self, seg_id: str) -> None:
+        """Remove a segment (metadata first, so it is never half visible)."""
+        tensor_path, meta_path = self._paths(seg_id)
+        meta_path.unlink(missing_ok=True)
+        tensor_path.unlink(missing_ok=True)
+        dropped = self._ram.pop(seg_id, None)
+        if dropped is not None:
+            self._ram_used -= segment_bytes(dropped)
+
+    def _remember(self, seg_id: str, tensors: dict[str, torch.Tensor]) -> None:
+        size = segment_bytes(tensors)
+        if size > self.ram_bytes:
+            return
+        old = self._ram.pop(seg_id, None)
+        if old is not None:
+            self._ram_used -= segment_bytes(old)
+        self._ram[seg_id] = tensors
+        self._ram_used += size
+        while self._ram_used > self.ram_bytes:
+            _, evicted = self._ram.popitem(last=False)
+            self._ram_used -= segment_bytes(evicted)
 
     def log_event(self, **event: object) -> None:
         """Append one JSON line to <dir>/events.jsonl (what was saved/loaded, for tests and docs)."""
