@@ -40,3 +40,68 @@ class ReferenceLM:
             out = self.model(inputs_embeds=embed(torch.tensor([[token]])), past_key_values=out.past_key_values,
                              use_cache=True)
         return tokens
+
+
+class StreamingReference:
+    """The streaming-KV path in plain transformers, with the same segments and positions as
+    the engine: a block's KV is computed once, attending to the blocks it was prefilled
+    with; a later request lays stored blocks end to end from position 0, keys re-rotated
+    to their new positions, and computes only its new tokens.
+
+    Segment ids are those of `StreamingKVMaterializer` (or any the caller chooses).
+    """
+
+    def __init__(self, ref: ReferenceLM, rope_theta: float) -> None:
+        self.ref = ref
+        self.rope_theta = rope_theta
+        # id -> (position it was computed at, per layer (keys [n, kv_heads, head_dim], values))
+        self.kv: dict[str, tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+
+    @torch.no_grad()
+    def run(self, loaded: list[str], new: list[tuple[str | None, torch.Tensor]], max_tokens: int = 0
+            ) -> tuple[torch.Tensor, list[int]]:
+        """Load `loaded`, compute `new` (id or None, embeds [n, hidden]) after them, store the
+        new blocks that have an id. Returns the next-token logits [vocab] and, when asked,
+        the greedy continuation."""
+        from transformers import DynamicCache
+
+        from services.llm.kv.rope import rerotate_keys
+
+        cache = DynamicCache()
+        pos = 0
+        if loaded:
+            per_layer: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+            for seg_id in loaded:
+                start, layers = self.kv[seg_id]
+                if not per_layer:
+                    per_layer = [([], []) for _ in layers]
+                for (ks, vs), (k, v) in zip(per_layer, layers, strict=True):
+                    ks.append(rerotate_keys(k, pos - start, self.rope_theta, k.shape[-1]))
+                    vs.append(v)
+                pos += layers[0][0].shape[0]
+            for index, (ks, vs) in enumerate(per_layer):
+                cache.update(torch.cat(ks)[None].transpose(1, 2), torch.cat(vs)[None].transpose(1, 2), index)
+        embeds = torch.cat([e for _, e in new]).to(self.ref.dtype)
+        out = self.ref.model(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        offset = pos
+        for new_id, e in new:
+            n = e.shape[0]
+            if new_id is not None:
+                self.kv[new_id] = (offset, [(layer.keys[0, :, offset:offset + n].transpose(0, 1).clone(),
+                                             layer.values[0, :, offset:offset + n].transpose(0, 1).clone())
+                                            for layer in cache.layers])
+            offset += n
+        logits = out.logits[0, -1].float()
+        tokens: list[int] = []
+        embed = self.ref.model.get_input_embeddings()
+        step = out
+        for _ in range(max_tokens):
+            token = int(step.logits[0, -1].argmax())
+            tokens.append(token)
+            if token == self.ref.model.config.eos_token_id:
+                break
+            step = self.ref.model(inputs_embeds=embed(torch.tensor([[token]])), past_key_values=step.past_key_values,
+                                  use_cache=True)
+        # the request's own KV is not kept (the cache above is per request)
+        return logits, tokens

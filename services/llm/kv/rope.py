@@ -12,6 +12,9 @@ without knowing the pre-RoPE key. Values carry no position and are copied as is.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 
@@ -71,3 +74,11 @@ def rerotate_keys(
         if delta.shape[0] != n:
             raise ValueError(f"{delta.shape[0]} deltas for {n} keys")
     return apply_rope(keys, delta, rope_theta)
+
+
+def model_rope_theta(model_dir: str | Path) -> float:
+    """rope_theta of a Hugging Face model directory (transformers 5 nests it in
+    "rope_parameters"; older configs have it at the top level)."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return float(params.get("rope_theta") or cfg.get("rope_theta") or 10000.0)
