@@ -132,7 +132,7 @@ class LLMConfig:
     # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
     # the composed context) or "streaming_kv" (frames prefilled once on arrival; their KV
     # stored per frame and loaded, re-rotated, for questions).
-    materializer: str = "recompute"
+    materializer: str = "streaming_kv"
     kv_store_dir: str = field(default_factory=lambda: str(Path(_build_dir()) / "kv"))
     kv_store_dtype: str = "float16"  # stored KV; float32 keeps it bit-exact
     kv_disk_mb: float = 16384.0

@@ -266,7 +266,11 @@ def test_question_with_example_image_brings_back_older_moments(stack):
     finals = {e.request_id: e for e in events if isinstance(e, Answer) and e.final}
     got = finals["with-example"].retrieved_pts_s
     assert len(set(got) & set(needle_pts)) >= 3, got
-    assert finals["without"].retrieved_pts_s == ()
+    # Without an example, the streaming-KV path retrieves by the question's own attention
+    # queries (ReKV): older moments, out of the window, in time order.
+    without = list(finals["without"].retrieved_pts_s)
+    assert 0 < len(without) <= 4 and without == sorted(without)
+    assert max(without) < (len(frames) - 8) * 0.5  # older than the 8-frame window
     assert len(set(unary.retrieved_pts_s) & set(needle_pts)) >= 3, unary
     (err,) = [e for e in events if isinstance(e, ItemError)]
     assert err.request_id == "bad-example" and "example image" in err.message
