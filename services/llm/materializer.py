@@ -101,6 +101,7 @@ class _StreamKV:
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
     sink: set[int] = field(default_factory=set)  # seqs whose KV is never deleted
+    evicted_through: int = -1  # frames up to this seq (but the sink) have left the window
     chunks: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)  # stored chunk -> its frames' seqs
     # seq -> the frame's mean pre-RoPE keys [layers, kv_heads * head_dim] (from its saved KV)
     frame_keys: dict[int, np.ndarray] = field(default_factory=dict)
@@ -177,6 +178,7 @@ class StreamingKVMaterializer:
         s = self._stream(stream_id)
         for spec in save:
             self._saved(spec["id"], s)
+        self._enforce_budget(s)
 
     def _plan(self, stream_id: str, blocks: list[Block], save_missing: bool) -> tuple[list[dict], list[dict]]:
         """Load: the longest run of stored blocks from the first one (vLLM takes external KV
@@ -205,24 +207,30 @@ class StreamingKVMaterializer:
             return
         self.saved[seg_id] = int(summary.get("bytes", 0))
         self.stats.disk_bytes += self.saved[seg_id]
+        if seg_id == self.head_id:
+            return
+        seq = int(seg_id.rsplit("-", 1)[1])
+        if seq <= s.evicted_through and seq not in s.sink:  # prefilled after it left the window
+            self.evictable[seg_id] = None
         means = summary.get("mean_keys") or {}
-        if seg_id != self.head_id and all(str(i) in means for i in self.cfg.retrieve_layers):
-            seq = int(seg_id.rsplit("-", 1)[1])
+        if all(str(i) in means for i in self.cfg.retrieve_layers):
             s.frame_keys[seq] = np.stack([np.asarray(means[str(i)], np.float32).reshape(-1)
                                           for i in self.cfg.retrieve_layers])
 
     def frames_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         s = self._stream(stream_id)
         s.chunks[index] = [f.seq for f in frames]
+        s.evicted_through = max(s.evicted_through, frames[-1].seq)
         for f in frames:
-            if f.seq not in s.sink:
-                self.evictable[self.frame_id(stream_id, f.seq)] = None
+            seg_id = self.frame_id(stream_id, f.seq)
+            if f.seq not in s.sink and seg_id in self.saved:  # else: when its prefill saves it
+                self.evictable[seg_id] = None
         while len(s.chunks) > self.cfg.retention_segments:
             for seq in s.chunks.popitem(last=False)[1]:
                 s.frame_keys.pop(seq, None)
-        self._enforce_budget(stream_id, s)
+        self._enforce_budget(s)
 
-    def _enforce_budget(self, stream_id: str, s: _StreamKV) -> None:
+    def _enforce_budget(self, s: _StreamKV) -> None:
         budget = int(self.cfg.kv_disk_mb * 2**20)
         retained = self.cfg.retention_segments * self.cfg.chunk_frames
         stream_evictable = [i for i in self.evictable if i.startswith(s.tag + "-")]
