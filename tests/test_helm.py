@@ -378,6 +378,9 @@ def test_services_env_follows_the_config_convention(full_docs: list[dict[str, An
         assert env["LIVELENS_ENCODER__TRITON_URL"] == f"{component('triton')}:8001"
     llm_env = env_of(pod_spec(find(full_docs, "StatefulSet", component("llm")))["containers"][0])
     assert llm_env["LIVELENS_LLM__MODEL_PATH"] == "/models/llm"
+    # both stores live on the disk-tier volume, not in the image
+    assert llm_env["LIVELENS_LLM__STORE_DISK_DIR"] == "/var/lib/livelens/store/segments"
+    assert llm_env["LIVELENS_LLM__KV_STORE_DIR"] == "/var/lib/livelens/store/kv"
     gw_env = env_of(pod_spec(find(full_docs, "Deployment", component("gateway")))["containers"][0])
     assert gw_env["LIVELENS_GATEWAY__HOST"] == "0.0.0.0"
     assert gw_env["LIVELENS_GATEWAY__PORT"] == "50051"
@@ -552,7 +555,7 @@ def test_llm_statefulset_volumes_and_headless_service(default_docs: list[dict[st
     assert claims["models"]["spec"]["resources"]["requests"]["storage"] == "50Gi"
     mounts = {m["name"]: m["mountPath"] for m in pod_spec(llm)["containers"][0]["volumeMounts"]}
     assert mounts["models"] == "/models"
-    assert mounts["disk-tier"] == "/var/lib/livelens/kv"
+    assert mounts["disk-tier"] == "/var/lib/livelens/store"
     service = find(default_docs, "Service", component("llm"))
     assert service["spec"]["clusterIP"] == "None"
     assert service["spec"]["selector"] == llm["spec"]["selector"]["matchLabels"]

