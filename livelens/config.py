@@ -89,6 +89,26 @@ class GatewayConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    """Per-stream feature caching and token reduction in the encoder (each level on by default)."""
+
+    # 1. frame skipping: a patch changed when its mean absolute pixel difference (0..1)
+    # against the last encoded frame exceeds skip_patch_threshold; a frame with at most
+    # skip_changed_fraction of its patches changed is not encoded.
+    skip_frames: bool = True
+    skip_patch_threshold: float = 0.04
+    skip_changed_fraction: float = 0.02
+    # 2. token drop: a token whose cosine with the cached token of its grid position is
+    # above drop_threshold is not published.
+    drop_tokens: bool = True
+    drop_threshold: float = 0.95
+    # 4. token budget: at most this many tokens per frame, the most novel (0: no budget).
+    max_tokens_per_frame: int = 32
+    # Every refresh_frames-th frame of a stream is encoded and published whole.
+    refresh_frames: int = 16
+
+
+@dataclass
 class EncoderConfig:
     triton_url: str = ""  # empty: derived from the triton section
     model_name: str = "vision_encoder"
@@ -100,6 +120,7 @@ class EncoderConfig:
     model_id: str = "mobilenet_v2-imagenet+proj576"
     health_host: str = "127.0.0.1"
     health_port: int = 50052
+    cache: FeatureCacheConfig = field(default_factory=lambda: FeatureCacheConfig())
 
 
 @dataclass
@@ -240,8 +261,12 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
     for key, value in env.items():
         if not key.startswith("LIVELENS_") or "__" not in key:
             continue
-        section, _, name = key[len("LIVELENS_"):].lower().partition("__")
-        _apply(cfg, {section: {name: value}}, "")
+        # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> {"encoder": {"cache": {"drop_threshold": ...}}}
+        *path, name = key[len("LIVELENS_"):].lower().split("__")
+        nested: dict[str, Any] = {name: value}
+        for part in reversed(path):
+            nested = {part: nested}
+        _apply(cfg, nested, "")
     validate(cfg)
     return cfg
 
