@@ -262,9 +262,9 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         if not key.startswith("LIVELENS_") or "__" not in key:
             continue
         # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> {"encoder": {"cache": {"drop_threshold": ...}}}
-        *path, name = key[len("LIVELENS_"):].lower().split("__")
+        *sections, name = key[len("LIVELENS_"):].lower().split("__")
         nested: dict[str, Any] = {name: value}
-        for part in reversed(path):
+        for part in reversed(sections):
             nested = {part: nested}
         _apply(cfg, nested, "")
     validate(cfg)

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -90,12 +90,13 @@ def _consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
 
 
 def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
-                        auto_commit: bool = True) -> KafkaConsumer:
+                        auto_commit: bool = True,
+                        on_revoked: Callable[[set[Any]], None] | None = None) -> KafkaConsumer:
     """A member of a consumer group: partition ownership decides which replica holds a
     stream. With `auto_commit=False` the caller commits after a record's results are
-    published (at-least-once; consumers dedupe by (stream, seq))."""
-    return KafkaConsumer(
-        *topics,
+    published (at-least-once; consumers dedupe by (stream, seq)). `on_revoked` is called
+    (in the polling thread) with the partitions this member loses in a rebalance."""
+    consumer = KafkaConsumer(
         bootstrap_servers=cfg.bootstrap,
         group_id=group_id,
         client_id=f"{group_id}-{uuid.uuid4().hex[:6]}",
@@ -107,6 +108,22 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
         max_poll_records=64,
         **_consumer_limits(cfg),
     )
+    listener = None
+    if on_revoked is not None:
+        from kafka import ConsumerRebalanceListener
+
+        revoked_cb = on_revoked
+
+        class Revoked(ConsumerRebalanceListener):  # type: ignore[misc]
+            def on_partitions_revoked(self, revoked: Any) -> None:
+                revoked_cb(set(revoked))
+
+            def on_partitions_assigned(self, assigned: Any) -> None:
+                return
+
+        listener = Revoked()
+    consumer.subscribe(topics, listener=listener)
+    return consumer
 
 
 def make_tail_consumer(cfg: KafkaConfig, topics: list[str], from_beginning: bool = False) -> KafkaConsumer:

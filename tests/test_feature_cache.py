@@ -74,6 +74,7 @@ def test_token_budget_keeps_the_most_novel() -> None:
     kept = cache.kept(d, image(9), t1)
     assert int(kept.sum()) == 5 and set(np.flatnonzero(kept)) == set(novel[-5:])
     # what the LLM received is cached: dropped positions keep the older token
+    assert cache.tokens is not None
     assert np.array_equal(cache.tokens[novel[0]], t0[novel[0]])
     assert np.array_equal(cache.tokens[novel[-1]], t1[novel[-1]])
 

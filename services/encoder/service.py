@@ -3,6 +3,11 @@
 Frames of many streams are decoded and batched into one Triton request; each frame's
 tokens go out keyed by its stream with a novelty score. A frame redelivered by Kafka
 (same stream, seq not above the last one seen) is dropped, so it is never counted twice.
+
+The per-stream feature cache (`feature_cache.py`) decides before the vision model whether
+a frame is worth encoding, and after it which tokens are worth publishing. It lives with
+the replica that owns the stream's partition; partitions lost in a rebalance drop their
+streams' caches (the new owner starts with one full encode).
 """
 
 from __future__ import annotations
@@ -18,9 +23,10 @@ import numpy as np
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
-from livelens.models.preprocess import preprocess
+from livelens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
+from services.encoder.feature_cache import FeatureCache, FrameDecision
 from services.encoder.novelty import NoveltyTracker
 from services.encoder.triton_client import VisionModelClient
 
@@ -34,6 +40,7 @@ class EncoderStats:
     duplicates: int = 0
     bad_frames: int = 0
     batches: int = 0
+    skipped: int = 0  # unchanged: not encoded
 
 
 class EncoderService:
@@ -41,16 +48,17 @@ class EncoderService:
         self.cfg = cfg
         self.stats = EncoderStats()
         self.novelty = NoveltyTracker()
+        self.cache = FeatureCache(cfg.encoder.cache)
         self.last_seq: dict[str, int] = {}
         self.stop_event = threading.Event()
 
     def process(self, frames: list[pb.FrameRecord], model: VisionModelClient) -> list[pb.TokensRecord]:
         """Encode one poll's worth of frames; returns the token records in input order."""
-        fresh: list[pb.FrameRecord] = []
-        pixels: list[np.ndarray] = []
-        for frame in frames:
+        out: dict[int, pb.TokensRecord] = {}  # input index -> record
+        todo: list[tuple[int, pb.FrameRecord, np.ndarray, FrameDecision | None]] = []
+        for i, frame in enumerate(frames):
             self.stats.frames_in += 1
-            is_query = bool(frame.query_request_id)  # a question's example image: no seq, no novelty
+            is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
             if not is_query and frame.seq <= self.last_seq.get(frame.stream_id, -1):
                 self.stats.duplicates += 1
                 continue
@@ -62,28 +70,51 @@ class EncoderService:
                 self.stats.bad_frames += 1
                 log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
                 continue
-            fresh.append(frame)
-            pixels.append(preprocess(rgb, self.cfg.encoder.image_size))
-        out: list[pb.TokensRecord] = []
+            pixels = preprocess(rgb, self.cfg.encoder.image_size)
+            decision = None if is_query else self.cache.stream(frame.stream_id).decide(to_unit_range(pixels))
+            if decision is not None and not decision.encode:
+                out[i] = self.unchanged_record(frame, decision)
+                continue
+            todo.append((i, frame, pixels, decision))
         step = self.cfg.encoder.max_batch
-        for start in range(0, len(fresh), step):
-            batch = fresh[start:start + step]
-            tokens = model.encode(np.stack(pixels[start:start + step]))
+        for start in range(0, len(todo), step):
+            batch = todo[start:start + step]
+            tokens = model.encode(np.stack([pixels for _, _, pixels, _ in batch]))
             self.stats.batches += 1
             grid = int(round(tokens.shape[1] ** 0.5))
-            for frame, frame_tokens in zip(batch, tokens, strict=True):
+            for (i, frame, pixels, decision), frame_tokens in zip(batch, tokens, strict=True):
                 rec = pb.TokensRecord(
                     stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq,
                     pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[1] // grid,
-                    novelty=0.0 if frame.query_request_id else self.novelty.update(frame.stream_id, frame_tokens),
+                    novelty=0.0 if decision is None else self.novelty.update(frame.stream_id, frame_tokens),
                     encoder_model=self.cfg.encoder.model_id,
                     gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
                     query_request_id=frame.query_request_id,
                 )
-                set_tokens(rec, frame_tokens)
-                out.append(rec)
+                kept = None if decision is None else \
+                    self.cache.stream(frame.stream_id).kept(decision, to_unit_range(pixels), frame_tokens)
+                set_tokens(rec, frame_tokens, kept)
+                out[i] = rec
                 self.stats.frames_encoded += 1
-        return out
+        return [out[i] for i in sorted(out)]
+
+    def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
+        cache = self.cache.stream(frame.stream_id)
+        self.stats.skipped += 1
+        rec = pb.TokensRecord(
+            stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq, pts_s=frame.pts_s,
+            grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
+            encoder_model=self.cfg.encoder.model_id, gateway_time_unix=frame.gateway_time_unix,
+            encoded_time_unix=time.time(), unchanged=True)
+        assert cache.tokens is not None
+        set_tokens(rec, cache.tokens.astype(np.float16), np.zeros(cache.grid_h * cache.grid_w, bool))
+        return rec
+
+    def forget_partitions(self, partitions: set) -> None:
+        """A rebalance took partitions away: their streams' caches are no longer ours."""
+        if partitions:
+            self.cache.streams.clear()
+            self.novelty = NoveltyTracker()
 
     def process_with_retry(self, frames: list[pb.FrameRecord],
                            model: VisionModelClient) -> list[pb.TokensRecord]:
@@ -110,7 +141,8 @@ class EncoderService:
         lk.ensure_topics(cfg.kafka)
         producer = lk.make_producer(cfg.kafka, "livelens-encoder")
         consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic],
-                                          cfg.encoder.group_id, auto_commit=False)
+                                          cfg.encoder.group_id, auto_commit=False,
+                                          on_revoked=self.forget_partitions)
         # Serving means owning partitions (Tansu takes seconds to settle a group join).
         deadline = time.monotonic() + 60
         pending: dict = {}
@@ -145,6 +177,11 @@ class EncoderService:
             producer.close()
             model.close()
             health.stop()
+
+
+def to_unit_range(pixels: np.ndarray) -> np.ndarray:
+    """ImageNet-normalized [3, H, W] back to 0..1 (what the cache's thresholds are in)."""
+    return pixels * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
 
 
 def main(cfg: LivelensConfig) -> None:

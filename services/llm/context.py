@@ -118,6 +118,14 @@ class StreamContext:
                 self.evicted = []
         return True
 
+    def note_unchanged(self, seq: int) -> bool:
+        """A frame the encoder found unchanged (no tokens): seen, nothing enters the context."""
+        if seq <= self.last_seq:
+            return False
+        self.last_seq = seq
+        self.frames_seen += 1
+        return True
+
     def add_turn(self, question: str, answer: str) -> None:
         self.dialogue.append(Turn(question, answer))
         while len(self.dialogue) > self.dialogue_turns:

@@ -248,7 +248,10 @@ class StreamingKVMaterializer:
         self.store.delete(seg_id)
 
     def ready_seq(self, ctx: StreamContext) -> int:
-        return self._stream(ctx.stream_id).ingested_seq
+        s = self._stream(ctx.stream_id)
+        if not s.queue and (s.task is None or s.task.done()):
+            return ctx.last_seq  # nothing pending (frames after the last prefill were unchanged)
+        return s.ingested_seq
 
     # --- questions -------------------------------------------------------------------
     def question_keys(self, stream_id: str) -> tuple[list[int], np.ndarray]:

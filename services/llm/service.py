@@ -42,6 +42,7 @@ log = logging.getLogger("livelens.llm")
 class LLMStats:
     frames: int = 0
     duplicates: int = 0
+    unchanged: int = 0  # frames the encoder did not re-encode
     questions: int = 0
     errors: int = 0
 
@@ -121,6 +122,12 @@ class LLMService:
                 self.examples.pop(next(iter(self.examples)))
             return
         ctx = self.context(rec.stream_id)
+        if rec.unchanged or not tokens.shape[0]:  # the encoder's cache: nothing new to see
+            if ctx.note_unchanged(rec.seq):
+                self.stats.unchanged += 1
+            else:
+                self.stats.duplicates += 1
+            return
         frame = FrameSegment(rec.seq, rec.pts_s, tokens, kept)
         if ctx.add_frame(frame):
             self.stats.frames += 1
