@@ -129,6 +129,10 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         from livelens.bench.context import run_context
 
         return run_context(cfg, out, args.minutes, methods=args.methods)
+    if args.suite == "encoder":
+        from livelens.bench.encoder import run_encoder
+
+        return run_encoder(cfg, out, seconds=args.seconds, videos=args.videos, streams=args.streams)
     if args.suite == "needle":
         from livelens.bench.needle import run_needle
 
@@ -177,13 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "context", "needle"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder"])
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
     bench.add_argument("--fps", type=float, default=2.0)
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
     bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
                        help="context, needle: stream lengths in minutes")
+    bench.add_argument("--videos", nargs="+", default=None,
+                       help="encoder: sample videos (default: vtest.avi tree.avi bikes.mp4 Megamind.avi)")
+    bench.add_argument("--streams", type=int, nargs="+", default=None,
+                       help="encoder: concurrent stream counts (default: 1 2 4 8)")
     bench.add_argument("--methods", nargs="+", default=None,
                        choices=["full_context", "window_recompute", "recompute", "streaming_kv"],
                        help="context: which methods (default: all four)")

@@ -279,14 +279,15 @@ class SegmentKVConnector(KVConnectorBase_V1):
                 tensors = self.store.load(sl.seg_id)
                 slots = torch.tensor(slot_list, dtype=torch.int64)
                 rows = slice(sl.src_offset, sl.src_offset + sl.num_tokens)
-                for name, layer in layers.items():
-                    k = tensors[f"{name}.k"][rows]
-                    v = tensors[f"{name}.v"][rows]
-                    if sl.delta:
-                        if self.rope_type != "default":
-                            raise NotImplementedError(f"re-rotation for rope_type {self.rope_type!r}")
-                        k = rerotate_keys(k, sl.delta, self.rope_theta, k.shape[-1])
-                    write_kv(layer.kv_cache, slots, k, v, getattr(layer, "isa", "vec"))
+                names = list(layers)
+                keys = torch.stack([tensors[f"{name}.k"][rows] for name in names])  # [layers, n, heads, dim]
+                if sl.delta:  # one rotation for every layer of the slice
+                    if self.rope_type != "default":
+                        raise NotImplementedError(f"re-rotation for rope_type {self.rope_type!r}")
+                    keys = rerotate_keys(keys, sl.delta, self.rope_theta, keys.shape[-1])
+                for i, name in enumerate(names):
+                    layer = layers[name]
+                    write_kv(layer.kv_cache, slots, keys[i], tensors[f"{name}.v"][rows], getattr(layer, "isa", "vec"))
             n = sum(s.num_tokens for s in op.slices)
             self.store.log_event(
                 event="load",

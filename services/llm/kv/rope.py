@@ -12,6 +12,7 @@ without knowing the pre-RoPE key. Values carry no position and are copied as is.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -53,26 +54,37 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, rope_theta: float) -> t
     return (x64 * cos + rotate_half(x64) * sin).to(x.dtype)
 
 
+@functools.lru_cache(maxsize=4096)
+def _rotation(delta: int, rope_theta: float, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [head_dim] of one position delta (float64)."""
+    cos, sin = rope_cos_sin(torch.tensor([delta]), rope_theta, head_dim)
+    return cos[0], sin[0]
+
+
 def rerotate_keys(
     keys: torch.Tensor, delta_positions: torch.Tensor | int, rope_theta: float, head_dim: int
 ) -> torch.Tensor:
     """Move post-RoPE keys by `delta_positions` (p_new - p_old): k_new = R(delta) k_old.
 
-    keys: [n, num_kv_heads, head_dim] (or [n, head_dim]); delta_positions: an int (one delta for
-    all rows, the usual case for a segment moved as a whole) or a tensor [n].
+    keys: [..., n, num_kv_heads, head_dim] (or [n, head_dim]); delta_positions: an int (one
+    delta for all rows, the usual case for a segment moved as a whole: one cos/sin vector,
+    cached per delta, float32 arithmetic; this runs for every layer of every loaded segment
+    on a question's critical path) or a tensor [n] (float64 arithmetic).
     Returns a new tensor of keys' dtype; a zero delta returns an unchanged copy.
     """
     if keys.shape[-1] != head_dim:
         raise ValueError(f"keys' last dimension is {keys.shape[-1]}, expected head_dim {head_dim}")
-    n = keys.shape[0]
     if isinstance(delta_positions, int):
         if delta_positions == 0:
             return keys.clone()
-        delta = torch.full((n,), delta_positions, dtype=torch.int64)
-    else:
-        delta = delta_positions.reshape(-1)
-        if delta.shape[0] != n:
-            raise ValueError(f"{delta.shape[0]} deltas for {n} keys")
+        cos, sin = _rotation(delta_positions, float(rope_theta), head_dim)
+        dtype = torch.promote_types(keys.dtype, torch.float32)  # float32 math (float64 for float64 keys)
+        k = keys.to(dtype)
+        return (k * cos.to(dtype) + rotate_half(k) * sin.to(dtype)).to(keys.dtype)
+    n = keys.shape[0]
+    delta = delta_positions.reshape(-1)
+    if delta.shape[0] != n:
+        raise ValueError(f"{delta.shape[0]} deltas for {n} keys")
     return apply_rope(keys, delta, rope_theta)
 
 
