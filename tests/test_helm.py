@@ -531,12 +531,35 @@ def test_triton_deployment_and_service(default_docs: list[dict[str, Any]]) -> No
 def test_triton_model_repository_from_an_init_container(full_docs: list[dict[str, Any]]) -> None:
     assert not [d for d in full_docs if d["kind"] == "PersistentVolumeClaim"]
     spec = pod_spec(find(full_docs, "Deployment", component("triton")))
-    init = spec["initContainers"][0]
+    init, trt = spec["initContainers"]  # the repository is copied before the engine is built
+    assert trt["name"] == "tensorrt-engine"
     assert init["image"] == "livelens:0.1.0"
     assert init["command"] == ["sh", "-c", "cp -R /app/model_repo/. /models/"]
     models = next(v for v in spec["volumes"] if v["name"] == "models")
     assert "emptyDir" in models
     assert spec["runtimeClassName"] == "nvidia"
+
+
+def test_triton_builds_its_tensorrt_engine_on_the_node(default_docs: list[dict[str, Any]]) -> None:
+    """The init container runs exactly the trtexec command of `python -m livelens.models.tensorrt`
+    (profile from configs/gpu.pbtxt), and Triton serves that configuration."""
+    from livelens.models.tensorrt import profile_for, read_config, trtexec_command
+
+    spec = pod_spec(find(default_docs, "Deployment", component("triton")))
+    (init,) = [c for c in spec["initContainers"] if c["name"] == "tensorrt-engine"]
+    assert init["image"] == spec["containers"][0]["image"]  # trtexec of the same TensorRT as Triton's
+    guard, build = init["command"][2].split(" || ")
+    assert guard == "test -s /models/vision_encoder/1/model.plan"
+    models = Path("/models/vision_encoder/1")
+    config = read_config(ROOT / "model_repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
+    assert build.split() == trtexec_command("/usr/src/tensorrt/bin/trtexec", models / "model.onnx",
+                                            models / "model.plan", profile_for(config))
+    assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--model-config-name=gpu" in spec["containers"][0]["args"]
+
+    off = pod_spec(find(render("--set", "triton.tensorrt.enabled=false"), "Deployment", component("triton")))
+    assert "initContainers" not in off
+    assert not [a for a in off["containers"][0]["args"] if a.startswith("--model-config-name")]
 
 
 def test_triton_existing_claim() -> None:
