@@ -155,7 +155,7 @@ class CachedViT(nn.Module):
         return self.projector(self.vision_model.post_layernorm(h))
 
     def full(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every patch: (tokens [B, N, out], keys and values [L, B, N, D], last hidden [B, N, D])."""
+        """Every patch: (tokens [B, N, out], keys and values [B, L, N, D], last hidden [B, N, D])."""
         h = self.vision_model.embeddings(pixels)
         keys, values = [], []
         for layer in self.encoder_blocks():
@@ -163,24 +163,25 @@ class CachedViT(nn.Module):
             keys.append(k)
             values.append(v)
             h = layer.finish(h, q, k, v)
-        return self.head(h), torch.stack(keys), torch.stack(values), h
+        return self.head(h), torch.stack(keys, 1), torch.stack(values, 1), h
 
     def partial(self, pixels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Recompute only the patches `index` [B, K] (distinct per row); the others come from
-        the cache (`keys`, `values` [L, B, N, D], `hidden` [B, N, D]). Same outputs as `full`."""
+        the cache (`keys`, `values` [B, L, N, D], `hidden` [B, N, D]). Same outputs as `full`.
+        Batch first everywhere, so Triton can batch the requests of many streams."""
         h = self.vision_model.embeddings(pixels, index)
         rows = index[..., None].expand(-1, -1, h.shape[-1])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.encoder_blocks()):
             q, k, v = layer.kv(h)
-            k_all = keys[i].scatter(1, rows, k)
-            v_all = values[i].scatter(1, rows, v)
+            k_all = keys[:, i].scatter(1, rows, k)
+            v_all = values[:, i].scatter(1, rows, v)
             new_keys.append(k_all)
             new_values.append(v_all)
             h = layer.finish(h, q, k_all, v_all)
         h_all = hidden.scatter(1, rows, h)
-        return self.head(h_all), torch.stack(new_keys), torch.stack(new_values), h_all
+        return self.head(h_all), torch.stack(new_keys, 1), torch.stack(new_values, 1), h_all
 
 
 class PartialExport(nn.Module):
@@ -226,22 +227,22 @@ def load_siglip_state_dict(model: CachedViT, state: dict[str, torch.Tensor]) -> 
 
 
 def export_partial_onnx(model: CachedViT, path: str | Path, opset: int = 17) -> Path:
-    """ONNX with inputs pixels [B,3,S,S], index [B,K] int64, keys/values [L,B,N,D],
+    """ONNX with inputs pixels [B,3,S,S], index [B,K] int64, keys/values [B,L,N,D],
     hidden [B,N,D] and outputs tokens [B,N,out], keys, values, hidden; B and K dynamic."""
     cfg = model.cfg
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     b, n, d, layers = 2, cfg.num_patches, cfg.hidden_size, cfg.num_layers
     args = (torch.zeros(b, 3, cfg.image_size, cfg.image_size), torch.arange(3).repeat(b, 1),
-            torch.zeros(layers, b, n, d), torch.zeros(layers, b, n, d), torch.zeros(b, n, d))
+            torch.zeros(b, layers, n, d), torch.zeros(b, layers, n, d), torch.zeros(b, n, d))
     batch = {0: "batch"}
     with torch.no_grad():
         torch.onnx.export(
             PartialExport(model).eval(), args, str(path), opset_version=opset, dynamo=False,
             input_names=["pixels", "index", "keys", "values", "hidden"],
             output_names=["tokens", "keys_out", "values_out", "hidden_out"],
-            dynamic_axes={"pixels": batch, "index": {0: "batch", 1: "recompute"}, "keys": {1: "batch"},
-                          "values": {1: "batch"}, "hidden": batch, "tokens": batch, "keys_out": {1: "batch"},
-                          "values_out": {1: "batch"}, "hidden_out": batch},
+            dynamic_axes={"pixels": batch, "index": {0: "batch", 1: "recompute"}, "keys": batch,
+                          "values": batch, "hidden": batch, "tokens": batch, "keys_out": batch,
+                          "values_out": batch, "hidden_out": batch},
         )
     return path
