@@ -27,6 +27,10 @@ class FrameSegment:
     pts_s: float
     tokens: np.ndarray  # [n_kept, hidden] float16
     kept: np.ndarray  # bool [grid_h * grid_w]
+    # The mean over the whole grid of what the stream shows at this frame (kept tokens and,
+    # where the encoder dropped a token, the last one received there): the retrieval key's
+    # input, comparable with an example image's full-grid mean. None: the kept tokens' mean.
+    pooled: np.ndarray | None = field(default=None, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -46,8 +46,12 @@ class Segment:
 
 
 def retrieval_key(frames: tuple[FrameSegment, ...] | list[FrameSegment]) -> np.ndarray:
-    """The mean of the segment's visual tokens, L2-normalized (float32)."""
-    pooled = np.concatenate([f.tokens for f in frames]).astype(np.float32).mean(0)
+    """The mean of the segment's visual tokens (over the whole grid where known), L2-normalized."""
+    means = [f.pooled for f in frames if f.pooled is not None]
+    if len(means) == len(frames):
+        pooled = np.mean(means, axis=0).astype(np.float32)
+    else:
+        pooled = np.concatenate([f.tokens for f in frames]).astype(np.float32).mean(0)
     return pooled / (np.linalg.norm(pooled) + 1e-6)
 
 

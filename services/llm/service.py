@@ -60,6 +60,9 @@ class LLMService:
         self.queries: QuestionQueries | None = None  # question-text retrieval (streaming_kv)
         self.producer: Any = None
         self.examples: dict[str, np.ndarray] = {}  # request id -> pooled example embedding
+        # stream -> the last token received at each grid position [grid, hidden] (the encoder
+        # drops tokens that did not change)
+        self.held: dict[str, np.ndarray] = {}
         c = cfg.llm
         self.store = TieredSegmentStore(
             ram_budget_bytes=int(c.store_ram_mb * 2**20),
@@ -128,7 +131,11 @@ class LLMService:
             else:
                 self.stats.duplicates += 1
             return
-        frame = FrameSegment(rec.seq, rec.pts_s, tokens, kept)
+        held = self.held.get(rec.stream_id)
+        if held is None or held.shape != (kept.size, tokens.shape[1]):
+            held = self.held[rec.stream_id] = np.zeros((kept.size, tokens.shape[1]), np.float32)
+        held[kept] = tokens
+        frame = FrameSegment(rec.seq, rec.pts_s, tokens, kept, pooled=held.mean(0))
         if ctx.add_frame(frame):
             self.stats.frames += 1
             if self.materializer is not None:
@@ -140,6 +147,7 @@ class LLMService:
         kind = rec.WhichOneof("command")
         if kind == "close":
             self.contexts.pop(rec.stream_id, None)
+            self.held.pop(rec.stream_id, None)
             self.store.drop_stream(rec.stream_id)
             if self.materializer is not None:
                 self.materializer.drop_stream(rec.stream_id)
