@@ -15,7 +15,7 @@ import pytest
 
 from livelens import kafka as lk
 from livelens.client import Ack, Alert, Answer, Client, ItemError
-from livelens.records import encode_jpeg, get_tokens
+from livelens.records import decode_image, encode_jpeg, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
@@ -181,17 +181,19 @@ def test_redelivered_frame_not_counted_twice(stack):
     record, and the same tokens record twice puts one frame in the LLM's context."""
     k = stack.cfg.kafka
     producer = lk.make_producer(k, "test-redelivery")
-    image = frames_of("vtest.avi", 0.0)[0]
+    # three different scenes, so the encoder's feature cache encodes each one
+    images = [frames_of("vtest.avi", 0.0)[0], frames_of("Megamind.avi", 0.0)[0], frames_of("tree.avi", 0.0)[0]]
     with TopicSubscriber(k, ["tokens", "responses"]) as sub:
         for seq in (0, 1, 1, 2, 0):
             rec = pb.FrameRecord(stream_id="redelivery", tenant="acme", seq=seq, pts_s=seq * 0.5,
-                                 encoding=pb.FrameRecord.JPEG, data=image,
+                                 encoding=pb.FrameRecord.JPEG, data=images[seq],
                                  gateway_time_unix=time.time())
             lk.publish(producer, k.frames_topic, "redelivery", rec)
         producer.flush()
         tokens = [r for r in sub.records(timeout_s=15) if isinstance(r, pb.TokensRecord)
                   and r.stream_id == "redelivery"]
         assert sorted(r.seq for r in tokens) == [0, 1, 2]
+        assert not any(r.unchanged for r in tokens)
         # now the LLM side: replay the tokens records, one of them twice
         for rec in [tokens[0], tokens[1], tokens[1], tokens[2]]:
             lk.publish(producer, k.tokens_topic, "redelivery", rec)
@@ -210,6 +212,55 @@ def test_redelivered_frame_not_counted_twice(stack):
     producer.close()
     assert final is not None and not final.error
     assert final.timings.context_frames == 3
+
+
+def test_unchanged_frames_skipped_and_tokens_dropped_through_kafka(stack):
+    """The encoder's feature cache end to end: the same image again is published as
+    unchanged (no tokens), a frame with one region changed goes out with a partial kept
+    mask, and the LLM service puts only what was published in the stream's context."""
+    k = stack.cfg.kafka
+    base = frames_of("vtest.avi", 0.0)[0]
+    rgb = decode_image(base)
+    edited = rgb.copy()
+    h, w = rgb.shape[:2]
+    edited[: h // 3, : w // 3] = 255 - edited[: h // 3, : w // 3]  # the top-left ninth changes
+    images = [base, base, encode_jpeg(edited)]
+    producer = lk.make_producer(k, "test-cache")
+    with TopicSubscriber(k, ["tokens", "responses"]) as sub:
+        for seq, image in enumerate(images):
+            lk.publish(producer, k.frames_topic, "cache", pb.FrameRecord(
+                stream_id="cache", tenant="acme", seq=seq, pts_s=seq * 0.5, encoding=pb.FrameRecord.JPEG,
+                data=image, gateway_time_unix=time.time()))
+        producer.flush()
+        recs: dict[int, pb.TokensRecord] = {}
+        deadline = time.monotonic() + 30
+        while len(recs) < 3 and time.monotonic() < deadline:
+            for r in sub.records(timeout_s=1):
+                if isinstance(r, pb.TokensRecord) and r.stream_id == "cache":
+                    recs[r.seq] = r
+        assert sorted(recs) == [0, 1, 2]
+        first, again, changed = recs[0], recs[1], recs[2]
+        assert get_tokens(first)[1].all() and not first.unchanged
+        assert again.unchanged and not get_tokens(again)[1].any() and again.novelty == 0.0
+        tokens, kept = get_tokens(changed)
+        assert not changed.unchanged and 0 < kept.sum() < kept.size and tokens.shape == (int(kept.sum()), 576)
+        grid = kept.reshape(changed.grid_h, changed.grid_w)
+        assert grid[:2, :2].any() and not grid[4:, 4:].any()  # kept where the image changed
+        lk.publish(producer, k.commands_topic, "cache", pb.CommandRecord(
+            stream_id="cache", tenant="acme", gateway_time_unix=time.time(),
+            ask=pb.AskCommand(request_id="cache-q", question="What?", max_tokens=4, after_seq=2)))
+        producer.flush()
+        final = None
+        deadline = time.monotonic() + 120
+        while final is None and time.monotonic() < deadline:
+            for r in sub.records(timeout_s=1):
+                if isinstance(r, pb.ResponseRecord) and r.request_id == "cache-q" and r.final:
+                    final = r
+                    break
+    producer.close()
+    assert final is not None and not final.error
+    assert final.timings.context_frames == 2  # frames 0 and 2; the unchanged one adds nothing
+    assert final.timings.frame_wait_s < 5  # the unchanged frame moved the stream's clock
 
 
 def test_tokens_carry_novelty_and_shape(stack):
