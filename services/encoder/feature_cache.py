@@ -71,18 +71,30 @@ class StreamCache:
     def decide(self, pixels01: np.ndarray) -> FrameDecision:
         """Level 1. `pixels01`: the frame as the vision model gets it, scaled to 0..1."""
         self.stats.frames += 1
-        if self.pixels is None or self.tokens is None:
-            return FrameDecision(True, 1.0, "first")
-        changed = float((patch_differences(pixels01, self.pixels, self.grid_h, self.grid_w)
-                         > self.cfg.skip_patch_threshold).mean())
-        if self.since_refresh + 1 >= self.cfg.refresh_frames:
-            return FrameDecision(True, changed, "refresh")
-        if self.cfg.skip_frames and changed <= self.cfg.skip_changed_fraction:
-            self.since_refresh += 1
-            self.stats.skipped += 1
-            self.stats.tokens_total += self.grid_h * self.grid_w
-            return FrameDecision(False, changed, "unchanged")
-        return FrameDecision(True, changed, "changed")
+        if self.pixels is None:
+            decision = FrameDecision(True, 1.0, "first")
+        else:
+            grid = self.grid_h or 7  # before the first frame's tokens are back: the usual 7x7
+            changed = float((patch_differences(pixels01, self.pixels, grid, self.grid_w or grid)
+                             > self.cfg.skip_patch_threshold).mean())
+            if self.since_refresh + 1 >= self.cfg.refresh_frames:
+                decision = FrameDecision(True, changed, "refresh")
+            elif self.cfg.skip_frames and changed <= self.cfg.skip_changed_fraction:
+                self.since_refresh += 1
+                self.stats.skipped += 1
+                return FrameDecision(False, changed, "unchanged")
+            else:
+                decision = FrameDecision(True, changed, "changed")
+        # The reference is the last frame *sent* to the model: a later frame of the same
+        # poll is compared with it before its tokens are back.
+        self.pixels = pixels01
+        self.since_refresh = 0 if decision.reason in ("first", "refresh") else self.since_refresh + 1
+        return decision
+
+    def unchanged(self) -> int:
+        """Account for a skipped frame once the grid is known; returns the grid size."""
+        self.stats.tokens_total += self.grid_h * self.grid_w
+        return self.grid_h * self.grid_w
 
     def kept(self, decision: FrameDecision, pixels01: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         """Levels 2 and 4 for an encoded frame: the kept mask [T]; updates the cache."""
@@ -106,8 +118,6 @@ class StreamCache:
         if self.tokens is None:
             self.tokens = t.copy()
         self.tokens[kept] = t[kept]
-        self.pixels = pixels01
-        self.since_refresh = 0 if decision.reason in ("first", "refresh") else self.since_refresh + 1
         self.stats.tokens_total += int(kept.size)
         self.stats.tokens_published += int(kept.sum())
         return kept

@@ -12,6 +12,7 @@ streams' caches (the new owner starts with one full encode).
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import threading
@@ -56,6 +57,7 @@ class EncoderService:
         """Encode one poll's worth of frames; returns the token records in input order."""
         out: dict[int, pb.TokensRecord] = {}  # input index -> record
         todo: list[tuple[int, pb.FrameRecord, np.ndarray, FrameDecision | None]] = []
+        unchanged: list[tuple[int, pb.FrameRecord, FrameDecision]] = []
         for i, frame in enumerate(frames):
             self.stats.frames_in += 1
             is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
@@ -73,7 +75,7 @@ class EncoderService:
             pixels = preprocess(rgb, self.cfg.encoder.image_size)
             decision = None if is_query else self.cache.stream(frame.stream_id).decide(to_unit_range(pixels))
             if decision is not None and not decision.encode:
-                out[i] = self.unchanged_record(frame, decision)
+                unchanged.append((i, frame, decision))  # published once the grid is known
                 continue
             todo.append((i, frame, pixels, decision))
         step = self.cfg.encoder.max_batch
@@ -96,18 +98,21 @@ class EncoderService:
                 set_tokens(rec, frame_tokens, kept)
                 out[i] = rec
                 self.stats.frames_encoded += 1
+        for i, frame, decision in unchanged:
+            out[i] = self.unchanged_record(frame, decision)
         return [out[i] for i in sorted(out)]
 
     def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
         cache = self.cache.stream(frame.stream_id)
+        grid = cache.unchanged()
         self.stats.skipped += 1
         rec = pb.TokensRecord(
             stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq, pts_s=frame.pts_s,
             grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
             encoder_model=self.cfg.encoder.model_id, gateway_time_unix=frame.gateway_time_unix,
             encoded_time_unix=time.time(), unchanged=True)
-        assert cache.tokens is not None
-        set_tokens(rec, cache.tokens.astype(np.float16), np.zeros(cache.grid_h * cache.grid_w, bool))
+        hidden = cache.tokens.shape[1] if cache.tokens is not None else 0
+        set_tokens(rec, np.zeros((grid, hidden), np.float16), np.zeros(grid, bool))
         return rec
 
     def forget_partitions(self, partitions: set) -> None:
@@ -121,11 +126,14 @@ class EncoderService:
         """Triton may be restarting: retry with backoff, then give up (the process exits,
         its offsets uncommitted, and the frames are encoded again after the restart)."""
         seqs = dict(self.last_seq)
+        caches = copy.deepcopy(self.cache.streams)
         for attempt in range(self.cfg.encoder.triton_retries + 1):
             try:
                 return self.process(frames, model)
             except Exception as exc:  # noqa: BLE001 - tritonclient raises many kinds
-                self.last_seq = dict(seqs)  # the frames were not encoded: not seen either
+                # the frames were not encoded: not seen either, and not the cache's reference
+                self.last_seq = dict(seqs)
+                self.cache.streams = copy.deepcopy(caches)
                 if attempt == self.cfg.encoder.triton_retries:
                     raise
                 log.warning("Triton call failed (%s); retry %d", exc, attempt + 1)
