@@ -30,6 +30,16 @@ def frames_of(name: str, seconds: float, fps: float = 2.0) -> list[bytes]:
     return [encode_jpeg(f.rgb) for f in read_frames(sample_video(name), fps, max_seconds=seconds)]
 
 
+def final_response(sub: TopicSubscriber, request_id: str, timeout_s: float = 120.0) -> pb.ResponseRecord | None:
+    """The final response record of a question, read off the responses topic."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for r in sub.records(timeout_s=1):
+            if isinstance(r, pb.ResponseRecord) and r.request_id == request_id and r.final:
+                return r
+    return None
+
+
 async def collect(session, until, timeout_s: float = 120.0) -> list:
     """Events of `session` until `until(events)` holds (or the timeout)."""
     seen: list = []
@@ -202,13 +212,7 @@ def test_redelivered_frame_not_counted_twice(stack):
                                                  max_tokens=4))
         lk.publish(producer, k.commands_topic, "redelivery", ask)
         producer.flush()
-        final = None
-        deadline = time.monotonic() + 120
-        while final is None and time.monotonic() < deadline:
-            for r in sub.records(timeout_s=1):
-                if isinstance(r, pb.ResponseRecord) and r.request_id == "dedupe-q" and r.final:
-                    final = r
-                    break
+        final = final_response(sub, "dedupe-q")
     producer.close()
     assert final is not None and not final.error
     assert final.timings.context_frames == 3
@@ -250,13 +254,7 @@ def test_unchanged_frames_skipped_and_tokens_dropped_through_kafka(stack):
             stream_id="cache", tenant="acme", gateway_time_unix=time.time(),
             ask=pb.AskCommand(request_id="cache-q", question="What?", max_tokens=4, after_seq=2)))
         producer.flush()
-        final = None
-        deadline = time.monotonic() + 120
-        while final is None and time.monotonic() < deadline:
-            for r in sub.records(timeout_s=1):
-                if isinstance(r, pb.ResponseRecord) and r.request_id == "cache-q" and r.final:
-                    final = r
-                    break
+        final = final_response(sub, "cache-q")
     producer.close()
     assert final is not None and not final.error
     assert final.timings.context_frames == 2  # frames 0 and 2; the unchanged one adds nothing
