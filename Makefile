@@ -9,6 +9,7 @@ PROTOS := $(wildcard protos/livelens/v1/*.proto)
 GEN    := $(patsubst protos/livelens/v1/%.proto,livelens/v1/%_pb2.py,$(PROTOS))
 LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
+VIT_ONNX := model_repo/vision_vit/1/model.onnx model_repo/vision_vit_full/1/model.onnx
 
 .PHONY: all venv protos models helm samples up test test-unit lint bench clean
 
@@ -31,9 +32,9 @@ protos: $(GEN)
 livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
 
-models: $(LLM_DIR)/.complete $(ONNX)
+models: $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)
 
-$(LLM_DIR)/.complete $(ONNX) &: $(VENV)/.installed
+$(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed
 	$(PY) -m livelens.models.build
 
 helm: build/bin/helm
@@ -68,4 +69,4 @@ bench: venv protos models samples
 	$(VENV)/bin/livelens bench e2e
 
 clean:
-	rm -rf build livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX)
+	rm -rf build livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX) $(VIT_ONNX)

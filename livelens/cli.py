@@ -132,7 +132,8 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     if args.suite == "encoder":
         from livelens.bench.encoder import run_encoder
 
-        return run_encoder(cfg, out, seconds=args.seconds, videos=args.videos, streams=args.streams)
+        return run_encoder(cfg, out, seconds=args.seconds, videos=args.videos, streams=args.streams, fps=args.fps,
+                           backbone=args.backbone)
     if args.suite == "needle":
         from livelens.bench.needle import run_needle
 
@@ -189,9 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
                        help="context, needle: stream lengths in minutes")
     bench.add_argument("--videos", nargs="+", default=None,
-                       help="encoder: sample videos (default: vtest.avi tree.avi bikes.mp4 Megamind.avi)")
+                       help="encoder: sample videos (default: vtest.avi tree.avi Megamind.avi bikes.mp4)")
     bench.add_argument("--streams", type=int, nargs="+", default=None,
                        help="encoder: concurrent stream counts (default: 1 2 4 8)")
+    bench.add_argument("--backbone", choices=["vit", "mobilenet"], default="vit",
+                       help="encoder: vit (vision_vit with partial recompute vs vision_vit_full) or mobilenet "
+                            "(vision_encoder; levels 1, 2, 4)")
     bench.add_argument("--methods", nargs="+", default=None,
                        choices=["full_context", "window_recompute", "recompute", "streaming_kv"],
                        help="context: which methods (default: all four)")

@@ -102,8 +102,14 @@ class FeatureCacheConfig:
     # above drop_threshold is not published.
     drop_tokens: bool = True
     drop_threshold: float = 0.95
+    # 3. partial recompute (ViT backbones served with a cache, e.g. vision_vit): only the
+    # patches whose difference exceeds recompute_patch_threshold are recomputed; with more
+    # than recompute_max_fraction of them changed, the whole frame is encoded.
+    partial_recompute: bool = True
+    recompute_patch_threshold: float = 0.02
+    recompute_max_fraction: float = 0.5
     # 4. token budget: at most this many tokens per frame, the most novel (0: no budget).
-    max_tokens_per_frame: int = 32
+    max_tokens_per_frame: int = 96
     # Every refresh_frames-th frame of a stream is encoded and published whole.
     refresh_frames: int = 16
 
@@ -115,6 +121,9 @@ class EncoderConfig:
     group_id: str = "livelens-encoder"
     image_size: int = 224
     max_batch: int = 8
+    # Triton requests in flight at once (streams are encoded concurrently; one stream's
+    # frames stay in order).
+    max_in_flight: int = 8
     poll_timeout_ms: int = 50
     triton_retries: int = 5
     model_id: str = "mobilenet_v2-imagenet+proj576"
@@ -171,6 +180,8 @@ class LLMConfig:
 class VisionConfig:
     onnx_path: str = field(
         default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_encoder" / "1" / "model.onnx"))
+    vit_onnx_path: str = field(
+        default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_vit" / "1" / "model.onnx"))
     seed: int = 0
 
 

@@ -34,7 +34,7 @@ def test_identical_frame_skipped_one_patch_dropped_scene_cut_encoded() -> None:
     d = cache.decide(first)
     assert (d.encode, d.reason) == (True, "first")
     t0 = tokens(0)
-    assert cache.kept(d, first, t0).all()  # a stream's first frame goes out whole
+    assert cache.kept(d, t0).all()  # a stream's first frame goes out whole
 
     d = cache.decide(first.copy())  # identical
     assert (d.encode, d.reason, d.changed_fraction) == (False, "unchanged", 0.0)
@@ -46,13 +46,13 @@ def test_identical_frame_skipped_one_patch_dropped_scene_cut_encoded() -> None:
     assert d.encode and d.reason == "changed" and d.changed_fraction == 3 / 49
     t1 = t0.copy()
     t1[[0, 2 * GRID + 2, 2 * GRID + 3]] = tokens(1)[:3]  # the changed patches' tokens differ
-    kept = cache.kept(d, moved, t1)
+    kept = cache.kept(d, t1)
     assert sorted(np.flatnonzero(kept)) == [0, 2 * GRID + 2, 2 * GRID + 3]  # the rest dropped
 
     cut = image(7)  # scene cut: every patch changed, every token differs
     d = cache.decide(cut)
     assert d.encode and d.changed_fraction == 1.0
-    assert cache.kept(d, cut, tokens(2)).all()
+    assert cache.kept(d, tokens(2)).all()
     assert cache.stats.skipped == 1 and cache.stats.frames == 4
 
 
@@ -60,7 +60,7 @@ def test_token_budget_keeps_the_most_novel() -> None:
     cache = FeatureCache(FeatureCacheConfig(max_tokens_per_frame=5, refresh_frames=100)).stream("cam")
     d = cache.decide(image(0))
     t0 = tokens(0)
-    cache.kept(d, image(0), t0)
+    cache.kept(d, t0)
     t1 = t0.copy()
     rng = np.random.default_rng(5)
     novel = [3, 11, 17, 20, 30, 40, 44, 48]
@@ -71,7 +71,7 @@ def test_token_budget_keeps_the_most_novel() -> None:
         angle = 0.3 + 0.15 * rank
         t1[pos] = np.cos(angle) * a + np.sin(angle) * u / np.linalg.norm(u)
     d = cache.decide(image(9))
-    kept = cache.kept(d, image(9), t1)
+    kept = cache.kept(d, t1)
     assert int(kept.sum()) == 5 and set(np.flatnonzero(kept)) == set(novel[-5:])
     # what the LLM received is cached: dropped positions keep the older token
     assert cache.tokens is not None
@@ -87,6 +87,6 @@ def test_refresh_encodes_and_publishes_whole() -> None:
         d = cache.decide(frame)
         reasons.append(d.reason)
         if d.encode:
-            assert cache.kept(d, frame, tokens(0)).all() or d.reason == "changed"
+            assert cache.kept(d, tokens(0)).all() or d.reason == "changed"
     assert reasons == ["first", "unchanged", "unchanged", "unchanged", "refresh",
                        "unchanged", "unchanged", "unchanged", "refresh"]

@@ -87,7 +87,18 @@ def test_siglip_weights_load_without_change() -> None:
         load_siglip_state_dict(model, {"vision_model.embeddings.patch_embedding.weight": torch.zeros(1)})
 
 
+def others(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The cache rows [B, L, N, D] of the patches not in `index` [B, K]: [B, L, N - K, D]."""
+    keep = torch.ones(cache.shape[0], cache.shape[2], dtype=torch.bool)
+    keep[torch.arange(cache.shape[0])[:, None], index] = False
+    return torch.stack([c[:, m] for c, m in zip(cache, keep, strict=True)])
+
+
 def test_onnx_export_dynamic_batch_and_recompute_count(tmp_path: Path) -> None:
+    """The served graph (`partial_rows`: attention over the other patches' cached keys and
+    the new ones, concatenated) against the reference (`partial`: new rows scattered into
+    the whole cache), through ONNX Runtime, for several batch sizes and recompute counts,
+    K = N (no cache sent) included."""
     import onnxruntime as ort
 
     model = build_tiny_vit()
@@ -98,8 +109,16 @@ def test_onnx_export_dynamic_batch_and_recompute_count(tmp_path: Path) -> None:
         with torch.no_grad():
             _, keys, values, hidden = model.full(frames(20 + b, b))
             index = torch.stack([torch.randperm(CFG.num_patches)[:k] for _ in range(b)])
-            expected = model.partial(x, index, keys, values, hidden)
-        got = session.run(None, {"pixels": x.numpy(), "index": index.numpy(), "keys": keys.numpy(),
-                                 "values": values.numpy(), "hidden": hidden.numpy()})
-        for a, e in zip(got, expected, strict=True):
-            np.testing.assert_allclose(a, e.numpy(), rtol=1e-4, atol=1e-4)
+            ref_tokens, ref_keys, ref_values, _ = model.partial(x, index, keys, values, hidden)
+        got = session.run(None, {"pixels": x.numpy(), "index": index.numpy(),
+                                 "keys_others": others(keys, index).numpy(),
+                                 "values_others": others(values, index).numpy()})
+        assert [g.shape for g in got] == [(b, k, CFG.out_size), (b, k, CFG.num_layers, CFG.hidden_size)] * 1 + \
+            [(b, k, CFG.num_layers, CFG.hidden_size)]
+        rows = index[..., None]
+        np.testing.assert_allclose(got[0], ref_tokens.gather(1, rows.expand(-1, -1, CFG.out_size)).numpy(),
+                                   rtol=1e-4, atol=1e-4)
+        per_layer = index[:, None, :, None].expand(-1, CFG.num_layers, -1, CFG.hidden_size)
+        np.testing.assert_allclose(got[1], ref_keys.gather(2, per_layer).transpose(1, 2).numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(got[2], ref_values.gather(2, per_layer).transpose(1, 2).numpy(),
+                                   rtol=1e-4, atol=1e-4)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livelens.config import REPO_ROOT, TritonConfig
+from livelens.infra.malloc import malloc_env
 from livelens.infra.ports import ensure_free
 from livelens.infra.process import ManagedProcess
 
@@ -114,6 +115,7 @@ def triton_env(layout: TritonLayout, base: dict[str, str] | None = None) -> dict
     )
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONHOME"] = sys.base_prefix
+    env.update(malloc_env())  # large tensors per request: reuse memory, no page faults
     return env
 
 

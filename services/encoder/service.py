@@ -12,11 +12,11 @@ streams' caches (the new owner starts with one full encode).
 
 from __future__ import annotations
 
-import copy
 import logging
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,7 @@ import numpy as np
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
+from livelens.infra.malloc import tune_malloc
 from livelens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
@@ -44,6 +45,18 @@ class EncoderStats:
     skipped: int = 0  # unchanged: not encoded
 
 
+@dataclass
+class _Frame:
+    """A frame of the poll being encoded: its place in the poll, record and pixels."""
+
+    index: int
+    record: pb.FrameRecord
+    pixels: np.ndarray  # preprocessed [3, S, S]
+
+
+_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int]  # (poll index, record) pairs, Triton calls
+
+
 class EncoderService:
     def __init__(self, cfg: LivelensConfig) -> None:
         self.cfg = cfg
@@ -52,12 +65,16 @@ class EncoderService:
         self.cache = FeatureCache(cfg.encoder.cache)
         self.last_seq: dict[str, int] = {}
         self.stop_event = threading.Event()
+        # Streams are encoded concurrently, so several Triton requests are in flight and
+        # its dynamic batcher can merge them; a stream's own frames stay in order.
+        self.pool = ThreadPoolExecutor(max(1, cfg.encoder.max_in_flight), thread_name_prefix="encode")
 
     def process(self, frames: list[pb.FrameRecord], model: VisionModelClient) -> list[pb.TokensRecord]:
         """Encode one poll's worth of frames; returns the token records in input order."""
-        out: dict[int, pb.TokensRecord] = {}  # input index -> record
-        todo: list[tuple[int, pb.FrameRecord, np.ndarray, FrameDecision | None]] = []
-        unchanged: list[tuple[int, pb.FrameRecord, FrameDecision]] = []
+        if model.grid[0] and not self.cache.grid[0]:
+            self.cache.grid = model.grid
+        streams: dict[str, list[_Frame]] = {}
+        queries: list[_Frame] = []
         for i, frame in enumerate(frames):
             self.stats.frames_in += 1
             is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
@@ -72,40 +89,91 @@ class EncoderService:
                 self.stats.bad_frames += 1
                 log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
                 continue
-            pixels = preprocess(rgb, self.cfg.encoder.image_size)
-            decision = None if is_query else self.cache.stream(frame.stream_id).decide(to_unit_range(pixels))
-            if decision is not None and not decision.encode:
-                unchanged.append((i, frame, decision))  # published once the grid is known
-                continue
-            todo.append((i, frame, pixels, decision))
-        step = self.cfg.encoder.max_batch
-        for start in range(0, len(todo), step):
-            batch = todo[start:start + step]
-            tokens = model.encode(np.stack([pixels for _, _, pixels, _ in batch]))
-            self.stats.batches += 1
-            grid = int(round(tokens.shape[1] ** 0.5))
-            for (i, frame, pixels, decision), frame_tokens in zip(batch, tokens, strict=True):
-                rec = pb.TokensRecord(
-                    stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq,
-                    pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[1] // grid,
-                    novelty=0.0 if decision is None else self.novelty.update(frame.stream_id, frame_tokens),
-                    encoder_model=self.cfg.encoder.model_id,
-                    gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
-                    query_request_id=frame.query_request_id,
-                )
-                kept = None if decision is None else \
-                    self.cache.stream(frame.stream_id).kept(decision, to_unit_range(pixels), frame_tokens)
-                set_tokens(rec, frame_tokens, kept)
+            item = _Frame(i, frame, preprocess(rgb, self.cfg.encoder.image_size))
+            if is_query:
+                queries.append(item)
+            else:
+                self.cache.stream(frame.stream_id)  # created here, not in the worker threads
+                streams.setdefault(frame.stream_id, []).append(item)
+        futures = [self.pool.submit(self._encode_stream, items, model) for items in streams.values()]
+        if queries:
+            futures.append(self.pool.submit(self._encode_queries, queries, model))
+        wait(futures)  # all of them, even when one failed: no thread may touch a cache after
+        out: dict[int, pb.TokensRecord] = {}
+        for future in futures:
+            records, calls = future.result()  # raises the first failure
+            self.stats.batches += calls
+            for i, rec in records:
                 out[i] = rec
-                self.stats.frames_encoded += 1
-        for i, frame, decision in unchanged:
-            out[i] = self.unchanged_record(frame, decision)
+                if rec.unchanged:
+                    self.stats.skipped += 1
+                else:
+                    self.stats.frames_encoded += 1
         return [out[i] for i in sorted(out)]
+
+    def _encode_stream(self, items: list[_Frame], model: VisionModelClient) -> _Encoded:
+        """One stream's frames of the poll, in order, through its feature cache. Every frame
+        is decided first (the reference is the last frame sent to the model); then runs of
+        whole frames go to the model in one request each, and a partial recompute, which
+        needs the cache the frame before it left, in a request of its own."""
+        cache = self.cache.stream(items[0].record.stream_id)
+        decided = [(item, cache.decide(to_unit_range(item.pixels), partial=model.partial)) for item in items]
+        out: list[tuple[int, pb.TokensRecord]] = []
+        calls = 0
+        i = 0
+        while i < len(decided):
+            item, decision = decided[i]
+            if not decision.encode:
+                out.append((item.index, self.unchanged_record(item.record, decision)))
+                i += 1
+            elif decision.recompute is not None and cache.vit_state is not None:
+                tokens, cache.vit_state = model.encode_partial(item.pixels, decision.recompute, cache.vit_state)
+                calls += 1
+                out.append((item.index, self.tokens_record(item, tokens, decision)))
+                i += 1
+            else:  # whole frames up to the next partial recompute: one request
+                run = [i]
+                while run[-1] + 1 < len(decided) and len(run) < self.cfg.encoder.max_batch and \
+                        decided[run[-1] + 1][1].recompute is None:
+                    run.append(run[-1] + 1)
+                run_items = [(it, d) for it, d in (decided[j] for j in run)]
+                encoded = [it for it, d in run_items if d.encode]
+                tokens_all, states = model.encode(np.stack([it.pixels for it in encoded]))
+                calls += 1
+                by_index = {it.index: t for it, t in zip(encoded, tokens_all, strict=True)}
+                if states:
+                    cache.vit_state = states[-1]
+                for it, d in run_items:  # in order: the first frame's tokens teach the grid
+                    rec = self.tokens_record(it, by_index[it.index], d) if d.encode \
+                        else self.unchanged_record(it.record, d)
+                    out.append((it.index, rec))
+                i = run[-1] + 1
+        return out, calls
+
+    def _encode_queries(self, items: list[_Frame], model: VisionModelClient) -> _Encoded:
+        """Example images of questions: encoded whole, no cache, no novelty."""
+        tokens, _ = model.encode(np.stack([item.pixels for item in items]))
+        return [(item.index, self.tokens_record(item, t, None)) for item, t in zip(items, tokens, strict=True)], 1
+
+    def tokens_record(self, item: _Frame, tokens: np.ndarray, decision: FrameDecision | None) -> pb.TokensRecord:
+        frame = item.record
+        grid = int(round(tokens.shape[0] ** 0.5))
+        rec = pb.TokensRecord(
+            stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq,
+            pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[0] // grid,
+            novelty=0.0 if decision is None else self.novelty.update(frame.stream_id, tokens),
+            encoder_model=self.cfg.encoder.model_id,
+            gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
+            query_request_id=frame.query_request_id,
+        )
+        kept = None if decision is None else \
+            self.cache.stream(frame.stream_id).kept(decision, tokens)
+        set_tokens(rec, tokens, kept)
+        return rec
 
     def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
         cache = self.cache.stream(frame.stream_id)
         grid = cache.unchanged()
-        self.stats.skipped += 1
         rec = pb.TokensRecord(
             stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq, pts_s=frame.pts_s,
             grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
@@ -126,14 +194,14 @@ class EncoderService:
         """Triton may be restarting: retry with backoff, then give up (the process exits,
         its offsets uncommitted, and the frames are encoded again after the restart)."""
         seqs = dict(self.last_seq)
-        caches = copy.deepcopy(self.cache.streams)
+        caches = self.cache.snapshot()
         for attempt in range(self.cfg.encoder.triton_retries + 1):
             try:
                 return self.process(frames, model)
             except Exception as exc:  # noqa: BLE001 - tritonclient raises many kinds
                 # the frames were not encoded: not seen either, and not the cache's reference
                 self.last_seq = dict(seqs)
-                self.cache.streams = copy.deepcopy(caches)
+                self.cache.streams = {sid: c.snapshot() for sid, c in caches.items()}
                 if attempt == self.cfg.encoder.triton_retries:
                     raise
                 log.warning("Triton call failed (%s); retry %d", exc, attempt + 1)
@@ -184,6 +252,7 @@ class EncoderService:
             consumer.close()
             producer.close()
             model.close()
+            self.pool.shutdown()
             health.stop()
 
 
@@ -193,6 +262,7 @@ def to_unit_range(pixels: np.ndarray) -> np.ndarray:
 
 
 def main(cfg: LivelensConfig) -> None:
+    tune_malloc()  # the ViT's per-stream cache travels with every request
     service = EncoderService(cfg)
     signal.signal(signal.SIGTERM, lambda *_: service.stop_event.set())
     signal.signal(signal.SIGINT, lambda *_: service.stop_event.set())

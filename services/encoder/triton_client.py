@@ -1,4 +1,14 @@
-"""The vision model as Triton serves it: pixels [N,3,S,S] fp32 -> tokens [N,T,H] fp16."""
+"""The vision model as Triton serves it.
+
+Two kinds, told apart by the model's metadata:
+- stateless (vision_encoder): pixels [N,3,S,S] fp32 -> tokens [N,T,H] fp16;
+- a ViT with partial recompute (vision_vit): pixels, `index` [1,K] of patches to recompute
+  and the stream's cache (keys, values [1,L,T,D]) -> the recomputed rows (tokens, keys,
+  values), which the client writes into its copy of the cache.
+  The cache stays with the encoder replica that owns the stream.
+
+One client is shared by the encoder's worker threads (gRPC channels are thread-safe).
+"""
 
 from __future__ import annotations
 
@@ -7,34 +17,100 @@ import time
 import numpy as np
 import tritonclient.grpc as grpcclient
 
+from services.encoder.feature_cache import ViTState
+
+STATE_INPUTS = ("keys_others", "values_others")
+
 
 class VisionModelClient:
     def __init__(self, url: str, model_name: str) -> None:
         self.url = url
         self.model_name = model_name
         self.client = grpcclient.InferenceServerClient(url=url)
+        self.partial = False  # set from the metadata by wait_ready()
+        self.grid: tuple[int, int] = (0, 0)
+        self.cache_shape: tuple[int, int, int] = (0, 0, 0)  # a cached ViT's [layers, patches, width]
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
                 if self.client.is_model_ready(self.model_name):
-                    return
+                    break
             except Exception:  # noqa: BLE001 - server still starting
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Triton at {self.url} has no ready model {self.model_name!r}")
             time.sleep(0.5)
+        self._read_metadata()
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        inp = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
-        inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-        out = grpcclient.InferRequestedOutput("tokens")
-        result = self.client.infer(self.model_name, [inp], outputs=[out])
-        tokens = result.as_numpy("tokens")
+    def _read_metadata(self) -> None:
+        meta = self.client.get_model_metadata(self.model_name, as_json=True)
+        inputs = {i["name"]: [int(d) for d in i["shape"]] for i in meta["inputs"]}
+        outputs = {o["name"]: [int(d) for d in o["shape"]] for o in meta["outputs"]}
+        if "pixels" not in inputs:
+            raise RuntimeError(f"Triton model {self.model_name!r} has no pixels input")
+        self.partial = "index" in inputs and all(name in inputs for name in STATE_INPUTS)
+        tokens = outputs.get("tokens_new" if self.partial else "tokens")
         if tokens is None:
-            raise RuntimeError("Triton returned no 'tokens' output")
-        return tokens
+            raise RuntimeError(f"Triton model {self.model_name!r} has no tokens output")
+        if self.partial:  # the cache's shape [layers, patches, width]; patches from the config
+            config = self.client.get_model_config(self.model_name, as_json=True)["config"]
+            patches = int(config.get("parameters", {}).get("num_patches", {}).get("string_value") or 0)
+            if patches <= 0:
+                raise RuntimeError(f"Triton model {self.model_name!r}: a cached ViT's config needs the "
+                                   "parameter num_patches")
+            layers, _, width = inputs["keys_others"][1:]
+            self.cache_shape = (layers, patches, width)
+        else:
+            patches = tokens[-2]
+        side = int(round(patches ** 0.5))
+        self.grid = (side, side) if side * side == patches else (0, 0)
+
+    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, list[ViTState] | None]:
+        """Frames [B,3,S,S] whole, in one request: tokens [B, T, H], and for a cached ViT the
+        cache each frame leaves (None for a stateless model)."""
+        if not self.partial:
+            inp = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
+            inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
+            result = self.client.infer(self.model_name, [inp], outputs=[grpcclient.InferRequestedOutput("tokens")])
+            tokens = result.as_numpy("tokens")
+            if tokens is None:
+                raise RuntimeError(f"Triton model {self.model_name!r} returned no 'tokens' output")
+            return tokens, None
+        b, (layers, patches, width) = pixels.shape[0], self.cache_shape
+        none = np.zeros((b, layers, 0, width), np.float16)  # every patch is recomputed
+        tokens, keys, values = self._infer_partial(pixels, np.tile(np.arange(patches), (b, 1)), none, none)
+        return tokens, [ViTState(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), t.copy())
+                        for t, k, v in zip(tokens, keys, values, strict=True)]
+
+    def encode_partial(self, pixels: np.ndarray, index: np.ndarray, state: ViTState) -> tuple[np.ndarray, ViTState]:
+        """One frame [3,S,S]: recompute the patches `index` on top of the stream's cache;
+        returns tokens [T, H] (the others' are the cached ones) and the new cache."""
+        others = np.setdiff1d(np.arange(state.tokens.shape[0]), index)
+        tokens, keys, values = self._infer_partial(pixels[None], index[None], state.keys[None][:, :, others],
+                                                   state.values[None][:, :, others])
+        new = state.updated(index, tokens[0], keys[0], values[0])
+        return new.tokens, new
+
+    def _infer_partial(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray,
+                       values_others: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        inputs = []
+        for name, array, dtype in (("pixels", pixels, "FP32"), ("index", index, "INT64"),
+                                   ("keys_others", keys_others, "FP16"), ("values_others", values_others, "FP16")):
+            inp = grpcclient.InferInput(name, list(array.shape), dtype)
+            inp.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
+            inputs.append(inp)
+        names = ("tokens_new", "keys_new", "values_new")
+        result = self.client.infer(self.model_name, inputs,
+                                   outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+        tokens, keys, values = (result.as_numpy(n) for n in names)
+        if tokens is None or keys is None or values is None:
+            raise RuntimeError(f"Triton model {self.model_name!r} returned no tokens or cache")
+        return tokens, keys, values
 
     def close(self) -> None:
         self.client.close()
+
+
+_NUMPY = {"FP32": np.float32, "INT64": np.int64, "FP16": np.float16}
