@@ -91,11 +91,13 @@ def _consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
 
 def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
                         auto_commit: bool = True,
-                        on_revoked: Callable[[set[Any]], None] | None = None) -> KafkaConsumer:
+                        on_lost: Callable[[set[Any]], None] | None = None) -> KafkaConsumer:
     """A member of a consumer group: partition ownership decides which replica holds a
     stream. With `auto_commit=False` the caller commits after a record's results are
-    published (at-least-once; consumers dedupe by (stream, seq)). `on_revoked` is called
-    (in the polling thread) with the partitions this member loses in a rebalance."""
+    published (at-least-once; consumers dedupe by (stream, seq)). `on_lost` is called
+    (in the polling thread) with the partitions this member loses in a rebalance: kafka's
+    eager protocol revokes every partition and then assigns, so a partition given back
+    to the same member is not lost (its state stays valid: no one else consumed it)."""
     consumer = KafkaConsumer(
         bootstrap_servers=cfg.bootstrap,
         group_id=group_id,
@@ -109,19 +111,24 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
         **_consumer_limits(cfg),
     )
     listener = None
-    if on_revoked is not None:
+    if on_lost is not None:
         from kafka import ConsumerRebalanceListener
 
-        revoked_cb = on_revoked
+        lost_cb = on_lost
 
-        class Revoked(ConsumerRebalanceListener):  # type: ignore[misc]
+        class Lost(ConsumerRebalanceListener):  # type: ignore[misc]
+            def __init__(self) -> None:
+                self.revoked: set[Any] = set()
+
             def on_partitions_revoked(self, revoked: Any) -> None:
-                revoked_cb(set(revoked))
+                self.revoked = set(revoked)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                return
+                lost, self.revoked = self.revoked - set(assigned), set()
+                if lost:
+                    lost_cb(lost)
 
-        listener = Revoked()
+        listener = Lost()
     consumer.subscribe(topics, listener=listener)
     return consumer
 

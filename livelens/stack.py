@@ -46,8 +46,10 @@ def check_prerequisites(cfg: LivelensConfig) -> None:
     missing = []
     if not (Path(cfg.llm.model_path) / "config.json").is_file():
         missing.append(f"LLM weights at {cfg.llm.model_path}")
-    if cfg.triton.enabled and not Path(cfg.vision.onnx_path).is_file():
-        missing.append(f"vision model at {cfg.vision.onnx_path}")
+    # Triton loads every model of the repository: all of them must be built.
+    for onnx in (cfg.vision.onnx_path, cfg.vision.vit_onnx_path):
+        if cfg.triton.enabled and not Path(onnx).is_file():
+            missing.append(f"vision model at {onnx}")
     if missing:
         raise FileNotFoundError("missing " + " and ".join(missing) + ": run `make models`")
 

@@ -64,6 +64,7 @@ class EncoderService:
         self.novelty = NoveltyTracker()
         self.cache = FeatureCache(cfg.encoder.cache)
         self.last_seq: dict[str, int] = {}
+        self.stream_partitions: dict[str, tuple[str, int]] = {}  # where each stream's frames come from
         self.stop_event = threading.Event()
         # Streams are encoded concurrently, so several Triton requests are in flight and
         # its dynamic batcher can merge them; a stream's own frames stay in order.
@@ -184,10 +185,17 @@ class EncoderService:
         return rec
 
     def forget_partitions(self, partitions: set) -> None:
-        """A rebalance took partitions away: their streams' caches are no longer ours."""
-        if partitions:
-            self.cache.streams.clear()
-            self.novelty = NoveltyTracker()
+        """A rebalance took partitions away: their streams' caches are no longer ours (the
+        new owner starts each with one full encode). Called in the polling thread, between
+        two `process` calls; a closing consumer loses nothing (its caches go with it)."""
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        for stream_id in [s for s, tp in self.stream_partitions.items() if tp in lost]:
+            self.cache.forget(stream_id)
+            self.novelty.forget(stream_id)
+            self.last_seq.pop(stream_id, None)
+            del self.stream_partitions[stream_id]
+        if lost:
+            log.info("partitions %s lost: caches of their streams dropped", sorted(lost))
 
     def process_with_retry(self, frames: list[pb.FrameRecord],
                            model: VisionModelClient) -> list[pb.TokensRecord]:
@@ -218,7 +226,7 @@ class EncoderService:
         producer = lk.make_producer(cfg.kafka, "livelens-encoder")
         consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic],
                                           cfg.encoder.group_id, auto_commit=False,
-                                          on_revoked=self.forget_partitions)
+                                          on_lost=self.forget_partitions)
         # Serving means owning partitions (Tansu takes seconds to settle a group join).
         deadline = time.monotonic() + 60
         pending: dict = {}
@@ -241,6 +249,8 @@ class EncoderService:
                             self.stats.bad_frames += 1
                             continue
                         frames.append(frame)
+                        if not frame.query_request_id:
+                            self.stream_partitions[frame.stream_id] = (r.topic, r.partition)
                 if not frames:
                     continue
                 for rec in self.process_with_retry(frames, model):
