@@ -131,7 +131,7 @@ class TritonPythonModel:
         }
         outputs = self._run(feeds)
         start = 0
-        for a, result in zip(arrays, into):
+        for a, result in zip(arrays, into, strict=True):
             n = a[self.inputs[0]].shape[0]
             for name, value in outputs.items():
                 result[name] = value[start : start + n]
