@@ -111,7 +111,7 @@ class FeatureCacheConfig:
     # 4. token budget: at most this many tokens per frame, the most novel (0: no budget).
     max_tokens_per_frame: int = 96
     # Every refresh_frames-th frame of a stream is encoded and published whole.
-    refresh_frames: int = 16
+    refresh_frames: int = 32
 
 
 @dataclass

@@ -14,7 +14,7 @@ import pytest
 from kafka.structs import TopicPartition
 
 from livelens import kafka as lk
-from livelens.bench.encoder import frame_records
+from livelens.bench.encoder import frame, frame_records
 from livelens.config import LivelensConfig
 from livelens.infra.ports import free_port
 from livelens.models.preprocess import preprocess
@@ -44,8 +44,8 @@ def models(stack):  # type: ignore[no-untyped-def]
     full.close()
 
 
-def pixels_of(jpeg: bytes) -> np.ndarray:
-    return preprocess(decode_image(jpeg))
+def pixels_of(image: tuple[bytes, int, int]) -> np.ndarray:
+    return preprocess(decode_image(image[0]))
 
 
 def test_partial_recompute_through_triton_close_to_full_encode(models) -> None:  # type: ignore[no-untyped-def]
@@ -88,7 +88,7 @@ def test_triton_batches_frames_of_several_streams(stack, models) -> None:  # typ
     streams = [f"batch-{i}" for i in range(6)]
     inferences_before, executions_before = _counts(on)
     for seq, image in enumerate(images):
-        polled = [pb.FrameRecord(stream_id=s, tenant="t", seq=seq, pts_s=seq / 2, data=image) for s in streams]
+        polled = [frame(s, seq, 2.0, image) for s in streams]
         records = svc.process(polled, on)
         assert [r.stream_id for r in records] == streams and all(r.seq == seq for r in records)
         assert all(r.grid_h == 14 and r.grid_w == 14 for r in records)
@@ -138,8 +138,7 @@ def test_rebalance_rebuilds_a_streams_cache_on_its_new_owner(stack, models) -> N
 
     def send_and_wait(sub: TopicSubscriber, seqs: range) -> None:
         for seq in seqs:
-            lk.publish(producer, kafka.frames_topic, "s", pb.FrameRecord(
-                stream_id="s", tenant="t", seq=seq, pts_s=seq / 2, encoding=pb.FrameRecord.JPEG, data=images[seq]))
+            lk.publish(producer, kafka.frames_topic, "s", frame("s", seq, 2.0, images[seq]))
         producer.flush()
         deadline = time.monotonic() + 60
         while not all(s in received for s in seqs) and time.monotonic() < deadline:

@@ -540,22 +540,52 @@ def test_triton_model_repository_from_an_init_container(full_docs: list[dict[str
     assert spec["runtimeClassName"] == "nvidia"
 
 
+def _engine_builds(spec: dict[str, Any]) -> dict[str, list[str]]:
+    """The tensorrt-engine init container's command: model -> the trtexec argv it runs."""
+    (init,) = [c for c in spec["initContainers"] if c["name"] == "tensorrt-engine"]
+    lines = init["command"][2].split("\n")
+    assert init["command"][:2] == ["sh", "-c"] and lines[0] == "set -e"  # a failed build stops the pod
+    builds = {}
+    for line in lines[1:]:
+        guard, build = line.split(" || ")
+        model = guard.split("/")[2]
+        assert guard == f"test -s /models/{model}/1/model.plan"
+        builds[model] = build.split()
+    return builds
+
+
 def test_triton_builds_its_tensorrt_engine_on_the_node(default_docs: list[dict[str, Any]]) -> None:
     """The init container runs exactly the trtexec command of `python -m livelens.models.tensorrt`
-    (profile from configs/gpu.pbtxt), and Triton serves that configuration."""
+    (profile from configs/gpu.pbtxt) for each model Triton loads, and Triton loads only those,
+    in that configuration."""
     from livelens.models.tensorrt import profile_for, read_config, trtexec_command
+
+    def expected(model: str) -> list[str]:
+        models = Path(f"/models/{model}/1")
+        config = read_config(ROOT / "model_repo" / model / "configs" / "gpu.pbtxt")
+        return trtexec_command("/usr/src/tensorrt/bin/trtexec", models / "model.onnx", models / "model.plan",
+                               profile_for(config))
 
     spec = pod_spec(find(default_docs, "Deployment", component("triton")))
     (init,) = [c for c in spec["initContainers"] if c["name"] == "tensorrt-engine"]
     assert init["image"] == spec["containers"][0]["image"]  # trtexec of the same TensorRT as Triton's
-    guard, build = init["command"][2].split(" || ")
-    assert guard == "test -s /models/vision_encoder/1/model.plan"
-    models = Path("/models/vision_encoder/1")
-    config = read_config(ROOT / "model_repo" / "vision_encoder" / "configs" / "gpu.pbtxt")
-    assert build.split() == trtexec_command("/usr/src/tensorrt/bin/trtexec", models / "model.onnx",
-                                            models / "model.plan", profile_for(config))
+    assert _engine_builds(spec) == {"vision_encoder": expected("vision_encoder")}
     assert init["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "--model-config-name=gpu" in spec["containers"][0]["args"]
+    args = spec["containers"][0]["args"]
+    assert "--model-config-name=gpu" in args and "--model-control-mode=explicit" in args
+    assert [a for a in args if a.startswith("--load-model=")] == ["--load-model=vision_encoder"]
+
+    # The cached ViT and its plain twin: the chart's profiles are the script's, input by input.
+    vit = pod_spec(find(render("--set", "triton.models={vision_vit,vision_vit_full}"), "Deployment",
+                        component("triton")))
+    assert _engine_builds(vit) == {m: expected(m) for m in ("vision_vit", "vision_vit_full")}
+    assert [a for a in vit["containers"][0]["args"] if a.startswith("--load-model=")] == [
+        "--load-model=vision_vit", "--load-model=vision_vit_full"]
+
+    # A loaded model without a profile is refused at render time, with the command to run.
+    run = subprocess.run([str(HELM), "template", "t", str(CHART), "--set", "triton.models={my_model}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "triton.tensorrt.profiles.my_model" in run.stderr
 
     off = pod_spec(find(render("--set", "triton.tensorrt.enabled=false"), "Deployment", component("triton")))
     assert "initContainers" not in off

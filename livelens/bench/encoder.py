@@ -54,19 +54,29 @@ LEVELS: dict[str, dict[str, Any]] = {
 }
 
 
-def frame_records(video: str, seconds: float, fps: float) -> list[bytes]:
-    return [encode_jpeg(f.rgb) for f in read_frames(sample_video(video), fps, max_seconds=seconds)]
+Image = tuple[bytes, int, int]  # a frame as the gateway publishes it: JPEG, width, height
+
+
+def frame_records(video: str, seconds: float, fps: float) -> list[Image]:
+    """JPEG bytes, width and height of each frame (the gateway records the size)."""
+    return [(encode_jpeg(f.rgb), f.rgb.shape[1], f.rgb.shape[0])
+            for f in read_frames(sample_video(video), fps, max_seconds=seconds)]
+
+
+def frame(stream_id: str, seq: int, fps: float, image: Image) -> pb.FrameRecord:
+    data, width, height = image
+    return pb.FrameRecord(stream_id=stream_id, tenant="t", seq=seq, pts_s=seq / fps, data=data,
+                          encoding=pb.FrameRecord.JPEG, width=width, height=height)
 
 
 def service(cfg: LivelensConfig, cache: FeatureCacheConfig) -> EncoderService:
     return EncoderService(replace(cfg, encoder=replace(cfg.encoder, cache=cache)))
 
 
-def full_encodes(cfg: LivelensConfig, model: VisionModelClient, images: list[bytes], fps: float) -> list[np.ndarray]:
+def full_encodes(cfg: LivelensConfig, model: VisionModelClient, images: list[Image], fps: float) -> list[np.ndarray]:
     """Every frame encoded whole by the plain model: the truth fidelity is measured against."""
     svc = service(cfg, OFF)
-    records = [pb.FrameRecord(stream_id="s", tenant="t", seq=seq, pts_s=seq / fps, data=data)
-               for seq, data in enumerate(images)]
+    records = [frame("s", seq, fps, image) for seq, image in enumerate(images)]
     out = []
     for start in range(0, len(records), cfg.encoder.max_batch):
         out += [get_tokens(rec)[0] for rec in svc.process(records[start:start + cfg.encoder.max_batch], model)]
@@ -74,15 +84,14 @@ def full_encodes(cfg: LivelensConfig, model: VisionModelClient, images: list[byt
     return out
 
 
-def fidelity(cfg: LivelensConfig, model: VisionModelClient, images: list[bytes], truth: list[np.ndarray],
+def fidelity(cfg: LivelensConfig, model: VisionModelClient, images: list[Image], truth: list[np.ndarray],
              cache: FeatureCacheConfig, fps: float) -> dict[str, Any]:
     """One stream with `cache`: what the LLM holds after each frame vs the full encode."""
     svc = service(cfg, cache)
     cosines: list[float] = []
     held: np.ndarray | None = None  # what the LLM holds per grid position
-    for seq, data in enumerate(images):
-        rec = pb.FrameRecord(stream_id="s", tenant="t", seq=seq, pts_s=seq / fps, data=data)
-        (out,) = svc.process([rec], model)
+    for seq, image in enumerate(images):
+        (out,) = svc.process([frame("s", seq, fps, image)], model)
         tokens, kept = get_tokens(out)
         if held is None:
             held = np.zeros_like(truth[seq], dtype=np.float32)
@@ -96,7 +105,7 @@ def fidelity(cfg: LivelensConfig, model: VisionModelClient, images: list[bytes],
             "vision_compute_saved": stats.compute_saved}
 
 
-def speed(cfg: LivelensConfig, model: VisionModelClient, images: list[bytes], streams: int,
+def speed(cfg: LivelensConfig, model: VisionModelClient, images: list[Image], streams: int,
           cache: FeatureCacheConfig, fps: float) -> dict[str, Any]:
     svc = service(cfg, cache)
     n = len(images)
@@ -104,8 +113,7 @@ def speed(cfg: LivelensConfig, model: VisionModelClient, images: list[bytes], st
     records = []
     for seq in range(per_stream):  # frames of all streams interleaved, as a live poll would hold them
         for s in range(streams):
-            records.append(pb.FrameRecord(stream_id=f"s{s}", tenant="t", seq=seq, pts_s=seq / fps,
-                                          data=images[(seq + s * n // streams) % n]))
+            records.append(frame(f"s{s}", seq, fps, images[(seq + s * n // streams) % n]))
     poll = cfg.encoder.max_batch * streams
     t0 = time.perf_counter()
     for start in range(0, len(records), poll):

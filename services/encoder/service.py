@@ -54,7 +54,8 @@ class _Frame:
     pixels: np.ndarray  # preprocessed [3, S, S]
 
 
-_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int]  # (poll index, record) pairs, Triton calls
+# (poll index, record) pairs, Triton calls, frames not decodable
+_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int, int]
 
 
 class EncoderService:
@@ -74,36 +75,29 @@ class EncoderService:
         """Encode one poll's worth of frames; returns the token records in input order."""
         if model.grid[0] and not self.cache.grid[0]:
             self.cache.grid = model.grid
-        streams: dict[str, list[_Frame]] = {}
-        queries: list[_Frame] = []
+        streams: dict[str, list[tuple[int, pb.FrameRecord]]] = {}
+        queries: list[tuple[int, pb.FrameRecord]] = []
         for i, frame in enumerate(frames):
             self.stats.frames_in += 1
             is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
             if not is_query and frame.seq <= self.last_seq.get(frame.stream_id, -1):
                 self.stats.duplicates += 1
                 continue
-            if not is_query:
-                self.last_seq[frame.stream_id] = frame.seq
-            try:
-                rgb = decode_image(frame.data, frame.encoding, frame.width, frame.height)
-            except BadImage as exc:  # the gateway validates, so this is a foreign producer
-                self.stats.bad_frames += 1
-                log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
-                continue
-            item = _Frame(i, frame, preprocess(rgb, self.cfg.encoder.image_size))
             if is_query:
-                queries.append(item)
+                queries.append((i, frame))
             else:
+                self.last_seq[frame.stream_id] = frame.seq
                 self.cache.stream(frame.stream_id)  # created here, not in the worker threads
-                streams.setdefault(frame.stream_id, []).append(item)
+                streams.setdefault(frame.stream_id, []).append((i, frame))
         futures = [self.pool.submit(self._encode_stream, items, model) for items in streams.values()]
         if queries:
             futures.append(self.pool.submit(self._encode_queries, queries, model))
         wait(futures)  # all of them, even when one failed: no thread may touch a cache after
         out: dict[int, pb.TokensRecord] = {}
         for future in futures:
-            records, calls = future.result()  # raises the first failure
+            records, calls, bad = future.result()  # raises the first failure
             self.stats.batches += calls
+            self.stats.bad_frames += bad
             for i, rec in records:
                 out[i] = rec
                 if rec.unchanged:
@@ -112,11 +106,29 @@ class EncoderService:
                     self.stats.frames_encoded += 1
         return [out[i] for i in sorted(out)]
 
-    def _encode_stream(self, items: list[_Frame], model: VisionModelClient) -> _Encoded:
+    def _prepare(self, frames: list[tuple[int, pb.FrameRecord]]) -> tuple[list[_Frame], int]:
+        """Decode and preprocess (in the worker threads: OpenCV releases the GIL, so one
+        stream's frames are prepared while another's are in Triton). Returns the frames
+        and how many were not decodable."""
+        out: list[_Frame] = []
+        size = self.cfg.encoder.image_size
+        for i, frame in frames:
+            try:
+                rgb = decode_image(frame.data, frame.encoding, frame.width, frame.height, min_side=size)
+            except BadImage as exc:  # the gateway validates, so this is a foreign producer
+                log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
+                continue
+            out.append(_Frame(i, frame, preprocess(rgb, size)))
+        return out, len(frames) - len(out)
+
+    def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
         """One stream's frames of the poll, in order, through its feature cache. Every frame
         is decided first (the reference is the last frame sent to the model); then runs of
         whole frames go to the model in one request each, and a partial recompute, which
         needs the cache the frame before it left, in a request of its own."""
+        items, bad = self._prepare(frames)
+        if not items:
+            return [], 0, bad
         cache = self.cache.stream(items[0].record.stream_id)
         decided = [(item, cache.decide(to_unit_range(item.pixels), partial=model.partial)) for item in items]
         out: list[tuple[int, pb.TokensRecord]] = []
@@ -137,24 +149,32 @@ class EncoderService:
                 while run[-1] + 1 < len(decided) and len(run) < self.cfg.encoder.max_batch and \
                         decided[run[-1] + 1][1].recompute is None:
                     run.append(run[-1] + 1)
-                run_items = [(it, d) for it, d in (decided[j] for j in run)]
+                run_items = [decided[j] for j in run]
                 encoded = [it for it, d in run_items if d.encode]
-                tokens_all, states = model.encode(np.stack([it.pixels for it in encoded]))
-                calls += 1
-                by_index = {it.index: t for it, t in zip(encoded, tokens_all, strict=True)}
-                if states:
-                    cache.vit_state = states[-1]
+                # Only the run's last frame leaves a cache that a later frame can use.
+                head, last = (encoded[:-1], encoded[-1:]) if model.partial else (encoded, [])
+                by_index: dict[int, np.ndarray] = {}
+                for part, with_cache in ((head, False), (last, True)):
+                    if part:
+                        tokens_all, states = model.encode(np.stack([it.pixels for it in part]), with_cache)
+                        calls += 1
+                        by_index.update({it.index: t for it, t in zip(part, tokens_all, strict=True)})
+                        if states:
+                            cache.vit_state = states[-1]
                 for it, d in run_items:  # in order: the first frame's tokens teach the grid
                     rec = self.tokens_record(it, by_index[it.index], d) if d.encode \
                         else self.unchanged_record(it.record, d)
                     out.append((it.index, rec))
                 i = run[-1] + 1
-        return out, calls
+        return out, calls, bad
 
-    def _encode_queries(self, items: list[_Frame], model: VisionModelClient) -> _Encoded:
+    def _encode_queries(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
         """Example images of questions: encoded whole, no cache, no novelty."""
+        items, bad = self._prepare(frames)
+        if not items:
+            return [], 0, bad
         tokens, _ = model.encode(np.stack([item.pixels for item in items]))
-        return [(item.index, self.tokens_record(item, t, None)) for item, t in zip(items, tokens, strict=True)], 1
+        return [(item.index, self.tokens_record(item, t, None)) for item, t in zip(items, tokens, strict=True)], 1, bad
 
     def tokens_record(self, item: _Frame, tokens: np.ndarray, decision: FrameDecision | None) -> pb.TokensRecord:
         frame = item.record

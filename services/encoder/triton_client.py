@@ -5,7 +5,9 @@ Two kinds, told apart by the model's metadata:
 - a ViT with partial recompute (vision_vit): pixels, `index` [1,K] of patches to recompute
   and the stream's cache (keys, values [1,L,T,D]) -> the recomputed rows (tokens, keys,
   values), which the client writes into its copy of the cache.
-  The cache stays with the encoder replica that owns the stream.
+  The cache stays with the encoder replica that owns the stream. Its config may name a
+  plain twin (`plain_model`, the same weights without a cache) for whole frames whose
+  cache no later frame needs.
 
 One client is shared by the encoder's worker threads (gRPC channels are thread-safe).
 """
@@ -30,6 +32,7 @@ class VisionModelClient:
         self.partial = False  # set from the metadata by wait_ready()
         self.grid: tuple[int, int] = (0, 0)
         self.cache_shape: tuple[int, int, int] = (0, 0, 0)  # a cached ViT's [layers, patches, width]
+        self.plain: VisionModelClient | None = None  # a cached ViT's twin without a cache
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -55,21 +58,28 @@ class VisionModelClient:
         if tokens is None:
             raise RuntimeError(f"Triton model {self.model_name!r} has no tokens output")
         if self.partial:  # the cache's shape [layers, patches, width]; patches from the config
-            config = self.client.get_model_config(self.model_name, as_json=True)["config"]
-            patches = int(config.get("parameters", {}).get("num_patches", {}).get("string_value") or 0)
+            params = self.client.get_model_config(self.model_name, as_json=True)["config"].get("parameters", {})
+            patches = int(params.get("num_patches", {}).get("string_value") or 0)
             if patches <= 0:
                 raise RuntimeError(f"Triton model {self.model_name!r}: a cached ViT's config needs the "
                                    "parameter num_patches")
             layers, _, width = inputs["keys_others"][1:]
             self.cache_shape = (layers, patches, width)
+            plain = params.get("plain_model", {}).get("string_value")
+            if plain and self.plain is None:
+                self.plain = VisionModelClient(self.url, plain)
+                self.plain.wait_ready()
         else:
             patches = tokens[-2]
         side = int(round(patches ** 0.5))
         self.grid = (side, side) if side * side == patches else (0, 0)
 
-    def encode(self, pixels: np.ndarray) -> tuple[np.ndarray, list[ViTState] | None]:
-        """Frames [B,3,S,S] whole, in one request: tokens [B, T, H], and for a cached ViT the
-        cache each frame leaves (None for a stateless model)."""
+    def encode(self, pixels: np.ndarray, with_cache: bool = True) -> tuple[np.ndarray, list[ViTState] | None]:
+        """Frames [B,3,S,S] whole, in one request: tokens [B, T, H], and for a cached ViT with
+        `with_cache` the cache each frame leaves (else None: the cache rows, 2 MB a frame,
+        do not travel back)."""
+        if self.plain is not None and not with_cache:
+            return self.plain.encode(pixels)
         if not self.partial:
             inp = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
             inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
@@ -80,7 +90,10 @@ class VisionModelClient:
             return tokens, None
         b, (layers, patches, width) = pixels.shape[0], self.cache_shape
         none = np.zeros((b, layers, 0, width), np.float16)  # every patch is recomputed
-        tokens, keys, values = self._infer_partial(pixels, np.tile(np.arange(patches), (b, 1)), none, none)
+        tokens, keys, values = self._infer_partial(pixels, np.tile(np.arange(patches), (b, 1)), none, none,
+                                                   with_cache)
+        if keys is None or values is None:
+            return tokens, None
         return tokens, [ViTState(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), t.copy())
                         for t, k, v in zip(tokens, keys, values, strict=True)]
 
@@ -90,26 +103,29 @@ class VisionModelClient:
         others = np.setdiff1d(np.arange(state.tokens.shape[0]), index)
         tokens, keys, values = self._infer_partial(pixels[None], index[None], state.keys[None][:, :, others],
                                                    state.values[None][:, :, others])
+        assert keys is not None and values is not None
         new = state.updated(index, tokens[0], keys[0], values[0])
         return new.tokens, new
 
-    def _infer_partial(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray,
-                       values_others: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _infer_partial(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray, values_others: np.ndarray,
+                       with_cache: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         inputs = []
         for name, array, dtype in (("pixels", pixels, "FP32"), ("index", index, "INT64"),
                                    ("keys_others", keys_others, "FP16"), ("values_others", values_others, "FP16")):
             inp = grpcclient.InferInput(name, list(array.shape), dtype)
             inp.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
             inputs.append(inp)
-        names = ("tokens_new", "keys_new", "values_new")
+        names = ("tokens_new", "keys_new", "values_new") if with_cache else ("tokens_new",)
         result = self.client.infer(self.model_name, inputs,
                                    outputs=[grpcclient.InferRequestedOutput(n) for n in names])
-        tokens, keys, values = (result.as_numpy(n) for n in names)
-        if tokens is None or keys is None or values is None:
+        tokens, keys, values = (result.as_numpy(n) for n in ("tokens_new", "keys_new", "values_new"))
+        if tokens is None or (with_cache and (keys is None or values is None)):
             raise RuntimeError(f"Triton model {self.model_name!r} returned no tokens or cache")
         return tokens, keys, values
 
     def close(self) -> None:
+        if self.plain is not None:
+            self.plain.close()
         self.client.close()
 
 

@@ -117,11 +117,17 @@ class TritonPythonModel:
         except Exception as exc:  # one bad batch must not take the model down
             error = pb_utils.TritonError(f"{type(self).__module__} failed: {exc}")
             return [pb_utils.InferenceResponse(output_tensors=[], error=error) for _ in requests]
+        # Only the outputs a request asked for cross back (e.g. tokens without the ViT's
+        # cache rows when the encoder will not need them).
         return [
             pb_utils.InferenceResponse(
-                output_tensors=[_to_triton(name, result[name]) for name in self.outputs]
+                output_tensors=[
+                    _to_triton(name, result[name])
+                    for name in (request.requested_output_names() or self.outputs)
+                    if name in result
+                ]
             )
-            for result in results
+            for request, result in zip(requests, results, strict=True)
         ]
 
     def _run_group(self, arrays: list[dict[str, np.ndarray]], into: list[dict[str, np.ndarray]]) -> None:
