@@ -15,7 +15,7 @@ from kafka.structs import TopicPartition
 
 from livelens import kafka as lk
 from livelens.bench.encoder import frame, frame_records
-from livelens.config import LivelensConfig
+from livelens.config import FeatureCacheConfig, LivelensConfig
 from livelens.infra.ports import free_port
 from livelens.models.preprocess import preprocess
 from livelens.records import decode_image, get_tokens
@@ -45,7 +45,9 @@ def models(stack):  # type: ignore[no-untyped-def]
 
 
 def pixels_of(image: tuple[bytes, int, int]) -> np.ndarray:
-    return preprocess(decode_image(image[0]))
+    """The model's input for a frame, decoded as the encoder decodes it (reduced JPEG)."""
+    data, width, height = image
+    return preprocess(decode_image(data, pb.FrameRecord.JPEG, width, height, min_side=224))
 
 
 def test_partial_recompute_through_triton_close_to_full_encode(models) -> None:  # type: ignore[no-untyped-def]
@@ -61,16 +63,18 @@ def test_partial_recompute_through_triton_close_to_full_encode(models) -> None: 
 
     index = np.flatnonzero(patch_differences(to_unit_range(b), to_unit_range(a), 14, 14).ravel() > 0)
     assert index.tolist() == [0, 1, 2, 14, 15, 16]
-    tokens_b, state_b = on.encode_partial(b, index, state)
+    (tokens_b,), state_b = on.encode_partial([(b, index)], state)
     truth_b = full.encode(b[None])[0][0]
     assert token_cosines(tokens_b, truth_b).mean() >= 0.98
     assert token_cosines(tokens_b[index], truth_b[index]).mean() >= 0.98  # where it changed
     assert token_cosines(tokens_a[0][index], truth_b[index]).mean() < 0.9  # the stale tokens are not
     assert state_b.keys.shape == (6, 196, 384) and not np.array_equal(state_b.keys, state.keys)
 
-    # An unchanged frame recomputed in part gives the tokens it had.
-    same, _ = on.encode_partial(a, index, state)
+    # Two frames on the same cache, in flight together: an unchanged frame recomputed in
+    # part gives the tokens it had, and the changed one what it gave alone.
+    (same, again), last = on.encode_partial([(a, index), (b, index)], state)
     assert token_cosines(same, tokens_a[0]).min() > 0.999
+    assert token_cosines(again, tokens_b).min() > 0.999 and np.allclose(last.keys, state_b.keys, atol=1e-2)
 
 
 def _counts(model: VisionModelClient) -> tuple[int, int]:
@@ -99,6 +103,30 @@ def test_triton_batches_frames_of_several_streams(stack, models) -> None:  # typ
     assert executions < inferences, (executions, inferences)  # requests of streams merged
     for s in streams:
         assert svc.cache.streams[s].vit_state is not None
+
+
+def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # type: ignore[no-untyped-def]
+    """One stream, six frames in one poll (a backlog): after the whole first frame, the
+    partial recomputes go out together on the same cache (each recomputing every patch
+    changed since it), Triton runs them in fewer executions, and every frame's tokens stay
+    close to a full encode."""
+    on, full = models
+    cache = FeatureCacheConfig(skip_frames=False, drop_tokens=False, max_tokens_per_frame=0)
+    svc = EncoderService(replace(vit_config(stack.cfg), encoder=replace(vit_config(stack.cfg).encoder, cache=cache)))
+    images = frame_records("vtest.avi", 3.0, 2.0)
+    inferences_before, executions_before = _counts(on)
+    records = svc.process([frame("backlog", seq, 2.0, image) for seq, image in enumerate(images)], on)
+    inferences_after, executions_after = _counts(on)
+    svc.pool.shutdown()
+    assert [r.seq for r in records] == list(range(len(images)))
+    stats = svc.cache.streams["backlog"].stats
+    assert 0 < stats.patches_computed < len(images) * 196  # partial recomputes happened
+    assert inferences_after - inferences_before == len(images)  # the whole first frame, then one per frame
+    assert executions_after - executions_before < inferences_after - inferences_before
+    truth, _ = full.encode(np.stack([pixels_of(image) for image in images]))
+    for rec, expected in zip(records, truth, strict=True):
+        tokens, kept = get_tokens(rec)
+        assert kept.all() and token_cosines(tokens, expected).mean() >= 0.98
 
 
 def test_revoked_partitions_drop_only_their_streams_caches(stack) -> None:  # type: ignore[no-untyped-def]

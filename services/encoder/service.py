@@ -140,10 +140,27 @@ class EncoderService:
                 out.append((item.index, self.unchanged_record(item.record, decision)))
                 i += 1
             elif decision.recompute is not None and cache.vit_state is not None:
-                tokens, cache.vit_state = model.encode_partial(item.pixels, decision.recompute, cache.vit_state)
-                calls += 1
-                out.append((item.index, self.tokens_record(item, tokens, decision)))
-                i += 1
+                # Partial recomputes up to the next whole frame, all on the cache before the
+                # first: each recomputes every patch changed since then, so they do not wait
+                # for each other (one request each, all in flight).
+                j, changed = i, np.zeros(0, np.int64)
+                batch: list[tuple[int, np.ndarray]] = []
+                while j < len(decided) and len(batch) < self.cfg.encoder.max_batch and \
+                        (decided[j][1].recompute is not None or not decided[j][1].encode):
+                    later = decided[j][1]
+                    if later.recompute is not None:
+                        changed = later.recompute = np.union1d(changed, later.recompute)
+                        batch.append((j, changed))
+                    j += 1
+                tokens_list, cache.vit_state = model.encode_partial(
+                    [(decided[k][0].pixels, index) for k, index in batch], cache.vit_state)
+                calls += len(batch)
+                by_position = {k: t for (k, _), t in zip(batch, tokens_list, strict=True)}
+                for k in range(i, j):
+                    it, d = decided[k]
+                    out.append((it.index, self.tokens_record(it, by_position[k], d) if k in by_position
+                                else self.unchanged_record(it.record, d)))
+                i = j
             else:  # whole frames up to the next partial recompute: one request
                 run = [i]
                 while run[-1] + 1 < len(decided) and len(run) < self.cfg.encoder.max_batch and \

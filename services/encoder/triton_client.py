@@ -15,6 +15,7 @@ One client is shared by the encoder's worker threads (gRPC channels are thread-s
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -90,25 +91,51 @@ class VisionModelClient:
             return tokens, None
         b, (layers, patches, width) = pixels.shape[0], self.cache_shape
         none = np.zeros((b, layers, 0, width), np.float16)  # every patch is recomputed
-        tokens, keys, values = self._infer_partial(pixels, np.tile(np.arange(patches), (b, 1)), none, none,
-                                                   with_cache)
+        inputs, outputs = self._partial_request(pixels, np.tile(np.arange(patches), (b, 1)), none, none, with_cache)
+        tokens, keys, values = self._partial_result(self.client.infer(self.model_name, inputs, outputs=outputs),
+                                                    with_cache)
         if keys is None or values is None:
             return tokens, None
         return tokens, [ViTState(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), t.copy())
                         for t, k, v in zip(tokens, keys, values, strict=True)]
 
-    def encode_partial(self, pixels: np.ndarray, index: np.ndarray, state: ViTState) -> tuple[np.ndarray, ViTState]:
-        """One frame [3,S,S]: recompute the patches `index` on top of the stream's cache;
-        returns tokens [T, H] (the others' are the cached ones) and the new cache."""
-        others = np.setdiff1d(np.arange(state.tokens.shape[0]), index)
-        tokens, keys, values = self._infer_partial(pixels[None], index[None], state.keys[None][:, :, others],
-                                                   state.values[None][:, :, others])
+    def encode_partial(self, frames: list[tuple[np.ndarray, np.ndarray]],
+                       state: ViTState) -> tuple[list[np.ndarray], ViTState]:
+        """Frames [3,S,S], each with the patches to recompute on top of the same cache
+        `state`: independent requests, all in flight at once (Triton batches them). Returns
+        each frame's tokens [T, H] (the other patches' are the cached ones) and the cache
+        the last frame leaves; only the last request asks for its cache rows back."""
+        patches = np.arange(state.tokens.shape[0])
+        pending = []
+        for n, (pixels, index) in enumerate(frames):
+            others = np.setdiff1d(patches, index)
+            inputs, outputs = self._partial_request(pixels[None], index[None], state.keys[None][:, :, others],
+                                                    state.values[None][:, :, others], n == len(frames) - 1)
+            pending.append(self._submit(inputs, outputs))
+        results = [self._partial_result(future.result(), n == len(frames) - 1) for n, future in enumerate(pending)]
+        tokens = []
+        for (_, index), (rows, _, _) in zip(frames, results, strict=True):
+            out = state.tokens.copy()
+            out[index] = rows[0]
+            tokens.append(out)
+        (_, index), (rows, keys, values) = frames[-1], results[-1]
         assert keys is not None and values is not None
-        new = state.updated(index, tokens[0], keys[0], values[0])
-        return new.tokens, new
+        return tokens, state.updated(index, rows[0], keys[0], values[0])
 
-    def _infer_partial(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray, values_others: np.ndarray,
-                       with_cache: bool = True) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    def _submit(self, inputs: list, outputs: list) -> Future:  # type: ignore[type-arg]
+        future: Future = Future()  # type: ignore[type-arg]
+
+        def done(result, error) -> None:  # type: ignore[no-untyped-def]
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        self.client.async_infer(self.model_name, inputs, callback=done, outputs=outputs)
+        return future
+
+    def _partial_request(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray,
+                         values_others: np.ndarray, with_cache: bool) -> tuple[list, list]:  # type: ignore[type-arg]
         inputs = []
         for name, array, dtype in (("pixels", pixels, "FP32"), ("index", index, "INT64"),
                                    ("keys_others", keys_others, "FP16"), ("values_others", values_others, "FP16")):
@@ -116,8 +143,10 @@ class VisionModelClient:
             inp.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
             inputs.append(inp)
         names = ("tokens_new", "keys_new", "values_new") if with_cache else ("tokens_new",)
-        result = self.client.infer(self.model_name, inputs,
-                                   outputs=[grpcclient.InferRequestedOutput(n) for n in names])
+        return inputs, [grpcclient.InferRequestedOutput(n) for n in names]
+
+    def _partial_result(self, result, with_cache: bool  # type: ignore[no-untyped-def]
+                        ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         tokens, keys, values = (result.as_numpy(n) for n in ("tokens_new", "keys_new", "values_new"))
         if tokens is None or (with_cache and (keys is None or values is None)):
             raise RuntimeError(f"Triton model {self.model_name!r} returned no tokens or cache")
