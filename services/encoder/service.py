@@ -89,7 +89,10 @@ class EncoderService:
                 self.last_seq[frame.stream_id] = frame.seq
                 self.cache.stream(frame.stream_id)  # created here, not in the worker threads
                 streams.setdefault(frame.stream_id, []).append((i, frame))
-        futures = [self.pool.submit(self._encode_stream, items, model) for items in streams.values()]
+        # Each stream's share of the requests in flight: a lone stream's backlog of partial
+        # recomputes goes out together; with many streams, Triton is fed by the streams.
+        share = max(1, self.cfg.encoder.max_in_flight // max(1, len(streams)))
+        futures = [self.pool.submit(self._encode_stream, items, model, share) for items in streams.values()]
         if queries:
             futures.append(self.pool.submit(self._encode_queries, queries, model))
         wait(futures)  # all of them, even when one failed: no thread may touch a cache after
@@ -121,11 +124,12 @@ class EncoderService:
             out.append(_Frame(i, frame, preprocess(rgb, size)))
         return out, len(frames) - len(out)
 
-    def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
+    def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient,
+                       in_flight: int) -> _Encoded:
         """One stream's frames of the poll, in order, through its feature cache. Every frame
         is decided first (the reference is the last frame sent to the model); then runs of
-        whole frames go to the model in one request each, and a partial recompute, which
-        needs the cache the frame before it left, in a request of its own."""
+        whole frames go to the model in one request each, and up to `in_flight` partial
+        recomputes at a time on the cache the frame before them left."""
         items, bad = self._prepare(frames)
         if not items:
             return [], 0, bad
@@ -140,12 +144,12 @@ class EncoderService:
                 out.append((item.index, self.unchanged_record(item.record, decision)))
                 i += 1
             elif decision.recompute is not None and cache.vit_state is not None:
-                # Partial recomputes up to the next whole frame, all on the cache before the
-                # first: each recomputes every patch changed since then, so they do not wait
-                # for each other (one request each, all in flight).
+                # Up to `in_flight` partial recomputes before the next whole frame, all on the
+                # cache before the first: each recomputes every patch changed since then, so
+                # they do not wait for each other (one request each, in flight together).
                 j, changed = i, np.zeros(0, np.int64)
                 batch: list[tuple[int, np.ndarray]] = []
-                while j < len(decided) and len(batch) < self.cfg.encoder.max_batch and \
+                while j < len(decided) and len(batch) < in_flight and \
                         (decided[j][1].recompute is not None or not decided[j][1].encode):
                     later = decided[j][1]
                     if later.recompute is not None:
