@@ -145,6 +145,7 @@ def plot(runs: list[dict[str, Any]], path: Path, title: str) -> None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"caching {caching}")
         ax.set(title=video, xlabel="concurrent streams", ylabel="frames/s (total)", xscale="log")
         ax.set_xticks(STREAMS, [str(s) for s in STREAMS])
+        ax.minorticks_off()
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend()
