@@ -72,7 +72,7 @@ def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: Str
         if seq >= 3:  # frames 1.. leave the 2-frame window once 3 is in
             mat.frames_evicted("cam", seq - 3, [frame(seq - 2)])
         if seq == 5:  # a question used frame 1 (retrieved): it becomes the most recent
-            mat.evictable.move_to_end(mat.frame_id("cam", 1))
+            mat._used(mat.frame_id("cam", 1))
     assert mat.stats.disk_bytes <= budget
     stored = sorted(int(i.rsplit("-", 1)[1]) for i in mat.saved if not i.startswith("head"))
     assert 0 in stored  # the sink
@@ -82,6 +82,28 @@ def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: Str
     # question keys exist for stored chunks whose frames were prefilled
     indices, keys = mat.question_keys("cam")
     assert indices == sorted(indices) and keys.shape[1:] == (1, 8)
+
+
+def test_retention_deletes_only_the_streams_own_least_recently_used_frames(tmp_path: Path) -> None:
+    engine = SimpleNamespace(kv_store_dir=tmp_path)
+    cfg = LLMConfig(sink_frames=1, window_frames=2, retention_segments=2, chunk_frames=1, retrieve_layers=[0])
+    mat = StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
+    streams = {name: mat._stream(name) for name in ("a", "b")}
+    for name, s in streams.items():
+        s.sink.add(0)
+        for seq in range(4 if name == "b" else 6):
+            store_frame(mat, s, mat.frame_id(name, seq))
+            if seq >= 3:
+                mat.frames_evicted(name, seq - 3, [frame(seq - 2)])
+            if name == "a" and seq == 4:
+                mat._used(mat.frame_id("a", 1))  # retrieved: now more recent than 2
+    stored = {name: sorted(int(i.rsplit("-", 1)[1]) for i in mat.saved if i.startswith(s.tag + "-"))
+              for name, s in streams.items()}
+    # a: sink 0, window 4 and 5, and 2 of its out-of-window frames: 1 (used) and 3 (newest)
+    assert stored["a"] == [0, 1, 3, 4, 5]
+    assert stored["b"] == [0, 1, 2, 3]  # b's own single out-of-window frame is not a's business
+    assert list(streams["a"].evictable) == [mat.frame_id("a", 1), mat.frame_id("a", 3)]
+    assert list(mat.evictable.values()) == [streams["a"], streams["a"], streams["b"]]
 
 
 def test_drop_stream_deletes_its_kv(mat: StreamingKVMaterializer) -> None:

@@ -105,6 +105,8 @@ class _StreamKV:
     chunks: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)  # stored chunk -> its frames' seqs
     # seq -> the frame's mean pre-RoPE keys [layers, kv_heads * head_dim] (from its saved KV)
     frame_keys: dict[int, np.ndarray] = field(default_factory=dict)
+    # this stream's deletable frame ids, least recently used first (as in the global order)
+    evictable: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
 class StreamingKVMaterializer:
@@ -123,7 +125,8 @@ class StreamingKVMaterializer:
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
         # ids of stored frames out of the window, least recently used first
-        self.evictable: OrderedDict[str, None] = OrderedDict()
+        # every stream's deletable frame ids, least recently used first -> their stream
+        self.evictable: OrderedDict[str, _StreamKV] = OrderedDict()
         self.stats = KVStats()
 
     # --- ids -------------------------------------------------------------------------
@@ -212,7 +215,7 @@ class StreamingKVMaterializer:
             return
         seq = int(seg_id.rsplit("-", 1)[1])
         if seq <= s.evicted_through and seq not in s.sink:  # prefilled after it left the window
-            self.evictable[seg_id] = None
+            self._evictable(seg_id, s)
         means = summary.get("mean_keys") or {}
         if all(str(i) in means for i in self.cfg.retrieve_layers):
             s.frame_keys[seq] = np.stack([np.asarray(means[str(i)], np.float32).reshape(-1)
@@ -225,24 +228,37 @@ class StreamingKVMaterializer:
         for f in frames:
             seg_id = self.frame_id(stream_id, f.seq)
             if f.seq not in s.sink and seg_id in self.saved:  # else: when its prefill saves it
-                self.evictable[seg_id] = None
+                self._evictable(seg_id, s)
         while len(s.chunks) > self.cfg.retention_segments:
             for seq in s.chunks.popitem(last=False)[1]:
                 s.frame_keys.pop(seq, None)
         self._enforce_budget(s)
 
+    def _evictable(self, seg_id: str, s: _StreamKV) -> None:
+        self.evictable[seg_id] = s
+        s.evictable[seg_id] = None
+
+    def _used(self, seg_id: str) -> None:
+        """A stored frame was loaded: it leaves the disk after the ones not used since."""
+        owner = self.evictable.get(seg_id)
+        if owner is not None:
+            self.evictable.move_to_end(seg_id)
+            owner.evictable.move_to_end(seg_id)
+
     def _enforce_budget(self, s: _StreamKV) -> None:
+        """The stream's retention (its least recently used frames first), then the disk budget
+        over all streams. Constant work per deleted frame, whatever is stored."""
         budget = int(self.cfg.kv_disk_mb * 2**20)
         retained = self.cfg.retention_segments * self.cfg.chunk_frames
-        stream_evictable = [i for i in self.evictable if i.startswith(s.tag + "-")]
-        excess = max(0, len(stream_evictable) - retained)
-        for seg_id in stream_evictable[:excess]:
-            self._delete(seg_id)
+        while len(s.evictable) > retained:
+            self._delete(next(iter(s.evictable)))
         while self.stats.disk_bytes > budget and self.evictable:
             self._delete(next(iter(self.evictable)))
 
     def _delete(self, seg_id: str) -> None:
-        self.evictable.pop(seg_id, None)
+        owner = self.evictable.pop(seg_id, None)
+        if owner is not None:
+            owner.evictable.pop(seg_id, None)
         self.stats.disk_bytes -= self.saved.pop(seg_id, 0)
         self.stats.deleted += 1
         self.store.delete(seg_id)
@@ -272,8 +288,7 @@ class StreamingKVMaterializer:
         stream_id = composed.stream_id
         load, _ = self._plan(stream_id, composed.blocks[:-1], save_missing=False)
         for spec in load:  # least recently used leave the disk first: a retrieved frame is used
-            if spec["id"] in self.evictable:
-                self.evictable.move_to_end(spec["id"])
+            self._used(spec["id"])
         embeds = self.embedder.embed(composed)
         loaded = sum(self.embedder.block_tokens(b) for b in composed.blocks[:len(load)])
         self.stats.questions_loaded_tokens += loaded
