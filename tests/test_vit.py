@@ -113,8 +113,8 @@ def test_onnx_export_dynamic_batch_and_recompute_count(tmp_path: Path) -> None:
         got = session.run(None, {"pixels": x.numpy(), "index": index.numpy(),
                                  "keys_others": others(keys, index).numpy(),
                                  "values_others": others(values, index).numpy()})
-        assert [g.shape for g in got] == [(b, k, CFG.out_size), (b, k, CFG.num_layers, CFG.hidden_size)] * 1 + \
-            [(b, k, CFG.num_layers, CFG.hidden_size)]
+        rows_shape = (b, k, CFG.num_layers, CFG.hidden_size)
+        assert [g.shape for g in got] == [(b, k, CFG.out_size), rows_shape, rows_shape]
         rows = index[..., None]
         np.testing.assert_allclose(got[0], ref_tokens.gather(1, rows.expand(-1, -1, CFG.out_size)).numpy(),
                                    rtol=1e-4, atol=1e-4)

@@ -124,16 +124,14 @@ def build_vit(onnx_path: Path, llm_dir: Path, seed: int, force: bool = False) ->
 
     t0 = time.monotonic()
     model = build_served_vit(seed, hidden, target_rms)
-    info: dict[str, object] = {}
     for path, export in ((onnx_path, lambda p: export_partial_onnx(model, p, half_io=True)),
                          (full_path, lambda p: export_full_onnx(model, p))):
         export(path)
-        info = {**want, "grid": [cfg.grid, cfg.grid], "tokens_per_frame": cfg.num_patches,
-                "sha256": sha256_file(path)}
-        _write_info(path.parent / INFO_NAME, info)
+        _write_info(path.parent / INFO_NAME, {**want, "grid": [cfg.grid, cfg.grid],
+                                              "tokens_per_frame": cfg.num_patches, "sha256": sha256_file(path)})
         _log(f"ViT: wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     _log(f"ViT: done in {time.monotonic() - t0:.1f}s")
-    return info
+    return dict(json.loads(info_path.read_text()))  # the cached model's, as when up to date
 
 
 def full_vit_path(onnx_path: Path) -> Path:

@@ -106,8 +106,7 @@ class StreamCache:
         if self.pixels is None:
             decision = FrameDecision(True, 1.0, "first")
         else:
-            grid = self.grid_h or 7  # before the first frame's tokens are back: the usual 7x7
-            diff = patch_differences(pixels01, self.pixels, grid, self.grid_w or grid).ravel()
+            diff = patch_differences(pixels01, self.pixels, *self._grid()).ravel()
             changed = float((diff > self.cfg.skip_patch_threshold).mean())
             if self.since_refresh + 1 >= self.cfg.refresh_frames:
                 decision = FrameDecision(True, changed, "refresh")
@@ -134,10 +133,16 @@ class StreamCache:
         self.since_refresh = 0 if decision.reason in ("first", "refresh") else self.since_refresh + 1
         return decision
 
+    def _grid(self) -> tuple[int, int]:
+        """The token grid; before the first frame's tokens are back (and the model did not
+        say), the usual 7x7."""
+        h = self.grid_h or 7
+        return h, self.grid_w or h
+
     def _blend(self, pixels01: np.ndarray, index: np.ndarray) -> np.ndarray:
         assert self.pixels is not None
         c, h, w = pixels01.shape
-        gh, gw = self.grid_h or 7, self.grid_w or self.grid_h or 7
+        gh, gw = self._grid()
         ph, pw = h // gh, w // gw
         out = self.pixels.copy()
         for i in index.tolist():

@@ -159,11 +159,8 @@ class EncoderService:
                 tokens_list, cache.vit_state = model.encode_partial(
                     [(decided[k][0].pixels, index) for k, index in batch], cache.vit_state)
                 calls += len(batch)
-                by_position = {k: t for (k, _), t in zip(batch, tokens_list, strict=True)}
-                for k in range(i, j):
-                    it, d = decided[k]
-                    out.append((it.index, self.tokens_record(it, by_position[k], d) if k in by_position
-                                else self.unchanged_record(it.record, d)))
+                out += self._records(decided[i:j], {decided[k][0].index: t
+                                                    for (k, _), t in zip(batch, tokens_list, strict=True)})
                 i = j
             else:  # whole frames up to the next partial recompute: one request
                 run = [i]
@@ -182,12 +179,16 @@ class EncoderService:
                         by_index.update({it.index: t for it, t in zip(part, tokens_all, strict=True)})
                         if states:
                             cache.vit_state = states[-1]
-                for it, d in run_items:  # in order: the first frame's tokens teach the grid
-                    rec = self.tokens_record(it, by_index[it.index], d) if d.encode \
-                        else self.unchanged_record(it.record, d)
-                    out.append((it.index, rec))
+                out += self._records(run_items, by_index)
                 i = run[-1] + 1
         return out, calls, bad
+
+    def _records(self, decided: list[tuple[_Frame, FrameDecision]],
+                 tokens: dict[int, np.ndarray]) -> list[tuple[int, pb.TokensRecord]]:
+        """Records of decided frames in order (the first frame's tokens teach the grid):
+        the encoded ones with their `tokens` (by poll index), the others unchanged."""
+        return [(it.index, self.tokens_record(it, tokens[it.index], d) if d.encode
+                 else self.unchanged_record(it.record, d)) for it, d in decided]
 
     def _encode_queries(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
         """Example images of questions: encoded whole, no cache, no novelty."""

@@ -82,9 +82,8 @@ class VisionModelClient:
         if self.plain is not None and not with_cache:
             return self.plain.encode(pixels)
         if not self.partial:
-            inp = grpcclient.InferInput("pixels", list(pixels.shape), "FP32")
-            inp.set_data_from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
-            result = self.client.infer(self.model_name, [inp], outputs=[grpcclient.InferRequestedOutput("tokens")])
+            result = self.client.infer(self.model_name, _inputs(("pixels", pixels, "FP32")),
+                                       outputs=[grpcclient.InferRequestedOutput("tokens")])
             tokens = result.as_numpy("tokens")
             if tokens is None:
                 raise RuntimeError(f"Triton model {self.model_name!r} returned no 'tokens' output")
@@ -136,12 +135,8 @@ class VisionModelClient:
 
     def _partial_request(self, pixels: np.ndarray, index: np.ndarray, keys_others: np.ndarray,
                          values_others: np.ndarray, with_cache: bool) -> tuple[list, list]:  # type: ignore[type-arg]
-        inputs = []
-        for name, array, dtype in (("pixels", pixels, "FP32"), ("index", index, "INT64"),
-                                   ("keys_others", keys_others, "FP16"), ("values_others", values_others, "FP16")):
-            inp = grpcclient.InferInput(name, list(array.shape), dtype)
-            inp.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
-            inputs.append(inp)
+        inputs = _inputs(("pixels", pixels, "FP32"), ("index", index, "INT64"),
+                         ("keys_others", keys_others, "FP16"), ("values_others", values_others, "FP16"))
         names = ("tokens_new", "keys_new", "values_new") if with_cache else ("tokens_new",)
         return inputs, [grpcclient.InferRequestedOutput(n) for n in names]
 
@@ -159,3 +154,13 @@ class VisionModelClient:
 
 
 _NUMPY = {"FP32": np.float32, "INT64": np.int64, "FP16": np.float16}
+
+
+def _inputs(*tensors: tuple[str, np.ndarray, str]) -> list[grpcclient.InferInput]:
+    """Triton request inputs from (name, array, Triton dtype)."""
+    inputs = []
+    for name, array, dtype in tensors:
+        inp = grpcclient.InferInput(name, list(array.shape), dtype)
+        inp.set_data_from_numpy(np.ascontiguousarray(array, dtype=_NUMPY[dtype]))
+        inputs.append(inp)
+    return inputs
