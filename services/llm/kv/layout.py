@@ -8,10 +8,11 @@ dim 2 in two halves: keys, then values. Token t of a request lives in block
 `block_ids[t // block_size]` at offset `t % block_size`; its *slot* is
 `block_id * block_size + offset`.
 
-- values: plain `[block_size, head_dim]` rows per (block, head).
-- keys: *packed* by the kernel for its ISA. Measured for ISA "vec" (x86 AVX2/AVX-512, fp32):
-  each (block, head) key half is `[head_dim, block_size]` (transposed). Rather than
-  hard-coding that, `key_gather_index` probes the layout once with vLLM's own
+- values: plain `[block_size, head_dim]` rows per (block, head) for ISA "vec".
+- keys: *packed* by the kernel for its ISA, e.g. `[head_dim, block_size]` (transposed) for
+  ISA "vec" on AVX2. The packing depends on the ISA *and* on the cache dtype (kernels for
+  16-bit types pack pairs or wider vectors), so nothing is hard-coded: `gather_index`
+  probes both halves once per (ISA, dtype, block size, head size) with vLLM's own
   `cpu_attn_reshape_and_cache` and returns, for each (offset, dim), where it landed.
   Loads always write through that same kernel op, so they are correct for any layout.
 """
@@ -58,35 +59,54 @@ def _reshape_and_cache(
     ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
 
 
-@functools.lru_cache(maxsize=16)
-def key_gather_index(isa: str, block_size: int, head_dim: int) -> torch.Tensor:
-    """Index `[block_size, head_dim]` into a (block, head)'s flattened packed key half:
-    `packed.flatten()[idx[o, d]]` is dimension d of the key at offset o.
+def _probe_digits(dtype: torch.dtype) -> int:
+    """Largest base whose digits a probe can write exactly in `dtype` (bfloat16 holds the
+    integers up to 256 exactly, float16 up to 2048)."""
+    return 256 if dtype == torch.bfloat16 else 2048 if dtype == torch.float16 else 1 << 24
 
-    Probed by writing keys whose values are their own (offset, dim) ids through the kernel
-    in float32 (ids < 2^24 are exact)."""
-    kv = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=torch.float32)
-    key_cache, value_cache = split_kv_layer(kv)
-    ids = torch.arange(block_size * head_dim, dtype=torch.float32).reshape(block_size, 1, head_dim)
-    _reshape_and_cache(ids, torch.zeros_like(ids), key_cache, value_cache, torch.arange(block_size), isa)
-    packed = key_cache[0, 0].reshape(-1).to(torch.int64)
-    if sorted(packed.tolist()) != list(range(block_size * head_dim)):
-        raise RuntimeError(f"key layout of ISA {isa!r} is not a permutation; cannot read keys back")
-    idx = torch.empty(block_size * head_dim, dtype=torch.int64)
-    idx[packed] = torch.arange(block_size * head_dim)
-    return idx.reshape(block_size, head_dim)
+
+@functools.lru_cache(maxsize=32)
+def gather_index(isa: str, dtype: torch.dtype, block_size: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices `[block_size, head_dim]` into a (block, head)'s flattened key half and value
+    half: `half.flatten()[idx[o, d]]` is dimension d of the token at offset o.
+
+    Probed in the cache's own dtype: the kernel writes keys and values whose entries are
+    the digits of their own (offset, dim) id, one digit per pass, small enough to be exact
+    in that dtype; where each id landed is read back from the digits."""
+    n = block_size * head_dim
+    base = _probe_digits(dtype)
+    ids = torch.arange(n, dtype=torch.int64)
+    found = [torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)]  # keys, values
+    scale = 1
+    while scale < n:
+        digit = ((ids // scale) % base).to(dtype).reshape(block_size, 1, head_dim)
+        kv = torch.zeros(1, 1, block_size, 2 * head_dim, dtype=dtype)
+        key_cache, value_cache = split_kv_layer(kv)
+        _reshape_and_cache(digit, digit.clone(), key_cache, value_cache, torch.arange(block_size), isa)
+        for out, half in zip(found, (key_cache, value_cache), strict=True):
+            out += half[0, 0].reshape(-1).to(torch.int64) * scale
+        scale *= base
+    index = []
+    for name, landed in zip(("key", "value"), found, strict=True):
+        if sorted(landed.tolist()) != list(range(n)):
+            raise RuntimeError(f"{name} layout of ISA {isa!r} ({dtype}) is not a permutation; cannot read it back")
+        idx = torch.empty(n, dtype=torch.int64)
+        idx[landed] = ids
+        index.append(idx.reshape(block_size, head_dim))
+    return index[0], index[1]
 
 
 def read_kv(kv_layer: torch.Tensor, slots: torch.Tensor, isa: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values `[n, num_kv_heads, head_dim]` (copies) of the tokens at `slots`."""
     key_cache, value_cache = split_kv_layer(kv_layer)
-    num_blocks, num_heads, block_size, head_dim = key_cache.shape
+    _, num_heads, block_size, head_dim = key_cache.shape
     blocks, offsets = slots // block_size, slots % block_size
-    values = value_cache[blocks, :, offsets].clone()  # [n, H, D]
-    packed = key_cache.reshape(num_blocks, num_heads, block_size * head_dim)[blocks]  # [n, H, BS*D]
-    idx = key_gather_index(isa, block_size, head_dim)[offsets]  # [n, D]
-    keys = torch.gather(packed, 2, idx[:, None, :].expand(-1, num_heads, -1))
-    return keys, values
+    key_idx, value_idx = gather_index(isa, kv_layer.dtype, block_size, head_dim)
+    out = []
+    for half, idx in ((key_cache, key_idx), (value_cache, value_idx)):
+        packed = half[blocks].reshape(len(blocks), num_heads, block_size * head_dim)  # [n, H, BS*D], n blocks copied
+        out.append(torch.gather(packed, 2, idx[offsets][:, None, :].expand(-1, num_heads, -1)))
+    return out[0], out[1]
 
 
 def write_kv(kv_layer: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, isa: str) -> None:
