@@ -144,12 +144,15 @@ class WatchSession:
                                                                           image=image)))
 
     async def ask(self, question: str, max_tokens: int = 0, request_id: str = "",
-                  example_image: bytes = b"") -> str:
+                  example_image: bytes = b"", context_method: str = "") -> str:
         """Ask about the stream; with `example_image` (JPEG/PNG) the moments that look like
-        it are brought back into the context ("when did this appear?")."""
+        it are brought back into the context ("when did this appear?"). `context_method`
+        (evaluation): "recompute", "streaming_kv", "window" or "full" instead of the
+        service's own context."""
         request_id = request_id or f"q-{uuid.uuid4().hex[:12]}"
         await self._outgoing.put(api_pb2.WatchRequest(question=api_pb2.Question(
-            request_id=request_id, text=question, max_tokens=max_tokens, example_image=example_image)))
+            request_id=request_id, text=question, max_tokens=max_tokens, example_image=example_image,
+            context_method=context_method)))
         return request_id
 
     async def close(self) -> None:
@@ -215,9 +218,9 @@ class Client:
                 await session.wait_closed()
 
     async def ask(self, stream_id: str, question: str, max_tokens: int = 0,
-                  timeout_s: float = 0.0, example_image: bytes = b"") -> AskResult:
+                  timeout_s: float = 0.0, example_image: bytes = b"", context_method: str = "") -> AskResult:
         r = await self.stub.Ask(api_pb2.AskRequest(stream_id=stream_id, question=question,
                                                    max_tokens=max_tokens, timeout_s=timeout_s,
-                                                   example_image=example_image),
+                                                   example_image=example_image, context_method=context_method),
                                 metadata=self.metadata)
         return AskResult(r.request_id, r.text, r.stream_time_s, r.ttft_s, tuple(r.retrieved_pts_s))

@@ -1,11 +1,16 @@
 """The LLM service's host memory stays flat while a stream grows to thousands of frames."""
 
+from typing import Any, cast
+
 import numpy as np
 
 from livelens.config import load_config
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
-from services.llm.service import LLMService
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import RecomputeMaterializer
+from services.llm.service import LLMService, segment_store
+from services.llm.stream import StreamResources
 
 
 def tokens_record(seq: int, rng: np.random.Generator) -> pb.TokensRecord:
@@ -19,22 +24,25 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     cfg.llm.store_disk_dir = str(tmp_path)
     cfg.llm.store_ram_mb = 8
     cfg.llm.store_disk_mb = 32
-    service = LLMService(cfg)
+    # Frames only, no question: the recompute materializer never reaches an engine.
+    recompute = RecomputeMaterializer(cast(Any, None), ContextEmbedder(cfg.llm.model_path))
+    store = segment_store(cfg)
+    service = LLMService(cfg, StreamResources(cfg.llm, recompute.embedder, store, recompute, recompute))
     rng = np.random.default_rng(0)
     ram, disk = [], []
     for seq in range(4000):
         service.on_tokens(tokens_record(seq, rng))
         if seq % 250 == 249:
-            ram.append(service.store.stats.ram_bytes)
-            disk.append(service.store.stats.disk_bytes)
-    ctx = service.contexts["long"]
+            ram.append(store.stats.ram_bytes)
+            disk.append(store.stats.disk_bytes)
+    ctx = service.streams["long"].context
     assert len(ctx.sink) == cfg.llm.sink_frames and len(ctx.window) == cfg.llm.window_frames
     assert max(ram) <= 8 * 2**20 and max(disk) <= 32 * 2**20
     assert ram[-1] == ram[len(ram) // 2], "flat once the budget is reached"
     # a replayed record changes nothing
-    before = (service.store.stats.ram_bytes, service.stats.frames)
+    before = (store.stats.ram_bytes, service.stats.frames)
     service.on_tokens(tokens_record(3999, rng))
-    assert (service.store.stats.ram_bytes, service.stats.frames) == before
+    assert (store.stats.ram_bytes, service.stats.frames) == before
     assert service.stats.duplicates == 1
-    service.store.close()
+    store.close()
     assert not list(tmp_path.rglob("*.seg"))

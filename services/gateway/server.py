@@ -28,7 +28,14 @@ from livelens.v1 import messages_pb2 as pb
 from services.gateway.decider import ResponseTimingDecider
 from services.gateway.router import KafkaRouter
 from services.gateway.sessions import Session, SessionRegistry
-from services.gateway.validation import InvalidItem, check_frame, check_image, check_question, check_stream_id
+from services.gateway.validation import (
+    InvalidItem,
+    check_context_method,
+    check_frame,
+    check_image,
+    check_question,
+    check_stream_id,
+)
 
 log = logging.getLogger("livelens.gateway")
 
@@ -83,7 +90,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
     def publish_ask(self, session: Session, request_id: str, question: str,
                     max_tokens: int, proactive: bool = False,
-                    example: tuple[pb.FrameRecord.Encoding, bytes] | None = None) -> None:
+                    example: tuple[pb.FrameRecord.Encoding, bytes] | None = None,
+                    context_method: str = "") -> None:
         """The question on the commands topic; an example image first, on the frames topic
         (the encoder turns it into the retrieval query)."""
         if example is not None:
@@ -96,7 +104,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                ask=pb.AskCommand(request_id=request_id, question=question,
                                                  max_tokens=max_tokens, proactive=proactive,
                                                  after_seq=session.last_seq,
-                                                 has_example=example is not None))
+                                                 has_example=example is not None,
+                                                 context_method=context_method))
         lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
 
     def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
@@ -204,6 +213,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
         try:
             text = check_question(question.text, self.cfg.gateway)
+            method = check_context_method(question.context_method)
             example = self.check_example(question.example_image)
             if request_id in self.handlers:
                 raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
@@ -225,7 +235,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
         self.handlers[request_id] = relay
         session.pending.add(request_id)
-        self.publish_ask(session, request_id, text, question.max_tokens, example=example)
+        self.publish_ask(session, request_id, text, question.max_tokens, example=example, context_method=method)
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,
@@ -235,13 +245,14 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             check_stream_id(request.stream_id)
             session = self.sessions.for_tenant(request.stream_id, tenant)
             text = check_question(request.question, self.cfg.gateway)
+            method = check_context_method(request.context_method)
             example = self.check_example(request.example_image)
         except InvalidItem as exc:
             await context.abort(exc.code, exc.message)
         request_id = f"ask-{uuid.uuid4().hex[:12]}"
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
         self.handlers[request_id] = queue.put_nowait
-        self.publish_ask(session, request_id, text, request.max_tokens, example=example)
+        self.publish_ask(session, request_id, text, request.max_tokens, example=example, context_method=method)
         timeout = request.timeout_s or self.cfg.gateway.ask_timeout_s
         parts: list[str] = []
         try:

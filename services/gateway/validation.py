@@ -67,6 +67,17 @@ def check_image(data: bytes, cfg: GatewayConfig, what: str) -> tuple[pb.FrameRec
     return encoding, rgb
 
 
+CONTEXT_METHODS = ("", "recompute", "streaming_kv", "window", "full")
+
+
+def check_context_method(method: str) -> str:
+    if method not in CONTEXT_METHODS:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"context method {method[:40]!r} is unknown: use one of "
+                          f"{', '.join(repr(m) for m in CONTEXT_METHODS)}")
+    return method
+
+
 def check_question(text: str, cfg: GatewayConfig) -> str:
     text = text.strip()
     if not text:

@@ -101,7 +101,10 @@ class VllmEngine:
         return getattr(torch, resolve_dtype(self.cfg.dtype))
 
     async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int,
-                       kv_transfer_params: dict | None = None, logprobs: int | None = None) -> AsyncIterator[Delta]:
+                       kv_transfer_params: dict | None = None, logprobs: int | None = None,
+                       cache_salt: str | None = None) -> AsyncIterator[Delta]:
+        """`cache_salt`: a namespace of vLLM's prefix cache (requests only hit blocks computed
+        under the same salt)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -118,6 +121,8 @@ class VllmEngine:
         from vllm.inputs import EmbedsPrompt
 
         prompt = EmbedsPrompt(prompt_embeds=embeds.to(self.dtype))
+        if cache_salt:
+            prompt["cache_salt"] = cache_salt
         async for out in self.llm.generate(prompt, params, request_id):
             completion = out.outputs[0]
             total += len(completion.token_ids)

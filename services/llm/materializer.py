@@ -57,6 +57,10 @@ class Materializer(Protocol):
 class RecomputeMaterializer:
     engine: VllmEngine
     embedder: ContextEmbedder
+    # On an engine shared with the streaming-KV path: blocks whose KV the connector loaded
+    # (computed with another context before them) are in vLLM's prefix cache under the
+    # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
+    cache_salt: str | None = None
 
     def frame_added(self, ctx: StreamContext, frame: FrameSegment) -> None:
         return
@@ -69,7 +73,8 @@ class RecomputeMaterializer:
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
-        return self.engine.generate(self.embedder.embed(composed), request_id, max_tokens, logprobs=logprobs)
+        return self.engine.generate(self.embedder.embed(composed), request_id, max_tokens, logprobs=logprobs,
+                                    cache_salt=self.cache_salt)
 
     def drop_stream(self, stream_id: str) -> None:
         return

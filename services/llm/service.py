@@ -32,8 +32,9 @@ from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
-from services.llm.question_retrieval import QuestionQueries, question_scores
-from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores
+from services.llm.question_retrieval import QuestionQueries
+from services.llm.segments import TieredSegmentStore
+from services.llm.stream import Added, ContextError, ContextMethod, Stream, StreamResources
 
 log = logging.getLogger("livelens.llm")
 
@@ -47,110 +48,76 @@ class LLMStats:
     errors: int = 0
 
 
+def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
+    c = cfg.llm
+    return TieredSegmentStore(
+        ram_budget_bytes=int(c.store_ram_mb * 2**20),
+        disk_dir=Path(c.store_disk_dir) / f"llm-{os.getpid()}" if c.store_disk_dir else None,
+        disk_budget_bytes=int(c.store_disk_mb * 2**20), retention_segments=c.retention_segments)
+
+
+def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngine, StreamResources]:
+    """The engine and what every stream shares, as `llm.materializer` says (the service,
+    the benchmarks and the tests all build them here)."""
+    c = cfg.llm
+    embedder = ContextEmbedder(c.model_path)
+    store = segment_store(cfg)
+    materializer: Materializer
+    if c.materializer == "streaming_kv":
+        if kv_dir is None:
+            raise ValueError("llm.materializer streaming_kv needs a KV store directory")
+        engine = VllmEngine(c, kv_dir)
+        materializer = StreamingKVMaterializer(engine, embedder, c)
+        recompute = RecomputeMaterializer(engine, embedder, cache_salt="recompute")
+        queries: QuestionQueries | None = QuestionQueries(c.model_path, c.retrieve_layers)
+    else:
+        engine = VllmEngine(c)
+        materializer = recompute = RecomputeMaterializer(engine, embedder)
+        queries = None
+    return engine, StreamResources(c, embedder, store, materializer, recompute, queries)
+
+
 class LLMService:
-    def __init__(self, cfg: LivelensConfig) -> None:
+    def __init__(self, cfg: LivelensConfig, res: StreamResources | None = None) -> None:
+        """`res`: what the streams share, for a caller that drives the service without
+        running it (`run` builds its own, with the engine)."""
         self.cfg = cfg
-        self.contexts: dict[str, StreamContext] = {}
+        self.streams: dict[str, Stream] = {}
         self.stats = LLMStats()
         self.stop_event = threading.Event()
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
-        self.embedder: ContextEmbedder | None = None
         self.engine: VllmEngine | None = None
-        self.materializer: Materializer | None = None
-        self.queries: QuestionQueries | None = None  # question-text retrieval (streaming_kv)
+        self.res = res
         self.producer: Any = None
-        self.examples: dict[str, np.ndarray] = {}  # request id -> pooled example embedding
-        # stream -> the last token received at each grid position [grid, hidden] (the encoder
-        # drops tokens that did not change)
-        self.held: dict[str, np.ndarray] = {}
-        c = cfg.llm
-        self.store = TieredSegmentStore(
-            ram_budget_bytes=int(c.store_ram_mb * 2**20),
-            disk_dir=Path(c.store_disk_dir) / f"llm-{os.getpid()}" if c.store_disk_dir else None,
-            disk_budget_bytes=int(c.store_disk_mb * 2**20), retention_segments=c.retention_segments)
 
     # --- state -----------------------------------------------------------------------
-    def context(self, stream_id: str) -> StreamContext:
-        ctx = self.contexts.get(stream_id)
-        if ctx is None:
-            c = self.cfg.llm
-            ctx = StreamContext(stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
-                                chunk_frames=c.chunk_frames, on_evict=self.store_evicted)
-            self.contexts[stream_id] = ctx
-        return ctx
-
-    def store_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
-        self.store.put(Segment(stream_id, index, tuple(frames)))
-        if self.materializer is not None:
-            self.materializer.frames_evicted(stream_id, index, frames)
-
-    def retrieve(self, stream_id: str, example: np.ndarray | None, question: str) -> list[FrameSegment]:
-        """Stored segments for a question, in time order: scored by the example image's
-        pooled embedding when the question has one, else (streaming KV) by the question's
-        own attention queries against each segment's mean key. Top-k, then cut to the
-        retrieved part's token budget (best first)."""
-        c = self.cfg.llm
-        if not c.retrieve_top_k:
-            return []
-        if example is not None:
-            indices, keys = self.store.keys(stream_id)
-            ranked = best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
-        elif self.queries is not None and isinstance(self.materializer, StreamingKVMaterializer):
-            assert self.embedder is not None
-            indices, qkeys = self.materializer.question_keys(stream_id)
-            if not indices:
-                return []
-            query = self.queries(self.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
-            ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
-        else:
-            return []
-        picked: list[Segment] = []
-        budget = c.retrieve_token_budget
-        for index in ranked:
-            segment = self.store.get(stream_id, index)
-            if segment is None:  # a corrupt or missing file is skipped (and counted)
-                continue
-            size = sum(f.num_tokens for f in segment.frames)
-            if size > budget:
-                break
-            budget -= size
-            picked.append(segment)
-        return [f for segment in sorted(picked, key=lambda g: g.index) for f in segment.frames]
+    def stream(self, stream_id: str) -> Stream:
+        assert self.res is not None
+        s = self.streams.get(stream_id)
+        if s is None:
+            s = self.streams[stream_id] = Stream(stream_id, self.res)
+        return s
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         tokens, kept = get_tokens(rec)
+        stream = self.stream(rec.stream_id)
         if rec.query_request_id:  # a question's example image: the retrieval query
-            self.examples[rec.query_request_id] = tokens.astype(np.float32).mean(0)
-            while len(self.examples) > 1024:  # examples whose question never came
-                self.examples.pop(next(iter(self.examples)))
+            stream.add_example(rec.query_request_id, tokens)
             return
-        ctx = self.context(rec.stream_id)
-        if rec.unchanged or not tokens.shape[0]:  # the encoder's cache: nothing new to see
-            if ctx.note_unchanged(rec.seq):
-                self.stats.unchanged += 1
-            else:
-                self.stats.duplicates += 1
-            return
-        held = self.held.get(rec.stream_id)
-        if held is None or held.shape != (kept.size, tokens.shape[1]):
-            held = self.held[rec.stream_id] = np.zeros((kept.size, tokens.shape[1]), np.float32)
-        held[kept] = tokens
-        frame = FrameSegment(rec.seq, rec.pts_s, tokens, kept, pooled=held.mean(0))
-        if ctx.add_frame(frame):
+        added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged)
+        if added is Added.FRAME:
             self.stats.frames += 1
-            if self.materializer is not None:
-                self.materializer.frame_added(ctx, frame)
+        elif added is Added.UNCHANGED:
+            self.stats.unchanged += 1
         else:
             self.stats.duplicates += 1
 
     def on_command(self, rec: pb.CommandRecord) -> None:
         kind = rec.WhichOneof("command")
         if kind == "close":
-            self.contexts.pop(rec.stream_id, None)
-            self.held.pop(rec.stream_id, None)
-            self.store.drop_stream(rec.stream_id)
-            if self.materializer is not None:
-                self.materializer.drop_stream(rec.stream_id)
+            stream = self.streams.pop(rec.stream_id, None)
+            if stream is not None:
+                stream.close()
         elif kind == "ask":
             self.stats.questions += 1
             asyncio.get_running_loop().create_task(self.answer(rec))
@@ -162,45 +129,45 @@ class LLMService:
         lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
 
     async def answer(self, cmd: pb.CommandRecord) -> None:
-        assert self.materializer is not None and self.embedder is not None
         c = self.cfg.llm
         picked = time.time()
-        ctx = self.context(cmd.stream_id)
+        stream = self.stream(cmd.stream_id)
         ask = cmd.ask
+        example_id = ask.request_id if ask.has_example else None
         # The question overtakes the frames sent just before it and its example image
         # (both go through the encoder first, and on the streaming-KV path through their
         # prefill): wait, bounded, until they are here.
         waited = time.monotonic()
         deadline = waited + c.frame_wait_s
-        while (self.materializer.ready_seq(ctx) < ask.after_seq
-               or (ask.has_example and ask.request_id not in self.examples)) and time.monotonic() < deadline:
+        while not stream.ready(ask.after_seq, example_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
-        retrieved = self.retrieve(cmd.stream_id, self.examples.pop(ask.request_id, None), ask.question)
-        composed = ctx.compose(c.system_prompt, ask.question, retrieved=retrieved)
         max_tokens = ask.max_tokens or c.max_answer_tokens
-        # Trim the oldest window frames until the prompt plus the answer fits.
-        limit = len(ctx.window)
-        while self.embedder.count(composed) + max_tokens > c.max_model_len and limit > 0:
-            limit -= 1
-            composed = ctx.compose(c.system_prompt, ask.question, window_limit=limit, retrieved=retrieved)
-        compose_s = time.perf_counter() - t0
-        timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
-                                   frame_wait_s=waited, compose_s=compose_s,
-                                   context_tokens=self.embedder.count(composed), context_frames=len(composed.frames))
-        text: list[str] = []
-        stream_time = composed.newest_pts_s
         try:
-            async for delta in self.materializer.generate(composed, f"{ask.request_id}-{uuid.uuid4().hex[:6]}",
-                                                          max_tokens):
+            method = ContextMethod(ask.context_method)
+            composed = stream.compose(ask.question, max_tokens, method, example_id)
+        except (ValueError, ContextError) as exc:  # an unknown method, a context that cannot be built
+            self.stats.errors += 1
+            self.respond(cmd, final=True, error=f"the model could not answer: {exc}")
+            self.producer.flush()
+            return
+        timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
+                                   frame_wait_s=waited, compose_s=time.perf_counter() - t0,
+                                   context_tokens=composed.tokens, context_frames=len(composed.context.frames),
+                                   context_method=method.value or c.materializer)
+        text: list[str] = []
+        stream_time = composed.context.newest_pts_s
+        try:
+            async for delta in composed.materializer.generate(
+                    composed.context, f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
                 if delta.first_token_s is not None:
                     timings.ttft_s = delta.first_token_s
                 text.append(delta.text)
                 if delta.finished:
                     timings.total_s = time.perf_counter() - t0
                     self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
-                                 timings=timings, retrieved_pts_s=[f.pts_s for f in retrieved])
+                                 timings=timings, retrieved_pts_s=[f.pts_s for f in composed.retrieved])
                 elif delta.text:
                     self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
@@ -212,19 +179,19 @@ class LLMService:
         finally:
             self.producer.flush()
         if not ask.proactive:
-            ctx.add_turn(ask.question, "".join(text).strip())
+            stream.add_turn(ask.question, "".join(text).strip())
 
     def warmup_context(self) -> torch.Tensor:
         """A context as long as a full one (sink + window of 7x7-token frames), of
         random visual tokens, distinct from any stream's so it caches nothing useful."""
-        assert self.embedder is not None
+        assert self.res is not None
         c = self.cfg.llm
         ctx = StreamContext("warmup", c.sink_frames, c.window_frames, 0)
         rng = np.random.default_rng(0)
         for i in range(c.sink_frames + c.window_frames):
-            tokens = rng.standard_normal((49, self.embedder.hidden_size)).astype(np.float16)
+            tokens = rng.standard_normal((49, self.res.embedder.hidden_size)).astype(np.float16)
             ctx.add_frame(FrameSegment(i, i * 0.5, tokens, np.ones(49, bool)))
-        return self.embedder.embed(ctx.compose(c.system_prompt, "warm-up"))
+        return self.res.embedder.embed(ctx.compose(c.system_prompt, "warm-up"))
 
     # --- plumbing --------------------------------------------------------------------
     def poll_kafka(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
@@ -254,21 +221,14 @@ class LLMService:
         cfg = self.cfg
         health = HealthServer(cfg.llm.health_host, cfg.llm.health_port, "llm.health_port",
                               "livelens.llm").start()
-        self.embedder = ContextEmbedder(cfg.llm.model_path)
-        if cfg.llm.materializer == "streaming_kv":
-            kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
-            self.engine = VllmEngine(cfg.llm, kv_dir)
-            self.materializer = StreamingKVMaterializer(self.engine, self.embedder, cfg.llm)
-            self.queries = QuestionQueries(cfg.llm.model_path, cfg.llm.retrieve_layers)
-        else:
-            kv_dir = None
-            self.engine = VllmEngine(cfg.llm)
-            self.materializer = RecomputeMaterializer(self.engine, self.embedder)
+        kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
+        engine, self.res = build_resources(cfg, kv_dir)
+        self.engine = engine
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()
         log.info("engine warm-up (%d tokens) took %.1fs", warm.shape[0],
-                 await self.engine.warmup(warm))
+                 await engine.warmup(warm))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Any] = asyncio.Queue()
         poller = threading.Thread(target=self.poll_kafka, args=(loop, queue), daemon=True)
@@ -292,8 +252,8 @@ class LLMService:
             self.stop_event.set()
             poller.join(5)
             self.producer.close()
-            self.store.close()
-            self.engine.shutdown()
+            self.res.store.close()
+            engine.shutdown()
             if kv_dir is not None:  # stored KV is a cache of this process
                 shutil.rmtree(kv_dir, ignore_errors=True)
             health.stop()

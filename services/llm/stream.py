@@ -1,0 +1,205 @@
+"""One live stream's state in the LLM service, under one owner.
+
+`Stream` holds everything the service knows about a stream: its context (sink, window,
+dialogue, `services.llm.context`), the last token received at each grid position (the
+encoder drops tokens that did not change), the example images of questions still to
+come, and, through the shared segment store and materializer, its stored segments and
+their KV. Everything that changes a stream goes through `add`, `add_example`,
+`add_turn` and `close`; what a question sees comes from `retrieve` and `compose`.
+
+The LLM service, the benchmarks and the tests all build this same object, so a figure
+or an assertion about a context is about the one the service composes.
+
+Context methods (`ContextMethod`): the service's own materializer with retrieval
+(`default`), or, for evaluation, an explicit one: `recompute` and `streaming_kv` (with
+retrieval), `window` (sink + window only, recomputed) and `full` (every frame the stream
+still holds, recomputed; only where it fits the engine's length).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from livelens.config import LLMConfig
+from services.llm.context import ComposedContext, FrameSegment, StreamContext
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
+from services.llm.question_retrieval import QuestionQueries, question_scores
+from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores
+
+
+class ContextMethod(enum.StrEnum):
+    DEFAULT = ""
+    RECOMPUTE = "recompute"
+    STREAMING_KV = "streaming_kv"
+    WINDOW = "window"
+    FULL = "full"
+
+
+class ContextError(ValueError):
+    """A question whose context cannot be built (e.g. a full context longer than the engine takes)."""
+
+
+class Added(enum.Enum):
+    FRAME = "frame"  # new visual tokens entered the context
+    UNCHANGED = "unchanged"  # the encoder found the frame unchanged: seen, nothing new to add
+    DUPLICATE = "duplicate"  # redelivered or stale: ignored
+
+
+@dataclass
+class StreamResources:
+    """What every stream of one LLM service shares."""
+
+    cfg: LLMConfig
+    embedder: ContextEmbedder
+    store: TieredSegmentStore
+    materializer: Materializer  # the service's own: every frame goes through it
+    recompute: RecomputeMaterializer  # for the methods that recompute their context
+    queries: QuestionQueries | None = None  # question-text retrieval (streaming_kv)
+
+    def materializer_for(self, method: ContextMethod) -> Materializer:
+        if method is ContextMethod.DEFAULT:
+            return self.materializer
+        if method is ContextMethod.STREAMING_KV:
+            if not isinstance(self.materializer, StreamingKVMaterializer):
+                raise ContextError("context method streaming_kv needs a service started with "
+                                   "llm.materializer: streaming_kv")
+            return self.materializer
+        return self.recompute
+
+
+@dataclass
+class Composed:
+    """A question's context, ready for `materializer.generate`."""
+
+    context: ComposedContext
+    retrieved: list[FrameSegment]
+    materializer: Materializer
+    tokens: int  # the composed context's length in tokens
+
+
+MAX_EXAMPLES = 64  # example images whose question never came, per stream
+
+
+@dataclass
+class Stream:
+    stream_id: str
+    res: StreamResources
+    context: StreamContext = field(init=False)
+    # The last token received at each grid position [grid, hidden]: the pooled view of
+    # what the stream shows (the encoder drops tokens that did not change).
+    held: np.ndarray | None = None
+    examples: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled example
+
+    def __post_init__(self) -> None:
+        c = self.res.cfg
+        self.context = StreamContext(self.stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
+                                     chunk_frames=c.chunk_frames, on_evict=self._evicted)
+
+    # --- frames in -------------------------------------------------------------------
+    def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False) -> Added:
+        """A frame's tokens (kept positions only, `kept` over the whole grid), in order."""
+        if unchanged or not tokens.shape[0]:
+            return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
+        if seq <= self.context.last_seq:
+            return Added.DUPLICATE
+        if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
+            self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
+        self.held[kept] = tokens
+        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0))
+        self.context.add_frame(frame)
+        self.res.materializer.frame_added(self.context, frame)
+        return Added.FRAME
+
+    def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
+        self.res.store.put(Segment(stream_id, index, tuple(frames)))
+        self.res.materializer.frames_evicted(stream_id, index, frames)
+
+    def add_example(self, request_id: str, tokens: np.ndarray) -> None:
+        """A question's example image (its tokens): the retrieval query of that question."""
+        self.examples[request_id] = tokens.astype(np.float32).mean(0)
+        while len(self.examples) > MAX_EXAMPLES:
+            self.examples.pop(next(iter(self.examples)))
+
+    def ready(self, after_seq: int, example_request_id: str | None = None) -> bool:
+        """Whether a question asked after frame `after_seq` (with that example) can be answered."""
+        return (self.res.materializer.ready_seq(self.context) >= after_seq
+                and (example_request_id is None or example_request_id in self.examples))
+
+    def add_turn(self, question: str, answer: str) -> None:
+        self.context.add_turn(question, answer)
+
+    def close(self) -> None:
+        self.res.store.drop_stream(self.stream_id)
+        self.res.materializer.drop_stream(self.stream_id)
+
+    # --- questions -------------------------------------------------------------------
+    def retrieve(self, question: str, example: np.ndarray | None) -> list[FrameSegment]:
+        """Stored segments for a question, in time order: scored by the example image's
+        pooled embedding when the question has one, else (streaming KV) by the question's
+        own attention queries against each segment's mean key. Top-k, then cut to the
+        retrieved part's token budget (best first)."""
+        c, res = self.res.cfg, self.res
+        if not c.retrieve_top_k:
+            return []
+        if example is not None:
+            indices, keys = res.store.keys(self.stream_id)
+            ranked = best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
+        elif res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
+            indices, qkeys = res.materializer.question_keys(self.stream_id)
+            if not indices:
+                return []
+            query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
+            ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
+        else:
+            return []
+        picked: list[Segment] = []
+        budget = c.retrieve_token_budget
+        for index in ranked:
+            segment = res.store.get(self.stream_id, index)
+            if segment is None:  # a corrupt or missing file is skipped (and counted)
+                continue
+            size = sum(f.num_tokens for f in segment.frames)
+            if size > budget:
+                break
+            budget -= size
+            picked.append(segment)
+        return [f for segment in sorted(picked, key=lambda g: g.index) for f in segment.frames]
+
+    def stored_frames(self) -> list[FrameSegment]:
+        """Every frame the segment store still holds for the stream, in time order."""
+        indices, _ = self.res.store.keys(self.stream_id)
+        frames: list[FrameSegment] = []
+        for index in sorted(indices):
+            segment = self.res.store.get(self.stream_id, index)
+            if segment is not None:
+                frames.extend(segment.frames)
+        return frames
+
+    def compose(self, question: str, max_tokens: int, method: ContextMethod = ContextMethod.DEFAULT,
+                example_request_id: str | None = None) -> Composed:
+        """The context a question is answered from. The oldest window frames are left out
+        until the prompt plus the answer fits the engine (all but `full`, which is refused)."""
+        c, embedder = self.res.cfg, self.res.embedder
+        materializer = self.res.materializer_for(method)
+        example = self.examples.pop(example_request_id, None) if example_request_id else None
+        if method is ContextMethod.FULL:
+            retrieved = self.stored_frames()
+        elif method is ContextMethod.WINDOW:
+            retrieved = []
+        else:
+            retrieved = self.retrieve(question, example)
+        composed = self.context.compose(c.system_prompt, question, retrieved=retrieved)
+        tokens = embedder.count(composed)
+        if method is ContextMethod.FULL and tokens + max_tokens > c.max_model_len:
+            raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
+                               f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
+        limit = len(self.context.window)
+        while tokens + max_tokens > c.max_model_len and limit > 0:
+            limit -= 1
+            composed = self.context.compose(c.system_prompt, question, window_limit=limit, retrieved=retrieved)
+            tokens = embedder.count(composed)
+        return Composed(composed, retrieved, materializer, tokens)
