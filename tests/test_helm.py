@@ -422,6 +422,43 @@ def test_rendered_config_and_env_load_with_livelens_config(
             assert cfg.gateway.tls_cert == "/etc/livelens/tls/tls.crt"
 
 
+def _rendered_llm_config(docs: list[dict[str, Any]], tmp_path: Path) -> Any:
+    """The LLM service's configuration as it loads in its pod: the ConfigMap's livelens.yaml
+    and the StatefulSet's plain LIVELENS_* variables, through livelens.config."""
+    from livelens import config as lconfig
+
+    config_file = tmp_path / "livelens.yaml"
+    config_file.write_text(find(docs, "ConfigMap", component("config"))["data"]["livelens.yaml"])
+    env = {k: v for k, v in env_of(pod_spec(find(docs, "StatefulSet", component("llm")))["containers"][0]).items()
+           if isinstance(v, str)}
+    return lconfig.load_config(config_file, env=env)
+
+
+def test_llm_materializer_is_recompute_by_default(default_docs: list[dict[str, Any]], tmp_path: Path) -> None:
+    """GPU nodes: the streaming-KV connector only handles vLLM's CPU attention backend, so
+    the chart's default is recompute, written into the rendered config (the embedded
+    default, streaming_kv, is for `make up` on a CPU)."""
+    configmap = find(default_docs, "ConfigMap", component("config"))
+    assert yaml.safe_load(configmap["data"]["livelens.yaml"])["llm"]["materializer"] == "recompute"
+    assert _rendered_llm_config(default_docs, tmp_path).llm.materializer == "recompute"
+
+
+def test_llm_materializer_streaming_kv_when_set(tmp_path: Path) -> None:
+    docs = render("--set", "config.llm.materializer=streaming_kv")
+    configmap = find(docs, "ConfigMap", component("config"))
+    rendered = yaml.safe_load(configmap["data"]["livelens.yaml"])
+    assert rendered["llm"]["materializer"] == "streaming_kv"
+    assert rendered["llm"]["enforce_eager"] is False  # the rest of the section is kept
+    assert _rendered_llm_config(docs, tmp_path).llm.materializer == "streaming_kv"
+
+
+def test_schema_rejects_an_unknown_materializer() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), "--set", "config.llm.materializer=paged", check=False)
+    assert proc.returncode != 0
+    assert "/config/llm/materializer" in proc.stderr
+    assert "recompute" in proc.stderr and "streaming_kv" in proc.stderr
+
+
 def test_encoder_and_llm_serve_grpc_health_probes(default_docs: list[dict[str, Any]]) -> None:
     for name, kind, port in (("encoder", "Deployment", 50052), ("llm", "StatefulSet", 50053)):
         container = pod_spec(find(default_docs, kind, component(name)))["containers"][0]

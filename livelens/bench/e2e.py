@@ -83,6 +83,17 @@ def measure(report: WatchReport, stream_id: str, arrivals: dict[tuple[str, int],
                        frame_to_token_p99_s=percentile(latencies, 99))
 
 
+def answer_records(report: WatchReport) -> list[dict[str, Any]]:
+    """Every question asked, in the order asked, with what came back: the answer's text,
+    the stream time it is about, the client-measured time to first token (None when no
+    delta came), whether it finished, and the error it got, if any."""
+    errors = {e.request_id: e.message for e in report.errors if e.request_id}
+    return [{"question": a.question, "asked_at_s": a.asked_at_s, "stream_time_s": a.stream_time_s,
+             "text": a.text, "ttft_s": a.ttft_s or None,
+             "done": a.done, "error": errors.get(request_id)}
+            for request_id, a in report.answers.items()]
+
+
 async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seconds: float,
                   fps: float, arrivals: TokenArrivals, every_s: float) -> dict[str, Any]:
     questions = [ScheduledQuestion(t, "What is happening in the video right now?")
@@ -116,6 +127,7 @@ async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seco
         "frames_tokenized": live_r.frames,
         "burst": asdict(burst_r),
         "sample_answer": next((a.text for a in live.answers.values() if a.done), ""),
+        "answers": answer_records(live),
         "errors": [e.message for e in live.errors + burst.errors],
     }
 
