@@ -28,6 +28,7 @@ def stack_config() -> LivelensConfig:
     cfg.gateway.max_question_chars = 200
     cfg.gateway.alert_cooldown_s = 2.0
     cfg.llm.max_answer_tokens = 16
+    cfg.llm.kv_store_dtype = "float32"  # stored KV bit-exact: streaming KV answers as recompute does
     return cfg
 
 

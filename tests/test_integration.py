@@ -323,3 +323,64 @@ def test_question_with_example_image_brings_back_older_moments(stack):
     assert len(set(unary.retrieved_pts_s) & set(needle_pts)) >= 3, unary
     (err,) = [e for e in events if isinstance(e, ItemError)]
     assert err.request_id == "bad-example" and "example image" in err.message
+
+
+def agreement(tokenizer, answer: str, reference: str, n: int = 16) -> float:
+    """Share of the first `n` tokens of `reference` that `answer` has at the same place."""
+    a, r = tokenizer.encode(answer)[:n], tokenizer.encode(reference)[:n]
+    return sum(x == y for x, y in zip(a, r, strict=False)) / max(1, len(r))
+
+
+def test_streaming_kv_answers_as_recompute_through_the_stack(stack):
+    """The service's own context path (streaming KV: frames prefilled on arrival, their KV
+    saved and loaded by our connector) against recomputing the same context, through the
+    whole running stack (gateway -> Kafka -> encoder -> Triton -> LLM service), greedy,
+    KV stored in float32. Nothing evicted yet (sink + window hold every frame): the same
+    text, word for word. After evictions: both close to the full context's answer."""
+    from transformers import AutoTokenizer
+
+    cfg = stack.cfg.llm
+    held = cfg.sink_frames + cfg.window_frames
+    frames = frames_of("vtest.avi", 30.0)[:held + 14]
+    questions = ["What is the capital of France?", "What do you see in the video?", "Describe the scene."]
+    methods = ["streaming_kv", "recompute", "full"]
+
+    async def answers(client) -> dict[tuple[str, str], str]:
+        out = {}
+        for q in questions:
+            for m in methods:
+                r = await client.ask("kv-vs-recompute", q, context_method=m, timeout_s=180)
+                out[(q, m)] = r.text
+        return out
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("kv-vs-recompute") as s:
+            for i, image in enumerate(frames[:held]):
+                await s.send_frame(i, i * 0.5, image)
+            await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == held)
+            exact = await answers(client)
+            for i, image in enumerate(frames[held:], start=held):
+                await s.send_frame(i, i * 0.5, image)
+            await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == len(frames))
+            return exact, await answers(client)
+
+    exact, evicted = asyncio.run(run())
+    for q in questions:
+        assert exact[(q, "streaming_kv")] == exact[(q, "recompute")] == exact[(q, "full")], (q, exact)
+        assert len(exact[(q, "streaming_kv")].split()) >= 3, exact
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    for m in ("streaming_kv", "recompute"):
+        scores = [agreement(tokenizer, evicted[(q, m)], evicted[(q, "full")]) for q in questions]
+        print(m, "agreement with full context after evictions:", scores, [evicted[(q, m)] for q in questions])
+        assert sum(scores) / len(scores) >= 0.5, (m, scores, evicted)
+
+
+def test_unknown_context_method_refused(stack):
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("bad-method"):
+            await client.ask("bad-method", "What is there?", context_method="everything")
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        asyncio.run(run())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context method 'everything' is unknown" in (err.value.details() or "")

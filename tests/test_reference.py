@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     from services.llm.engine import VllmEngine
     from services.llm.kv.rope import model_rope_theta
     from services.llm.materializer import RecomputeMaterializer, StreamingKVMaterializer
-    from services.llm.reference import ReferenceLM, StreamingReference
+    from tests.reference import ReferenceLM, StreamingReference
 
     async def ask(materializer, composed, request_id):
         tokens, first, cached = [], None, 0

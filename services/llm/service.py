@@ -178,7 +178,7 @@ class LLMService:
             return
         finally:
             self.producer.flush()
-        if not ask.proactive:
+        if not ask.proactive and method is ContextMethod.DEFAULT:  # evaluation questions leave no trace
             stream.add_turn(ask.question, "".join(text).strip())
 
     def warmup_context(self) -> torch.Tensor:
