@@ -141,6 +141,12 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
             return run_needle(cfg, out, args.minutes, args.depths, args.k)
         except FileNotFoundError as exc:
             return _fail(str(exc))
+    if args.suite == "quality":
+        from livelens.bench.quality import run_quality
+
+        return run_quality(cfg, out, args.minutes, args.depths, haystack=args.haystack, needle=args.needle,
+                           label=args.label, kind=args.kind, haystack_fps=args.haystack_fps,
+                           grounding_per_video=args.grounding_samples, skip=tuple(args.skip))
     from livelens.bench.e2e import run_e2e
 
     return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=out)
@@ -182,13 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality"])
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
     bench.add_argument("--fps", type=float, default=2.0)
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
     bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
-                       help="context, needle: stream lengths in minutes")
+                       help="context, needle, quality: stream lengths in minutes")
     bench.add_argument("--videos", nargs="+", default=None,
                        help="encoder: sample videos (default: vtest.avi tree.avi Megamind.avi bikes.mp4)")
     bench.add_argument("--streams", type=int, nargs="+", default=None,
@@ -200,8 +206,20 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["full_context", "window_recompute", "recompute", "streaming_kv"],
                        help="context: which methods (default: all four)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
-                       help="needle: where the needle goes (0 = start, 1 = end)")
+                       help="needle, quality: where the needle goes (0 = start, 1 = end)")
     bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")
+    bench.add_argument("--haystack", default=None, help="quality: haystack video (default: a held-out video)")
+    bench.add_argument("--needle", default=None, help="quality: needle image (default: a held-out animal image)")
+    bench.add_argument("--label", default=None, help="quality: what the needle image shows (with --needle)")
+    bench.add_argument("--kind", default="animal", help="quality: the needle's kind, in 'Which KIND appeared?'")
+    bench.add_argument("--haystack-fps", type=float, default=0.1,
+                       help="quality: frames per second of the needle haystacks (default 0.1)")
+    bench.add_argument("--grounding-samples", type=int, default=10, help="quality: samples per held-out video")
+    bench.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle"], help="quality: parts to skip")
+
+    train = sub.add_parser("train", help="train a model the project ships (projector: the vision projector)")
+    train.add_argument("what", choices=["projector"])
+    train.add_argument("rest", nargs=argparse.REMAINDER, help="options of the training run (see --help after it)")
 
     h = sub.add_parser("health", help="ask the services whether they are serving")
     h.add_argument("--service", choices=["gateway", "encoder", "llm"])
@@ -210,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "train":
+        from livelens.train.projector import main as train_projector
+
+        return train_projector(args.rest)
+
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:
