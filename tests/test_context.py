@@ -1,6 +1,12 @@
 import numpy as np
+import pytest
 
+from livelens.config import LLMConfig
 from services.llm.context import FrameSegment, StreamContext, TextPart, VisualPart
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import RecomputeMaterializer
+from services.llm.segments import TieredSegmentStore
+from services.llm.stream import Added, ContextError, ContextMethod, Stream, StreamResources
 
 
 def seg(seq, tokens=4, hidden=8):
@@ -50,3 +56,53 @@ def test_evicted_frames_go_out_in_chunks_and_come_back_between_sink_and_window()
     assert [b.frame.seq if b.frame else None for b in composed.blocks] == [None, 0, 3, 4, 6, 7, None]
     assert composed.blocks[2].parts[0] == TextPart("<frame t=1.5s>")
     assert [f.seq for f in ctx.preceding()] == [0, 6]  # what frame 7 attended to on arrival
+
+
+def direction(i: int, tokens: int = 4, hidden: int = 8) -> np.ndarray:
+    """Tokens pointing along axis i: frames with different i are orthogonal for retrieval."""
+    t = np.zeros((tokens, hidden), np.float16)
+    t[:, i] = 1
+    return t
+
+
+def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
+    """What the service composes for a question (`Stream.compose`), per context method."""
+    cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=3,
+                    retrieve_token_budget=8)  # two 4-token frames
+    try:
+        embedder = ContextEmbedder(cfg.model_path)
+    except FileNotFoundError:
+        pytest.skip("LLM not built (make models)")
+    recompute = RecomputeMaterializer(None, embedder)  # frames only
+    store = TieredSegmentStore(2**20, None, 0, cfg.retention_segments)
+    stream = Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+    kept = np.ones(4, bool)
+    for i in range(8):
+        assert stream.add(i, i * 0.5, direction(i), kept) is Added.FRAME
+    assert stream.add(5, 2.5, direction(5), kept) is Added.DUPLICATE
+    assert [f.seq for f in stream.stored_frames()] == [1, 2, 3, 4, 5]
+    # the example looks most like frame 5, then 2, then 3: top-3 best first is [5, 2, 3],
+    # the 8-token budget keeps the best two, composed in time order
+    stream.add_example("q1", np.float16(3) * direction(5) + np.float16(2) * direction(2) + direction(3))
+    composed = stream.compose("When?", 8, ContextMethod.DEFAULT, "q1")
+    assert [f.seq for f in composed.retrieved] == [2, 5]
+    assert [f.seq for f in composed.context.frames] == [0, 2, 5, 6, 7]
+    assert composed.materializer is recompute and composed.tokens == embedder.count(composed.context)
+    assert "q1" not in stream.examples, "an example image serves one question"
+    # without an example (and no question-text retrieval): sink + window
+    assert [f.seq for f in stream.compose("When?", 8).context.frames] == [0, 6, 7]
+    assert [f.seq for f in stream.compose("When?", 8, ContextMethod.WINDOW).context.frames] == [0, 6, 7]
+    full = stream.compose("When?", 8, ContextMethod.FULL)
+    assert [f.seq for f in full.context.frames] == list(range(8))
+    # longer than the engine takes: a full context is refused, the others leave out the
+    # oldest window frames
+    with pytest.raises(ContextError, match="exceeds llm.max_model_len"):
+        stream.compose("When?", cfg.max_model_len - full.tokens + 1, ContextMethod.FULL)
+    assert stream.compose("When?", cfg.max_model_len - full.tokens, ContextMethod.FULL).tokens == full.tokens
+    window = stream.compose("When?", 8, ContextMethod.WINDOW)
+    squeezed = stream.compose("When?", cfg.max_model_len - window.tokens + 1, ContextMethod.WINDOW)
+    assert [f.seq for f in squeezed.context.frames] == [0, 7], "the oldest window frame left out"
+    with pytest.raises(ContextError, match="streaming_kv"):
+        stream.compose("When?", 8, ContextMethod.STREAMING_KV)
+    stream.close()
+    assert not len(store)

