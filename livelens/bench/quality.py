@@ -216,6 +216,9 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.nd
     questions = [("present", f"Did a {label} appear in the video?"), ("which", f"Which {kind} appeared in the video?")]
     questions += [("absent", f"Did a {obj} appear in the video?") for obj in ABSENT]
     full_fits = p.fits_full(sid)
+    ctx = p.service.stream(sid).context
+    # Frames the encoder found unchanged (its feature cache) never reach the context.
+    held = len(ctx.sink) + len(ctx.window) + len(p.service.stream(sid).stored_frames())
     rows: list[dict[str, Any]] = []
     replies_of: dict[str, dict[str, Reply]] = {}  # method -> question -> reply
     ttft = None
@@ -229,6 +232,7 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.nd
         if method == "streaming_kv":
             ttft = percentile([r.ttft_s for r in replies.values() if r.ttft_s is not None], 50)
         rows.append({"method": method, "haystack_minutes": minutes, "depth": depth, "frames": n,
+                     "frames_kept": held,  # sink + window + stored segments
                      "accuracy": float(np.mean(right)), "false_alarm": float(np.mean(alarms)),
                      "retrieved_needle": retrieved if method in ("recompute", "streaming_kv") else None,
                      "answers": {q: r.text for q, r in replies.items()}})
