@@ -34,8 +34,12 @@ livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
 
 models: $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)
 
-$(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed
+# The shipped projector weights are an input: new weights rebuild the encoder's ONNX.
+PROJECTOR := livelens/models/weights/projector-mobilenetv2-smollm2.safetensors
+
+$(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed $(PROJECTOR)
 	$(PY) -m livelens.models.build
+	@touch $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)  # up to date (the build skips what is), newer than its inputs
 
 helm: build/bin/helm
 

