@@ -15,12 +15,15 @@ def test_says_yes() -> None:
 def test_model_repository_serves_both_projectors(tmp_path: Path) -> None:
     seeded = tmp_path / "seeded.onnx"
     seeded.write_bytes(b"not really onnx")
-    repo = model_repository(tmp_path / "repo", seeded)
-    assert sorted(p.name for p in repo.iterdir()) == ["vision_encoder", "vision_encoder_seeded"]
+    trained = tmp_path / "trained.onnx"
+    trained.write_bytes(b"trained")
+    repo = model_repository(tmp_path / "repo", {"vision_encoder_trained": trained, "vision_encoder_seeded": seeded})
+    assert sorted(p.name for p in repo.iterdir()) == ["vision_encoder_seeded", "vision_encoder_trained"]
     config = (repo / "vision_encoder_seeded" / "config.pbtxt").read_text()
     assert 'name: "vision_encoder_seeded"' in config and 'name: "vision_encoder"' not in config
     assert (repo / "vision_encoder_seeded" / "1" / "model.onnx").read_bytes() == b"not really onnx"
-    assert (repo / "vision_encoder" / "1" / "model.py").is_file()
+    assert (repo / "vision_encoder_trained" / "1" / "model.onnx").read_bytes() == b"trained"
+    assert (repo / "vision_encoder_trained" / "1" / "model.py").is_file()
 
 
 def test_summary_lists_every_needle_row() -> None:

@@ -43,6 +43,7 @@ from livelens.video import read_frames, sample_video
 GROUNDING_QUESTION = "What objects do you see?"
 ABSENT = ["airplane", "elephant", "guitar"]  # objects none of the haystacks or needles show
 METHODS = ["full", "window", "recompute", "streaming_kv"]
+NEEDLE_ENCODER = "vision_encoder_trained"  # the needle runs see through the trained projector
 AGREEMENT_TOKENS = 16
 
 
@@ -144,17 +145,18 @@ class Pipeline:
         self.engine.shutdown()
 
 
-def model_repository(dst: Path, seeded_onnx: Path) -> Path:
-    """A Triton repository with the shipped vision encoder and its seeded-projector twin."""
+def model_repository(dst: Path, onnx: dict[str, Path]) -> Path:
+    """A Triton repository serving the vision encoder once per given ONNX (model name ->
+    file), each with the configuration of `model_repo/vision_encoder`."""
     from livelens.config import REPO_ROOT
 
     src = REPO_ROOT / "model_repo" / "vision_encoder"
-    for name, onnx in (("vision_encoder", src / "1" / "model.onnx"), ("vision_encoder_seeded", seeded_onnx)):
+    for name, path in onnx.items():
         (dst / name / "1").mkdir(parents=True, exist_ok=True)
         config = (src / "config.pbtxt").read_text().replace('name: "vision_encoder"', f'name: "{name}"')
         (dst / name / "config.pbtxt").write_text(config)
         shutil.copy(src / "1" / "model.py", dst / name / "1" / "model.py")
-        shutil.copy(onnx, dst / name / "1" / "model.onnx")
+        shutil.copy(path, dst / name / "1" / "model.onnx")
         shutil.copy(src / "1" / "model_info.json", dst / name / "1" / "model_info.json")
     return dst
 
@@ -177,7 +179,7 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
             clip = frames[at - 2:at + 1]
             labels = teacher(clip[-1])[:3]
             answers = {}
-            for variant, model in (("trained", "vision_encoder"), ("seeded", "vision_encoder_seeded")):
+            for variant, model in (("trained", "vision_encoder_trained"), ("seeded", "vision_encoder_seeded")):
                 sid = f"ground-{variant}-{n}"
                 await p.feed(sid, clip, 2.0, model)
                 answers[variant] = (await p.ask(sid, GROUNDING_QUESTION, "recompute")).text
@@ -211,7 +213,7 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.nd
     needle_seqs = set(range(at, at + len(needle)))
     sid = f"needle-{minutes:g}-{depth:g}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    await p.feed(sid, frames, fps, "vision_encoder")
+    await p.feed(sid, frames, fps, NEEDLE_ENCODER)
     ingest_s = time.perf_counter() - t0
     questions = [("present", f"Did a {label} appear in the video?"), ("which", f"Which {kind} appeared in the video?")]
     questions += [("absent", f"Did a {obj} appear in the video?") for obj in ABSENT]
@@ -280,8 +282,10 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
                               "haystack_fps": haystack_fps}
     with tempfile.TemporaryDirectory(prefix="livelens-quality-") as tmp:
         work = Path(tmp)
-        seeded = proj.export_seeded_onnx(work / "seeded.onnx")
-        repo = model_repository(work / "model_repo", seeded)
+        # Both projectors, whichever is the configured default.
+        repo = model_repository(work / "model_repo", {
+            "vision_encoder_trained": proj.export_encoder_onnx(work / "trained.onnx", "trained"),
+            "vision_encoder_seeded": proj.export_encoder_onnx(work / "seeded.onnx", "seeded")})
         tcfg = replace(cfg.triton, model_repository=str(repo), grpc_port=free_port(), http_port=free_port(),
                        metrics_port=free_port())
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -449,14 +449,14 @@ def plot_losses(warm: list[float], align_log: list[float], path: Path, title: st
     plt.close(fig)
 
 
-def export_seeded_onnx(path: str | Path, seed: int = 0) -> Path:
-    """The encoder with the seeded projector (the "chance" baseline) as ONNX, beside the
-    shipped one: same interface, sized and scaled for the built LLM."""
+def export_encoder_onnx(path: str | Path, projector: str, seed: int = 0) -> Path:
+    """The encoder with the given projector ("trained": the shipped weights; "seeded": the
+    chance baseline) as ONNX: the served interface, sized and scaled for the built LLM."""
     from livelens.models import llm as llm_build
     from livelens.models.vision import build_vision_encoder, export_onnx
 
     hidden, target_rms = llm_build.embedding_rms(LLMConfig().model_path)
-    return export_onnx(build_vision_encoder(None, hidden, target_rms, seed, projector="seeded"), path)
+    return export_onnx(build_vision_encoder(None, hidden, target_rms, seed, projector=projector), path)
 
 
 def _bar(total: int, desc: str, enabled: bool) -> Any:
