@@ -86,7 +86,6 @@ class LLMService:
         self.stats = LLMStats()
         self.stop_event = threading.Event()
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
-        self.engine: VllmEngine | None = None
         self.res = res
         self.producer: Any = None
 
@@ -223,7 +222,6 @@ class LLMService:
                               "livelens.llm").start()
         kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
         engine, self.res = build_resources(cfg, kv_dir)
-        self.engine = engine
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()
