@@ -34,10 +34,12 @@ livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
 
 models: $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)
 
-# The shipped projector weights are an input: new weights rebuild the encoder's ONNX.
+# The shipped projector weights and the model code are inputs: a change reruns the build,
+# which rebuilds only what no longer matches (model_info.json says what each was built from).
 PROJECTOR := livelens/models/weights/projector-mobilenetv2-smollm2.safetensors
+MODEL_CODE := $(wildcard livelens/models/*.py)
 
-$(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed $(PROJECTOR)
+$(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed $(PROJECTOR) $(MODEL_CODE)
 	$(PY) -m livelens.models.build
 	@touch $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)  # up to date (the build skips what is), newer than its inputs
 

@@ -130,6 +130,11 @@ class EncoderConfig:
     poll_timeout_ms: int = 50
     triton_retries: int = 5
     model_id: str = "mobilenet_v2-imagenet+proj576"
+    # Tags: the names of the classes the vision model's classifier gives a frame (at most
+    # frame_tags, each at least tag_min_prob likely), sent with its tokens and written
+    # into the frame's label in the LLM's context. 0 = none.
+    frame_tags: int = 3
+    tag_min_prob: float = 0.1
     health_host: str = "127.0.0.1"
     health_port: int = 50052
     cache: FeatureCacheConfig = field(default_factory=lambda: FeatureCacheConfig())
@@ -294,6 +299,9 @@ def validate(cfg: LivelensConfig) -> None:
     _validate_llm(cfg)
     if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:
         raise ConfigError("gateway.alert_novelty_threshold must be within [0, 2]")
+    if cfg.encoder.frame_tags < 0 or not 0.0 <= cfg.encoder.tag_min_prob <= 1.0:
+        raise ConfigError(f"encoder.frame_tags must be >= 0 and encoder.tag_min_prob within [0, 1], got "
+                          f"{cfg.encoder.frame_tags} and {cfg.encoder.tag_min_prob}")
     if cfg.kafka.partitions < 1:
         raise ConfigError("kafka.partitions must be >= 1")
     if bool(cfg.gateway.tls_cert) != bool(cfg.gateway.tls_key):
@@ -337,6 +345,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
 HEAD_MARKUP_TOKENS = 14  # ChatML around the system prompt and "The video so far:" (measured)
 CHARS_PER_TOKEN = 3  # the system prompt's length in tokens, over-estimated (English is ~4.4)
 FRAME_LABEL_TOKENS = 16  # "<frame t=...s>" + "</frame>\n": 13 tokens at t=0, 16 at t=1 h (measured)
+TAG_MARKUP_TOKENS = 4  # ' seen=""' in a frame's label
+TAG_TOKENS = 7  # one tag and its ", ": ImageNet's longest short names are 6 tokens
 QUESTION_TOKENS = 64  # a question of ~250 characters (gateway.max_question_chars allows more)
 TURN_MARKUP_TOKENS = 11  # ChatML around a question and its answer (measured)
 DEFAULT_FRAME_TOKENS = 49  # MobileNetV2's 7x7 grid, the default vision model
@@ -371,14 +381,16 @@ def _check_context_fits(cfg: LivelensConfig) -> None:
         retrieved = min(c.retrieve_token_budget, retrieved_frames * per_frame)
     else:
         retrieved_frames = retrieved = 0
-    labels = (frames + retrieved_frames) * FRAME_LABEL_TOKENS
+    per_label = FRAME_LABEL_TOKENS + (TAG_MARKUP_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags
+                                      if cfg.encoder.frame_tags > 0 else 0)
+    labels = (frames + retrieved_frames) * per_label
     dialogue = c.dialogue_turns * (QUESTION_TOKENS + c.max_answer_tokens + TURN_MARKUP_TOKENS)
     question = QUESTION_TOKENS + TURN_MARKUP_TOKENS
     total = head + frames * per_frame + retrieved + labels + dialogue + question + c.max_answer_tokens
     if total <= c.max_model_len:
         return
     # The most window frames that fit with everything else as it is.
-    per_window_frame = per_frame + FRAME_LABEL_TOKENS
+    per_window_frame = per_frame + per_label
     fit = (c.max_model_len - (total - c.window_frames * per_window_frame)) // per_window_frame
     advice = (f"lower llm.window_frames (at most {fit} fit) or raise llm.max_model_len" if fit >= 1 else
               "raise llm.max_model_len, or lower llm.sink_frames, llm.retrieve_token_budget, "
@@ -390,7 +402,8 @@ def _check_context_fits(cfg: LivelensConfig) -> None:
         f"the largest context does not fit the LLM: the system prompt and head (~{head} tokens)"
         f" + llm.sink_frames ({c.sink_frames}) + llm.window_frames ({c.window_frames}) frames"
         f" of {per_frame} tokens ({frames * per_frame}){retrieval}"
-        f" + frame labels ({frames + retrieved_frames} x ~{FRAME_LABEL_TOKENS} = {labels})"
+        f" + frame labels with encoder.frame_tags ({cfg.encoder.frame_tags}) tags"
+        f" ({frames + retrieved_frames} x ~{per_label} = {labels})"
         f" + llm.dialogue_turns ({c.dialogue_turns}) past turns (~{dialogue})"
         f" + a question (~{question}) + llm.max_answer_tokens ({c.max_answer_tokens})"
         f" = {total} tokens > llm.max_model_len ({c.max_model_len}): {advice}"

@@ -138,3 +138,16 @@ def test_livelens_up_refuses_a_context_that_cannot_fit():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("livelens: error: configuration: ")
     assert "llm.window_frames (64)" in proc.stderr and "llm.max_model_len (4096)" in proc.stderr
+
+
+@pytest.mark.parametrize("env", [{"LIVELENS_ENCODER__FRAME_TAGS": "-1"}, {"LIVELENS_ENCODER__TAG_MIN_PROB": "1.5"}])
+def test_bad_tag_settings_are_refused(env):
+    with pytest.raises(ConfigError, match="encoder.frame_tags must be >= 0"):
+        load_config(env=env)
+
+
+def test_frame_tags_count_in_the_context_budget():
+    """Each tag lengthens every frame's label: enough of them no longer fit."""
+    load_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "5"})
+    with pytest.raises(ConfigError, match=r"encoder.frame_tags \(60\)"):
+        load_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "60"})

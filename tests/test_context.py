@@ -106,3 +106,31 @@ def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
         stream.compose("When?", 8, ContextMethod.STREAMING_KV)
     stream.close()
     assert not len(store)
+
+
+def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
+    """A frame's tags are written into its label, survive the segment store (RAM and disk),
+    and bring back the segment a question names, before any scored one."""
+    cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=1,
+                    retrieve_token_budget=8)
+    try:
+        embedder = ContextEmbedder(cfg.model_path)
+    except FileNotFoundError:
+        pytest.skip("LLM not built (make models)")
+    recompute = RecomputeMaterializer(None, embedder)
+    store = TieredSegmentStore(1, tmp_path, 2**20, cfg.retention_segments)  # every segment spills to disk
+    stream = Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+    kept = np.ones(4, bool)
+    tags = {2: ("tabby cat", "tiger cat"), 4: ("beagle",)}
+    for i in range(8):
+        assert stream.add(i, i * 0.5, direction(i), kept, tags=tags.get(i, ())) is Added.FRAME
+    assert [f.tags for f in stream.stored_frames()] == [(), tags[2], (), tags[4], ()]
+    assert [f.seq for f in stream.compose("Did a cat appear?", 8).retrieved] == [2]
+    assert [f.seq for f in stream.compose("Did you see a beagle?", 8).retrieved] == [4]
+    assert [f.seq for f in stream.compose("Was there a dog?", 8).retrieved] == [4], "the class's everyday word"
+    assert stream.compose("Did a car appear?", 8).retrieved == [], "nothing named, no example: no retrieval"
+    composed = stream.compose("Did a cat appear?", 8)
+    labels = [p.text for b in composed.context.blocks if b.frame is not None for p in b.parts
+              if isinstance(p, TextPart)]
+    assert '<frame t=1.0s seen="tabby cat, tiger cat">' in labels and "<frame t=3.0s>" in labels
+    stream.close()

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from livelens.config import LLMConfig
+from livelens.labels import imagenet_names, listing, names_label
 from livelens.models.vision import (
     FEATURE_DIM,
     TRAINED_PROJECTOR,
@@ -23,7 +24,6 @@ from livelens.models.vision import (
     seeded_projector,
 )
 from livelens.train.data import FeatureSet
-from livelens.train.labels import imagenet_names, listing, names_label
 
 LLM_DIR = Path(LLMConfig().model_path)
 
@@ -35,13 +35,15 @@ def test_encoder_interface_and_onnx(tmp_path: Path) -> None:
     enc = VisionEncoder(backbone, MLPProjector(64), hidden_size=64, target_rms=0.13).eval()
     pixels = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
-        want = enc(pixels)
+        want, probs = enc(pixels)
+    assert probs.shape == (2, 1000)
     assert want.shape == (2, 49, 64) and want.dtype == torch.float16
     rms = want.float().pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.full_like(rms, 0.13), rtol=5e-3, atol=0)
     path = export_onnx(enc, tmp_path / "model.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    assert [i.name for i in sess.get_inputs()] == ["pixels"] and [o.name for o in sess.get_outputs()] == ["tokens"]
+    assert [i.name for i in sess.get_inputs()] == ["pixels"]
+    assert [o.name for o in sess.get_outputs()] == ["tokens", "class_probs"]
     assert sess.get_outputs()[0].shape[1:] == [49, 64]
     got = sess.run(["tokens"], {"pixels": pixels.numpy()})[0]
     assert got.dtype == np.float16

@@ -80,8 +80,8 @@ def test_onnx_matches_torch_model() -> None:
     model = build_vision_encoder(None, hidden, float(info["target_rms"]), int(info["seed"]))
     pixels = preprocess_batch(_real_frames(2))
     with torch.no_grad():
-        expected = model(torch.from_numpy(pixels)).numpy()
-    got = _ort_session().run(["tokens"], {"pixels": pixels})[0]
+        expected, expected_probs = (t.numpy() for t in model(torch.from_numpy(pixels)))
+    got, probs = _ort_session().run(["tokens", "class_probs"], {"pixels": pixels})
     assert got.shape == (2, 49, hidden) and got.dtype == np.float16
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=2e-3)
     # Each token sits at the LLM's embedding scale.
@@ -89,6 +89,10 @@ def test_onnx_matches_torch_model() -> None:
     np.testing.assert_allclose(rms, float(info["target_rms"]), rtol=1e-2)
     # Different frames give different tokens (real features, not a constant).
     assert np.abs(got[0].astype(np.float32) - got[1].astype(np.float32)).mean() > 1e-2
+    # The classifier's probabilities: a distribution over the 1000 ImageNet classes.
+    assert probs.shape == (2, 1000) and probs.dtype == np.float16
+    np.testing.assert_allclose(probs.astype(np.float32).sum(-1), 1.0, atol=1e-2)
+    np.testing.assert_allclose(probs.astype(np.float32), expected_probs.astype(np.float32), atol=2e-3)
 
 
 # ---------------------------------------------------------------- integration

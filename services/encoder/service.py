@@ -25,6 +25,7 @@ from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
 from livelens.infra.malloc import tune_malloc
+from livelens.labels import imagenet_names
 from livelens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
@@ -172,22 +173,26 @@ class EncoderService:
                 # Only the run's last frame leaves a cache that a later frame can use.
                 head, last = (encoded[:-1], encoded[-1:]) if model.partial else (encoded, [])
                 by_index: dict[int, np.ndarray] = {}
+                probs: dict[int, np.ndarray] = {}
                 for part, with_cache in ((head, False), (last, True)):
                     if part:
-                        tokens_all, states = model.encode(np.stack([it.pixels for it in part]), with_cache)
+                        enc = model.encode(np.stack([it.pixels for it in part]), with_cache)
                         calls += 1
-                        by_index.update({it.index: t for it, t in zip(part, tokens_all, strict=True)})
-                        if states:
-                            cache.vit_state = states[-1]
-                out += self._records(run_items, by_index)
+                        by_index.update({it.index: t for it, t in zip(part, enc.tokens, strict=True)})
+                        if enc.class_probs is not None:
+                            probs.update({it.index: p for it, p in zip(part, enc.class_probs, strict=True)})
+                        if enc.states:
+                            cache.vit_state = enc.states[-1]
+                out += self._records(run_items, by_index, probs)
                 i = run[-1] + 1
         return out, calls, bad
 
-    def _records(self, decided: list[tuple[_Frame, FrameDecision]],
-                 tokens: dict[int, np.ndarray]) -> list[tuple[int, pb.TokensRecord]]:
+    def _records(self, decided: list[tuple[_Frame, FrameDecision]], tokens: dict[int, np.ndarray],
+                 probs: dict[int, np.ndarray] | None = None) -> list[tuple[int, pb.TokensRecord]]:
         """Records of decided frames in order (the first frame's tokens teach the grid):
-        the encoded ones with their `tokens` (by poll index), the others unchanged."""
-        return [(it.index, self.tokens_record(it, tokens[it.index], d) if d.encode
+        the encoded ones with their `tokens` and class `probs` (by poll index), the others unchanged."""
+        probs = probs or {}
+        return [(it.index, self.tokens_record(it, tokens[it.index], d, probs.get(it.index)) if d.encode
                  else self.unchanged_record(it.record, d)) for it, d in decided]
 
     def _encode_queries(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
@@ -195,10 +200,13 @@ class EncoderService:
         items, bad = self._prepare(frames)
         if not items:
             return [], 0, bad
-        tokens, _ = model.encode(np.stack([item.pixels for item in items]))
-        return [(item.index, self.tokens_record(item, t, None)) for item, t in zip(items, tokens, strict=True)], 1, bad
+        enc = model.encode(np.stack([item.pixels for item in items]))
+        probs = enc.class_probs if enc.class_probs is not None else [None] * len(items)
+        return [(item.index, self.tokens_record(item, t, None, p))
+                for item, t, p in zip(items, enc.tokens, probs, strict=True)], 1, bad
 
-    def tokens_record(self, item: _Frame, tokens: np.ndarray, decision: FrameDecision | None) -> pb.TokensRecord:
+    def tokens_record(self, item: _Frame, tokens: np.ndarray, decision: FrameDecision | None,
+                      class_probs: np.ndarray | None = None) -> pb.TokensRecord:
         frame = item.record
         grid = int(round(tokens.shape[0] ** 0.5))
         rec = pb.TokensRecord(
@@ -212,6 +220,10 @@ class EncoderService:
         kept = None if decision is None else \
             self.cache.stream(frame.stream_id).kept(decision, tokens)
         set_tokens(rec, tokens, kept)
+        if class_probs is not None:
+            for name, p in frame_tags(class_probs, self.cfg.encoder.frame_tags, self.cfg.encoder.tag_min_prob):
+                rec.tags.append(name)
+                rec.tag_scores.append(p)
         return rec
 
     def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
@@ -306,6 +318,16 @@ class EncoderService:
             model.close()
             self.pool.shutdown()
             health.stop()
+
+
+def frame_tags(class_probs: np.ndarray, most: int, min_prob: float) -> list[tuple[str, float]]:
+    """The names of the `most` likeliest ImageNet classes at least `min_prob` likely."""
+    if most <= 0:
+        return []
+    names = imagenet_names()
+    p = class_probs.astype(np.float32)
+    top = np.argsort(-p)[:most]
+    return [(names[int(c)], round(float(p[c]), 4)) for c in top if p[c] >= min_prob]
 
 
 def to_unit_range(pixels: np.ndarray) -> np.ndarray:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import Future
+from typing import NamedTuple
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -23,6 +24,15 @@ import tritonclient.grpc as grpcclient
 from services.encoder.feature_cache import ViTState
 
 STATE_INPUTS = ("keys_others", "values_others")
+CLASS_PROBS = "class_probs"
+
+
+class Encoded(NamedTuple):
+    """What one request for whole frames returns."""
+
+    tokens: np.ndarray  # [B, T, H]
+    states: list[ViTState] | None  # a cached ViT's cache after each frame, when asked for
+    class_probs: np.ndarray | None  # [B, classes], where the model has a classifier output
 
 
 class VisionModelClient:
@@ -34,6 +44,7 @@ class VisionModelClient:
         self.grid: tuple[int, int] = (0, 0)
         self.cache_shape: tuple[int, int, int] = (0, 0, 0)  # a cached ViT's [layers, patches, width]
         self.plain: VisionModelClient | None = None  # a cached ViT's twin without a cache
+        self.classifies = False  # the model also returns class_probs (the frames' tags)
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -72,31 +83,33 @@ class VisionModelClient:
                 self.plain.wait_ready()
         else:
             patches = tokens[-2]
+            self.classifies = CLASS_PROBS in outputs
         side = int(round(patches ** 0.5))
         self.grid = (side, side) if side * side == patches else (0, 0)
 
-    def encode(self, pixels: np.ndarray, with_cache: bool = True) -> tuple[np.ndarray, list[ViTState] | None]:
-        """Frames [B,3,S,S] whole, in one request: tokens [B, T, H], and for a cached ViT with
+    def encode(self, pixels: np.ndarray, with_cache: bool = True) -> Encoded:
+        """Frames [B,3,S,S] whole, in one request: tokens [B, T, H]; for a cached ViT with
         `with_cache` the cache each frame leaves (else None: the cache rows, 2 MB a frame,
-        do not travel back)."""
+        do not travel back); the class probabilities where the model has them."""
         if self.plain is not None and not with_cache:
             return self.plain.encode(pixels)
         if not self.partial:
+            names = ["tokens", CLASS_PROBS] if self.classifies else ["tokens"]
             result = self.client.infer(self.model_name, _inputs(("pixels", pixels, "FP32")),
-                                       outputs=[grpcclient.InferRequestedOutput("tokens")])
+                                       outputs=[grpcclient.InferRequestedOutput(n) for n in names])
             tokens = result.as_numpy("tokens")
             if tokens is None:
                 raise RuntimeError(f"Triton model {self.model_name!r} returned no 'tokens' output")
-            return tokens, None
+            return Encoded(tokens, None, result.as_numpy(CLASS_PROBS) if self.classifies else None)
         b, (layers, patches, width) = pixels.shape[0], self.cache_shape
         none = np.zeros((b, layers, 0, width), np.float16)  # every patch is recomputed
         inputs, outputs = self._partial_request(pixels, np.tile(np.arange(patches), (b, 1)), none, none, with_cache)
         tokens, keys, values = self._partial_result(self.client.infer(self.model_name, inputs, outputs=outputs),
                                                     with_cache)
         if keys is None or values is None:
-            return tokens, None
-        return tokens, [ViTState(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), t.copy())
-                        for t, k, v in zip(tokens, keys, values, strict=True)]
+            return Encoded(tokens, None, None)
+        return Encoded(tokens, [ViTState(k.transpose(1, 0, 2).copy(), v.transpose(1, 0, 2).copy(), t.copy())
+                                for t, k, v in zip(tokens, keys, values, strict=True)], None)
 
     def encode_partial(self, frames: list[tuple[np.ndarray, np.ndarray]],
                        state: ViTState) -> tuple[list[np.ndarray], ViTState]:

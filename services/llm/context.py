@@ -31,6 +31,9 @@ class FrameSegment:
     # where the encoder dropped a token, the last one received there): the retrieval key's
     # input, comparable with an example image's full-grid mean. None: the kept tokens' mean.
     pooled: np.ndarray | None = field(default=None, compare=False)
+    # What the vision model's classifier sees in the frame (most likely first): written into
+    # the frame's label, so even a small LLM can name it.
+    tags: tuple[str, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -83,8 +86,9 @@ class ComposedContext:
         return max((f.pts_s for f in self.frames), default=0.0)
 
 
-def frame_label(pts_s: float) -> str:
-    return f"<frame t={pts_s:.1f}s>"
+def frame_label(pts_s: float, tags: tuple[str, ...] = ()) -> str:
+    seen = ", ".join(t.replace('"', "'") for t in tags)
+    return f'<frame t={pts_s:.1f}s seen="{seen}">' if tags else f"<frame t={pts_s:.1f}s>"
 
 
 @dataclass
@@ -161,7 +165,7 @@ def head_block(system_prompt: str) -> Block:
 
 def frame_block(frame: FrameSegment) -> Block:
     # The label carries the time, so frames left out in between need no marker.
-    return Block((TextPart(frame_label(frame.pts_s)), VisualPart(frame), TextPart("</frame>\n")), frame)
+    return Block((TextPart(frame_label(frame.pts_s, frame.tags)), VisualPart(frame), TextPart("</frame>\n")), frame)
 
 
 def tail_block(dialogue: Iterable[Turn], question: str) -> Block:

@@ -18,6 +18,7 @@ import io
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,6 +75,7 @@ class _Entry:
     segment: Segment | None = None  # in RAM
     path: Path | None = None  # on disk
     nbytes: int = 0
+    tags: frozenset[str] = frozenset()  # its frames' tags (kept in RAM: retrieval by name)
 
 
 def _encode(segment: Segment) -> bytes:
@@ -83,6 +85,7 @@ def _encode(segment: Segment) -> bytes:
         arrays[f"tokens{i}"] = f.tokens
         arrays[f"kept{i}"] = f.kept
         arrays[f"meta{i}"] = np.array([f.seq, f.pts_s], np.float64)
+        arrays[f"tags{i}"] = np.array(f.tags, dtype=np.str_)
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types allow_pickle here
     payload = buf.getvalue()
     return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
@@ -96,7 +99,8 @@ def _decode(stream_id: str, index: int, data: bytes) -> Segment:
         raise ValueError("checksum mismatch")
     with np.load(io.BytesIO(payload)) as z:
         n = sum(1 for k in z.files if k.startswith("meta"))
-        frames = tuple(FrameSegment(int(z[f"meta{i}"][0]), float(z[f"meta{i}"][1]), z[f"tokens{i}"], z[f"kept{i}"])
+        frames = tuple(FrameSegment(int(z[f"meta{i}"][0]), float(z[f"meta{i}"][1]), z[f"tokens{i}"], z[f"kept{i}"],
+                                    tags=tuple(str(t) for t in z[f"tags{i}"]) if f"tags{i}" in z.files else ())
                        for i in range(n))
     return Segment(stream_id, index, frames)
 
@@ -119,7 +123,8 @@ class TieredSegmentStore:
         if segment.index in entries:
             return  # a replayed segment: already stored
         entries[segment.index] = _Entry(retrieval_key(segment.frames), segment.start_pts_s, segment,
-                                        nbytes=segment.nbytes)
+                                        nbytes=segment.nbytes,
+                                        tags=frozenset(t for f in segment.frames for t in f.tags))
         self._lru[(segment.stream_id, segment.index)] = None
         self.stats.ram_bytes += segment.nbytes
         self.stats.segments_ram += 1
@@ -133,6 +138,11 @@ class TieredSegmentStore:
         if not entries:
             return [], np.zeros((0, 0), np.float32)
         return list(entries), np.stack([e.key for e in entries.values()])
+
+    def tagged(self, stream_id: str, wanted: Callable[[str], bool]) -> list[int]:
+        """Indices (in time order) of the stream's segments with a frame tag `wanted` accepts."""
+        entries = self._entries.get(stream_id)
+        return [index for index, e in (entries or {}).items() if any(wanted(t) for t in e.tags)]
 
     def get(self, stream_id: str, index: int) -> Segment | None:
         """The segment, from RAM or disk; None (counted and logged) if gone or corrupt."""

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from livelens.config import LLMConfig
+from livelens.labels import question_names_tag
 from services.llm.context import ComposedContext, FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
@@ -100,8 +101,9 @@ class Stream:
                                      chunk_frames=c.chunk_frames, on_evict=self._evicted)
 
     # --- frames in -------------------------------------------------------------------
-    def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False) -> Added:
-        """A frame's tokens (kept positions only, `kept` over the whole grid), in order."""
+    def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
+            tags: tuple[str, ...] = ()) -> Added:
+        """A frame's tokens (kept positions only, `kept` over the whole grid) and tags, in order."""
         if unchanged or not tokens.shape[0]:
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
         if seq <= self.context.last_seq:
@@ -109,7 +111,7 @@ class Stream:
         if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
-        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0))
+        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags)
         self.context.add_frame(frame)
         self.res.materializer.frame_added(self.context, frame)
         return Added.FRAME
@@ -138,24 +140,16 @@ class Stream:
 
     # --- questions -------------------------------------------------------------------
     def retrieve(self, question: str, example: np.ndarray | None) -> list[FrameSegment]:
-        """Stored segments for a question, in time order: scored by the example image's
-        pooled embedding when the question has one, else (streaming KV) by the question's
-        own attention queries against each segment's mean key. Top-k, then cut to the
-        retrieved part's token budget (best first)."""
+        """Stored segments for a question, in time order. Segments with a frame whose tags
+        the question names come first (newest first); then the best scored by the example
+        image's pooled embedding when the question has one, else (streaming KV) by the
+        question's own attention queries against each segment's mean key. Top-k, then cut
+        to the retrieved part's token budget (best first)."""
         c, res = self.res.cfg, self.res
         if not c.retrieve_top_k:
             return []
-        if example is not None:
-            indices, keys = res.store.keys(self.stream_id)
-            ranked = best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
-        elif res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
-            indices, qkeys = res.materializer.question_keys(self.stream_id)
-            if not indices:
-                return []
-            query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
-            ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
-        else:
-            return []
+        named = res.store.tagged(self.stream_id, lambda tag: question_names_tag(question, tag))[::-1]
+        ranked = (named + [i for i in self._ranked(question, example) if i not in named])[:c.retrieve_top_k]
         picked: list[Segment] = []
         budget = c.retrieve_token_budget
         for index in ranked:
@@ -168,6 +162,20 @@ class Stream:
             budget -= size
             picked.append(segment)
         return [f for segment in sorted(picked, key=lambda g: g.index) for f in segment.frames]
+
+    def _ranked(self, question: str, example: np.ndarray | None) -> list[int]:
+        """Stored segment indices, best first, by the example image or the question's keys."""
+        c, res = self.res.cfg, self.res
+        if example is not None:
+            indices, keys = res.store.keys(self.stream_id)
+            return best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
+        if res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
+            indices, qkeys = res.materializer.question_keys(self.stream_id)
+            if not indices:
+                return []
+            query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
+            return best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
+        return []
 
     def stored_frames(self) -> list[FrameSegment]:
         """Every frame the segment store still holds for the stream, in time order."""

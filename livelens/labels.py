@@ -81,6 +81,21 @@ def category(index: int) -> str | None:
     return None
 
 
+def question_names_tag(question: str, tag: str) -> bool:
+    """Whether a question asks about what a frame tag names: the tag itself, its last word
+    ("cat" of "tabby cat") or its class's everyday word ("dog" for a beagle)."""
+    words = {tag, tag.split()[-1]}
+    index = _index_of().get(tag.lower())
+    if index is not None and category(index):
+        words.add(str(category(index)))
+    return any(len(w) >= 3 and names_label(question, w) for w in words)
+
+
+@lru_cache(maxsize=1)
+def _index_of() -> dict[str, int]:
+    return {name.lower(): i for i, name in reversed(list(enumerate(imagenet_names())))}
+
+
 def is_animal(index: int) -> bool:
     return index in ANIMAL_CLASSES
 
