@@ -177,6 +177,9 @@ class LLMConfig:
     kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV
     max_answer_tokens: int = 48
     temperature: float = 0.0
+    # Lowers a token's logit by this much for each time the answer already used it: a small
+    # model's greedy answers otherwise loop ("a prison with a prison wall. The prison is ...").
+    frequency_penalty: float = 0.5
     max_model_len: int = 4096
     kv_cache_gb: float = 1.0
     enforce_eager: bool = True
@@ -328,7 +331,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     for name in ("dialogue_turns", "retrieve_token_budget"):
         if getattr(c, name) < 0:
             raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
-    for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature"):
+    for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature",
+                 "frequency_penalty"):
         value = getattr(c, name)
         if not value >= 0:  # also NaN
             raise ConfigError(f"llm.{name} must be >= 0, got {value}")
@@ -336,6 +340,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
         value = getattr(c, name)
         if not value > 0:
             raise ConfigError(f"llm.{name} must be > 0, got {value}")
+    if c.frequency_penalty > 2:
+        raise ConfigError(f"llm.frequency_penalty must be within [0, 2] (vLLM's range), got {c.frequency_penalty}")
     _check_context_fits(cfg)
 
 

@@ -85,10 +85,10 @@ class Pipeline:
         return self.models[name]
 
     async def feed(self, stream_id: str, frames: list[np.ndarray], fps: float, model: str,
-                   start_seq: int = 0, poll: int = 8) -> None:
+                   start_seq: int = 0, poll: int = 8, tags: bool = True) -> None:
         """Frames through the encoder (one poll at a time, as its consumer does) into the
         LLM service; returns once the stream's context holds them (prefilled, on the
-        streaming-KV path)."""
+        streaming-KV path). tags=False drops the frames' tags (the projector alone)."""
         stream = self.service.stream(stream_id)
         for i in range(0, len(frames), poll):
             records = [pb.FrameRecord(stream_id=stream_id, tenant="bench", seq=start_seq + i + j,
@@ -96,6 +96,8 @@ class Pipeline:
                                       encoding=pb.FrameRecord.JPEG, width=rgb.shape[1], height=rgb.shape[0])
                        for j, rgb in enumerate(frames[i:i + poll])]
             for rec in await asyncio.to_thread(self.encoder.process, records, self.model(model)):
+                if not tags:
+                    del rec.tags[:], rec.tag_scores[:]
                 self.service.on_tokens(rec)
             while not stream.ready(start_seq + i - 2 * poll):  # a bounded prefill backlog
                 await asyncio.sleep(0.02)
@@ -169,7 +171,7 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
     """Per sample: a stream of three frames (1 s at 2 fps) ending on the sampled frame."""
     from livelens.train.projector import names_label
 
-    scores: dict[str, list[tuple[bool, bool]]] = {"trained": [], "seeded": [], "text_labels": []}
+    scores: dict[str, list[tuple[bool, bool]]] = {"trained": [], "seeded": [], "tags": [], "text_labels": []}
     samples: list[dict[str, Any]] = []
     n = 0
     for video in videos:
@@ -179,9 +181,13 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
             clip = frames[at - 2:at + 1]
             labels = teacher(clip[-1])[:3]
             answers = {}
-            for variant, model in (("trained", "vision_encoder_trained"), ("seeded", "vision_encoder_seeded")):
+            # The projectors alone (no tags), then what the service runs: its default
+            # projector with the frames' tags.
+            default = f"vision_encoder_{p.cfg.vision.projector}"
+            for variant, model, tags in (("trained", "vision_encoder_trained", False),
+                                         ("seeded", "vision_encoder_seeded", False), ("tags", default, True)):
                 sid = f"ground-{variant}-{n}"
-                await p.feed(sid, clip, 2.0, model)
+                await p.feed(sid, clip, 2.0, model, tags=tags)
                 answers[variant] = (await p.ask(sid, GROUNDING_QUESTION, "recompute")).text
                 p.close(sid)
             sid = f"ground-text-{n}"
@@ -193,7 +199,7 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
                 scores[variant].append((names_label(text, labels[0]), any(names_label(text, lb) for lb in labels)))
             samples.append({"video": video, "frame": int(at), "teacher": labels, **answers})
             n += 1
-            print(f"  grounding {video} frame {at}: teacher {labels}; trained: {answers['trained']!r}", flush=True)
+            print(f"  grounding {video} frame {at}: teacher {labels}; with tags: {answers['tags']!r}", flush=True)
     out: dict[str, Any] = {"samples": len(samples)}
     for variant, rows in scores.items():
         out[f"{variant}_top1"] = float(np.mean([r[0] for r in rows])) if rows else None
@@ -332,7 +338,8 @@ def summary(result: dict[str, Any]) -> str:
     if g:
         lines.append(f"grounding ({g['samples']} held-out samples): trained top-1 {g['trained_top1']:.2f} "
                      f"top-3 {g['trained_top3']:.2f} | seeded top-1 {g['seeded_top1']:.2f} top-3 "
-                     f"{g['seeded_top3']:.2f} | labels as text top-1 {g['text_labels_top1']:.2f}")
+                     f"{g['seeded_top3']:.2f} | frame tags (the service) top-1 {g['tags_top1']:.2f} top-3 "
+                     f"{g['tags_top3']:.2f} | labels as text top-1 {g['text_labels_top1']:.2f}")
     if result.get("needle"):
         lines.append("| method | haystack (min) | depth | accuracy | false alarms | needle retrieved |")
         lines.append("|---|---|---|---|---|---|")
@@ -354,11 +361,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     g = result.get("grounding")
     if g:
-        names = ["seeded", "trained", "text_labels"]
+        names = ["seeded", "trained", "tags", "text_labels"]
         x = np.arange(len(names))
         axes[0].bar(x - 0.2, [g[f"{n}_top1"] for n in names], 0.4, label="top-1 named")
         axes[0].bar(x + 0.2, [g[f"{n}_top3"] for n in names], 0.4, label="one of top-3 named")
-        axes[0].set_xticks(x, ["seeded projector", "trained projector", "labels as text"])
+        axes[0].set_xticks(x, ["seeded\nprojector", "trained\nprojector", "frame tags\n(the service)",
+                               "labels as\ntext"])
         axes[0].set_ylim(0, 1)
         axes[0].set_title("grounding on held-out videos")
         axes[0].legend()

@@ -111,6 +111,7 @@ class VllmEngine:
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=self.cfg.temperature,
+            frequency_penalty=self.cfg.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
             logprobs=logprobs,
             extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
