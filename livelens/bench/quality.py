@@ -292,8 +292,9 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
         repo = model_repository(work / "model_repo", {
             "vision_encoder_trained": proj.export_encoder_onnx(work / "trained.onnx", "trained"),
             "vision_encoder_seeded": proj.export_encoder_onnx(work / "seeded.onnx", "seeded")})
-        tcfg = replace(cfg.triton, model_repository=str(repo), grpc_port=free_port(), http_port=free_port(),
-                       metrics_port=free_port())
+        # Ready means both served (the readiness check names one model; both load before it).
+        tcfg = replace(cfg.triton, model_repository=str(repo), model_name="vision_encoder_seeded",
+                       grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         out.parent.mkdir(parents=True, exist_ok=True)
         with TritonServer(tcfg, work / "tritonserver.log"):
             p = Pipeline(cfg, tcfg.grpc_url, work)
