@@ -28,12 +28,13 @@ def test_model_repository_serves_both_projectors(tmp_path: Path) -> None:
 
 def test_summary_lists_every_needle_row() -> None:
     result = {"grounding": {"samples": 2, "trained_top1": 0.5, "trained_top3": 1.0, "seeded_top1": 0.0,
-                            "seeded_top3": 0.0, "text_labels_top1": 1.0},
+                            "seeded_top3": 0.0, "tags_top1": 0.5, "tags_top3": 0.5, "text_labels_top1": 1.0},
               "needle": [{"method": m, "haystack_minutes": 1, "depth": 0.5, "accuracy": 1.0, "false_alarm": 0.0,
                           "retrieved_needle": True} for m in ("window", "streaming_kv")],
               "agreement": [{"method": "streaming_kv", "haystack_minutes": 1, "depth": 0.5, "token_match": 0.75,
                              "top5_overlap": 0.8}]}
     text = summary(result)
     assert "trained top-1 0.50 top-3 1.00" in text
+    assert "frame tags (the service) top-1 0.50 top-3 0.50" in text
     assert "| streaming_kv | 1 | 0.5 | 1.00 | 0.00 | True |" in text
     assert "token match 0.75, top-5 overlap 0.80" in text
