@@ -43,7 +43,6 @@ from livelens.video import read_frames, sample_video
 GROUNDING_QUESTION = "What objects do you see?"
 ABSENT = ["airplane", "elephant", "guitar"]  # objects none of the haystacks or needles show
 METHODS = ["full", "window", "recompute", "streaming_kv"]
-NEEDLE_ENCODER = "vision_encoder_trained"  # the needle runs see through the trained projector
 AGREEMENT_TOKENS = 16
 
 
@@ -69,6 +68,7 @@ class Pipeline:
         from services.llm.service import LLMService, build_resources
 
         self.cfg = cfg
+        self.service_encoder = f"vision_encoder_{cfg.vision.projector}"  # the served model the service runs
         self.encoder = EncoderService(cfg)
         self.models: dict[str, VisionModelClient] = {}
         self.grpc_url = grpc_url
@@ -174,6 +174,9 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
     scores: dict[str, list[tuple[bool, bool]]] = {"trained": [], "seeded": [], "tags": [], "text_labels": []}
     samples: list[dict[str, Any]] = []
     n = 0
+    # The projectors alone (no tags), then what the service runs: its projector with the frames' tags.
+    variants = (("trained", "vision_encoder_trained", False), ("seeded", "vision_encoder_seeded", False),
+                ("tags", p.service_encoder, True))
     for video in videos:
         frames = video_frames(video, 2.0)
         picks = np.linspace(2, len(frames) - 1, per_video).astype(int)
@@ -181,11 +184,7 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
             clip = frames[at - 2:at + 1]
             labels = teacher(clip[-1])[:3]
             answers = {}
-            # The projectors alone (no tags), then what the service runs: its default
-            # projector with the frames' tags.
-            default = f"vision_encoder_{p.cfg.vision.projector}"
-            for variant, model, tags in (("trained", "vision_encoder_trained", False),
-                                         ("seeded", "vision_encoder_seeded", False), ("tags", default, True)):
+            for variant, model, tags in variants:
                 sid = f"ground-{variant}-{n}"
                 await p.feed(sid, clip, 2.0, model, tags=tags)
                 answers[variant] = (await p.ask(sid, GROUNDING_QUESTION, "recompute")).text
@@ -219,7 +218,7 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.nd
     needle_seqs = set(range(at, at + len(needle)))
     sid = f"needle-{minutes:g}-{depth:g}-{time.monotonic_ns()}"
     t0 = time.perf_counter()
-    await p.feed(sid, frames, fps, NEEDLE_ENCODER)
+    await p.feed(sid, frames, fps, p.service_encoder)  # as the service sees: its projector, with tags
     ingest_s = time.perf_counter() - t0
     questions = [("present", f"Did a {label} appear in the video?"), ("which", f"Which {kind} appeared in the video?")]
     questions += [("absent", f"Did a {obj} appear in the video?") for obj in ABSENT]

@@ -148,8 +148,15 @@ class Stream:
         c, res = self.res.cfg, self.res
         if not c.retrieve_top_k:
             return []
-        named = res.store.tagged(self.stream_id, lambda tag: question_names_tag(question, tag))[::-1]
-        ranked = (named + [i for i in self._ranked(question, example) if i not in named])[:c.retrieve_top_k]
+        named_tags: dict[str, bool] = {}  # a stream repeats few tags over many segments: match each once
+
+        def named(tag: str) -> bool:
+            if tag not in named_tags:
+                named_tags[tag] = question_names_tag(question, tag)
+            return named_tags[tag]
+
+        first = res.store.tagged(self.stream_id, named)[::-1]
+        ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieve_top_k]
         picked: list[Segment] = []
         budget = c.retrieve_token_budget
         for index in ranked:
