@@ -60,9 +60,10 @@ SCRIPT = textwrap.dedent('''
 
     async def main():
         tmp = Path(sys.argv[2])
+        # frequency_penalty 0: the reference is transformers' plain greedy decoding.
         cfg = LivelensConfig(llm=LLMConfig(dtype="float32", kv_store_dtype="float32", sink_frames=2,
                                            window_frames=3, dialogue_turns=2, retrieve_top_k=2,
-                                           store_disk_dir=str(tmp / "segments")))
+                                           frequency_penalty=0.0, store_disk_dir=str(tmp / "segments")))
         c = cfg.llm
         theta = model_rope_theta(c.model_path)
         engine, res = build_resources(cfg, tmp / "kv")  # as the service builds them
