@@ -148,7 +148,8 @@ class LLMConfig:
     health_port: int = 50053
     system_prompt: str = (
         "You are livelens, an assistant watching a live video. Each <frame> holds what "
-        "the camera saw at the given stream time. Answer briefly about what you have seen."
+        "the camera saw at the given stream time. Answer briefly about what you have seen. "
+        "Answer a yes-or-no question with Yes or No first."
     )
     sink_frames: int = 2
     window_frames: int = 8  # 4 s at 2 fps: a CPU prefill costs ~5 ms a token here
@@ -167,6 +168,10 @@ class LLMConfig:
     # Question-text retrieval (streaming_kv): the layers whose question queries are scored
     # against each stored frame's mean key (ReKV); averaged over these layers.
     retrieve_layers: list[int] = field(default_factory=lambda: [12])
+    # A question's turn opens with what the frames it names showed (their tags, as text):
+    # up to this many frames whose tags the question names, and the newest frame. A small
+    # LLM misses a few frames' labels among many; next to the question it reads them. 0: off.
+    recall_notes: int = 3
     # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
     # the composed context) or "streaming_kv" (frames prefilled once on arrival; their KV
     # stored per frame and loaded, re-rotated, for questions).
@@ -328,7 +333,7 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     if c.sink_frames < 0 or c.window_frames < 1:
         raise ConfigError(f"llm.sink_frames must be >= 0 and llm.window_frames >= 1, "
                           f"got {c.sink_frames} and {c.window_frames}")
-    for name in ("dialogue_turns", "retrieve_token_budget"):
+    for name in ("dialogue_turns", "retrieve_token_budget", "recall_notes"):
         if getattr(c, name) < 0:
             raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
     for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature",
@@ -352,6 +357,8 @@ HEAD_MARKUP_TOKENS = 14  # ChatML around the system prompt and "The video so far
 CHARS_PER_TOKEN = 3  # the system prompt's length in tokens, over-estimated (English is ~4.4)
 FRAME_LABEL_TOKENS = 16  # "<frame t=...s>" + "</frame>\n": 13 tokens at t=0, 16 at t=1 h (measured)
 TAG_MARKUP_TOKENS = 4  # ' seen=""' in a frame's label
+NOTE_FRAME_TOKENS = 13  # " Seen at 3600.0s: ." in a question's note (measured)
+UNSEEN_NOTE_TOKENS = 16  # " Not seen so far: ..." (the question names the things; QUESTION_TOKENS bounds them)
 TAG_TOKENS = 7  # one tag and its ", ": ImageNet's longest short names are 6 tokens
 QUESTION_TOKENS = 64  # a question of ~250 characters (gateway.max_question_chars allows more)
 TURN_MARKUP_TOKENS = 11  # ChatML around a question and its answer (measured)
@@ -390,9 +397,11 @@ def _check_context_fits(cfg: LivelensConfig) -> None:
     per_label = FRAME_LABEL_TOKENS + (TAG_MARKUP_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags
                                       if cfg.encoder.frame_tags > 0 else 0)
     labels = (frames + retrieved_frames) * per_label
+    notes = (c.recall_notes + 1) * (NOTE_FRAME_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags) \
+        + UNSEEN_NOTE_TOKENS if c.recall_notes > 0 and cfg.encoder.frame_tags > 0 else 0
     dialogue = c.dialogue_turns * (QUESTION_TOKENS + c.max_answer_tokens + TURN_MARKUP_TOKENS)
     question = QUESTION_TOKENS + TURN_MARKUP_TOKENS
-    total = head + frames * per_frame + retrieved + labels + dialogue + question + c.max_answer_tokens
+    total = head + frames * per_frame + retrieved + labels + notes + dialogue + question + c.max_answer_tokens
     if total <= c.max_model_len:
         return
     # The most window frames that fit with everything else as it is.
@@ -410,6 +419,7 @@ def _check_context_fits(cfg: LivelensConfig) -> None:
         f" of {per_frame} tokens ({frames * per_frame}){retrieval}"
         f" + frame labels with encoder.frame_tags ({cfg.encoder.frame_tags}) tags"
         f" ({frames + retrieved_frames} x ~{per_label} = {labels})"
+        f" + the question's note of llm.recall_notes ({c.recall_notes}) + 1 frames' tags (~{notes})"
         f" + llm.dialogue_turns ({c.dialogue_turns}) past turns (~{dialogue})"
         f" + a question (~{question}) + llm.max_answer_tokens ({c.max_answer_tokens})"
         f" = {total} tokens > llm.max_model_len ({c.max_model_len}): {advice}"

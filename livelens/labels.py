@@ -83,12 +83,43 @@ def category(index: int) -> str | None:
 
 def question_names_tag(question: str, tag: str) -> bool:
     """Whether a question asks about what a frame tag names: the tag itself, its last word
-    ("cat" of "tabby cat") or its class's everyday word ("dog" for a beagle)."""
+    ("cat" of "tabby cat"), its class's everyday word ("dog" for a beagle), or "animal"
+    for any animal class ("Which animal appeared?")."""
     words = {tag, tag.split()[-1]}
     index = _index_of().get(tag.lower())
     if index is not None and category(index):
         words.add(str(category(index)))
+    if index is not None and is_animal(index):
+        words.add("animal")
     return any(len(w) >= 3 and names_label(question, w) for w in words)
+
+
+@lru_cache(maxsize=1)
+def _class_words() -> frozenset[str]:
+    words = set(CATEGORIES)
+    for name in imagenet_names():
+        words.update((_words(name), _words(name).split()[-1]))
+    return frozenset(w for w in words if len(w) >= 3)
+
+
+def words_naming_classes(question: str) -> tuple[str, ...]:
+    """The words of a question that name an ImageNet class: a class's name or its last
+    word ("elephant" of "African elephant"), or a class group's everyday word ("dog"), as
+    `names_label` matches them (a plural s/es allowed); the longest where they overlap."""
+    known = _class_words()
+    words = _words(question).split()
+    found: set[str] = set()
+    for i in range(len(words)):
+        for j in range(min(len(words), i + 4), i, -1):  # the longest phrase first
+            phrase = " ".join(words[i:j])
+            for candidate in (phrase, phrase[:-1], phrase[:-2]):
+                if candidate in known and names_label(phrase, candidate):
+                    found.add(candidate)
+                    break
+            else:
+                continue
+            break
+    return tuple(sorted(w for w in found if not any(w != o and names_label(o, w) for o in found)))
 
 
 @lru_cache(maxsize=1)

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -133,4 +135,37 @@ def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
     labels = [p.text for b in composed.context.blocks if b.frame is not None for p in b.parts
               if isinstance(p, TextPart)]
     assert '<frame t=1.0s seen="tabby cat, tiger cat">' in labels and "<frame t=3.0s>" in labels
+    stream.close()
+
+
+def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
+    """The note before the question: the frames whose tags the question names (retrieved or
+    in the window, newest first up to llm.recall_notes) and the newest frame, in time order;
+    then what the question names that no frame was tagged with."""
+    cfg = LLMConfig(sink_frames=1, window_frames=2, chunk_frames=1, retrieve_top_k=2, retrieve_token_budget=8,
+                    recall_notes=1)
+    try:
+        embedder = ContextEmbedder(cfg.model_path)
+    except FileNotFoundError:
+        pytest.skip("LLM not built (make models)")
+    recompute = RecomputeMaterializer(None, embedder)
+    stream = Stream("s", StreamResources(cfg, embedder, TieredSegmentStore(2**20, None, 0, 100), recompute,
+                                         recompute))
+    tags = {1: ("tabby cat",), 2: ("Egyptian cat",), 5: ("street sign", "prison")}
+    for i in range(6):
+        stream.add(i, i * 0.5, direction(i), np.ones(4, bool), tags=tags.get(i, ()))
+
+    def question_turn(question: str, c: LLMConfig = cfg) -> str:
+        stream.res.cfg = c
+        tail = stream.compose(question, 8).context.blocks[-1]
+        return "".join(p.text for p in tail.parts if isinstance(p, TextPart)).rsplit("<|im_start|>user\n", 1)[1]
+
+    assert question_turn("Did a cat appear?") == (
+        "Seen at 1.0s: Egyptian cat. Seen at 2.5s: street sign, prison.\nDid a cat appear?<|im_end|>\n"
+        "<|im_start|>assistant\n"), "the newest named frame only (recall_notes 1), then the newest frame"
+    assert question_turn("Which animal appeared?").startswith("Seen at 1.0s: Egyptian cat. Seen at 2.5s:")
+    assert question_turn("Did a car or a dog appear?").startswith(
+        "Seen at 2.5s: street sign, prison. Not seen so far: car, dog.\nDid a car"), "named, never tagged"
+    assert "Not seen" not in question_turn("Did a tabby cat appear?")
+    assert question_turn("Did a cat appear?", replace(cfg, recall_notes=0)).startswith("Did a cat appear?")
     stream.close()

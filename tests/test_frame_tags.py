@@ -26,6 +26,9 @@ def test_tags_are_the_likeliest_classes_above_the_floor():
     ("Did a car appear?", "tabby cat", False),
     ("What happened at the concatenation?", "tabby cat", False),  # whole words only
     ("Did an ox appear?", "ox", False),  # words under three letters never match
+    ("Which animal appeared?", "tabby cat", True),  # any of ImageNet's animal classes
+    ("Which animals appeared?", "beagle", True),
+    ("Which animal appeared?", "street sign", False),
 ])
 def test_question_names_tag(question, tag, named):
     assert question_names_tag(question, tag) is named

@@ -140,16 +140,17 @@ class StreamContext:
             self.dialogue.popleft()
 
     def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
-                retrieved: Sequence[FrameSegment] = ()) -> ComposedContext:
+                retrieved: Sequence[FrameSegment] = (), note: str = "") -> ComposedContext:
         """ChatML composition (SmolLM2's template). `retrieved` frames (in time order) go
         between the sink and the window; `window_limit` trims the oldest window frames when
-        the whole context would not fit the engine's length."""
+        the whole context would not fit the engine's length; `note` (see `recall_note`)
+        opens the question's turn."""
         window = list(self.window)
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
         frames = self.sink + list(retrieved) + window
         return ComposedContext([head_block(system_prompt), *map(frame_block, frames),
-                                tail_block(self.dialogue, question)], self.stream_id)
+                                tail_block(self.dialogue, question, note)], self.stream_id)
 
     def preceding(self) -> list[FrameSegment]:
         """What the newest frame attends to when it is prefilled on arrival (streaming KV):
@@ -168,10 +169,20 @@ def frame_block(frame: FrameSegment) -> Block:
     return Block((TextPart(frame_label(frame.pts_s, frame.tags)), VisualPart(frame), TextPart("</frame>\n")), frame)
 
 
-def tail_block(dialogue: Iterable[Turn], question: str) -> Block:
+def recall_note(frames: Sequence[FrameSegment], unseen: Sequence[str] = ()) -> str:
+    """What the tagged frames showed, and what no frame did, as one line of text:
+    `Seen at 312.0s: tabby cat. Seen at 600.0s: street sign, prison. Not seen so far:
+    elephant.` A question's turn opens with it, next to the question, where even a small
+    LLM reads it (it loses a few frames' labels among many)."""
+    seen = [f"Seen at {f.pts_s:.1f}s: {', '.join(f.tags)}." for f in frames if f.tags]
+    return " ".join(seen + ([f"Not seen so far: {', '.join(unseen)}."] if unseen else []))
+
+
+def tail_block(dialogue: Iterable[Turn], question: str, note: str = "") -> Block:
     parts: list[Part] = [TextPart("<|im_end|>\n")]
     for turn in dialogue:
         parts.append(TextPart(f"<|im_start|>user\n{turn.question}<|im_end|>\n"
                               f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"))
-    parts.append(TextPart(f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"))
+    asked = f"{note}\n{question}" if note else question
+    parts.append(TextPart(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n"))
     return Block(tuple(parts))

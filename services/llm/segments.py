@@ -144,6 +144,10 @@ class TieredSegmentStore:
         entries = self._entries.get(stream_id)
         return [index for index, e in (entries or {}).items() if any(wanted(t) for t in e.tags)]
 
+    def tags(self, stream_id: str) -> set[str]:
+        """Every tag of the stream's stored frames."""
+        return set().union(*(e.tags for e in self._entries.get(stream_id, {}).values()))
+
     def get(self, stream_id: str, index: int) -> Segment | None:
         """The segment, from RAM or disk; None (counted and logged) if gone or corrupt."""
         entry = self._entry(stream_id, index)

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from livelens.config import LLMConfig
-from livelens.labels import question_names_tag
-from services.llm.context import ComposedContext, FrameSegment, StreamContext
+from livelens.labels import question_names_tag, words_naming_classes
+from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries, question_scores
@@ -80,6 +80,20 @@ class Composed:
     retrieved: list[FrameSegment]
     materializer: Materializer
     tokens: int  # the composed context's length in tokens
+
+
+class _TagMatcher:
+    """Whether a question names a frame tag; a stream repeats few tags over many frames,
+    so each distinct tag is matched once."""
+
+    def __init__(self, question: str) -> None:
+        self.question = question
+        self.seen: dict[str, bool] = {}
+
+    def __call__(self, tag: str) -> bool:
+        if tag not in self.seen:
+            self.seen[tag] = question_names_tag(self.question, tag)
+        return self.seen[tag]
 
 
 MAX_EXAMPLES = 64  # example images whose question never came, per stream
@@ -148,14 +162,7 @@ class Stream:
         c, res = self.res.cfg, self.res
         if not c.retrieve_top_k:
             return []
-        named_tags: dict[str, bool] = {}  # a stream repeats few tags over many segments: match each once
-
-        def named(tag: str) -> bool:
-            if tag not in named_tags:
-                named_tags[tag] = question_names_tag(question, tag)
-            return named_tags[tag]
-
-        first = res.store.tagged(self.stream_id, named)[::-1]
+        first = res.store.tagged(self.stream_id, _TagMatcher(question))[::-1]
         ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieve_top_k]
         picked: list[Segment] = []
         budget = c.retrieve_token_budget
@@ -194,6 +201,25 @@ class Stream:
                 frames.extend(segment.frames)
         return frames
 
+    def recall(self, question: str, retrieved: list[FrameSegment]) -> str:
+        """The note that opens the question's turn (`recall_note`): the newest
+        `llm.recall_notes` frames in the context whose tags the question names, and the
+        newest frame, in time order; then the things the question names (ImageNet classes)
+        that no frame of the stream was tagged with. Empty with `llm.recall_notes` 0."""
+        limit = self.res.cfg.recall_notes
+        frames = self.context.sink + retrieved + list(self.context.window)
+        if not limit or not frames:
+            return ""
+        named = _TagMatcher(question)
+        quoted = [f for f in reversed(frames) if any(named(t) for t in f.tags)][:limit]
+        if frames[-1] not in quoted:
+            quoted.append(frames[-1])
+        asked = words_naming_classes(question)
+        if asked:
+            tags = self.res.store.tags(self.stream_id) | {t for f in frames + self.context.evicted for t in f.tags}
+            asked = tuple(w for w in asked if not any(question_names_tag(w, t) for t in tags))
+        return recall_note(sorted(quoted, key=lambda f: f.seq), asked)
+
     def compose(self, question: str, max_tokens: int, method: ContextMethod = ContextMethod.DEFAULT,
                 example_request_id: str | None = None) -> Composed:
         """The context a question is answered from. The oldest window frames are left out
@@ -207,7 +233,8 @@ class Stream:
             retrieved = []
         else:
             retrieved = self.retrieve(question, example)
-        composed = self.context.compose(c.system_prompt, question, retrieved=retrieved)
+        note = self.recall(question, retrieved)
+        composed = self.context.compose(c.system_prompt, question, retrieved=retrieved, note=note)
         tokens = embedder.count(composed)
         if method is ContextMethod.FULL and tokens + max_tokens > c.max_model_len:
             raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
@@ -215,6 +242,7 @@ class Stream:
         limit = len(self.context.window)
         while tokens + max_tokens > c.max_model_len and limit > 0:
             limit -= 1
-            composed = self.context.compose(c.system_prompt, question, window_limit=limit, retrieved=retrieved)
+            composed = self.context.compose(c.system_prompt, question, window_limit=limit, retrieved=retrieved,
+                                            note=note)
             tokens = embedder.count(composed)
         return Composed(composed, retrieved, materializer, tokens)
