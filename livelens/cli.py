@@ -84,13 +84,6 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="livelens-up-"))
     stack = Stack(cfg, run_dir)
 
-    def interrupt(*_: object) -> None:
-        raise KeyboardInterrupt
-
-    # SIGTERM (kill, a supervisor) stops the stack the same way as Ctrl-C; so does SIGINT
-    # even where a shell started us with it ignored (background jobs).
-    signal.signal(signal.SIGTERM, interrupt)
-    signal.signal(signal.SIGINT, interrupt)
     try:
         stack.start(progress=lambda msg: print(f"==> {msg}", flush=True))
         if not args.no_demo:
@@ -226,19 +219,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "train":
-        from livelens.train.projector import main as train_projector
-
-        return train_projector(args.rest)
-
+    # SIGTERM (kill, a supervisor, a CI timeout) stops a command the same way as Ctrl-C:
+    # the servers it started (Triton, the broker, the services: each in its own session)
+    # are stopped on the way out, never orphaned. So does SIGINT, even where a shell
+    # started us with it ignored (background jobs).
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        cfg = load_config(args.config)
-    except ConfigError as exc:
-        return _fail(f"configuration: {exc}", 2)
-    handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health}
-    return handlers[args.command](cfg, args)
+        if args.command == "train":
+            from livelens.train.projector import main as train_projector
+
+            return train_projector(args.rest)
+        try:
+            cfg = load_config(args.config)
+        except ConfigError as exc:
+            return _fail(f"configuration: {exc}", 2)
+        handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health}
+        return handlers[args.command](cfg, args)
+    except KeyboardInterrupt:
+        print(f"livelens {args.command}: interrupted; what it started is stopped", file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

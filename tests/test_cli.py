@@ -84,3 +84,26 @@ def test_ctrl_c_stops_everything_up_started(tmp_path):
     assert proc.wait(60) == 0
     for port in ports.values():
         assert is_free("127.0.0.1", port), f"port {port} still taken after Ctrl-C"
+
+
+def test_sigterm_stops_what_a_bench_started(tmp_path):
+    """A bench killed with SIGTERM (a CI timeout, `kill`) stops its tritonserver on the way
+    out: it runs in its own session, so nothing else would."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "livelens.cli", "bench", "encoder", "--backbone", "mobilenet",
+                             "--videos", "vtest.avi", "--streams", "1", "--seconds", "60",
+                             "--out", str(tmp_path / "encoder.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO_ROOT)
+    deadline = time.monotonic() + 120
+    triton: list[psutil.Process] = []
+    while not triton and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        triton = [c for c in psutil.Process(proc.pid).children(recursive=True) if "tritonserver" in c.name()]
+    assert triton, f"no tritonserver started: {proc.poll()}"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out[-2000:]
+    assert "interrupted" in out
+    gone, alive = psutil.wait_procs(triton, timeout=10)
+    assert not alive, f"tritonserver {[p.pid for p in alive]} outlived the bench"

@@ -124,9 +124,14 @@ def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
     stream = Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
     kept = np.ones(4, bool)
     tags = {2: ("tabby cat", "tiger cat"), 4: ("beagle",)}
+    scores = {2: (0.6, 0.2), 4: (0.15,)}
     for i in range(8):
-        assert stream.add(i, i * 0.5, direction(i), kept, tags=tags.get(i, ())) is Added.FRAME
+        assert stream.add(i, i * 0.5, direction(i), kept, tags=tags.get(i, ()),
+                          tag_scores=scores.get(i, ())) is Added.FRAME
     assert [f.tags for f in stream.stored_frames()] == [(), tags[2], (), tags[4], ()]
+    assert [f.tag_scores for f in stream.stored_frames()][1] == pytest.approx(scores[2])
+    # both are animals: the likelier tag first (the cat), though the beagle is newer
+    assert [f.seq for f in stream.compose("Which animal appeared?", 8).retrieved] == [2]
     assert [f.seq for f in stream.compose("Did a cat appear?", 8).retrieved] == [2]
     assert [f.seq for f in stream.compose("Did you see a beagle?", 8).retrieved] == [4]
     assert [f.seq for f in stream.compose("Was there a dog?", 8).retrieved] == [4], "the class's everyday word"

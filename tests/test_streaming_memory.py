@@ -72,7 +72,8 @@ SCRIPT = textwrap.dedent('''
             text += d.token_ids
         Path(sys.argv[1]).write_text(json.dumps({
             "samples": samples, "stats": m.stats.__dict__, "answer_tokens": len(text),
-            "sink": sorted(m.streams["long"].sink), "retrieved": retrieved,
+            "sink": sorted(stream.kv.sink), "sink_stored": sorted(stream.kv.sink & stream.kv.stored),
+            "retrieved": retrieved,
             "retrieved_stored": stored}))
         stream.close()
         res.store.close()
@@ -104,7 +105,7 @@ def test_streaming_kv_memory_flat_as_the_stream_grows(tmp_path: Path) -> None:
         assert abs(s["kv_disk_mb"] - s["tracked_mb"]) < one_frame_mb, s
     rss = [s["rss_mb"] for s in samples]
     assert max(rss[2:]) - rss[2] < 150, rss  # flat after warm-up (allocator noise allowed)
-    assert result["sink"] == [0, 1]  # the sink's KV is never deleted
+    assert result["sink"] == result["sink_stored"] == [0, 1]  # the sink's KV is never deleted
     # the service's retrieval found frame 20 by its example image, its KV deleted: the question
     # computed it (one miss: the loaded prefix stops there) and answered
     assert len(result["retrieved"]) == LLMConfig().retrieve_top_k and 20 in result["retrieved"], result

@@ -34,10 +34,17 @@ class FrameSegment:
     # What the vision model's classifier sees in the frame (most likely first): written into
     # the frame's label, so even a small LLM can name it.
     tags: tuple[str, ...] = ()
+    tag_scores: tuple[float, ...] = ()  # each tag's probability (1.0 where not given)
 
     @property
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
+
+    def tag_score(self, wanted: Callable[[str], bool]) -> float | None:
+        """The highest probability among the tags `wanted` accepts; None if it accepts none."""
+        scores = [self.tag_scores[i] if i < len(self.tag_scores) else 1.0
+                  for i, t in enumerate(self.tags) if wanted(t)]
+        return max(scores) if scores else None
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@
   those segments (keys re-rotated to their new positions by the connector) and only the
   tail (dialogue and question) is computed.
 
+Materializers hold no stream state of their own but the engine side (segment ids, frames
+waiting for prefill): which stored KV a stream keeps is its `Stream`'s `KVLedger`, which
+the streaming-KV materializer informs (saved, loaded) and obeys (deleted).
+
 Segment ids are chosen here: `head-<hash of the system prompt>` and `<stream tag>-<seq>`,
 with a per-process nonce in the stream tag so a reused stream id never meets old KV.
 """
@@ -18,7 +22,7 @@ import asyncio
 import hashlib
 import logging
 import uuid
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,15 +34,16 @@ from services.llm.context import Block, ComposedContext, FrameSegment, StreamCon
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import Delta, VllmEngine
 from services.llm.kv.store import SegmentStore
+from services.llm.kv_ledger import KVDiskBudget, KVLedger
 
 log = logging.getLogger("livelens.llm.materializer")
 
 
 class Materializer(Protocol):
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment) -> None:
-        """A frame entered `ctx` (after `ctx.add_frame`)."""
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
+        """A frame entered `ctx` (after `ctx.add_frame`); `kv` is its stream's KV ledger."""
 
-    def frames_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
+    def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         """Frames left the window as stored segment `index`."""
 
     def ready_seq(self, ctx: StreamContext) -> int:
@@ -63,10 +68,10 @@ class RecomputeMaterializer:
     # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
     cache_salt: str | None = None
 
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment) -> None:
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
         return
 
-    def frames_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
+    def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         return
 
     def ready_seq(self, ctx: StreamContext) -> int:
@@ -104,17 +109,14 @@ class _Pending:
 
 @dataclass
 class _StreamKV:
+    """The engine side of one stream: its segment ids and its frames waiting for prefill.
+    Which stored KV it keeps is its `Stream`'s ledger (`ledger`)."""
+
     tag: str
+    ledger: KVLedger | None = None
     queue: deque[_Pending] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
-    sink: set[int] = field(default_factory=set)  # seqs whose KV is never deleted
-    evicted_through: int = -1  # frames up to this seq (but the sink) have left the window
-    chunks: OrderedDict[int, list[int]] = field(default_factory=OrderedDict)  # stored chunk -> its frames' seqs
-    # seq -> the frame's mean pre-RoPE keys [layers, kv_heads * head_dim] (from its saved KV)
-    frame_keys: dict[int, np.ndarray] = field(default_factory=dict)
-    # this stream's deletable frame ids, least recently used first (as in the global order)
-    evictable: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
 
 class StreamingKVMaterializer:
@@ -132,9 +134,7 @@ class StreamingKVMaterializer:
         self.nonce = uuid.uuid4().hex[:8]
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
-        # ids of stored frames out of the window, least recently used first
-        # every stream's deletable frame ids, least recently used first -> their stream
-        self.evictable: OrderedDict[str, _StreamKV] = OrderedDict()
+        self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
         self.stats = KVStats()
 
     # --- ids -------------------------------------------------------------------------
@@ -152,10 +152,9 @@ class StreamingKVMaterializer:
         return self.head_id if block.frame is None else self.frame_id(stream_id, block.frame.seq)
 
     # --- ingest ----------------------------------------------------------------------
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment) -> None:
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
         s = self._stream(ctx.stream_id)
-        if any(f is frame for f in ctx.sink):
-            s.sink.add(frame.seq)
+        s.ledger = kv
         s.queue.append(_Pending(frame, ctx.preceding()))
         if s.task is None or s.task.done():
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
@@ -219,54 +218,35 @@ class StreamingKVMaterializer:
             return
         self.saved[seg_id] = int(summary.get("bytes", 0))
         self.stats.disk_bytes += self.saved[seg_id]
-        if seg_id == self.head_id:
+        if seg_id == self.head_id or s.ledger is None:
             return
         seq = int(seg_id.rsplit("-", 1)[1])
-        if seq <= s.evicted_through and seq not in s.sink:  # prefilled after it left the window
-            self._evictable(seg_id, s)
         means = summary.get("mean_keys") or {}
-        if all(str(i) in means for i in self.cfg.retrieve_layers):
-            s.frame_keys[seq] = np.stack([np.asarray(means[str(i)], np.float32).reshape(-1)
-                                          for i in self.cfg.retrieve_layers])
+        keys = (np.stack([np.asarray(means[str(i)], np.float32).reshape(-1) for i in self.cfg.retrieve_layers])
+                if all(str(i) in means for i in self.cfg.retrieve_layers) else None)
+        if s.ledger.saved(seq, keys):  # prefilled after it left the window
+            self.budget.evictable(s.ledger, seq)
 
-    def frames_evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
-        s = self._stream(stream_id)
-        s.chunks[index] = [f.seq for f in frames]
-        s.evicted_through = max(s.evicted_through, frames[-1].seq)
-        for f in frames:
-            seg_id = self.frame_id(stream_id, f.seq)
-            if f.seq not in s.sink and seg_id in self.saved:  # else: when its prefill saves it
-                self._evictable(seg_id, s)
-        while len(s.chunks) > self.cfg.retention_segments:
-            for seq in s.chunks.popitem(last=False)[1]:
-                s.frame_keys.pop(seq, None)
+    def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
+        s = self._stream(kv.stream_id)
+        s.ledger = kv
+        for seq in kv.evicted(index, [f.seq for f in frames]):  # the rest: when their prefill saves them
+            self.budget.evictable(kv, seq)
         self._enforce_budget(s)
-
-    def _evictable(self, seg_id: str, s: _StreamKV) -> None:
-        self.evictable[seg_id] = s
-        s.evictable[seg_id] = None
-
-    def _used(self, seg_id: str) -> None:
-        """A stored frame was loaded: it leaves the disk after the ones not used since."""
-        owner = self.evictable.get(seg_id)
-        if owner is not None:
-            self.evictable.move_to_end(seg_id)
-            owner.evictable.move_to_end(seg_id)
 
     def _enforce_budget(self, s: _StreamKV) -> None:
         """The stream's retention (its least recently used frames first), then the disk budget
         over all streams. Constant work per deleted frame, whatever is stored."""
-        budget = int(self.cfg.kv_disk_mb * 2**20)
-        retained = self.cfg.retention_segments * self.cfg.chunk_frames
-        while len(s.evictable) > retained:
-            self._delete(next(iter(s.evictable)))
-        while self.stats.disk_bytes > budget and self.evictable:
-            self._delete(next(iter(self.evictable)))
+        if s.ledger is not None:
+            for seq in s.ledger.over_retention():
+                self._delete(s.ledger, seq)
+        while self.stats.disk_bytes > self.budget.budget_bytes and (oldest := self.budget.oldest()):
+            self._delete(*oldest)
 
-    def _delete(self, seg_id: str) -> None:
-        owner = self.evictable.pop(seg_id, None)
-        if owner is not None:
-            owner.evictable.pop(seg_id, None)
+    def _delete(self, ledger: KVLedger, seq: int) -> None:
+        ledger.deleted(seq)
+        self.budget.forget(ledger, seq)
+        seg_id = self.frame_id(ledger.stream_id, seq)
         self.stats.disk_bytes -= self.saved.pop(seg_id, 0)
         self.stats.deleted += 1
         self.store.delete(seg_id)
@@ -278,25 +258,14 @@ class StreamingKVMaterializer:
         return s.ingested_seq
 
     # --- questions -------------------------------------------------------------------
-    def question_keys(self, stream_id: str) -> tuple[list[int], np.ndarray]:
-        """(chunk indices in time order, their keys [n, layers, kv_heads * head_dim])."""
-        s = self.streams.get(stream_id)
-        indices: list[int] = []
-        keys: list[np.ndarray] = []
-        for index, seqs in (s.chunks.items() if s is not None else ()):
-            if s is not None and all(seq in s.frame_keys for seq in seqs):  # else: not prefilled (yet)
-                indices.append(index)
-                keys.append(np.mean([s.frame_keys[seq] for seq in seqs], axis=0))
-        if not keys:
-            return [], np.zeros((0, 0, 0), np.float32)
-        return indices, np.stack(keys)
-
     async def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                        logprobs: int | None = None) -> AsyncIterator[Delta]:
         stream_id = composed.stream_id
         load, _ = self._plan(stream_id, composed.blocks[:-1], save_missing=False)
-        for spec in load:  # least recently used leave the disk first: a retrieved frame is used
-            self._used(spec["id"])
+        ledger = self._stream(stream_id).ledger
+        for block in composed.blocks[1:len(load)]:  # least recently used leave the disk first
+            if ledger is not None and block.frame is not None:
+                self.budget.used(ledger, block.frame.seq)
         embeds = self.embedder.embed(composed)
         loaded = sum(self.embedder.block_tokens(b) for b in composed.blocks[:len(load)])
         self.stats.questions_loaded_tokens += loaded
@@ -313,4 +282,8 @@ class StreamingKVMaterializer:
         if s.task is not None:
             s.task.cancel()
         for seg_id in [i for i in self.saved if i.startswith(s.tag + "-")]:
-            self._delete(seg_id)
+            if s.ledger is not None:
+                self.budget.forget(s.ledger, int(seg_id.rsplit("-", 1)[1]))
+            self.stats.disk_bytes -= self.saved.pop(seg_id)
+            self.stats.deleted += 1
+            self.store.delete(seg_id)

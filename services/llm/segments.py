@@ -75,7 +75,17 @@ class _Entry:
     segment: Segment | None = None  # in RAM
     path: Path | None = None  # on disk
     nbytes: int = 0
-    tags: frozenset[str] = frozenset()  # its frames' tags (kept in RAM: retrieval by name)
+    # its frames' tags, each with its highest probability (kept in RAM: retrieval by name)
+    tags: dict[str, float] = field(default_factory=dict)
+
+
+def _tag_scores(frames: tuple[FrameSegment, ...]) -> dict[str, float]:
+    scores: dict[str, float] = {}
+    for f in frames:
+        for i, tag in enumerate(f.tags):
+            score = f.tag_scores[i] if i < len(f.tag_scores) else 1.0
+            scores[tag] = max(score, scores.get(tag, 0.0))
+    return scores
 
 
 def _encode(segment: Segment) -> bytes:
@@ -86,6 +96,7 @@ def _encode(segment: Segment) -> bytes:
         arrays[f"kept{i}"] = f.kept
         arrays[f"meta{i}"] = np.array([f.seq, f.pts_s], np.float64)
         arrays[f"tags{i}"] = np.array(f.tags, dtype=np.str_)
+        arrays[f"tag_scores{i}"] = np.array(f.tag_scores, np.float32)
     np.savez(buf, **arrays)  # type: ignore[arg-type]  # numpy's stub types allow_pickle here
     payload = buf.getvalue()
     return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
@@ -100,7 +111,9 @@ def _decode(stream_id: str, index: int, data: bytes) -> Segment:
     with np.load(io.BytesIO(payload)) as z:
         n = sum(1 for k in z.files if k.startswith("meta"))
         frames = tuple(FrameSegment(int(z[f"meta{i}"][0]), float(z[f"meta{i}"][1]), z[f"tokens{i}"], z[f"kept{i}"],
-                                    tags=tuple(str(t) for t in z[f"tags{i}"]) if f"tags{i}" in z.files else ())
+                                    tags=tuple(str(t) for t in z[f"tags{i}"]) if f"tags{i}" in z.files else (),
+                                    tag_scores=tuple(float(x) for x in z[f"tag_scores{i}"])
+                                    if f"tag_scores{i}" in z.files else ())
                        for i in range(n))
     return Segment(stream_id, index, frames)
 
@@ -124,7 +137,7 @@ class TieredSegmentStore:
             return  # a replayed segment: already stored
         entries[segment.index] = _Entry(retrieval_key(segment.frames), segment.start_pts_s, segment,
                                         nbytes=segment.nbytes,
-                                        tags=frozenset(t for f in segment.frames for t in f.tags))
+                                        tags=_tag_scores(segment.frames))
         self._lru[(segment.stream_id, segment.index)] = None
         self.stats.ram_bytes += segment.nbytes
         self.stats.segments_ram += 1
@@ -140,13 +153,18 @@ class TieredSegmentStore:
         return list(entries), np.stack([e.key for e in entries.values()])
 
     def tagged(self, stream_id: str, wanted: Callable[[str], bool]) -> list[int]:
-        """Indices (in time order) of the stream's segments with a frame tag `wanted` accepts."""
-        entries = self._entries.get(stream_id)
-        return [index for index, e in (entries or {}).items() if any(wanted(t) for t in e.tags)]
+        """Indices of the stream's segments with a frame tag `wanted` accepts, the likeliest
+        such tag first (ties: the newer first)."""
+        scored = []
+        for index, e in (self._entries.get(stream_id) or {}).items():
+            best = max((score for t, score in e.tags.items() if wanted(t)), default=None)
+            if best is not None:
+                scored.append((-best, -index))
+        return [-index for _, index in sorted(scored)]
 
     def tags(self, stream_id: str) -> set[str]:
         """Every tag of the stream's stored frames."""
-        return set().union(*(e.tags for e in self._entries.get(stream_id, {}).values()))
+        return set().union(*(e.tags.keys() for e in self._entries.get(stream_id, {}).values()))
 
     def get(self, stream_id: str, index: int) -> Segment | None:
         """The segment, from RAM or disk; None (counted and logged) if gone or corrupt."""

@@ -103,7 +103,8 @@ class LLMService:
         if rec.query_request_id:  # a question's example image: the retrieval query
             stream.add_example(rec.query_request_id, tokens)
             return
-        added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags))
+        added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
+                           tag_scores=tuple(rec.tag_scores))
         if added is Added.FRAME:
             self.stats.frames += 1
         elif added is Added.UNCHANGED:

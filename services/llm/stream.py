@@ -3,8 +3,8 @@
 `Stream` holds everything the service knows about a stream: its context (sink, window,
 dialogue, `services.llm.context`), the last token received at each grid position (the
 encoder drops tokens that did not change), the example images of questions still to
-come, and, through the shared segment store and materializer, its stored segments and
-their KV. Everything that changes a stream goes through `add`, `add_example`,
+come, the ledger of its stored KV (`services.llm.kv_ledger`), and, through the shared
+segment store, its stored segments. Everything that changes a stream goes through `add`, `add_example`,
 `add_turn` and `close`; what a question sees comes from `retrieve` and `compose`.
 
 The LLM service, the benchmarks and the tests all build this same object, so a figure
@@ -27,6 +27,7 @@ from livelens.config import LLMConfig
 from livelens.labels import question_names_tag, words_naming_classes
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
+from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries, question_scores
 from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores
@@ -108,16 +109,20 @@ class Stream:
     # what the stream shows (the encoder drops tokens that did not change).
     held: np.ndarray | None = None
     examples: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled example
+    kv: KVLedger = field(init=False)  # which stored KV the stream keeps (streaming KV)
 
     def __post_init__(self) -> None:
         c = self.res.cfg
         self.context = StreamContext(self.stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
                                      chunk_frames=c.chunk_frames, on_evict=self._evicted)
+        self.kv = KVLedger(self.stream_id, retained_frames=c.retention_segments * c.chunk_frames,
+                           retained_chunks=c.retention_segments)
 
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
-            tags: tuple[str, ...] = ()) -> Added:
-        """A frame's tokens (kept positions only, `kept` over the whole grid) and tags, in order."""
+            tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = ()) -> Added:
+        """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
+        their probabilities), in order."""
         if unchanged or not tokens.shape[0]:
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
         if seq <= self.context.last_seq:
@@ -125,14 +130,16 @@ class Stream:
         if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
-        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags)
+        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores)
         self.context.add_frame(frame)
-        self.res.materializer.frame_added(self.context, frame)
+        if any(f is frame for f in self.context.sink):
+            self.kv.add_sink(seq)
+        self.res.materializer.frame_added(self.context, frame, self.kv)
         return Added.FRAME
 
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
-        self.res.materializer.frames_evicted(stream_id, index, frames)
+        self.res.materializer.frames_evicted(self.kv, index, frames)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
@@ -155,14 +162,14 @@ class Stream:
     # --- questions -------------------------------------------------------------------
     def retrieve(self, question: str, example: np.ndarray | None) -> list[FrameSegment]:
         """Stored segments for a question, in time order. Segments with a frame whose tags
-        the question names come first (newest first); then the best scored by the example
-        image's pooled embedding when the question has one, else (streaming KV) by the
-        question's own attention queries against each segment's mean key. Top-k, then cut
-        to the retrieved part's token budget (best first)."""
+        the question names come first (the likeliest named tag first, then the newest);
+        then the best scored by the example image's pooled embedding when the question has
+        one, else (streaming KV) by the question's own attention queries against each
+        segment's mean key. Top-k, then cut to the retrieved part's token budget (best first)."""
         c, res = self.res.cfg, self.res
         if not c.retrieve_top_k:
             return []
-        first = res.store.tagged(self.stream_id, _TagMatcher(question))[::-1]
+        first = res.store.tagged(self.stream_id, _TagMatcher(question))
         ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieve_top_k]
         picked: list[Segment] = []
         budget = c.retrieve_token_budget
@@ -184,7 +191,7 @@ class Stream:
             indices, keys = res.store.keys(self.stream_id)
             return best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
         if res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
-            indices, qkeys = res.materializer.question_keys(self.stream_id)
+            indices, qkeys = self.kv.question_keys()
             if not indices:
                 return []
             query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
@@ -202,16 +209,17 @@ class Stream:
         return frames
 
     def recall(self, question: str, retrieved: list[FrameSegment]) -> str:
-        """The note that opens the question's turn (`recall_note`): the newest
-        `llm.recall_notes` frames in the context whose tags the question names, and the
-        newest frame, in time order; then the things the question names (ImageNet classes)
+        """The note that opens the question's turn (`recall_note`): the `llm.recall_notes`
+        frames in the context whose tags the question names (the likeliest, then the
+        newest), and the newest frame, in time order; then the things the question names (ImageNet classes)
         that no frame of the stream was tagged with. Empty with `llm.recall_notes` 0."""
         limit = self.res.cfg.recall_notes
         frames = self.context.sink + retrieved + list(self.context.window)
         if not limit or not frames:
             return ""
         named = _TagMatcher(question)
-        quoted = [f for f in reversed(frames) if any(named(t) for t in f.tags)][:limit]
+        scored = [(score, f.seq, f) for f in frames if (score := f.tag_score(named)) is not None]
+        quoted = [f for _, _, f in sorted(scored, key=lambda x: (-x[0], -x[1]))[:limit]]
         if frames[-1] not in quoted:
             quoted.append(frames[-1])
         asked = words_naming_classes(question)
