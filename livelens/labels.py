@@ -45,6 +45,11 @@ CATEGORIES: dict[str, tuple[range, ...]] = {
     "squirrel": (range(335, 336),),
     "monkey": (range(365, 385),),
 }
+# More everyday words, for questions only (the training captions use CATEGORIES: the
+# shipped projector's run is reproducible with them as they were).
+QUESTION_WORDS: dict[str, tuple[int, ...]] = {
+    "airplane": (404, 895, 908),  # airliner, military aircraft, airplane wing
+}
 
 
 def short_name(index: int, clean: str) -> str:
@@ -91,12 +96,13 @@ def question_names_tag(question: str, tag: str) -> bool:
         words.add(str(category(index)))
     if index is not None and is_animal(index):
         words.add("animal")
+    words.update(w for w, classes in QUESTION_WORDS.items() if index in classes)
     return any(len(w) >= 3 and names_label(question, w) for w in words)
 
 
 @lru_cache(maxsize=1)
 def _class_words() -> frozenset[str]:
-    words = set(CATEGORIES)
+    words = set(CATEGORIES) | set(QUESTION_WORDS)
     for name in imagenet_names():
         words.update((_words(name), _words(name).split()[-1]))
     return frozenset(w for w in words if len(w) >= 3)

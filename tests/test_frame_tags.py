@@ -29,6 +29,7 @@ def test_tags_are_the_likeliest_classes_above_the_floor():
     ("Which animal appeared?", "tabby cat", True),  # any of ImageNet's animal classes
     ("Which animals appeared?", "beagle", True),
     ("Which animal appeared?", "street sign", False),
+    ("Did an airplane appear?", "airliner", True),  # QUESTION_WORDS
 ])
 def test_question_names_tag(question, tag, named):
     assert question_names_tag(question, tag) is named
