@@ -214,9 +214,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("what", choices=["projector"])
     train.add_argument("rest", nargs=argparse.REMAINDER, help="options of the training run (see --help after it)")
 
+    models = sub.add_parser("models", help="import a Hugging Face checkpoint to serve (docs/models.md)")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    imp = msub.add_parser("import", help="split a local LLaVA-OneVision / LongVA checkpoint for Triton + vLLM")
+    imp.add_argument("checkpoint", help="the checkpoint's directory (config.json, *.safetensors, tokenizer)")
+    imp.add_argument("--name", default=None, help="model name (default: the directory's name)")
+    imp.add_argument("--model-repo", default=None, help="Triton model repository (default: triton.model_repository)")
+    imp.add_argument("--models-dir", default=None, help="where the LM and model config go (default: build/models)")
+    imp.add_argument("--tokens-dtype", choices=["float32", "float16"], default="float32",
+                     help="the visual tokens' dtype on the wire (default float32)")
+
     h = sub.add_parser("health", help="ask the services whether they are serving")
     h.add_argument("--service", choices=["gateway", "encoder", "llm"])
     return parser
+
+
+def cmd_models(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    from livelens.models.checkpoint import CheckpointError
+    from livelens.models.importer import import_checkpoint
+
+    repo = Path(args.model_repo or cfg.triton.model_repository)
+    models_dir = Path(args.models_dir) if args.models_dir else Path(cfg.llm.model_path).parent
+    try:
+        spec = import_checkpoint(args.checkpoint, args.name, repo, models_dir, tokens_dtype=args.tokens_dtype)
+    except CheckpointError as exc:
+        return _fail(str(exc), 2)
+    print(f"imported {spec.name}: {spec.family}, {spec.tokens_per_frame} tokens a frame "
+          f"({spec.grid[0]}x{spec.grid[1]}), hidden {spec.hidden_size}; Triton model {repo / spec.vision_model}, "
+          f"model config {models_dir / spec.name / 'livelens_model.json'}")
+    return 0
 
 
 def _interrupt(*_: object) -> None:
@@ -240,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config(args.config)
         except ConfigError as exc:
             return _fail(f"configuration: {exc}", 2)
-        handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health}
+        handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health,
+                    "models": cmd_models}
         return handlers[args.command](cfg, args)
     except KeyboardInterrupt:
         print(f"livelens {args.command}: interrupted; what it started is stopped", file=sys.stderr, flush=True)
