@@ -32,7 +32,12 @@ protos: $(GEN)
 livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
 
+# `make models MODEL=/path/to/hf-checkpoint [NAME=name]` also imports a research model
+# (docs/models.md): the same as `livelens models import`.
 models: $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)
+ifdef MODEL
+	$(PY) -m livelens.cli models import "$(MODEL)" $(if $(NAME),--name "$(NAME)")
+endif
 
 # The shipped projector weights and the model code are inputs: a change reruns the build,
 # which rebuilds only what no longer matches (model_info.json says what each was built from).
