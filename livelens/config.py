@@ -207,7 +207,18 @@ class VisionConfig:
 
 
 @dataclass
+class ModelConfig:
+    # A livelens model config written by `livelens models import` (its livelens_model.json,
+    # or the directory holding it): the one setting that switches the served model. It sets
+    # llm.model_path, encoder.model_name and triton.model_name, turns frame tags off (an
+    # imported family has no classifier), and the chat layout. Empty: the built-in
+    # MobileNetV2 + SmolLM2-135M-Instruct.
+    spec: str = ""
+
+
+@dataclass
 class LivelensConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     broker: BrokerConfig = field(default_factory=BrokerConfig)
     triton: TritonConfig = field(default_factory=TritonConfig)
@@ -299,8 +310,25 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         for part in reversed(sections):
             nested = {part: nested}
         _apply(cfg, nested, "")
+    apply_model_spec(cfg)
     validate(cfg)
     return cfg
+
+
+def apply_model_spec(cfg: LivelensConfig) -> None:
+    """The settings `model.spec` decides (see ModelConfig)."""
+    if not cfg.model.spec:
+        return
+    from livelens.models.spec import ModelSpec, SpecError
+
+    try:
+        spec = ModelSpec.read(cfg.model.spec)
+    except SpecError as exc:
+        raise ConfigError(f"model.spec: {exc}") from exc
+    root = Path(cfg.model.spec) if Path(cfg.model.spec).is_dir() else Path(cfg.model.spec).parent
+    cfg.llm.model_path = str(root / spec.llm_dir)
+    cfg.encoder.model_name = cfg.triton.model_name = spec.vision_model
+    cfg.encoder.frame_tags = 0
 
 
 def validate(cfg: LivelensConfig) -> None:

@@ -21,6 +21,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -149,7 +150,7 @@ def import_checkpoint(checkpoint: str | Path, name: str | None, model_repo: Path
     progress(f"language model -> {out / 'llm'}")
     text = family.write_language_model(ckpt, out / "llm")
     family.save_newline(ckpt, out / "image_newline.npy")
-    chat.after_frames_embedding = "image_newline.npy"
+    chat = replace(chat, after_frames_embedding="image_newline.npy")
     config_hash = hashlib.sha256((ckpt.path / "config.json").read_bytes()).hexdigest()[:16]
     spec = ModelSpec(
         name=name, family=ckpt.family, source=f"{ckpt.path.name} (config.json sha256 {config_hash})",

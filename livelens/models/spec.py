@@ -27,15 +27,27 @@ class SpecError(ValueError):
     """A model config that cannot be read or rendered; the message names the file."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class ChatLayout:
     head: str  # before the frames; "{system}" where the system prompt goes
     after_frames: str  # text after the last frame (after `after_frames_embedding`)
     turn: str  # a past turn: "{question}", "{answer}"
     question: str  # the question's turn up to the answer: "{question}"
     after_frames_embedding: str | None = None  # file (beside the spec) of a vector after the last frame
-    frame_open: str = ""  # text before each frame's tokens
+    frame_open: str = ""  # text before each frame's tokens: "{t}" its stream time, "{seen}" its tags
     frame_close: str = ""  # text after each frame's tokens
+
+
+# The built-in model's layout (SmolLM2's ChatML): frames in the first user turn, each
+# labelled with its stream time and tags; questions in turns of their own.
+DEFAULT_CHAT = ChatLayout(
+    head="<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\nThe video so far:\n",
+    after_frames="<|im_end|>\n<|im_start|>user\n",
+    turn="{question}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n<|im_start|>user\n",
+    question="{question}<|im_end|>\n<|im_start|>assistant\n",
+    frame_open="<frame t={t:.1f}s{seen}>",
+    frame_close="</frame>\n",
+)
 
 
 @dataclass
@@ -84,6 +96,20 @@ class ModelSpec:
             return cls(**data)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SpecError(f"{path}: not a livelens model config ({exc})") from exc
+
+
+def served_chat(spec_path: str) -> tuple[ChatLayout, Any]:
+    """The chat layout the LLM service composes with, and the vector after the frames
+    ([n, hidden] float32, or None): the model config's, or the built-in model's."""
+    if not spec_path:
+        return DEFAULT_CHAT, None
+    import numpy as np
+
+    spec = ModelSpec.read(spec_path)
+    root = Path(spec_path) if Path(spec_path).is_dir() else Path(spec_path).parent
+    name = spec.chat.after_frames_embedding
+    after = np.load(root / name).astype(np.float32).reshape(-1, spec.hidden_size) if name else None
+    return spec.chat, after
 
 
 def chat_layout(template: str, video_token: str) -> ChatLayout:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+
 
 @dataclass(frozen=True)
 class FrameSegment:
@@ -57,7 +59,19 @@ class VisualPart:
     segment: FrameSegment
 
 
-Part = TextPart | VisualPart
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """Vectors in the LLM's input space that are not a frame (LLaVA-OneVision's
+    `image_newline` after the last frame): [n, hidden]."""
+
+    vectors: np.ndarray = field(compare=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.vectors.shape[0])
+
+
+Part = TextPart | VisualPart | EmbeddingPart
 
 
 @dataclass(frozen=True)
@@ -93,11 +107,6 @@ class ComposedContext:
         return max((f.pts_s for f in self.frames), default=0.0)
 
 
-def frame_label(pts_s: float, tags: tuple[str, ...] = ()) -> str:
-    seen = ", ".join(t.replace('"', "'") for t in tags)
-    return f'<frame t={pts_s:.1f}s seen="{seen}">' if tags else f"<frame t={pts_s:.1f}s>"
-
-
 @dataclass
 class StreamContext:
     stream_id: str
@@ -113,6 +122,8 @@ class StreamContext:
     on_evict: Callable[[str, int, list[FrameSegment]], None] | None = None
     evicted: list[FrameSegment] = field(default_factory=list)
     chunks_evicted: int = 0
+    chat: ChatLayout = DEFAULT_CHAT  # the model family's chat layout (`livelens.models.spec`)
+    after_frames: np.ndarray | None = None  # a vector after the last frame ([n, hidden]), if the family has one
 
     def add_frame(self, segment: FrameSegment) -> bool:
         """Add a frame; False (and nothing changes) for a redelivered or stale one."""
@@ -148,16 +159,18 @@ class StreamContext:
 
     def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
                 retrieved: Sequence[FrameSegment] = (), note: str = "") -> ComposedContext:
-        """ChatML composition (SmolLM2's template). `retrieved` frames (in time order) go
-        between the sink and the window; `window_limit` trims the oldest window frames when
-        the whole context would not fit the engine's length; `note` (see `recall_note`)
-        opens the question's turn."""
+        """The model's chat layout (`self.chat`) around the frames. `retrieved` frames (in
+        time order) go between the sink and the window; `window_limit` trims the oldest
+        window frames when the whole context would not fit the engine's length; `note` (see
+        `recall_note`) opens the question's turn."""
         window = list(self.window)
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
         frames = self.sink + list(retrieved) + window
-        return ComposedContext([head_block(system_prompt), *map(frame_block, frames),
-                                tail_block(self.dialogue, question, note)], self.stream_id)
+        return ComposedContext([head_block(system_prompt, self.chat),
+                                *(frame_block(f, self.chat) for f in frames),
+                                tail_block(self.dialogue, question, note, self.chat, self.after_frames)],
+                               self.stream_id)
 
     def preceding(self) -> list[FrameSegment]:
         """What the newest frame attends to when it is prefilled on arrival (streaming KV):
@@ -166,14 +179,17 @@ class StreamContext:
         return frames[:-1]
 
 
-def head_block(system_prompt: str) -> Block:
-    return Block((TextPart(f"<|im_start|>system\n{system_prompt}<|im_end|>\n"
-                           "<|im_start|>user\nThe video so far:\n"),))
+def head_block(system_prompt: str, chat: ChatLayout = DEFAULT_CHAT) -> Block:
+    return Block((TextPart(chat.head.format(system=system_prompt)),))
 
 
-def frame_block(frame: FrameSegment) -> Block:
-    # The label carries the time, so frames left out in between need no marker.
-    return Block((TextPart(frame_label(frame.pts_s, frame.tags)), VisualPart(frame), TextPart("</frame>\n")), frame)
+def frame_block(frame: FrameSegment, chat: ChatLayout = DEFAULT_CHAT) -> Block:
+    # The built-in layout labels each frame with its time (frames left out in between need
+    # no marker) and tags; a research family's frames follow each other unlabelled.
+    seen = ", ".join(t.replace('"', "'") for t in frame.tags)
+    label = chat.frame_open.format(t=frame.pts_s, seen=f' seen="{seen}"' if seen else "")
+    parts = (TextPart(label), VisualPart(frame), TextPart(chat.frame_close))
+    return Block(tuple(p for p in parts if not isinstance(p, TextPart) or p.text), frame)
 
 
 def recall_note(frames: Sequence[FrameSegment], unseen: Sequence[str] = ()) -> str:
@@ -185,11 +201,13 @@ def recall_note(frames: Sequence[FrameSegment], unseen: Sequence[str] = ()) -> s
     return " ".join(seen + ([f"Not seen so far: {', '.join(unseen)}."] if unseen else []))
 
 
-def tail_block(dialogue: Iterable[Turn], question: str, note: str = "") -> Block:
-    parts: list[Part] = [TextPart("<|im_end|>\n")]
-    for turn in dialogue:
-        parts.append(TextPart(f"<|im_start|>user\n{turn.question}<|im_end|>\n"
-                              f"<|im_start|>assistant\n{turn.answer}<|im_end|>\n"))
+def tail_block(dialogue: Iterable[Turn], question: str, note: str = "", chat: ChatLayout = DEFAULT_CHAT,
+               after_frames: np.ndarray | None = None) -> Block:
+    """What follows the frames: the family's vector after them (if any), then one text of
+    the layout's closing, the past turns and the question's turn (one text: tokenized as
+    the family's template renders it)."""
     asked = f"{note}\n{question}" if note else question
-    parts.append(TextPart(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n"))
+    text = chat.after_frames + "".join(chat.turn.format(question=t.question, answer=t.answer) for t in dialogue)
+    parts: list[Part] = [EmbeddingPart(after_frames)] if after_frames is not None else []
+    parts.append(TextPart(text + chat.question.format(question=asked)))
     return Block(tuple(parts))

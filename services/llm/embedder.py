@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from services.llm.context import Block, ComposedContext, TextPart, VisualPart
+from services.llm.context import Block, ComposedContext, EmbeddingPart, TextPart, VisualPart
 
 EMBED_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
 
@@ -61,6 +61,8 @@ class ContextEmbedder:
                     raise ValueError(f"visual tokens of size {tokens.shape[1]}, model hidden size "
                                      f"{self.hidden_size}: the encoder serves another model")
                 pieces.append(torch.from_numpy(np.asarray(tokens)).to(self.table.dtype))
+            elif isinstance(part, EmbeddingPart):
+                pieces.append(torch.from_numpy(np.asarray(part.vectors, np.float32)).to(self.table.dtype))
         return torch.cat(pieces, 0)
 
     def count(self, context: ComposedContext) -> int:
@@ -68,5 +70,5 @@ class ContextEmbedder:
 
     def block_tokens(self, block: Block) -> int:
         # Through embed_text's cache: the text parts are tokenized once for count and embed.
-        return sum(int(self.embed_text(p.text).shape[0]) if isinstance(p, TextPart) else p.segment.num_tokens
-                   for p in block.parts)
+        return sum(int(self.embed_text(p.text).shape[0]) if isinstance(p, TextPart)
+                   else p.segment.num_tokens if isinstance(p, VisualPart) else p.num_tokens for p in block.parts)

@@ -30,7 +30,16 @@ from typing import Protocol
 import numpy as np
 
 from livelens.config import LLMConfig
-from services.llm.context import Block, ComposedContext, FrameSegment, StreamContext, frame_block, head_block
+from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from services.llm.context import (
+    Block,
+    ComposedContext,
+    FrameSegment,
+    StreamContext,
+    TextPart,
+    frame_block,
+    head_block,
+)
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import Delta, VllmEngine
 from services.llm.kv.store import SegmentStore
@@ -122,15 +131,18 @@ class _StreamKV:
 class StreamingKVMaterializer:
     MAX_INGEST_BATCH = 8  # frames prefilled together when ingest falls behind
 
-    def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig) -> None:
+    def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig,
+                 chat: ChatLayout = DEFAULT_CHAT) -> None:
         if engine.kv_store_dir is None:
             raise ValueError("the streaming-KV materializer needs an engine started with the KV connector")
         self.engine = engine
         self.embedder = embedder
         self.cfg = cfg
         self.store = SegmentStore(engine.kv_store_dir)  # read side: metadata, deletion
-        self.head = head_block(cfg.system_prompt)
-        self.head_id = "head-" + hashlib.sha256(cfg.system_prompt.encode()).hexdigest()[:16]
+        self.chat = chat
+        self.head = head_block(cfg.system_prompt, chat)
+        head_text = "".join(p.text for p in self.head.parts if isinstance(p, TextPart))
+        self.head_id = "head-" + hashlib.sha256(head_text.encode()).hexdigest()[:16]
         self.nonce = uuid.uuid4().hex[:8]
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
@@ -175,7 +187,8 @@ class StreamingKVMaterializer:
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],
         loading what is stored and saving every block that is not."""
-        blocks = [self.head, *map(frame_block, batch[0].preceding), *(frame_block(p.frame) for p in batch)]
+        frames = [*batch[0].preceding, *(p.frame for p in batch)]
+        blocks = [self.head, *(frame_block(f, self.chat) for f in frames)]
         load, save = self._plan(stream_id, blocks, save_missing=True)
         embeds = self.embedder.embed(ComposedContext(blocks))
         loop = asyncio.get_running_loop()

@@ -26,6 +26,7 @@ import torch
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
+from livelens.models.spec import served_chat
 from livelens.records import get_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.llm.context import FrameSegment, StreamContext
@@ -60,6 +61,7 @@ def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngin
     """The engine and what every stream shares, as `llm.materializer` says (the service,
     the benchmarks and the tests all build them here)."""
     c = cfg.llm
+    chat, after_frames = served_chat(cfg.model.spec)
     embedder = ContextEmbedder(c.model_path)
     store = segment_store(cfg)
     materializer: Materializer
@@ -67,14 +69,14 @@ def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngin
         if kv_dir is None:
             raise ValueError("llm.materializer streaming_kv needs a KV store directory")
         engine = VllmEngine(c, kv_dir)
-        materializer = StreamingKVMaterializer(engine, embedder, c)
+        materializer = StreamingKVMaterializer(engine, embedder, c, chat)
         recompute = RecomputeMaterializer(engine, embedder, cache_salt="recompute")
         queries: QuestionQueries | None = QuestionQueries(c.model_path, c.retrieve_layers)
     else:
         engine = VllmEngine(c)
         materializer = recompute = RecomputeMaterializer(engine, embedder)
         queries = None
-    return engine, StreamResources(c, embedder, store, materializer, recompute, queries)
+    return engine, StreamResources(c, embedder, store, materializer, recompute, queries, chat, after_frames)
 
 
 class LLMService:

@@ -25,6 +25,7 @@ import numpy as np
 
 from livelens.config import LLMConfig
 from livelens.labels import question_names_tag, words_naming_classes
+from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.kv_ledger import KVLedger
@@ -61,6 +62,8 @@ class StreamResources:
     materializer: Materializer  # the service's own: every frame goes through it
     recompute: RecomputeMaterializer  # for the methods that recompute their context
     queries: QuestionQueries | None = None  # question-text retrieval (streaming_kv)
+    chat: ChatLayout = DEFAULT_CHAT  # the served model's chat layout (`model.spec`)
+    after_frames: np.ndarray | None = None  # its vector after the last frame, if it has one
 
     def materializer_for(self, method: ContextMethod) -> Materializer:
         if method is ContextMethod.DEFAULT:
@@ -114,7 +117,8 @@ class Stream:
     def __post_init__(self) -> None:
         c = self.res.cfg
         self.context = StreamContext(self.stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
-                                     chunk_frames=c.chunk_frames, on_evict=self._evicted)
+                                     chunk_frames=c.chunk_frames, on_evict=self._evicted, chat=self.res.chat,
+                                     after_frames=self.res.after_frames)
         self.kv = KVLedger(self.stream_id, retained_frames=c.retention_segments * c.chunk_frames,
                            retained_chunks=c.retention_segments)
 
