@@ -329,6 +329,11 @@ def apply_model_spec(cfg: LivelensConfig) -> None:
     cfg.llm.model_path = str(root / spec.llm_dir)
     cfg.encoder.model_name = cfg.triton.model_name = spec.vision_model
     cfg.encoder.frame_tags = 0
+    cfg.llm.recall_notes = 0  # its notes are made of tags
+    rope_type = spec.rope.get("rope_type", "default")
+    if cfg.llm.materializer == "streaming_kv" and rope_type != "default":
+        raise ConfigError(f"model.spec {cfg.model.spec}: the model's RoPE is {rope_type!r}; the streaming-KV "
+                          "connector re-rotates plain RoPE only: set llm.materializer: recompute")
 
 
 def validate(cfg: LivelensConfig) -> None:

@@ -7,7 +7,7 @@ import numpy as np
 
 from livelens.v1 import messages_pb2 as pb
 
-_DTYPES = {pb.TokensRecord.FLOAT16: np.float16}
+_DTYPES = {pb.TokensRecord.FLOAT16: np.float16, pb.TokensRecord.FLOAT32: np.float32}
 
 
 class BadImage(ValueError):
@@ -55,14 +55,16 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
 
 
 def set_tokens(rec: pb.TokensRecord, tokens: np.ndarray, kept: np.ndarray | None = None) -> None:
-    """Store the kept tokens ([grid_h*grid_w, H] with an optional bool mask) in `rec`."""
+    """Store the kept tokens ([grid_h*grid_w, H] with an optional bool mask) in `rec`:
+    float32 as they are (an imported model that sends them so), anything else as float16."""
     n, hidden = tokens.shape
-    rec.dtype = pb.TokensRecord.FLOAT16
+    wire = np.float32 if tokens.dtype == np.float32 else np.float16
+    rec.dtype = pb.TokensRecord.FLOAT32 if wire is np.float32 else pb.TokensRecord.FLOAT16
     rec.hidden_size = hidden
     if kept is not None and not kept.all():
         rec.kept_mask = kept.astype(np.uint8).tobytes()
         tokens = tokens[kept]
-    rec.embeddings = np.ascontiguousarray(tokens, dtype=np.float16).tobytes()
+    rec.embeddings = np.ascontiguousarray(tokens, dtype=wire).tobytes()
 
 
 def get_tokens(rec: pb.TokensRecord) -> tuple[np.ndarray, np.ndarray]:

@@ -18,13 +18,13 @@ from livelens.bench.encoder import frame, frame_records
 from livelens.config import FeatureCacheConfig, LivelensConfig
 from livelens.infra.malloc import tune_malloc
 from livelens.infra.ports import free_port
-from livelens.models.preprocess import preprocess
+from livelens.models.preprocess import FramePreprocessing, preprocess
 from livelens.records import decode_image, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from services.encoder.feature_cache import patch_differences
 from services.encoder.novelty import token_cosines
-from services.encoder.service import EncoderService, to_unit_range
+from services.encoder.service import EncoderService
 from services.encoder.triton_client import VisionModelClient
 
 pytestmark = pytest.mark.integration
@@ -63,7 +63,8 @@ def test_partial_recompute_through_triton_close_to_full_encode(models) -> None: 
     truth_a = full.encode(a[None]).tokens
     assert token_cosines(tokens_a[0], truth_a[0]).min() > 0.999  # K = N: the plain model
 
-    index = np.flatnonzero(patch_differences(to_unit_range(b), to_unit_range(a), 14, 14).ravel() > 0)
+    unit = FramePreprocessing(224).to_unit_range
+    index = np.flatnonzero(patch_differences(unit(b), unit(a), 14, 14).ravel() > 0)
     assert index.tolist() == [0, 1, 2, 14, 15, 16]
     (tokens_b,), state_b = on.encode_partial([(b, index)], state)
     truth_b = full.encode(b[None])[0][0]

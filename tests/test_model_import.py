@@ -16,6 +16,7 @@ Tolerances: float32 throughout; ONNX vs PyTorch 1e-4 relative; logits 1e-4 absol
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from livelens.config import REPO_ROOT, LLMConfig
 from livelens.models.checkpoint import CheckpointError, normalize, read_checkpoint
 from livelens.models.spec import ModelSpec
+from livelens.models.tensorrt import profile_for, read_config
 
 IMAGE_SIZE = 56  # tests/tiny_checkpoints.py
 
@@ -68,6 +70,10 @@ def test_import_writes_the_triton_model_the_llm_dir_and_the_model_config(importe
     assert {p.name for p in (repo / "1").iterdir()} >= {"model.onnx", "model.py", "model_info.json"}
     assert "dims: [ 16, 128 ]" in (repo / "config.pbtxt").read_text()
     assert 'platform: "tensorrt_plan"' in (repo / "configs" / "gpu.pbtxt").read_text()
+    for config in (repo / "config.pbtxt", repo / "configs" / "gpu.pbtxt"):  # Triton's own parser
+        params = read_config(config).parameters
+        assert json.loads(params["preprocessing"].string_value)["resample"] == "bicubic"
+    assert profile_for(read_config(repo / "configs" / "gpu.pbtxt")).shapes("max") == "pixels:16x3x56x56"
     assert spec.grid == [4, 4] and spec.hidden_size == 128 and spec.tokens_per_frame == 16
     assert spec.rope["rope_theta"] == 1000000.0
     assert spec.chat.head == "<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n"

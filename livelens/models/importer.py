@@ -34,7 +34,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ONNX_TOLERANCE = 1e-3  # max |ONNX - PyTorch| over a random batch, relative to the tokens' max
 
 
-def _config_pbtxt(name: str, size: int, tokens: int, hidden: int, dtype: str, gpu: bool) -> str:
+def _config_pbtxt(name: str, prep: dict, tokens: int, hidden: int, dtype: str, gpu: bool) -> str:  # type: ignore[type-arg]
+    size = prep["size"]
     triton_dtype = {"float16": "TYPE_FP16", "float32": "TYPE_FP32"}[dtype]
     head = (f'# {name}: frames -> video tokens, imported by `livelens models import`.\n'
             + ('# GPU nodes: a TensorRT plan built from 1/model.onnx (python -m livelens.models.tensorrt).\n'
@@ -47,10 +48,12 @@ def _config_pbtxt(name: str, size: int, tokens: int, hidden: int, dtype: str, gp
             f"  }}\n]\n\n"
             "dynamic_batching {\n  preferred_batch_size: [ 4, 8, 16 ]\n  max_queue_delay_microseconds: 2000\n}\n\n"
             f"instance_group [\n  {{\n    count: 1\n    kind: {'KIND_GPU' if gpu else 'KIND_CPU'}\n  }}\n]\n")
-    params = ("" if gpu else
-              'parameters [\n  {\n    key: "intra_op_threads"\n    value: { string_value: "2" }\n  },\n'
-              '  {\n    key: "onnx_file"\n    value: { string_value: "model.onnx" }\n  }\n]\n')
-    return head + body + ("\n" + params if params else "")
+    # The frames' preprocessing travels with the model: the encoder reads it from here.
+    entries = [("preprocessing", json.dumps(prep, separators=(",", ":")))]
+    if not gpu:
+        entries += [("intra_op_threads", "2"), ("onnx_file", "model.onnx")]
+    params = ",\n".join(f"  {{\n    key: \"{k}\"\n    value: {{ string_value: '{v}' }}\n  }}" for k, v in entries)
+    return head + body + "\nparameters [\n" + params + "\n]\n"
 
 
 def _chat_template(ckpt: Checkpoint) -> str:
@@ -137,9 +140,8 @@ def import_checkpoint(checkpoint: str | Path, name: str | None, model_repo: Path
     grid = [model.pooled, model.pooled]
     shutil.copy(BACKEND_FILE, version / "model.py")
     (triton_dir / "configs").mkdir(exist_ok=True)
-    (triton_dir / "config.pbtxt").write_text(_config_pbtxt(name, prep["size"], tokens, hidden, tokens_dtype, False))
-    (triton_dir / "configs" / "gpu.pbtxt").write_text(
-        _config_pbtxt(name, prep["size"], tokens, hidden, tokens_dtype, True))
+    (triton_dir / "config.pbtxt").write_text(_config_pbtxt(name, prep, tokens, hidden, tokens_dtype, False))
+    (triton_dir / "configs" / "gpu.pbtxt").write_text(_config_pbtxt(name, prep, tokens, hidden, tokens_dtype, True))
     (version / "model_info.json").write_text(json.dumps({
         "model_id": f"{ckpt.family}:{ckpt.path.name}", "hidden_size": hidden, "grid": grid,
         "tokens_per_frame": tokens, "outputs": ["tokens"], "preprocessing": prep,

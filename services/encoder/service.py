@@ -26,7 +26,7 @@ from livelens.config import LivelensConfig
 from livelens.health import HealthServer
 from livelens.infra.malloc import tune_malloc
 from livelens.labels import imagenet_names
-from livelens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
+from livelens.models.preprocess import FramePreprocessing
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.encoder.feature_cache import FeatureCache, FrameDecision
@@ -62,6 +62,7 @@ _Encoded = tuple[list[tuple[int, pb.TokensRecord]], int, int]
 class EncoderService:
     def __init__(self, cfg: LivelensConfig) -> None:
         self.cfg = cfg
+        self._preprocessing: dict[str, FramePreprocessing] = {}  # per served model
         self.stats = EncoderStats()
         self.novelty = NoveltyTracker()
         self.cache = FeatureCache(cfg.encoder.cache)
@@ -110,19 +111,29 @@ class EncoderService:
                     self.stats.frames_encoded += 1
         return [out[i] for i in sorted(out)]
 
-    def _prepare(self, frames: list[tuple[int, pb.FrameRecord]]) -> tuple[list[_Frame], int]:
+    def preprocessing(self, model: VisionModelClient) -> FramePreprocessing:
+        """The served model's preprocessing (an imported model's comes with its Triton config)."""
+        prep = self._preprocessing.get(model.model_name)
+        if prep is None:
+            prep = self._preprocessing[model.model_name] = FramePreprocessing.of_model(
+                model.preprocessing, self.cfg.encoder.image_size)
+        return prep
+
+    def _prepare(self, frames: list[tuple[int, pb.FrameRecord]],
+                 model: VisionModelClient) -> tuple[list[_Frame], int]:
         """Decode and preprocess (in the worker threads: OpenCV releases the GIL, so one
         stream's frames are prepared while another's are in Triton). Returns the frames
         and how many were not decodable."""
         out: list[_Frame] = []
-        size = self.cfg.encoder.image_size
+        prep = self.preprocessing(model)
+        size = prep.size
         for i, frame in frames:
             try:
                 rgb = decode_image(frame.data, frame.encoding, frame.width, frame.height, min_side=size)
             except BadImage as exc:  # the gateway validates, so this is a foreign producer
                 log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
                 continue
-            out.append(_Frame(i, frame, preprocess(rgb, size)))
+            out.append(_Frame(i, frame, prep(rgb)))
         return out, len(frames) - len(out)
 
     def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient,
@@ -131,11 +142,12 @@ class EncoderService:
         is decided first (the reference is the last frame sent to the model); then runs of
         whole frames go to the model in one request each, and up to `in_flight` partial
         recomputes at a time on the cache the frame before them left."""
-        items, bad = self._prepare(frames)
+        items, bad = self._prepare(frames, model)
         if not items:
             return [], 0, bad
         cache = self.cache.stream(items[0].record.stream_id)
-        decided = [(item, cache.decide(to_unit_range(item.pixels), partial=model.partial)) for item in items]
+        unit = self.preprocessing(model).to_unit_range
+        decided = [(item, cache.decide(unit(item.pixels), partial=model.partial)) for item in items]
         out: list[tuple[int, pb.TokensRecord]] = []
         calls = 0
         i = 0
@@ -197,7 +209,7 @@ class EncoderService:
 
     def _encode_queries(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
         """Example images of questions: encoded whole, no cache, no novelty."""
-        items, bad = self._prepare(frames)
+        items, bad = self._prepare(frames, model)
         if not items:
             return [], 0, bad
         enc = model.encode(np.stack([item.pixels for item in items]))
@@ -328,11 +340,6 @@ def frame_tags(class_probs: np.ndarray, most: int, min_prob: float) -> list[tupl
     p = class_probs.astype(np.float32)
     top = np.argsort(-p)[:most]
     return [(names[int(c)], round(float(p[c]), 4)) for c in top if p[c] >= min_prob]
-
-
-def to_unit_range(pixels: np.ndarray) -> np.ndarray:
-    """ImageNet-normalized [3, H, W] back to 0..1 (what the cache's thresholds are in)."""
-    return pixels * IMAGENET_STD[:, None, None] + IMAGENET_MEAN[:, None, None]
 
 
 def main(cfg: LivelensConfig) -> None:

@@ -14,6 +14,7 @@ One client is shared by the encoder's worker threads (gRPC channels are thread-s
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import Future
 from typing import NamedTuple
@@ -45,6 +46,9 @@ class VisionModelClient:
         self.cache_shape: tuple[int, int, int] = (0, 0, 0)  # a cached ViT's [layers, patches, width]
         self.plain: VisionModelClient | None = None  # a cached ViT's twin without a cache
         self.classifies = False  # the model also returns class_probs (the frames' tags)
+        # An imported model's preprocessing (its config's "preprocessing" parameter, JSON:
+        # size, mean, std, resample); None: the built-in model's.
+        self.preprocessing: dict | None = None  # type: ignore[type-arg]
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -65,12 +69,19 @@ class VisionModelClient:
         outputs = {o["name"]: [int(d) for d in o["shape"]] for o in meta["outputs"]}
         if "pixels" not in inputs:
             raise RuntimeError(f"Triton model {self.model_name!r} has no pixels input")
+        params = self.client.get_model_config(self.model_name, as_json=True)["config"].get("parameters", {})
+        prep = params.get("preprocessing", {}).get("string_value")
+        if prep:
+            try:
+                self.preprocessing = json.loads(prep)
+            except ValueError as exc:
+                raise RuntimeError(f"Triton model {self.model_name!r}: its preprocessing parameter is not JSON "
+                                   f"({exc})") from exc
         self.partial = "index" in inputs and all(name in inputs for name in STATE_INPUTS)
         tokens = outputs.get("tokens_new" if self.partial else "tokens")
         if tokens is None:
             raise RuntimeError(f"Triton model {self.model_name!r} has no tokens output")
         if self.partial:  # the cache's shape [layers, patches, width]; patches from the config
-            params = self.client.get_model_config(self.model_name, as_json=True)["config"].get("parameters", {})
             patches = int(params.get("num_patches", {}).get("string_value") or 0)
             if patches <= 0:
                 raise RuntimeError(f"Triton model {self.model_name!r}: a cached ViT's config needs the "

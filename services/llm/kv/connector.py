@@ -148,6 +148,10 @@ class SegmentKVConnector(KVConnectorBase_V1):
         self.mean_key_layers = {int(i) for i in extra.get("mean_key_layers", [])}
         self.block_size = vllm_config.cache_config.block_size
         self.rope_theta, self.rope_type = rope_params(vllm_config, extra)
+        if self.rope_type != "default":  # at start-up, not when a question first loads KV
+            raise NotImplementedError(
+                f"the streaming-KV connector re-rotates keys with plain RoPE only; this model uses rope_type "
+                f"{self.rope_type!r} ({vllm_config.model_config.model}): use llm.materializer: recompute")
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
         self._plans: dict[str, list[LoadSlice]] = {}
