@@ -239,9 +239,16 @@ def cmd_models(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         spec = import_checkpoint(args.checkpoint, args.name, repo, models_dir, tokens_dtype=args.tokens_dtype)
     except CheckpointError as exc:
         return _fail(str(exc), 2)
+    from livelens.models.tensorrt import profile_for, read_config
+
+    profile = profile_for(read_config(repo / spec.vision_model / "configs" / "gpu.pbtxt"))
     print(f"imported {spec.name}: {spec.family}, {spec.tokens_per_frame} tokens a frame "
           f"({spec.grid[0]}x{spec.grid[1]}), hidden {spec.hidden_size}; Triton model {repo / spec.vision_model}, "
-          f"model config {models_dir / spec.name / 'livelens_model.json'}")
+          f"model config {models_dir / spec.name / 'livelens_model.json'}\n"
+          f"serve it: model.spec: {models_dir / spec.name}\n"
+          f"Helm: --set model.name={spec.name} --set triton.models={{{spec.name}}} " + " ".join(
+              f"--set triton.tensorrt.profiles.{spec.name}.{k}Shapes={profile.shapes(k)}"
+              for k in ("min", "opt", "max")))
     return 0
 
 

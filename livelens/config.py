@@ -402,6 +402,11 @@ def frame_tokens(cfg: LivelensConfig) -> tuple[int, str]:
     """Visual tokens of a whole frame (the encoder's first and refresh frames are whole),
     from the vision model's `model_info.json` in the Triton model repository (its "grid"),
     and where that number comes from. Without a readable one: 49, the default model's."""
+    if cfg.model.spec:  # an imported model: its model config says (the LLM pod has no Triton repository)
+        from livelens.models.spec import ModelSpec
+
+        spec = ModelSpec.read(cfg.model.spec)
+        return spec.tokens_per_frame, f"the {spec.grid[0]}x{spec.grid[1]} grid of model.spec {cfg.model.spec}"
     info = Path(cfg.triton.model_repository) / cfg.encoder.model_name / "1" / "model_info.json"
     try:
         grid_h, grid_w = json.loads(info.read_text())["grid"]

@@ -719,3 +719,19 @@ def test_install_script_is_idempotent() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "already installed" in proc.stdout
+
+
+def test_an_imported_model_reaches_the_llm_pods_and_the_encoder() -> None:
+    docs = render("--set", "model.name=llava-ov", "--set", "model.source=initContainer")
+    llm = pod_spec(find(docs, "StatefulSet", component("llm")))
+    (copy,) = [c for c in llm["initContainers"] if c["name"] == "imported-model"]
+    assert copy["command"] == ["sh", "-c", "test -s /models/llava-ov/livelens_model.json || "
+                               "cp -R /app/build/models/llava-ov /models/"]
+    env = env_of(llm["containers"][0])
+    assert env["LIVELENS_MODEL__SPEC"] == "/models/llava-ov" and "LIVELENS_LLM__MODEL_PATH" not in env
+    encoder = pod_spec(find(docs, "Deployment", component("encoder")))["containers"][0]
+    assert env_of(encoder)["LIVELENS_ENCODER__MODEL_NAME"] == "llava-ov"
+    default = pod_spec(find(render(), "StatefulSet", component("llm")))
+    assert "LIVELENS_MODEL__SPEC" not in env_of(default["containers"][0]) and not default.get("initContainers")
+    bad = run_helm("template", RELEASE, str(CHART), "--set", "model.name=a b", check=False)
+    assert bad.returncode != 0 and "model" in bad.stderr

@@ -172,3 +172,14 @@ def test_unsupported_and_broken_checkpoints_are_refused_with_the_reason(tmp_path
     out = subprocess.run([sys.executable, "-m", "livelens.cli", "models", "import", str(tmp_path / "missing")],
                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert out.returncode == 2 and "no such checkpoint directory" in out.stderr
+
+
+def test_the_cli_imports_and_says_how_to_serve(imported, tmp_path: Path) -> None:
+    ckpt, _, _ = imported
+    out = subprocess.run([sys.executable, "-m", "livelens.cli", "models", "import", str(ckpt), "--name", "cli-ov",
+                          "--model-repo", str(tmp_path / "repo"), "--models-dir", str(tmp_path / "models")],
+                         capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"model.spec: {tmp_path / 'models' / 'cli-ov'}" in out.stdout
+    assert "--set triton.tensorrt.profiles.cli-ov.maxShapes=pixels:16x3x56x56" in out.stdout
+    assert ModelSpec.read(tmp_path / "models" / "cli-ov").name == "cli-ov"
