@@ -432,8 +432,8 @@ def _check_context_fits(cfg: LivelensConfig) -> None:
         retrieved = min(c.retrieve_token_budget, retrieved_frames * per_frame)
     else:
         retrieved_frames = retrieved = 0
-    per_label = FRAME_LABEL_TOKENS + (TAG_MARKUP_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags
-                                      if cfg.encoder.frame_tags > 0 else 0)
+    per_label = 0 if cfg.model.spec else FRAME_LABEL_TOKENS + (  # an imported family's frames are unlabelled
+        TAG_MARKUP_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags if cfg.encoder.frame_tags > 0 else 0)
     labels = (frames + retrieved_frames) * per_label
     notes = (c.recall_notes + 1) * (NOTE_FRAME_TOKENS + TAG_TOKENS * cfg.encoder.frame_tags) \
         + UNSEEN_NOTE_TOKENS if c.recall_notes > 0 and cfg.encoder.frame_tags > 0 else 0

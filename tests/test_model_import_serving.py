@@ -114,7 +114,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
         "LIVELENS_TRITON__MODEL_REPOSITORY": str(tmp / "model_repo"),
         "LIVELENS_LLM__DTYPE": "float32", "LIVELENS_LLM__KV_STORE_DTYPE": "float32",
         "LIVELENS_LLM__FREQUENCY_PENALTY": "0", "LIVELENS_LLM__SYSTEM_PROMPT": SYSTEM,
-        "LIVELENS_LLM__MAX_MODEL_LEN": "1024", "LIVELENS_LLM__RETRIEVE_LAYERS": "1",
+        "LIVELENS_LLM__MAX_MODEL_LEN": "2048", "LIVELENS_LLM__RETRIEVE_LAYERS": "1",
         "LIVELENS_LLM__STORE_DISK_DIR": str(tmp / "segments"),
         "LIVELENS_ENCODER__CACHE__SKIP_FRAMES": "false", "LIVELENS_ENCODER__CACHE__DROP_TOKENS": "false",
         "QUESTION": QUESTION,
@@ -163,8 +163,9 @@ def test_imported_model_answers_through_triton_and_vllm_as_transformers(served, 
     assert got["frames"] == [0, 1, 2]
     assert got["tokens"] == want_tokens
     assert set(got["top"]) == set(want_top)
-    for token, logprob in want_top.items():
-        assert abs(got["top"][token] - logprob) < LOGPROB_TOLERANCE, (method, token, got["top"][token], logprob)
+    diff = max(abs(got["top"][token] - logprob) for token, logprob in want_top.items())
+    print(f"{method}: first token's top-5 log-probabilities within {diff:.1e} of transformers'")
+    assert diff < LOGPROB_TOLERANCE, (method, got["top"], want_top)
     if method == "streaming_kv":
         stats = results["stats"]
         assert stats["frames_ingested"] == 3 and stats["ingest_errors"] == 0 and stats["kv_misses"] == 0
