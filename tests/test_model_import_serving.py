@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from livelens.config import REPO_ROOT, LLMConfig
+from tests.tiny_checkpoints import llava_onevision_reference
 
 pytestmark = pytest.mark.integration
 
@@ -129,36 +130,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
     return json.loads(out_path.read_text()), ckpt, tmp
 
 
-def reference(ckpt: Path, pixels: np.ndarray) -> tuple[list[int], dict[str, float]]:
-    """transformers' whole model: greedy tokens and the first token's top-5 log-probabilities."""
-    import torch
-    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
-    from transformers.utils.chat_template_utils import render_jinja_template
-
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
-                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
-    prompt = render_jinja_template([messages], chat_template=(ckpt / "chat_template.jinja").read_text(),
-                                   add_generation_prompt=True)[0][0]
-    ids = tok(prompt, add_special_tokens=False).input_ids
-    video = model.config.video_token_index
-    at = ids.index(video)
-    per_frame = 16
-    ids = ids[:at] + [video] * (len(pixels) * per_frame + 1) + ids[at + 1:]
-    inputs = dict(input_ids=torch.tensor([ids]), pixel_values_videos=torch.from_numpy(pixels)[None])
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(**inputs).logits[0, -1].double(), -1)
-        greedy = model.generate(**inputs, max_new_tokens=ANSWER_TOKENS, do_sample=False)[0, len(ids):]
-    top = torch.topk(logprobs, 5)
-    return greedy.tolist(), {str(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)}
-
-
 @pytest.mark.parametrize("method", ["streaming_kv", "recompute"])
 def test_imported_model_answers_through_triton_and_vllm_as_transformers(served, method: str) -> None:
     results, ckpt, tmp = served
     assert results["kept"] == [1, 1, 1], "every token of every frame reached the LLM"
-    want_tokens, want_top = reference(ckpt, np.load(tmp / "pixels.npy"))
+    want_tokens, want_top = llava_onevision_reference(ckpt, np.load(tmp / "pixels.npy"), SYSTEM, QUESTION,
+                                                      ANSWER_TOKENS)
     got = results[method]
     assert got["frames"] == [0, 1, 2]
     assert got["tokens"] == want_tokens
@@ -170,3 +147,73 @@ def test_imported_model_answers_through_triton_and_vllm_as_transformers(served, 
         stats = results["stats"]
         assert stats["frames_ingested"] == 3 and stats["ingest_errors"] == 0 and stats["kv_misses"] == 0
         assert stats["questions_loaded_tokens"] > 3 * 16, "the frames' KV was loaded, not recomputed"
+
+
+def test_imported_model_answers_through_the_whole_stack_as_transformers(tmp_path: Path) -> None:
+    """`model.spec` set, the whole running stack (gateway -> Kafka -> encoder -> Triton ->
+    Kafka -> LLM service -> vLLM): the answer text to a question about three frames is
+    transformers' greedy answer, with both materializers."""
+    import asyncio
+
+    import cv2
+    from transformers import AutoTokenizer
+
+    from livelens.client import Ack, Client
+    from livelens.config import apply_model_spec
+    from livelens.models.importer import import_checkpoint
+    from livelens.models.preprocess import FramePreprocessing
+    from livelens.models.tensorrt import read_config
+    from livelens.records import decode_image
+    from livelens.stack import Stack
+    from tests.conftest import TOKENS, stack_config
+    from tests.tiny_checkpoints import build_llava_onevision
+
+    if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
+        pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoint's")
+    ckpt = build_llava_onevision(tmp_path / "ckpt", tower="clip")
+    import_checkpoint(ckpt, "tiny-ov", tmp_path / "model_repo", tmp_path / "models", progress=lambda m: None)
+    cfg = stack_config()
+    cfg.model.spec = str(tmp_path / "models" / "tiny-ov")
+    apply_model_spec(cfg)
+    cfg.triton.model_repository = str(tmp_path / "model_repo")
+    cfg.llm.dtype = "float32"
+    cfg.llm.frequency_penalty = 0.0
+    cfg.llm.system_prompt = SYSTEM
+    cfg.llm.max_model_len = 2048
+    cfg.llm.retrieve_layers = [1]
+    cfg.llm.max_answer_tokens = ANSWER_TOKENS
+    cfg.llm.store_disk_dir = str(tmp_path / "segments")
+    cfg.llm.kv_store_dir = str(tmp_path / "kv")
+    cfg.encoder.cache.skip_frames = cfg.encoder.cache.drop_tokens = False
+    rng = np.random.default_rng(5)
+    images = [cv2.imencode(".png", rng.integers(0, 256, (72, 96, 3), dtype=np.uint8))[1].tobytes()
+              for _ in range(3)]
+    token = next(iter(TOKENS))
+
+    async def run() -> dict[str, str]:
+        async with Client(stack.gateway_target, token) as client, client.watch("cam") as session:
+            for i, image in enumerate(images):
+                await session.send_frame(i, i * 0.5, image)
+            acks = 0
+            async for event in session.events():
+                acks += isinstance(event, Ack)
+                if acks == len(images):
+                    break
+            return {m: (await client.ask("cam", QUESTION, context_method=m, timeout_s=120)).text
+                    for m in ("streaming_kv", "recompute")}
+
+    stack = Stack(cfg, tmp_path / "run")
+    stack.start(progress=lambda m: None)
+    try:
+        answers = asyncio.run(run())
+    finally:
+        stack.stop()
+    prep = json.loads(read_config(tmp_path / "model_repo" / "tiny-ov" / "config.pbtxt")
+                      .parameters["preprocessing"].string_value)
+    preprocess = FramePreprocessing.of_model(prep, 0)
+    pixels = np.stack([preprocess(decode_image(image)) for image in images])
+    want, _ = llava_onevision_reference(ckpt, pixels, SYSTEM, QUESTION, ANSWER_TOKENS)
+    text = str(AutoTokenizer.from_pretrained(ckpt).decode(want, skip_special_tokens=True))
+    print("answers:", answers, "transformers:", repr(text))
+    assert text.strip(), "the reference answer is empty: the test would compare nothing"
+    assert answers["streaming_kv"].strip() == answers["recompute"].strip() == text.strip()

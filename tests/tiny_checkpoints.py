@@ -73,3 +73,34 @@ def build_llava_onevision(out: Path, tower: str = "siglip", seed: int = 0) -> Pa
     tok.save_pretrained(out)
     (out / "chat_template.jinja").write_text(LLAVA_ONEVISION_TEMPLATE)
     return out
+
+
+def llava_onevision_reference(ckpt: Path, pixels: Any, system: str, question: str,
+                              max_tokens: int) -> tuple[list[int], dict[str, float]]:
+    """transformers' whole model on preprocessed frames [F, 3, S, S] and a question: its
+    greedy tokens and the first token's top-5 log-probabilities. The prompt is the
+    checkpoint's chat template with one <video> expanded to F x tokens + 1, as its
+    processor does (the processor itself needs torchvision, not installed here)."""
+    import math
+
+    from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    model = LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt).eval()
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    messages = [{"role": "system", "content": [{"type": "text", "text": system}]},
+                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    prompt = render_jinja_template([messages], chat_template=(ckpt / "chat_template.jinja").read_text(),
+                                   add_generation_prompt=True)[0][0]
+    ids = tok(prompt, add_special_tokens=False).input_ids
+    video = model.config.video_token_index
+    at = ids.index(video)
+    vc = model.config.vision_config
+    per_frame = math.ceil(vc.image_size // vc.patch_size / 2) ** 2
+    ids = ids[:at] + [video] * (len(pixels) * per_frame + 1) + ids[at + 1:]
+    inputs = dict(input_ids=torch.tensor([ids]), pixel_values_videos=torch.as_tensor(pixels)[None])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(**inputs).logits[0, -1].double(), -1)
+        greedy = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(ids):]
+    top = torch.topk(logprobs, 5)
+    return greedy.tolist(), {str(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)}
