@@ -106,25 +106,13 @@ def test_frame_tokens_are_transformers_video_features(imported) -> None:
 def test_split_model_answers_as_transformers(imported) -> None:
     """Whole model (input ids with the expanded video token, pixels) vs the imported LM with
     the model config's layout around the ONNX tokens and the newline."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlavaOnevisionForConditionalGeneration
-    from transformers.utils.chat_template_utils import render_jinja_template
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.tiny_checkpoints import llava_onevision_reference
 
     ckpt, root, spec = imported
-    model = LlavaOnevisionForConditionalGeneration.from_pretrained(ckpt).eval()
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    messages = [{"role": "system", "content": [{"type": "text", "text": SYSTEM}]},
-                {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
-    prompt = render_jinja_template([messages], chat_template=(ckpt / "chat_template.jinja").read_text(),
-                                   add_generation_prompt=True)[0][0]
-    ids = tok(prompt, add_special_tokens=False).input_ids
-    video = model.config.video_token_index
-    at = ids.index(video)
-    ids = ids[:at] + [video] * (FRAMES * spec.tokens_per_frame + 1) + ids[at + 1:]
     pixels = frames()
-    with torch.no_grad():
-        whole = model(input_ids=torch.tensor([ids]), pixel_values_videos=pixels[None]).logits[0, -1]
-        whole_greedy = model.generate(input_ids=torch.tensor([ids]), pixel_values_videos=pixels[None],
-                                      max_new_tokens=8, do_sample=False)[0, len(ids):]
+    ref = llava_onevision_reference(ckpt, pixels, SYSTEM, QUESTION, 8)
 
     llm_dir = root / "models" / "tiny-ov" / spec.llm_dir
     lm = AutoModelForCausalLM.from_pretrained(llm_dir).eval()
@@ -142,9 +130,9 @@ def test_split_model_answers_as_transformers(imported) -> None:
                             text(spec.chat.after_frames + spec.chat.question.format(question=QUESTION))])[None]
         split = lm(inputs_embeds=embeds).logits[0, -1]
         split_greedy = lm.generate(inputs_embeds=embeds, max_new_tokens=8, do_sample=False)[0]
-    assert embeds.shape[1] == len(ids)
-    assert float((split - whole).abs().max()) < 1e-4
-    assert split_greedy.tolist() == whole_greedy.tolist()
+    assert embeds.shape[1] == ref.prompt_tokens
+    assert float((split - ref.logits).abs().max()) < 1e-4
+    assert split_greedy.tolist() == ref.greedy
 
 
 def test_weight_names_of_every_layout_read_the_same() -> None:

@@ -7,6 +7,7 @@ Sizes are the smallest vLLM's CPU attention takes (head size 64)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,18 @@ def build_llava_onevision(out: Path, tower: str = "siglip", seed: int = 0) -> Pa
     return out
 
 
-def llava_onevision_reference(ckpt: Path, pixels: Any, system: str, question: str,
-                              max_tokens: int) -> tuple[list[int], dict[str, float]]:
-    """transformers' whole model on preprocessed frames [F, 3, S, S] and a question: its
-    greedy tokens and the first token's top-5 log-probabilities. The prompt is the
-    checkpoint's chat template with one <video> expanded to F x tokens + 1, as its
-    processor does (the processor itself needs torchvision, not installed here)."""
+@dataclass
+class Reference:
+    prompt_tokens: int
+    logits: torch.Tensor  # the last prompt position's
+    greedy: list[int]
+    top5: dict[str, float]  # the first token's top-5 log-probabilities, by token id
+
+
+def llava_onevision_reference(ckpt: Path, pixels: Any, system: str, question: str, max_tokens: int) -> Reference:
+    """transformers' whole model on preprocessed frames [F, 3, S, S] and a question. The
+    prompt is the checkpoint's chat template with one <video> expanded to F x tokens + 1,
+    as its processor does (the processor itself needs torchvision, not installed here)."""
     import math
 
     from transformers import AutoTokenizer, LlavaOnevisionForConditionalGeneration
@@ -100,7 +107,8 @@ def llava_onevision_reference(ckpt: Path, pixels: Any, system: str, question: st
     ids = ids[:at] + [video] * (len(pixels) * per_frame + 1) + ids[at + 1:]
     inputs = dict(input_ids=torch.tensor([ids]), pixel_values_videos=torch.as_tensor(pixels)[None])
     with torch.no_grad():
-        logprobs = torch.log_softmax(model(**inputs).logits[0, -1].double(), -1)
+        logits = model(**inputs).logits[0, -1]
         greedy = model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)[0, len(ids):]
-    top = torch.topk(logprobs, 5)
-    return greedy.tolist(), {str(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)}
+    top = torch.topk(torch.log_softmax(logits.double(), -1), 5)
+    return Reference(len(ids), logits, greedy.tolist(),
+                     {str(int(i)): float(v) for v, i in zip(top.values, top.indices, strict=True)})
