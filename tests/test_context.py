@@ -11,6 +11,16 @@ from services.llm.segments import TieredSegmentStore
 from services.llm.stream import Added, ContextError, ContextMethod, Stream, StreamResources
 
 
+def frames_only_stream(cfg: LLMConfig, store: TieredSegmentStore) -> Stream:
+    """A `Stream` as the service builds it, with a recompute materializer without an engine."""
+    try:
+        embedder = ContextEmbedder(cfg.model_path)
+    except FileNotFoundError:
+        pytest.skip("LLM not built (make models)")
+    recompute = RecomputeMaterializer(None, embedder)
+    return Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+
+
 def seg(seq, tokens=4, hidden=8):
     return FrameSegment(seq, seq * 0.5, np.full((tokens, hidden), seq, np.float16),
                         np.ones(tokens, bool))
@@ -71,13 +81,8 @@ def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
     """What the service composes for a question (`Stream.compose`), per context method."""
     cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=3,
                     retrieve_token_budget=8)  # two 4-token frames
-    try:
-        embedder = ContextEmbedder(cfg.model_path)
-    except FileNotFoundError:
-        pytest.skip("LLM not built (make models)")
-    recompute = RecomputeMaterializer(None, embedder)  # frames only
     store = TieredSegmentStore(2**20, None, 0, cfg.retention_segments)
-    stream = Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+    stream = frames_only_stream(cfg, store)
     kept = np.ones(4, bool)
     for i in range(8):
         assert stream.add(i, i * 0.5, direction(i), kept) is Added.FRAME
@@ -89,7 +94,8 @@ def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
     composed = stream.compose("When?", 8, ContextMethod.DEFAULT, "q1")
     assert [f.seq for f in composed.retrieved] == [2, 5]
     assert [f.seq for f in composed.context.frames] == [0, 2, 5, 6, 7]
-    assert composed.materializer is recompute and composed.tokens == embedder.count(composed.context)
+    res = stream.res
+    assert composed.materializer is res.recompute and composed.tokens == res.embedder.count(composed.context)
     assert "q1" not in stream.examples, "an example image serves one question"
     # without an example (and no question-text retrieval): sink + window
     assert [f.seq for f in stream.compose("When?", 8).context.frames] == [0, 6, 7]
@@ -115,13 +121,7 @@ def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
     and bring back the segment a question names, before any scored one."""
     cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=1,
                     retrieve_token_budget=8)
-    try:
-        embedder = ContextEmbedder(cfg.model_path)
-    except FileNotFoundError:
-        pytest.skip("LLM not built (make models)")
-    recompute = RecomputeMaterializer(None, embedder)
-    store = TieredSegmentStore(1, tmp_path, 2**20, cfg.retention_segments)  # every segment spills to disk
-    stream = Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+    stream = frames_only_stream(cfg, TieredSegmentStore(1, tmp_path, 2**20, cfg.retention_segments))  # all to disk
     kept = np.ones(4, bool)
     tags = {2: ("tabby cat", "tiger cat"), 4: ("beagle",)}
     scores = {2: (0.6, 0.2), 4: (0.15,)}
@@ -149,13 +149,7 @@ def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
     then what the question names that no frame was tagged with."""
     cfg = LLMConfig(sink_frames=1, window_frames=2, chunk_frames=1, retrieve_top_k=2, retrieve_token_budget=8,
                     recall_notes=1)
-    try:
-        embedder = ContextEmbedder(cfg.model_path)
-    except FileNotFoundError:
-        pytest.skip("LLM not built (make models)")
-    recompute = RecomputeMaterializer(None, embedder)
-    stream = Stream("s", StreamResources(cfg, embedder, TieredSegmentStore(2**20, None, 0, 100), recompute,
-                                         recompute))
+    stream = frames_only_stream(cfg, TieredSegmentStore(2**20, None, 0, 100))
     tags = {1: ("tabby cat",), 2: ("Egyptian cat",), 5: ("street sign", "prison")}
     for i in range(6):
         stream.add(i, i * 0.5, direction(i), np.ones(4, bool), tags=tags.get(i, ()))
