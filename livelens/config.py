@@ -82,7 +82,8 @@ class GatewayConfig:
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frame_pixels: int = 4096 * 4096
     max_question_chars: int = 1000
-    ask_timeout_s: float = 60.0
+    ask_timeout_s: float = 60.0  # an Ask's deadline when the client sets none
+    max_ask_timeout_s: float = 600.0  # the longest deadline a client may set
     # Response-timing decider: an alert when the encoder's novelty score crosses the
     # threshold, then silence for `alert_cooldown_s` of stream time.
     alert_novelty_threshold: float = 0.35
@@ -343,6 +344,9 @@ def validate(cfg: LivelensConfig) -> None:
     if cfg.encoder.frame_tags < 0 or not 0.0 <= cfg.encoder.tag_min_prob <= 1.0:
         raise ConfigError(f"encoder.frame_tags must be >= 0 and encoder.tag_min_prob within [0, 1], got "
                           f"{cfg.encoder.frame_tags} and {cfg.encoder.tag_min_prob}")
+    if not 0 < cfg.gateway.ask_timeout_s <= cfg.gateway.max_ask_timeout_s:
+        raise ConfigError(f"gateway.ask_timeout_s must be > 0 and at most gateway.max_ask_timeout_s, got "
+                          f"{cfg.gateway.ask_timeout_s} and {cfg.gateway.max_ask_timeout_s}")
     if cfg.kafka.partitions < 1:
         raise ConfigError("kafka.partitions must be >= 1")
     if bool(cfg.gateway.tls_cert) != bool(cfg.gateway.tls_key):

@@ -123,6 +123,8 @@ def test_bad_inputs_answered_while_stream_goes_on(stack):
             await s.send_frame(2, 0.6, too_big)  # oversized
             await s.send_frame(3, 0.7, b"plain text, not an image")
             await s.ask("x" * 500, request_id="too-long")
+            await s.ask("How long?", max_tokens=-1, request_id="negative")
+            await s.send_frame(5, float("inf"), good[1])  # no later frame could follow it
             await s.send_frame(4, 1.0, good[1])  # the stream goes on
             await s.ask("What do you see?", request_id="fine")
             events = await collect(s, lambda ev: any(
@@ -130,19 +132,28 @@ def test_bad_inputs_answered_while_stream_goes_on(stack):
             # unknown stream, via unary Ask
             with pytest.raises(grpc.aio.AioRpcError) as unknown:
                 await client.ask("no-such-stream", "hello?")
+            bad_asks = []
+            for kwargs in ({"max_tokens": 10**9}, {"timeout_s": -1.0}, {"timeout_s": float("nan")}):
+                with pytest.raises(grpc.aio.AioRpcError) as bad:
+                    await client.ask("bad-inputs", "hello?", **kwargs)
+                bad_asks.append(bad.value)
             # another tenant cannot ask about this stream
             async with Client(stack.gateway_target, "beta-token") as beta:
                 with pytest.raises(grpc.aio.AioRpcError) as foreign:
                     await beta.ask("bad-inputs", "hello?")
-            return events, unknown.value, foreign.value
+            return events, unknown.value, foreign.value, bad_asks
 
-    events, unknown, foreign = asyncio.run(run())
+    events, unknown, foreign, bad_asks = asyncio.run(run())
     errors = {e.seq or e.request_id: e for e in events if isinstance(e, ItemError)}
     assert errors[1].status == "INVALID_ARGUMENT" and "corrupt" in errors[1].message
     assert errors[2].status == "INVALID_ARGUMENT" and "max_frame_bytes" in errors[2].message
     assert errors[3].status == "INVALID_ARGUMENT" and "not a JPEG or PNG" in errors[3].message
     assert errors["too-long"].status == "INVALID_ARGUMENT"
     assert "max_question_chars" in errors["too-long"].message
+    assert errors["negative"].status == "INVALID_ARGUMENT" and "llm.max_answer_tokens" in errors["negative"].message
+    assert errors[5].status == "INVALID_ARGUMENT" and "finite" in errors[5].message
+    assert [(e.code(), "max_tokens" in e.details() or "timeout_s" in e.details()) for e in bad_asks] == \
+        [(grpc.StatusCode.INVALID_ARGUMENT, True)] * 3
     assert {e.seq for e in events if isinstance(e, Ack)} == {0, 4}
     answer = "".join(e.text for e in events if isinstance(e, Answer) and e.request_id == "fine")
     assert answer.strip()

@@ -33,8 +33,10 @@ from services.gateway.validation import (
     check_context_method,
     check_frame,
     check_image,
+    check_max_tokens,
     check_question,
     check_stream_id,
+    check_timeout,
 )
 
 log = logging.getLogger("livelens.gateway")
@@ -213,6 +215,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
         try:
             text = check_question(question.text, self.cfg.gateway)
+            check_max_tokens(question.max_tokens, self.cfg.llm.max_answer_tokens)
             method = check_context_method(question.context_method)
             example = self.check_example(question.example_image)
             if request_id in self.handlers:
@@ -245,6 +248,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             check_stream_id(request.stream_id)
             session = self.sessions.for_tenant(request.stream_id, tenant)
             text = check_question(request.question, self.cfg.gateway)
+            check_max_tokens(request.max_tokens, self.cfg.llm.max_answer_tokens)
+            timeout = check_timeout(request.timeout_s, self.cfg.gateway)
             method = check_context_method(request.context_method)
             example = self.check_example(request.example_image)
         except InvalidItem as exc:
@@ -253,7 +258,6 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
         self.handlers[request_id] = queue.put_nowait
         self.publish_ask(session, request_id, text, request.max_tokens, example=example, context_method=method)
-        timeout = request.timeout_s or self.cfg.gateway.ask_timeout_s
         parts: list[str] = []
         try:
             async with asyncio.timeout(timeout):

@@ -3,6 +3,7 @@ status it answers with and a sentence that says what to change."""
 
 from __future__ import annotations
 
+import math
 import re
 
 import grpc
@@ -36,7 +37,10 @@ def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,
     if frame.seq <= last_seq:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"frame seq {frame.seq} is not above the last accepted seq {last_seq}")
-    if frame.pts_s < last_pts or frame.pts_s != frame.pts_s:
+    if not math.isfinite(frame.pts_s):
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"frame {frame.seq} has pts {frame.pts_s}: pts_s must be a finite number of seconds")
+    if frame.pts_s < last_pts:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                           f"frame {frame.seq} has pts {frame.pts_s}, before the previous frame's "
                           f"{last_pts}")
@@ -76,6 +80,28 @@ def check_context_method(method: str) -> str:
                           f"context method {method[:40]!r} is unknown: use one of "
                           f"{', '.join(repr(m) for m in CONTEXT_METHODS)}")
     return method
+
+
+def check_max_tokens(max_tokens: int, limit: int) -> int:
+    """A question's answer length: 0 is the service's default (`llm.max_answer_tokens`), else 1..that."""
+    if not 0 <= max_tokens <= limit:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"max_tokens {max_tokens} is out of range: use 1..{limit} (llm.max_answer_tokens), "
+                          "or 0 for that default")
+    return max_tokens
+
+
+def check_timeout(timeout_s: float, cfg: GatewayConfig) -> float:
+    """An Ask's own deadline in seconds: 0 is gateway.ask_timeout_s, else within
+    (0, gateway.max_ask_timeout_s]."""
+    if timeout_s == 0:
+        return cfg.ask_timeout_s
+    if not (math.isfinite(timeout_s) and 0 < timeout_s <= cfg.max_ask_timeout_s):
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"timeout_s {timeout_s} is out of range: use a number of seconds in "
+                          f"(0, {cfg.max_ask_timeout_s:g}] (gateway.max_ask_timeout_s), or 0 for "
+                          f"gateway.ask_timeout_s ({cfg.ask_timeout_s:g})")
+    return timeout_s
 
 
 def check_question(text: str, cfg: GatewayConfig) -> str:

@@ -145,7 +145,8 @@ class LLMService:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
-        max_tokens = ask.max_tokens or c.max_answer_tokens
+        # the gateway checks it; a producer writing to the commands topic directly is capped here
+        max_tokens = min(ask.max_tokens, c.max_answer_tokens) if ask.max_tokens > 0 else c.max_answer_tokens
         try:
             method = ContextMethod(ask.context_method)
             composed = stream.compose(ask.question, max_tokens, method, example_id)
