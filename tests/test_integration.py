@@ -395,3 +395,29 @@ def test_unknown_context_method_refused(stack):
         asyncio.run(run())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "context method 'everything' is unknown" in (err.value.details() or "")
+
+
+def test_an_answer_past_its_deadline_is_stopped_in_the_llm_service(stack):
+    """An Ask whose deadline passes gets DEADLINE_EXCEEDED, and the LLM service stops the
+    generation (its final record on livelens.responses says so) instead of generating on."""
+    frames = frames_of("vtest.avi", 1.0)
+    with TopicSubscriber(stack.cfg.kafka, ["responses"]) as sub:
+
+        async def run():
+            async with Client(stack.gateway_target, TOKEN) as client, client.watch("deadline") as s:
+                for i, image in enumerate(frames):
+                    await s.send_frame(i, i * 0.5, image)
+                await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == len(frames))
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await client.ask("deadline", "Describe everything in detail.", timeout_s=0.05)
+                return late.value
+
+        late = asyncio.run(run())
+        assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 60
+        stopped = None
+        while stopped is None and time.monotonic() < deadline:
+            for r in sub.records(timeout_s=1):
+                if isinstance(r, pb.ResponseRecord) and r.stream_id == "deadline" and r.final:
+                    stopped = r
+        assert stopped is not None and "stopped" in stopped.error, stopped

@@ -93,7 +93,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
     def publish_ask(self, session: Session, request_id: str, question: str,
                     max_tokens: int, proactive: bool = False,
                     example: tuple[pb.FrameRecord.Encoding, bytes] | None = None,
-                    context_method: str = "") -> None:
+                    context_method: str = "", deadline_unix: float = 0.0) -> None:
         """The question on the commands topic; an example image first, on the frames topic
         (the encoder turns it into the retrieval query)."""
         if example is not None:
@@ -107,7 +107,12 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                                  max_tokens=max_tokens, proactive=proactive,
                                                  after_seq=session.last_seq,
                                                  has_example=example is not None,
-                                                 context_method=context_method))
+                                                 context_method=context_method, deadline_unix=deadline_unix))
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+
+    def publish_cancel(self, session: Session, request_id: str) -> None:
+        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant, gateway_time_unix=time.time(),
+                               cancel=pb.CancelAsk(request_id=request_id))
         lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
 
     def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
@@ -257,7 +262,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         request_id = f"ask-{uuid.uuid4().hex[:12]}"
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
         self.handlers[request_id] = queue.put_nowait
-        self.publish_ask(session, request_id, text, request.max_tokens, example=example, context_method=method)
+        self.publish_ask(session, request_id, text, request.max_tokens, example=example, context_method=method,
+                         deadline_unix=time.time() + timeout)
         parts: list[str] = []
         try:
             async with asyncio.timeout(timeout):
@@ -268,8 +274,13 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                         break
         except TimeoutError:
             self.handlers.pop(request_id, None)
+            self.publish_cancel(session, request_id)  # the LLM service stops it at the deadline anyway
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                f"no complete answer within {timeout:.0f}s")
+                                f"no complete answer within {timeout:g}s")
+        except asyncio.CancelledError:  # the client went away
+            self.handlers.pop(request_id, None)
+            self.publish_cancel(session, request_id)
+            raise
         if rec.error:
             await context.abort(grpc.StatusCode.INTERNAL, rec.error)
         return api_pb2.AskResponse(request_id=request_id, text="".join(parts).strip(),

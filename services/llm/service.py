@@ -47,6 +47,7 @@ class LLMStats:
     unchanged: int = 0  # frames the encoder did not re-encode
     questions: int = 0
     errors: int = 0
+    cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
 
 
 def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
@@ -90,6 +91,7 @@ class LLMService:
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
         self.res = res
         self.producer: Any = None
+        self.answering: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> (stream, its task)
 
     # --- state -----------------------------------------------------------------------
     def stream(self, stream_id: str) -> Stream:
@@ -120,9 +122,19 @@ class LLMService:
             stream = self.streams.pop(rec.stream_id, None)
             if stream is not None:
                 stream.close()
+            for stream_id, task in list(self.answering.values()):  # nobody is left to hear them
+                if stream_id == rec.stream_id:
+                    task.cancel()
+        elif kind == "cancel":
+            entry = self.answering.get(rec.cancel.request_id)
+            if entry is not None:
+                entry[1].cancel()
         elif kind == "ask":
             self.stats.questions += 1
-            asyncio.get_running_loop().create_task(self.answer(rec))
+            request_id = rec.ask.request_id
+            task = asyncio.get_running_loop().create_task(self.answer(rec))
+            self.answering[request_id] = (rec.stream_id, task)
+            task.add_done_callback(lambda _: self.answering.pop(request_id, None))
 
     # --- answering -------------------------------------------------------------------
     def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
@@ -161,18 +173,30 @@ class LLMService:
                                    context_method=method.value or c.materializer)
         text: list[str] = []
         stream_time = composed.context.newest_pts_s
+        # Past the asker's deadline nobody waits for the answer: stop it, in the engine too
+        # (cancelling vLLM's generate aborts the request).
+        remaining = max(0.0, ask.deadline_unix - time.time()) if ask.deadline_unix else None
         try:
-            async for delta in composed.materializer.generate(
-                    composed.context, f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
-                if delta.first_token_s is not None:
-                    timings.ttft_s = delta.first_token_s
-                text.append(delta.text)
-                if delta.finished:
-                    timings.total_s = time.perf_counter() - t0
-                    self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
-                                 timings=timings, retrieved_pts_s=[f.pts_s for f in composed.retrieved])
-                elif delta.text:
-                    self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
+            async with asyncio.timeout(remaining):
+                async for delta in composed.materializer.generate(
+                        composed.context, f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
+                    if delta.first_token_s is not None:
+                        timings.ttft_s = delta.first_token_s
+                    text.append(delta.text)
+                    if delta.finished:
+                        timings.total_s = time.perf_counter() - t0
+                        self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
+                                     timings=timings, retrieved_pts_s=[f.pts_s for f in composed.retrieved])
+                    elif delta.text:
+                        self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            self.stats.cancelled += 1
+            why = "its deadline passed" if isinstance(exc, TimeoutError) else "it was cancelled"
+            log.info("question %s on %s stopped after %d tokens: %s", ask.request_id, cmd.stream_id, len(text), why)
+            self.respond(cmd, final=True, error=f"the answer was stopped: {why}", stream_time_s=stream_time)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
             self.stats.errors += 1
             log.exception("question %s on %s failed", ask.request_id, cmd.stream_id)
