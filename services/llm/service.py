@@ -143,6 +143,18 @@ class LLMService:
         lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
 
     async def answer(self, cmd: pb.CommandRecord) -> None:
+        """Answer a question; cancelled at any stage (CancelAsk, its stream closed), the
+        answer ends with a final record that says so."""
+        try:
+            await self._answer(cmd)
+        except asyncio.CancelledError:
+            self.stats.cancelled += 1
+            log.info("question %s on %s cancelled", cmd.ask.request_id, cmd.stream_id)
+            self.respond(cmd, final=True, error="the answer was stopped: it was cancelled")
+            self.producer.flush()
+            raise
+
+    async def _answer(self, cmd: pb.CommandRecord) -> None:
         c = self.cfg.llm
         picked = time.time()
         stream = self.stream(cmd.stream_id)
@@ -189,13 +201,12 @@ class LLMService:
                                      timings=timings, retrieved_pts_s=[f.pts_s for f in composed.retrieved])
                     elif delta.text:
                         self.respond(cmd, text_delta=delta.text, stream_time_s=stream_time)
-        except (TimeoutError, asyncio.CancelledError) as exc:
+        except TimeoutError:
             self.stats.cancelled += 1
-            why = "its deadline passed" if isinstance(exc, TimeoutError) else "it was cancelled"
-            log.info("question %s on %s stopped after %d tokens: %s", ask.request_id, cmd.stream_id, len(text), why)
-            self.respond(cmd, final=True, error=f"the answer was stopped: {why}", stream_time_s=stream_time)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+            log.info("question %s on %s stopped after %d tokens: its deadline passed", ask.request_id,
+                     cmd.stream_id, len(text))
+            self.respond(cmd, final=True, error="the answer was stopped: its deadline passed",
+                         stream_time_s=stream_time)
             return
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
             self.stats.errors += 1
