@@ -401,7 +401,9 @@ def test_an_answer_past_its_deadline_is_stopped_in_the_llm_service(stack):
     """An Ask whose deadline passes gets DEADLINE_EXCEEDED, and the LLM service stops the
     generation (its final record on livelens.responses says so) instead of generating on."""
     frames = frames_of("vtest.avi", 1.0)
-    with TopicSubscriber(stack.cfg.kafka, ["responses"]) as sub:
+    # from the beginning (the stream id is this test's own): nothing is missed while the
+    # subscriber is still joining
+    with TopicSubscriber(stack.cfg.kafka, ["responses"], from_beginning=True) as sub:
 
         async def run():
             async with Client(stack.gateway_target, TOKEN) as client, client.watch("deadline") as s:

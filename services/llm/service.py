@@ -131,10 +131,9 @@ class LLMService:
                 entry[1].cancel()
         elif kind == "ask":
             self.stats.questions += 1
-            request_id = rec.ask.request_id
             task = asyncio.get_running_loop().create_task(self.answer(rec))
-            self.answering[request_id] = (rec.stream_id, task)
-            task.add_done_callback(lambda _: self.answering.pop(request_id, None))
+            self.answering[rec.ask.request_id] = (rec.stream_id, task)
+            task.add_done_callback(lambda t: self.answered(rec, t))
 
     # --- answering -------------------------------------------------------------------
     def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
@@ -142,19 +141,17 @@ class LLMService:
                                 request_id=cmd.ask.request_id, proactive=cmd.ask.proactive, **fields)
         lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
 
-    async def answer(self, cmd: pb.CommandRecord) -> None:
-        """Answer a question; cancelled at any stage (CancelAsk, its stream closed), the
-        answer ends with a final record that says so."""
-        try:
-            await self._answer(cmd)
-        except asyncio.CancelledError:
+    def answered(self, cmd: pb.CommandRecord, task: asyncio.Task[None]) -> None:
+        """A question's task ended. Cancelled (CancelAsk, its stream closed), at any stage,
+        even before it ran: its answer ends with a final record that says so."""
+        self.answering.pop(cmd.ask.request_id, None)
+        if task.cancelled():
             self.stats.cancelled += 1
             log.info("question %s on %s cancelled", cmd.ask.request_id, cmd.stream_id)
             self.respond(cmd, final=True, error="the answer was stopped: it was cancelled")
             self.producer.flush()
-            raise
 
-    async def _answer(self, cmd: pb.CommandRecord) -> None:
+    async def answer(self, cmd: pb.CommandRecord) -> None:
         c = self.cfg.llm
         picked = time.time()
         stream = self.stream(cmd.stream_id)
