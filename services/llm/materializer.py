@@ -242,7 +242,6 @@ class StreamingKVMaterializer:
 
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         s = self._stream(kv.stream_id)
-        s.ledger = kv
         for seq in kv.evicted(index, [f.seq for f in frames]):  # the rest: when their prefill saves them
             self.budget.evictable(kv, seq)
         self._enforce_budget(s)

@@ -164,7 +164,8 @@ class Stream:
         self.res.materializer.drop_stream(self.stream_id)
 
     # --- questions -------------------------------------------------------------------
-    def retrieve(self, question: str, example: np.ndarray | None) -> list[FrameSegment]:
+    def retrieve(self, question: str, example: np.ndarray | None,
+                 named: _TagMatcher | None = None) -> list[FrameSegment]:
         """Stored segments for a question, in time order. Segments with a frame whose tags
         the question names come first (the likeliest named tag first, then the newest);
         then the best scored by the example image's pooled embedding when the question has
@@ -173,7 +174,7 @@ class Stream:
         c, res = self.res.cfg, self.res
         if not c.retrieve_top_k:
             return []
-        first = res.store.tagged(self.stream_id, _TagMatcher(question))
+        first = res.store.tagged(self.stream_id, named or _TagMatcher(question))
         ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieve_top_k]
         picked: list[Segment] = []
         budget = c.retrieve_token_budget
@@ -212,7 +213,7 @@ class Stream:
                 frames.extend(segment.frames)
         return frames
 
-    def recall(self, question: str, retrieved: list[FrameSegment]) -> str:
+    def recall(self, question: str, retrieved: list[FrameSegment], named: _TagMatcher | None = None) -> str:
         """The note that opens the question's turn (`recall_note`): the `llm.recall_notes`
         frames in the context whose tags the question names (the likeliest, then the
         newest), and the newest frame, in time order; then the things the question names (ImageNet classes)
@@ -221,7 +222,7 @@ class Stream:
         frames = self.context.sink + retrieved + list(self.context.window)
         if not limit or not frames:
             return ""
-        named = _TagMatcher(question)
+        named = named or _TagMatcher(question)
         scored = [(score, f.seq, f) for f in frames if (score := f.tag_score(named)) is not None]
         quoted = [f for _, _, f in sorted(scored, key=lambda x: (-x[0], -x[1]))[:limit]]
         if frames[-1] not in quoted:
@@ -239,13 +240,14 @@ class Stream:
         c, embedder = self.res.cfg, self.res.embedder
         materializer = self.res.materializer_for(method)
         example = self.examples.pop(example_request_id, None) if example_request_id else None
+        named = _TagMatcher(question)  # the question's tag matches, shared by retrieval and the note
         if method is ContextMethod.FULL:  # stored chunks, then the chunk still filling
             retrieved = self.stored_frames() + list(self.context.evicted)
         elif method is ContextMethod.WINDOW:
             retrieved = []
         else:
-            retrieved = self.retrieve(question, example)
-        note = self.recall(question, retrieved)
+            retrieved = self.retrieve(question, example, named)
+        note = self.recall(question, retrieved, named)
         composed = self.context.compose(c.system_prompt, question, retrieved=retrieved, note=note)
         tokens = embedder.count(composed)
         if method is ContextMethod.FULL and tokens + max_tokens > c.max_model_len:
