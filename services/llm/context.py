@@ -42,11 +42,13 @@ class FrameSegment:
     def num_tokens(self) -> int:
         return int(self.tokens.shape[0])
 
+    def scored_tags(self) -> list[tuple[str, float]]:
+        """(tag, its probability: 1.0 where not given), most likely first."""
+        return [(t, self.tag_scores[i] if i < len(self.tag_scores) else 1.0) for i, t in enumerate(self.tags)]
+
     def tag_score(self, wanted: Callable[[str], bool]) -> float | None:
         """The highest probability among the tags `wanted` accepts; None if it accepts none."""
-        scores = [self.tag_scores[i] if i < len(self.tag_scores) else 1.0
-                  for i, t in enumerate(self.tags) if wanted(t)]
-        return max(scores) if scores else None
+        return max((score for t, score in self.scored_tags() if wanted(t)), default=None)
 
 
 @dataclass(frozen=True)

@@ -82,8 +82,7 @@ class _Entry:
 def _tag_scores(frames: tuple[FrameSegment, ...]) -> dict[str, float]:
     scores: dict[str, float] = {}
     for f in frames:
-        for i, tag in enumerate(f.tags):
-            score = f.tag_scores[i] if i < len(f.tag_scores) else 1.0
+        for tag, score in f.scored_tags():
             scores[tag] = max(score, scores.get(tag, 0.0))
     return scores
 
