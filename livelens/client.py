@@ -93,8 +93,9 @@ class WatchSession:
     """One open `Watch` call: send frames and questions, iterate what comes back."""
 
     def __init__(self, stub: api_pb2_grpc.LiveLensStub, stream_id: str,
-                 metadata: tuple[tuple[str, str], ...]) -> None:
+                 metadata: tuple[tuple[str, str], ...], resume_session_id: str = "") -> None:
         self.stream_id = stream_id
+        self.session_id = resume_session_id  # the gateway's, once opened: resume with it
         self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
         self._subscribers: list[asyncio.Queue[Any]] = []
         self._history: list[Event] = []
@@ -105,7 +106,8 @@ class WatchSession:
         self.details = ""
 
     async def _requests(self) -> AsyncIterator[api_pb2.WatchRequest]:
-        yield api_pb2.WatchRequest(open=api_pb2.OpenRequest(stream_id=self.stream_id))
+        yield api_pb2.WatchRequest(open=api_pb2.OpenRequest(stream_id=self.stream_id,
+                                                            resume_session_id=self.session_id))
         while (item := await self._outgoing.get()) is not _END:
             yield item
 
@@ -113,6 +115,7 @@ class WatchSession:
         try:
             async for resp in self._call:
                 if resp.WhichOneof("item") == "opened" and not self._opened.done():
+                    self.session_id = resp.opened.session_id
                     self._opened.set_result(resp.opened.tenant)
                     continue
                 event = _event(resp)
@@ -156,8 +159,14 @@ class WatchSession:
         return request_id
 
     async def close(self) -> None:
-        """Half-close: no more frames or questions; answers still pending keep coming."""
+        """Half-close: no more frames or questions; answers still pending keep coming. The
+        stream ends."""
         await self._outgoing.put(_END)
+
+    def abort(self) -> None:
+        """Drop the call without closing the stream, as a broken connection does: the stream
+        stays open, to be resumed with `Client.watch(..., resume_session_id=self.session_id)`."""
+        self._call.cancel()
 
     async def events(self, replay: bool = False) -> AsyncIterator[Event]:
         q: asyncio.Queue[Any] = asyncio.Queue()
@@ -188,14 +197,18 @@ class WatchSession:
 
 
 class Client:
-    def __init__(self, target: str, token: str, root_cert: bytes | None = None) -> None:
+    def __init__(self, target: str, token: str = "", root_cert: bytes | None = None,
+                 client_cert: tuple[bytes, bytes] | None = None) -> None:
+        """`token`: the bearer token; `root_cert`: TLS (the gateway's CA); `client_cert`:
+        (private key, certificate) for mTLS, where the certificate names the tenant."""
         self.target = target
-        self.metadata = (("authorization", f"Bearer {token}"),)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = [("grpc.max_send_message_length", 64 * 1024 * 1024),
                    ("grpc.max_receive_message_length", 64 * 1024 * 1024)]
         if root_cert is not None:
-            self.channel = grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_cert),
-                                                   options=options)
+            key, chain = client_cert if client_cert is not None else (None, None)
+            creds = grpc.ssl_channel_credentials(root_cert, private_key=key, certificate_chain=chain)
+            self.channel = grpc.aio.secure_channel(target, creds, options=options)
         else:
             self.channel = grpc.aio.insecure_channel(target, options=options)
         self.stub = api_pb2_grpc.LiveLensStub(self.channel)
@@ -207,8 +220,9 @@ class Client:
         await self.channel.close()
 
     @contextlib.asynccontextmanager
-    async def watch(self, stream_id: str) -> AsyncIterator[WatchSession]:
-        session = WatchSession(self.stub, stream_id, self.metadata)
+    async def watch(self, stream_id: str, resume_session_id: str = "") -> AsyncIterator[WatchSession]:
+        """Open a stream (or resume one whose call broke, with its `session_id`)."""
+        session = WatchSession(self.stub, stream_id, self.metadata, resume_session_id)
         try:
             await session.opened()
             yield session

@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from livelens.identity import NAME, NAME_RULE
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -43,6 +45,22 @@ class KafkaConfig:
     # a group (and every rebalance) quick.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
+    # Records that cannot be parsed or processed go here, with the reason (consumers go on).
+    dead_letter_topic: str = "livelens.deadletter"
+    # The LLM service's stream checkpoints (compacted: the newest per stream is kept).
+    checkpoints_topic: str = "livelens.checkpoints"
+    # How long the broker keeps frames, tokens and commands: a new owner of a stream
+    # replays its tokens from its checkpoint, so this must cover llm.retention_segments.
+    retention_ms: int = 2 * 3600 * 1000
+    # Passed to every Kafka client (producers, consumers, admin) of every service.
+    # security_protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: str = "PLAINTEXT"
+    ssl_cafile: str = ""
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_username: str = ""
+    sasl_password: str = ""
 
 
 @dataclass
@@ -78,7 +96,14 @@ class GatewayConfig:
     tokens: dict[str, str] = field(default_factory=lambda: {"dev-token": "dev"})
     tls_cert: str = ""
     tls_key: str = ""
+    # mTLS: with a CA, clients must present a certificate it signed; a certificate's
+    # common name maps to a tenant here (then no bearer token is needed).
+    tls_client_ca: str = ""
+    cert_tenants: dict[str, str] = field(default_factory=dict)
+    # Per-tenant limits (per gateway replica), refused with RESOURCE_EXHAUSTED.
     max_streams_per_tenant: int = 8
+    tenant_max_fps: float = 60.0  # frames per second over all the tenant's streams
+    tenant_questions_per_minute: int = 120
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frame_pixels: int = 4096 * 4096
     max_question_chars: int = 1000
@@ -145,6 +170,11 @@ class EncoderConfig:
 class LLMConfig:
     model_path: str = field(default_factory=lambda: str(Path(_build_dir()) / "models" / "smollm2-135m-instruct"))
     group_id: str = "livelens-llm"
+    # A stream's checkpoint (where a new owner rebuilds its context from) is written on
+    # open, after each answer that joins its dialogue, and every this many frames.
+    checkpoint_every_frames: int = 8
+    # A stream that gets no record this long is closed (its Watch broke and was not resumed).
+    stream_idle_s: float = 600.0
     health_host: str = "127.0.0.1"
     health_port: int = 50053
     system_prompt: str = (
@@ -349,8 +379,37 @@ def validate(cfg: LivelensConfig) -> None:
                           f"{cfg.gateway.ask_timeout_s} and {cfg.gateway.max_ask_timeout_s}")
     if cfg.kafka.partitions < 1:
         raise ConfigError("kafka.partitions must be >= 1")
-    if bool(cfg.gateway.tls_cert) != bool(cfg.gateway.tls_key):
+    _validate_gateway(cfg.gateway)
+    _validate_kafka(cfg.kafka)
+
+
+def _validate_gateway(g: GatewayConfig) -> None:
+    if bool(g.tls_cert) != bool(g.tls_key):
         raise ConfigError("gateway.tls_cert and gateway.tls_key must be set together")
+    if g.tls_client_ca and not g.tls_cert:
+        raise ConfigError("gateway.tls_client_ca (mTLS) needs gateway.tls_cert and gateway.tls_key")
+    for setting, tenants in (("gateway.tokens", g.tokens), ("gateway.cert_tenants", g.cert_tenants)):
+        for tenant in tenants.values():
+            if not NAME.match(str(tenant)):
+                raise ConfigError(f"{setting}: tenant name {str(tenant)[:40]!r} is invalid: use {NAME_RULE}")
+    if g.max_streams_per_tenant < 1 or g.tenant_max_fps <= 0 or g.tenant_questions_per_minute < 1:
+        raise ConfigError(f"gateway.max_streams_per_tenant, gateway.tenant_max_fps and "
+                          f"gateway.tenant_questions_per_minute must be positive, got {g.max_streams_per_tenant}, "
+                          f"{g.tenant_max_fps} and {g.tenant_questions_per_minute}")
+
+
+KAFKA_SECURITY = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+
+
+def _validate_kafka(k: KafkaConfig) -> None:
+    if k.security_protocol not in KAFKA_SECURITY:
+        raise ConfigError(f"kafka.security_protocol must be one of {', '.join(KAFKA_SECURITY)}, "
+                          f"got {k.security_protocol!r}")
+    if k.security_protocol.startswith("SASL") and not (k.sasl_mechanism and k.sasl_username):
+        raise ConfigError(f"kafka.security_protocol {k.security_protocol} needs kafka.sasl_mechanism "
+                          "and kafka.sasl_username (and kafka.sasl_password)")
+    if k.retention_ms < 60_000:
+        raise ConfigError(f"kafka.retention_ms must be at least 60000, got {k.retention_ms}")
 
 
 def _validate_llm(cfg: LivelensConfig) -> None:
@@ -373,6 +432,9 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     for name in ("dialogue_turns", "retrieve_token_budget", "recall_notes"):
         if getattr(c, name) < 0:
             raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
+    if c.checkpoint_every_frames < 1 or not c.stream_idle_s > 0:
+        raise ConfigError(f"llm.checkpoint_every_frames must be >= 1 and llm.stream_idle_s > 0, got "
+                          f"{c.checkpoint_every_frames} and {c.stream_idle_s}")
     for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature",
                  "frequency_penalty"):
         value = getattr(c, name)

@@ -1,8 +1,10 @@
 """Kafka plumbing shared by every service: topics, producers, consumers, records.
 
-All records are protobuf messages keyed by stream id. The producer, topic and consumer
-size limits all come from `kafka.max_message_bytes`, because a frame's tokens can be
-larger than Kafka's 1 MiB default.
+All records are protobuf messages keyed by their stream key ("tenant/stream_id",
+`livelens.identity`). The producer, topic and consumer size limits all come from
+`kafka.max_message_bytes`, because a frame's tokens can be larger than Kafka's 1 MiB
+default. The TLS/SASL settings of `kafka.*` go to every client made here, and services
+make their clients nowhere else.
 """
 
 from __future__ import annotations
@@ -19,22 +21,47 @@ from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
 from livelens.config import KafkaConfig
+from livelens.identity import Keyed, key_of, split_key
+from livelens.v1 import messages_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 
 def all_topics(cfg: KafkaConfig) -> list[str]:
-    return [cfg.frames_topic, cfg.tokens_topic, cfg.commands_topic, cfg.responses_topic]
+    return [cfg.frames_topic, cfg.tokens_topic, cfg.commands_topic, cfg.responses_topic,
+            cfg.dead_letter_topic, cfg.checkpoints_topic]
+
+
+def security(cfg: KafkaConfig) -> dict[str, Any]:
+    """The TLS/SASL arguments of every kafka-python client."""
+    args: dict[str, Any] = {"security_protocol": cfg.security_protocol}
+    if "SSL" in cfg.security_protocol:
+        args.update(ssl_cafile=cfg.ssl_cafile or None, ssl_certfile=cfg.ssl_certfile or None,
+                    ssl_keyfile=cfg.ssl_keyfile or None)
+    if cfg.security_protocol.startswith("SASL"):
+        args.update(sasl_mechanism=cfg.sasl_mechanism, sasl_plain_username=cfg.sasl_username,
+                    sasl_plain_password=cfg.sasl_password)
+    return args
+
+
+def _topic_configs(cfg: KafkaConfig, name: str) -> dict[str, str]:
+    configs = {"max.message.bytes": str(cfg.max_message_bytes)}
+    if name == cfg.checkpoints_topic:  # the newest checkpoint of each stream is what counts
+        configs["cleanup.policy"] = "compact"
+    else:
+        configs["retention.ms"] = str(cfg.retention_ms)
+    return configs
 
 
 def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
-    """Create the four topics (same partition count, so a stream id maps to the same
-    partition number in each; the LLM group then owns a stream's tokens and commands
-    together)."""
+    """Create the topics (same partition count, so a stream key maps to the same
+    partition number in each; the LLM group then owns a stream's tokens, commands and
+    checkpoints together)."""
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id="livelens-admin")
+            admin = KafkaAdminClient(bootstrap_servers=cfg.bootstrap, client_id="livelens-admin",
+                                     **security(cfg))
             break
         except KafkaError:
             if time.monotonic() > deadline:
@@ -47,7 +74,7 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
                 name,
                 num_partitions=cfg.partitions,
                 replication_factor=1,
-                topic_configs={"max.message.bytes": str(cfg.max_message_bytes)},
+                topic_configs=_topic_configs(cfg, name),
             )
             for name in all_topics(cfg)
             if name not in existing
@@ -61,7 +88,7 @@ def ensure_topics(cfg: KafkaConfig, timeout_s: float = 30.0) -> None:
 
 
 def wait_for_partitions(cfg: KafkaConfig, topics: Iterable[str], deadline: float) -> None:
-    probe = KafkaConsumer(bootstrap_servers=cfg.bootstrap)
+    probe = KafkaConsumer(bootstrap_servers=cfg.bootstrap, **security(cfg))
     try:
         for topic in topics:
             while not probe.partitions_for_topic(topic):
@@ -79,25 +106,30 @@ def make_producer(cfg: KafkaConfig, client_id: str) -> KafkaProducer:
         max_request_size=cfg.max_message_bytes,
         linger_ms=2,
         acks=1,
+        **security(cfg),
     )
 
 
-def _consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
+def consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
     return {
         "fetch_max_bytes": max(52428800, cfg.max_message_bytes),
         "max_partition_fetch_bytes": cfg.max_message_bytes,
+        **security(cfg),
     }
 
 
 def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
                         auto_commit: bool = True,
-                        on_lost: Callable[[set[Any]], None] | None = None) -> KafkaConsumer:
+                        on_lost: Callable[[set[Any]], None] | None = None,
+                        on_gained: Callable[[set[Any]], None] | None = None) -> KafkaConsumer:
     """A member of a consumer group: partition ownership decides which replica holds a
     stream. With `auto_commit=False` the caller commits after a record's results are
-    published (at-least-once; consumers dedupe by (stream, seq)). `on_lost` is called
-    (in the polling thread) with the partitions this member loses in a rebalance: kafka's
-    eager protocol revokes every partition and then assigns, so a partition given back
-    to the same member is not lost (its state stays valid: no one else consumed it)."""
+    published (at-least-once; consumers dedupe by (stream, seq)). `on_lost` and
+    `on_gained` are called (in the polling thread, inside `poll`, before any record of a
+    gained partition is returned) with the partitions this member loses or newly gets in a
+    rebalance: kafka's eager protocol revokes every partition and then assigns, so a
+    partition given back to the same member is neither (its state stays valid: no one else
+    consumed it); at the first assignment every partition is gained."""
     consumer = KafkaConsumer(
         bootstrap_servers=cfg.bootstrap,
         group_id=group_id,
@@ -108,15 +140,13 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
         session_timeout_ms=cfg.session_timeout_ms,
         heartbeat_interval_ms=cfg.heartbeat_interval_ms,
         max_poll_records=64,
-        **_consumer_limits(cfg),
+        **consumer_limits(cfg),
     )
     listener = None
-    if on_lost is not None:
+    if on_lost is not None or on_gained is not None:
         from kafka import ConsumerRebalanceListener
 
-        lost_cb = on_lost
-
-        class Lost(ConsumerRebalanceListener):  # type: ignore[misc]
+        class Changes(ConsumerRebalanceListener):  # type: ignore[misc]
             def __init__(self) -> None:
                 self.revoked: set[Any] = set()
 
@@ -124,11 +154,14 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
                 self.revoked = set(revoked)
 
             def on_partitions_assigned(self, assigned: Any) -> None:
-                lost, self.revoked = self.revoked - set(assigned), set()
-                if lost:
-                    lost_cb(lost)
+                lost, gained = self.revoked - set(assigned), set(assigned) - self.revoked
+                self.revoked = set()
+                if lost and on_lost is not None:
+                    on_lost(lost)
+                if gained and on_gained is not None:
+                    on_gained(gained)
 
-        listener = Lost()
+        listener = Changes()
     consumer.subscribe(topics, listener=listener)
     return consumer
 
@@ -137,7 +170,7 @@ def make_tail_consumer(cfg: KafkaConfig, topics: list[str], from_beginning: bool
     """Reads every partition of `topics` without a group (no join delay, no rebalance):
     what a gateway or an outside subscriber uses to see all streams' records."""
     consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap, enable_auto_commit=False,
-                             **_consumer_limits(cfg))
+                             **consumer_limits(cfg))
     parts = []
     for topic in topics:
         deadline = time.monotonic() + 30
@@ -158,6 +191,20 @@ def make_tail_consumer(cfg: KafkaConfig, topics: list[str], from_beginning: bool
     return consumer
 
 
-def publish(producer: KafkaProducer, topic: str, stream_id: str, message: Any) -> Any:
-    """Send one protobuf record keyed by its stream id; returns the send future."""
-    return producer.send(topic, key=stream_id.encode(), value=message.SerializeToString())
+def dead_letter(producer: KafkaProducer, cfg: KafkaConfig, service: str, record: Any, reason: str) -> None:
+    """Send a consumed record that could not be parsed or processed to the dead-letter
+    topic, with the reason, so the consumer can go on without losing it."""
+    key = record.key or b""
+    tenant, stream_id = split_key(key.decode(errors="replace"))
+    letter = pb.DeadLetter(source_topic=record.topic, partition=record.partition, offset=record.offset,
+                           key=key, value=record.value or b"", reason=reason[:2000], service=service,
+                           time_unix=time.time(), tenant=tenant, stream_id=stream_id)
+    producer.send(cfg.dead_letter_topic, key=key or None, value=letter.SerializeToString())
+    log.warning("%s: record %s/%d@%d to %s: %s", service, record.topic, record.partition, record.offset,
+                cfg.dead_letter_topic, reason)
+
+
+def publish(producer: KafkaProducer, topic: str, message: Keyed) -> Any:
+    """Send one protobuf record keyed by its stream key; returns the send future."""
+    return producer.send(topic, key=key_of(message).encode(),
+                         value=message.SerializeToString())  # type: ignore[attr-defined]

@@ -174,7 +174,7 @@ def test_rebalance_rebuilds_a_streams_cache_on_its_new_owner(stack, models) -> N
 
     def send_and_wait(sub: TopicSubscriber, seqs: range) -> None:
         for seq in seqs:
-            lk.publish(producer, kafka.frames_topic, "s", frame("s", seq, 2.0, images[seq]))
+            lk.publish(producer, kafka.frames_topic, frame("s", seq, 2.0, images[seq]))
         producer.flush()
         deadline = time.monotonic() + 60
         while not all(s in received for s in seqs) and time.monotonic() < deadline:

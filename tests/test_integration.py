@@ -209,7 +209,7 @@ def test_redelivered_frame_not_counted_twice(stack):
             rec = pb.FrameRecord(stream_id="redelivery", tenant="acme", seq=seq, pts_s=seq * 0.5,
                                  encoding=pb.FrameRecord.JPEG, data=images[seq],
                                  gateway_time_unix=time.time())
-            lk.publish(producer, k.frames_topic, "redelivery", rec)
+            lk.publish(producer, k.frames_topic, rec)
         producer.flush()
         tokens = [r for r in sub.records(timeout_s=15) if isinstance(r, pb.TokensRecord)
                   and r.stream_id == "redelivery"]
@@ -217,11 +217,11 @@ def test_redelivered_frame_not_counted_twice(stack):
         assert not any(r.unchanged for r in tokens)
         # now the LLM side: replay the tokens records, one of them twice
         for rec in [tokens[0], tokens[1], tokens[1], tokens[2]]:
-            lk.publish(producer, k.tokens_topic, "redelivery", rec)
+            lk.publish(producer, k.tokens_topic, rec)
         ask = pb.CommandRecord(stream_id="redelivery", tenant="acme", gateway_time_unix=time.time(),
                                ask=pb.AskCommand(request_id="dedupe-q", question="What?",
                                                  max_tokens=4))
-        lk.publish(producer, k.commands_topic, "redelivery", ask)
+        lk.publish(producer, k.commands_topic, ask)
         producer.flush()
         final = final_response(sub, "dedupe-q")
     producer.close()
@@ -243,7 +243,7 @@ def test_unchanged_frames_skipped_and_tokens_dropped_through_kafka(stack):
     producer = lk.make_producer(k, "test-cache")
     with TopicSubscriber(k, ["tokens", "responses"]) as sub:
         for seq, image in enumerate(images):
-            lk.publish(producer, k.frames_topic, "cache", pb.FrameRecord(
+            lk.publish(producer, k.frames_topic, pb.FrameRecord(
                 stream_id="cache", tenant="acme", seq=seq, pts_s=seq * 0.5, encoding=pb.FrameRecord.JPEG,
                 data=image, gateway_time_unix=time.time()))
         producer.flush()
@@ -261,7 +261,7 @@ def test_unchanged_frames_skipped_and_tokens_dropped_through_kafka(stack):
         assert not changed.unchanged and 0 < kept.sum() < kept.size and tokens.shape == (int(kept.sum()), 576)
         grid = kept.reshape(changed.grid_h, changed.grid_w)
         assert grid[:2, :2].any() and not grid[4:, 4:].any()  # kept where the image changed
-        lk.publish(producer, k.commands_topic, "cache", pb.CommandRecord(
+        lk.publish(producer, k.commands_topic, pb.CommandRecord(
             stream_id="cache", tenant="acme", gateway_time_unix=time.time(),
             ask=pb.AskCommand(request_id="cache-q", question="What?", max_tokens=4, after_seq=2)))
         producer.flush()

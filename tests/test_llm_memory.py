@@ -34,7 +34,7 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
         if seq % 250 == 249:
             ram.append(store.stats.ram_bytes)
             disk.append(store.stats.disk_bytes)
-    ctx = service.streams["long"].context
+    ctx = service.streams["t/long"].context
     assert len(ctx.sink) == cfg.llm.sink_frames and len(ctx.window) == cfg.llm.window_frames
     assert max(ram) <= 8 * 2**20 and max(disk) <= 32 * 2**20
     assert ram[-1] == ram[len(ram) // 2], "flat once the budget is reached"
@@ -44,7 +44,7 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     assert (store.stats.ram_bytes, service.stats.frames) == before
     assert service.stats.duplicates == 1
     # a question cannot be answered without an engine: said clearly, not an AttributeError
-    composed = service.streams["long"].compose("What now?", 8)
+    composed = service.streams["t/long"].compose("What now?", 8)
     with pytest.raises(RuntimeError, match="has no engine: frames only"):
         composed.materializer.generate(composed.context, "q", 8)
     store.close()

@@ -74,7 +74,7 @@ SCRIPT = textwrap.dedent('''
             service = LLMService(cfg, res)
             for rec in records:
                 service.on_tokens(rec)
-            stream = service.stream("cam")
+            stream = service.stream("t/cam")
             while not stream.ready(2):
                 await asyncio.sleep(0.05)
             results = {"kept": [int(len(r.kept_mask) == 0) for r in records], "dtype": records[0].dtype}

@@ -36,6 +36,7 @@ import numpy as np
 
 from livelens.bench.e2e import machine, percentile
 from livelens.config import LivelensConfig
+from livelens.identity import stream_key
 from livelens.records import encode_jpeg
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
@@ -59,6 +60,9 @@ def says_yes(text: str) -> bool:
     return text.strip().lower().lstrip("\"'").startswith("yes")
 
 
+TENANT = "bench"
+
+
 class Pipeline:
     """The encoder service's frame path and the LLM service's stream path, in one process."""
 
@@ -75,6 +79,10 @@ class Pipeline:
         self.engine, res = build_resources(cfg, work / "kv")
         self.service = LLMService(cfg, res)
 
+    def stream(self, stream_id: str) -> Any:
+        """The LLM service's stream (its `services.llm.stream.Stream`)."""
+        return self.service.stream(stream_key(TENANT, stream_id))
+
     def model(self, name: str) -> Any:
         from services.encoder.triton_client import VisionModelClient
 
@@ -89,9 +97,9 @@ class Pipeline:
         """Frames through the encoder (one poll at a time, as its consumer does) into the
         LLM service; returns once the stream's context holds them (prefilled, on the
         streaming-KV path). tags=False drops the frames' tags (the projector alone)."""
-        stream = self.service.stream(stream_id)
+        stream = self.stream(stream_id)
         for i in range(0, len(frames), poll):
-            records = [pb.FrameRecord(stream_id=stream_id, tenant="bench", seq=start_seq + i + j,
+            records = [pb.FrameRecord(stream_id=stream_id, tenant=TENANT, seq=start_seq + i + j,
                                       pts_s=(start_seq + i + j) / fps, data=encode_jpeg(rgb),
                                       encoding=pb.FrameRecord.JPEG, width=rgb.shape[1], height=rgb.shape[0])
                        for j, rgb in enumerate(frames[i:i + poll])]
@@ -107,7 +115,7 @@ class Pipeline:
     async def ask(self, stream_id: str, question: str, method: str, max_tokens: int = 24) -> Reply:
         from services.llm.stream import ContextMethod
 
-        stream = self.service.stream(stream_id)
+        stream = self.stream(stream_id)
         composed = stream.compose(question, max_tokens, ContextMethod(method))
         text: list[str] = []
         ids: list[int] = []
@@ -128,13 +136,13 @@ class Pipeline:
         from services.llm.stream import ContextError, ContextMethod
 
         try:
-            self.service.stream(stream_id).compose("Did it appear?", max_tokens, ContextMethod.FULL)
+            self.stream(stream_id).compose("Did it appear?", max_tokens, ContextMethod.FULL)
         except ContextError:
             return False
         return True
 
     def close(self, stream_id: str) -> None:
-        stream = self.service.streams.pop(stream_id, None)
+        stream = self.service.streams.pop(stream_key(TENANT, stream_id), None)
         if stream is not None:
             stream.close()
 
@@ -223,9 +231,9 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.nd
     questions = [("present", f"Did a {label} appear in the video?"), ("which", f"Which {kind} appeared in the video?")]
     questions += [("absent", f"Did a {obj} appear in the video?") for obj in ABSENT]
     full_fits = p.fits_full(sid)
-    ctx = p.service.stream(sid).context
+    ctx = p.stream(sid).context
     # Frames the encoder found unchanged (its feature cache) never reach the context.
-    held = len(ctx.sink) + len(ctx.window) + len(p.service.stream(sid).stored_frames())
+    held = len(ctx.sink) + len(ctx.window) + len(p.stream(sid).stored_frames())
     rows: list[dict[str, Any]] = []
     replies_of: dict[str, dict[str, Reply]] = {}  # method -> question -> reply
     ttft = None

@@ -24,6 +24,7 @@ import numpy as np
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
+from livelens.identity import key_of
 from livelens.infra.malloc import tune_malloc
 from livelens.labels import imagenet_names
 from livelens.models.preprocess import FramePreprocessing
@@ -42,6 +43,7 @@ class EncoderStats:
     frames_encoded: int = 0
     duplicates: int = 0
     bad_frames: int = 0
+    dead_letters: int = 0
     batches: int = 0
     skipped: int = 0  # unchanged: not encoded
 
@@ -56,7 +58,7 @@ class _Frame:
 
 
 # (poll index, record) pairs, Triton calls, frames not decodable
-_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int, int]
+_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int, list[tuple[int, str]]]  # records, calls, rejected
 
 
 class EncoderService:
@@ -66,31 +68,40 @@ class EncoderService:
         self.stats = EncoderStats()
         self.novelty = NoveltyTracker()
         self.cache = FeatureCache(cfg.encoder.cache)
+        # Per stream key ("tenant/stream_id"):
         self.last_seq: dict[str, int] = {}
         self.stream_partitions: dict[str, tuple[str, int]] = {}  # where each stream's frames come from
+        self.sessions: dict[str, str] = {}  # the session of the stream's state
+        self.rejected: list[tuple[int, str]] = []  # the last `process`'s frames that could not be encoded
         self.stop_event = threading.Event()
         # Streams are encoded concurrently, so several Triton requests are in flight and
         # its dynamic batcher can merge them; a stream's own frames stay in order.
         self.pool = ThreadPoolExecutor(max(1, cfg.encoder.max_in_flight), thread_name_prefix="encode")
 
     def process(self, frames: list[pb.FrameRecord], model: VisionModelClient) -> list[pb.TokensRecord]:
-        """Encode one poll's worth of frames; returns the token records in input order."""
+        """Encode one poll's worth of frames; returns the token records in input order
+        (the frames that could not be decoded are left out, in `rejected`)."""
         if model.grid[0] and not self.cache.grid[0]:
             self.cache.grid = model.grid
         streams: dict[str, list[tuple[int, pb.FrameRecord]]] = {}
         queries: list[tuple[int, pb.FrameRecord]] = []
+        self.rejected = []
         for i, frame in enumerate(frames):
             self.stats.frames_in += 1
             is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
-            if not is_query and frame.seq <= self.last_seq.get(frame.stream_id, -1):
+            key = key_of(frame)
+            if not is_query and frame.session_id != self.sessions.setdefault(key, frame.session_id):
+                self.forget(key)  # the stream id was opened anew: its state starts afresh
+                self.sessions[key] = frame.session_id
+            if not is_query and frame.seq <= self.last_seq.get(key, -1):
                 self.stats.duplicates += 1
                 continue
             if is_query:
                 queries.append((i, frame))
             else:
-                self.last_seq[frame.stream_id] = frame.seq
-                self.cache.stream(frame.stream_id)  # created here, not in the worker threads
-                streams.setdefault(frame.stream_id, []).append((i, frame))
+                self.last_seq[key] = frame.seq
+                self.cache.stream(key)  # created here, not in the worker threads
+                streams.setdefault(key, []).append((i, frame))
         # Each stream's share of the requests in flight: a lone stream's backlog of partial
         # recomputes goes out together; with many streams, Triton is fed by the streams.
         share = max(1, self.cfg.encoder.max_in_flight // max(1, len(streams)))
@@ -102,7 +113,8 @@ class EncoderService:
         for future in futures:
             records, calls, bad = future.result()  # raises the first failure
             self.stats.batches += calls
-            self.stats.bad_frames += bad
+            self.stats.bad_frames += len(bad)
+            self.rejected += bad
             for i, rec in records:
                 out[i] = rec
                 if rec.unchanged:
@@ -120,21 +132,22 @@ class EncoderService:
         return prep
 
     def _prepare(self, frames: list[tuple[int, pb.FrameRecord]],
-                 model: VisionModelClient) -> tuple[list[_Frame], int]:
+                 model: VisionModelClient) -> tuple[list[_Frame], list[tuple[int, str]]]:
         """Decode and preprocess (in the worker threads: OpenCV releases the GIL, so one
         stream's frames are prepared while another's are in Triton). Returns the frames
-        and how many were not decodable."""
+        and those that were not decodable, with the reason."""
         out: list[_Frame] = []
+        bad: list[tuple[int, str]] = []
         prep = self.preprocessing(model)
         size = prep.size
         for i, frame in frames:
             try:
                 rgb = decode_image(frame.data, frame.encoding, frame.width, frame.height, min_side=size)
             except BadImage as exc:  # the gateway validates, so this is a foreign producer
-                log.warning("dropping frame %s/%d: %s", frame.stream_id, frame.seq, exc)
+                bad.append((i, f"frame {frame.seq} cannot be decoded: {exc}"))
                 continue
             out.append(_Frame(i, frame, prep(rgb)))
-        return out, len(frames) - len(out)
+        return out, bad
 
     def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient,
                        in_flight: int) -> _Encoded:
@@ -145,7 +158,7 @@ class EncoderService:
         items, bad = self._prepare(frames, model)
         if not items:
             return [], 0, bad
-        cache = self.cache.stream(items[0].record.stream_id)
+        cache = self.cache.stream(key_of(items[0].record))
         unit = self.preprocessing(model).to_unit_range
         decided = [(item, cache.decide(unit(item.pixels), partial=model.partial)) for item in items]
         out: list[tuple[int, pb.TokensRecord]] = []
@@ -222,15 +235,15 @@ class EncoderService:
         frame = item.record
         grid = int(round(tokens.shape[0] ** 0.5))
         rec = pb.TokensRecord(
-            stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq,
+            stream_id=frame.stream_id, tenant=frame.tenant, session_id=frame.session_id, seq=frame.seq,
             pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[0] // grid,
-            novelty=0.0 if decision is None else self.novelty.update(frame.stream_id, tokens),
+            novelty=0.0 if decision is None else self.novelty.update(key_of(frame), tokens),
             encoder_model=self.cfg.encoder.model_id,
             gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
             query_request_id=frame.query_request_id,
         )
         kept = None if decision is None else \
-            self.cache.stream(frame.stream_id).kept(decision, tokens)
+            self.cache.stream(key_of(frame)).kept(decision, tokens)
         set_tokens(rec, tokens, kept)
         if class_probs is not None:
             for name, p in frame_tags(class_probs, self.cfg.encoder.frame_tags, self.cfg.encoder.tag_min_prob):
@@ -239,27 +252,31 @@ class EncoderService:
         return rec
 
     def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
-        cache = self.cache.stream(frame.stream_id)
+        cache = self.cache.stream(key_of(frame))
         grid = cache.unchanged()
         rec = pb.TokensRecord(
-            stream_id=frame.stream_id, tenant=frame.tenant, seq=frame.seq, pts_s=frame.pts_s,
-            grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
+            stream_id=frame.stream_id, tenant=frame.tenant, session_id=frame.session_id, seq=frame.seq,
+            pts_s=frame.pts_s, grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
             encoder_model=self.cfg.encoder.model_id, gateway_time_unix=frame.gateway_time_unix,
             encoded_time_unix=time.time(), unchanged=True)
         hidden = cache.tokens.shape[1] if cache.tokens is not None else 0
         set_tokens(rec, np.zeros((grid, hidden), np.float16), np.zeros(grid, bool))
         return rec
 
+    def forget(self, key: str) -> None:
+        self.cache.forget(key)
+        self.novelty.forget(key)
+        self.last_seq.pop(key, None)
+        self.stream_partitions.pop(key, None)
+        self.sessions.pop(key, None)
+
     def forget_partitions(self, partitions: set) -> None:
         """A rebalance took partitions away: their streams' caches are no longer ours (the
         new owner starts each with one full encode). Called in the polling thread, between
         two `process` calls; a closing consumer loses nothing (its caches go with it)."""
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        for stream_id in [s for s, tp in self.stream_partitions.items() if tp in lost]:
-            self.cache.forget(stream_id)
-            self.novelty.forget(stream_id)
-            self.last_seq.pop(stream_id, None)
-            del self.stream_partitions[stream_id]
+        for key in [s for s, tp in self.stream_partitions.items() if tp in lost]:
+            self.forget(key)
         if lost:
             log.info("partitions %s lost: caches of their streams dropped", sorted(lost))
 
@@ -267,14 +284,14 @@ class EncoderService:
                            model: VisionModelClient) -> list[pb.TokensRecord]:
         """Triton may be restarting: retry with backoff, then give up (the process exits,
         its offsets uncommitted, and the frames are encoded again after the restart)."""
-        seqs = dict(self.last_seq)
+        seqs, sessions = dict(self.last_seq), dict(self.sessions)
         caches = self.cache.snapshot()
         for attempt in range(self.cfg.encoder.triton_retries + 1):
             try:
                 return self.process(frames, model)
             except Exception as exc:  # noqa: BLE001 - tritonclient raises many kinds
                 # the frames were not encoded: not seen either, and not the cache's reference
-                self.last_seq = dict(seqs)
+                self.last_seq, self.sessions = dict(seqs), dict(sessions)
                 self.cache.streams = {sid: c.snapshot() for sid, c in caches.items()}
                 if attempt == self.cfg.encoder.triton_retries:
                     raise
@@ -305,22 +322,30 @@ class EncoderService:
             while not self.stop_event.is_set():
                 polled = pending or consumer.poll(timeout_ms=cfg.encoder.poll_timeout_ms)
                 pending = {}
-                frames = []
+                frames, sources = [], []
                 for records in polled.values():
                     for r in records:
                         frame = pb.FrameRecord()
                         try:
                             frame.ParseFromString(r.value)
-                        except Exception:  # noqa: BLE001 - a foreign record on our topic
+                            if not frame.stream_id or not frame.tenant:
+                                raise ValueError("the record names no stream or tenant")
+                        except Exception as exc:  # noqa: BLE001 - a foreign record on our topic
                             self.stats.bad_frames += 1
+                            self.stats.dead_letters += 1
+                            lk.dead_letter(producer, cfg.kafka, "encoder", r, f"unparseable frame record: {exc}")
                             continue
                         frames.append(frame)
+                        sources.append(r)
                         if not frame.query_request_id:
-                            self.stream_partitions[frame.stream_id] = (r.topic, r.partition)
+                            self.stream_partitions[key_of(frame)] = (r.topic, r.partition)
                 if not frames:
                     continue
                 for rec in self.process_with_retry(frames, model):
-                    lk.publish(producer, cfg.kafka.tokens_topic, rec.stream_id, rec)
+                    lk.publish(producer, cfg.kafka.tokens_topic, rec)
+                for i, reason in self.rejected:
+                    self.stats.dead_letters += 1
+                    lk.dead_letter(producer, cfg.kafka, "encoder", sources[i], reason)
                 producer.flush()
                 consumer.commit()  # only now: a crash before this replays the frames
         finally:

@@ -9,6 +9,7 @@ status itself. Frames and commands go to Kafka; answers come back through `Kafka
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 import uuid
@@ -35,6 +36,7 @@ from services.gateway.validation import (
     check_image,
     check_max_tokens,
     check_question,
+    check_session_id,
     check_stream_id,
     check_timeout,
 )
@@ -42,6 +44,11 @@ from services.gateway.validation import (
 log = logging.getLogger("livelens.gateway")
 
 ResponseHandler = Callable[[pb.ResponseRecord], None]
+
+
+def response_status(rec: pb.ResponseRecord) -> grpc.StatusCode:
+    """The status an LLM service's error answer is relayed with (INTERNAL if it named none)."""
+    return getattr(grpc.StatusCode, rec.code, grpc.StatusCode.INTERNAL) if rec.code else grpc.StatusCode.INTERNAL
 
 
 def item_error(exc: InvalidItem, seq: int = 0, request_id: str = "") -> api_pb2.WatchResponse:
@@ -54,19 +61,19 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
     def __init__(self, cfg: LivelensConfig, producer: Any) -> None:
         self.cfg = cfg
         self.producer = producer
-        self.sessions = SessionRegistry(cfg.gateway.max_streams_per_tenant)
-        self.handlers: dict[str, ResponseHandler] = {}
+        self.sessions = SessionRegistry(cfg.gateway)
+        self.handlers: dict[tuple[str, str], ResponseHandler] = {}  # (tenant, request id) -> its relay
 
     # --- Kafka side ------------------------------------------------------------------
     def on_response(self, rec: pb.ResponseRecord) -> None:
-        handler = self.handlers.get(rec.request_id)
+        handler = self.handlers.get((rec.tenant, rec.request_id))
         if handler is not None:
             handler(rec)
             if rec.final:
-                self.handlers.pop(rec.request_id, None)
+                self.handlers.pop((rec.tenant, rec.request_id), None)
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
-        session = self.sessions.get(rec.stream_id)
+        session = self.sessions.get(rec.tenant, rec.stream_id)
         if session is None or rec.query_request_id or not self.cfg.gateway.proactive_alerts:
             return
         decision = session.decider.observe(rec.pts_s, rec.novelty)
@@ -86,34 +93,33 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                     request_id=request_id, stream_time_s=pts_s, reason=reason, score=score,
                     text=text)))
 
-        self.handlers[request_id] = collect
+        self.handlers[(session.tenant, request_id)] = collect
         session.pending.add(request_id)
-        self.publish_ask(session, request_id, self.cfg.gateway.alert_prompt, 0, proactive=True)
+        self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id,
+                         self.cfg.gateway.alert_prompt, 0, proactive=True, session_id=session.session_id)
 
-    def publish_ask(self, session: Session, request_id: str, question: str,
+    def publish_ask(self, tenant: str, stream_id: str, after_seq: int, request_id: str, question: str,
                     max_tokens: int, proactive: bool = False,
                     example: tuple[pb.FrameRecord.Encoding, bytes] | None = None,
-                    context_method: str = "", deadline_unix: float = 0.0) -> None:
+                    context_method: str = "", deadline_unix: float = 0.0, session_id: str = "") -> None:
         """The question on the commands topic; an example image first, on the frames topic
         (the encoder turns it into the retrieval query)."""
         if example is not None:
-            rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, seq=-1,
+            rec = pb.FrameRecord(stream_id=stream_id, tenant=tenant, session_id=session_id, seq=-1,
                                  encoding=example[0], data=example[1], gateway_time_unix=time.time(),
                                  query_request_id=request_id)
-            lk.publish(self.producer, self.cfg.kafka.frames_topic, session.stream_id, rec)
-        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant,
-                               gateway_time_unix=time.time(),
-                               ask=pb.AskCommand(request_id=request_id, question=question,
-                                                 max_tokens=max_tokens, proactive=proactive,
-                                                 after_seq=session.last_seq,
-                                                 has_example=example is not None,
-                                                 context_method=context_method, deadline_unix=deadline_unix))
-        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+            lk.publish(self.producer, self.cfg.kafka.frames_topic, rec)
+        ask = pb.AskCommand(request_id=request_id, question=question, max_tokens=max_tokens, proactive=proactive,
+                            after_seq=after_seq, has_example=example is not None, context_method=context_method,
+                            deadline_unix=deadline_unix)
+        cmd = pb.CommandRecord(stream_id=stream_id, tenant=tenant, session_id=session_id,
+                               gateway_time_unix=time.time(), ask=ask)
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, cmd)
 
-    def publish_cancel(self, session: Session, request_id: str) -> None:
-        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant, gateway_time_unix=time.time(),
+    def publish_cancel(self, tenant: str, stream_id: str, request_id: str) -> None:
+        cmd = pb.CommandRecord(stream_id=stream_id, tenant=tenant, gateway_time_unix=time.time(),
                                cancel=pb.CancelAsk(request_id=request_id))
-        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, cmd)
 
     def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
         if not data:
@@ -123,13 +129,28 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
     # --- auth ------------------------------------------------------------------------
     async def tenant(self, context: grpc.aio.ServicerContext) -> str:
+        """The caller's tenant: from its client certificate (mTLS, `gateway.cert_tenants`),
+        else from its bearer token."""
+        g = self.cfg.gateway
+        if g.tls_client_ca:
+            for name in context.auth_context().get("x509_common_name", []):
+                if (tenant := g.cert_tenants.get(name.decode(errors="replace"))) is not None:
+                    return tenant
         header = dict(context.invocation_metadata() or ()).get("authorization", "")
         scheme, _, token = str(header).partition(" ")
-        tenant = self.cfg.gateway.tokens.get(token) if scheme.lower() == "bearer" else None
-        if tenant is None:
+        found = self.token_tenant(token) if scheme.lower() == "bearer" else None
+        if found is None:
             await context.abort(grpc.StatusCode.UNAUTHENTICATED,
                                 "missing or unknown bearer token (metadata 'authorization: Bearer <token>')")
-        return str(tenant)
+        return str(found)
+
+    def token_tenant(self, token: str) -> str | None:
+        """Compared with every known token in constant time, so timing tells nothing."""
+        found = None
+        for known, tenant in self.cfg.gateway.tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                found = tenant
+        return found
 
     # --- Watch -----------------------------------------------------------------------
     async def Watch(self, request_iterator: AsyncIterator[api_pb2.WatchRequest],
@@ -141,18 +162,24 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                 "the first message of Watch must be `open` with a stream id")
         assert first is not None  # abort() raised otherwise
         stream_id = first.open.stream_id
+        resume = first.open.resume_session_id
         g = self.cfg.gateway
-        session = Session(stream_id, tenant, ResponseTimingDecider(g.alert_novelty_threshold,
-                                                                   g.alert_cooldown_s))
+        session = Session(stream_id, tenant, ResponseTimingDecider(g.alert_novelty_threshold, g.alert_cooldown_s),
+                          session_id=resume or uuid.uuid4().hex)
         try:
             check_stream_id(stream_id)
+            if resume:
+                check_session_id(resume)
             self.sessions.open(session)
         except InvalidItem as exc:
             await context.abort(exc.code, exc.message)
-        log.info("stream %s opened by tenant %s", stream_id, tenant)
-        self.publish_command(session, open_=True)
-        session.send(api_pb2.WatchResponse(opened=api_pb2.Opened(stream_id=stream_id, tenant=tenant)))
+        log.info("stream %s %s by tenant %s (session %s)", stream_id, "resumed" if resume else "opened", tenant,
+                 session.session_id)
+        self.publish_command(session, pb.CommandRecord(open=pb.OpenStream(resume=bool(resume))))
+        session.send(api_pb2.WatchResponse(opened=api_pb2.Opened(stream_id=stream_id, tenant=tenant,
+                                                                 session_id=session.session_id)))
         reader = asyncio.create_task(self.read_items(session, request_iterator))
+        ended = False
         try:
             while True:
                 if reader.done() and not session.pending and session.outbox.empty():
@@ -162,22 +189,22 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 except TimeoutError:
                     continue
             reader.result()  # surface a reader failure as the call's status
+            ended = True
         finally:
             reader.cancel()
             for request_id in session.pending:
-                self.handlers.pop(request_id, None)
-            self.sessions.close(stream_id)
-            self.publish_command(session, open_=False)
-            log.info("stream %s closed", stream_id)
+                self.handlers.pop((tenant, request_id), None)
+            self.sessions.close(session)
+            # The client closed its side: the stream ends. A broken call leaves the stream
+            # open (resumable with its session id, closed by the LLM service when idle).
+            if ended:
+                self.publish_command(session, pb.CommandRecord(close=pb.CloseStream()))
+            log.info("stream %s %s", stream_id, "closed" if ended else "detached: its Watch broke")
 
-    def publish_command(self, session: Session, open_: bool) -> None:
-        cmd = pb.CommandRecord(stream_id=session.stream_id, tenant=session.tenant,
-                               gateway_time_unix=time.time())
-        if open_:
-            cmd.open.SetInParent()
-        else:
-            cmd.close.SetInParent()
-        lk.publish(self.producer, self.cfg.kafka.commands_topic, session.stream_id, cmd)
+    def publish_command(self, session: Session, cmd: pb.CommandRecord) -> None:
+        cmd.stream_id, cmd.tenant, cmd.session_id = session.stream_id, session.tenant, session.session_id
+        cmd.gateway_time_unix = time.time()
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, cmd)
 
     async def read_items(self, session: Session, items: AsyncIterator[api_pb2.WatchRequest]) -> None:
         loop = asyncio.get_running_loop()
@@ -195,15 +222,17 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                      loop: asyncio.AbstractEventLoop) -> None:
         try:
             encoding, rgb = check_frame(frame, self.cfg.gateway, session.last_seq, session.last_pts)
+            self.sessions.admit_frame(session.tenant)
         except InvalidItem as exc:
             session.send(item_error(exc, seq=frame.seq))
             return
         session.last_seq, session.last_pts = frame.seq, frame.pts_s
         session.newest_pts = frame.pts_s
-        rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, seq=frame.seq,
+        rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, session_id=session.session_id,
+                             seq=frame.seq,
                              pts_s=frame.pts_s, encoding=encoding, data=frame.image,
                              width=rgb.shape[1], height=rgb.shape[0], gateway_time_unix=time.time())
-        future = lk.publish(self.producer, self.cfg.kafka.frames_topic, session.stream_id, rec)
+        future = lk.publish(self.producer, self.cfg.kafka.frames_topic, rec)
         ack = api_pb2.WatchResponse(ack=api_pb2.Ack(seq=frame.seq))
 
         def done(_: Any) -> None:
@@ -223,17 +252,17 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             check_max_tokens(question.max_tokens, self.cfg.llm.max_answer_tokens)
             method = check_context_method(question.context_method)
             example = self.check_example(question.example_image)
-            if request_id in self.handlers:
+            if (session.tenant, request_id) in self.handlers:
                 raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
                                   f"request id {request_id!r} is already being answered")
+            self.sessions.admit_question(session.tenant)
         except InvalidItem as exc:
             session.send(item_error(exc, request_id=request_id))
             return
 
         def relay(rec: pb.ResponseRecord) -> None:
             if rec.error:
-                session.send(item_error(InvalidItem(grpc.StatusCode.INTERNAL, rec.error),
-                                        request_id=request_id))
+                session.send(item_error(InvalidItem(response_status(rec), rec.error), request_id=request_id))
             session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
                 request_id=request_id, text=rec.text_delta, final=rec.final,
                 stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s,
@@ -241,9 +270,11 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             if rec.final:
                 session.pending.discard(request_id)
 
-        self.handlers[request_id] = relay
+        self.handlers[(session.tenant, request_id)] = relay
         session.pending.add(request_id)
-        self.publish_ask(session, request_id, text, question.max_tokens, example=example, context_method=method)
+        self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id, text,
+                         question.max_tokens, example=example, context_method=method,
+                         session_id=session.session_id)
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,
@@ -251,19 +282,23 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         tenant = await self.tenant(context)
         try:
             check_stream_id(request.stream_id)
-            session = self.sessions.for_tenant(request.stream_id, tenant)
             text = check_question(request.question, self.cfg.gateway)
             check_max_tokens(request.max_tokens, self.cfg.llm.max_answer_tokens)
             timeout = check_timeout(request.timeout_s, self.cfg.gateway)
             method = check_context_method(request.context_method)
             example = self.check_example(request.example_image)
+            self.sessions.admit_question(tenant)
         except InvalidItem as exc:
             await context.abort(exc.code, exc.message)
+        # The stream may be watched through another gateway replica: its owner in the LLM
+        # service answers (NOT_FOUND where the tenant has no such stream open).
+        session = self.sessions.get(tenant, request.stream_id)
+        after_seq = session.last_seq if session is not None else -1
         request_id = f"ask-{uuid.uuid4().hex[:12]}"
         queue: asyncio.Queue[pb.ResponseRecord] = asyncio.Queue()
-        self.handlers[request_id] = queue.put_nowait
-        self.publish_ask(session, request_id, text, request.max_tokens, example=example, context_method=method,
-                         deadline_unix=time.time() + timeout)
+        self.handlers[(tenant, request_id)] = queue.put_nowait
+        self.publish_ask(tenant, request.stream_id, after_seq, request_id, text, request.max_tokens,
+                         example=example, context_method=method, deadline_unix=time.time() + timeout)
         parts: list[str] = []
         try:
             async with asyncio.timeout(timeout):
@@ -273,16 +308,17 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                     if rec.final:
                         break
         except TimeoutError:
-            self.handlers.pop(request_id, None)
-            self.publish_cancel(session, request_id)  # the LLM service stops it at the deadline anyway
+            self.handlers.pop((tenant, request_id), None)
+            # the LLM service stops it at the deadline anyway
+            self.publish_cancel(tenant, request.stream_id, request_id)
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
                                 f"no complete answer within {timeout:g}s")
         except asyncio.CancelledError:  # the client went away
-            self.handlers.pop(request_id, None)
-            self.publish_cancel(session, request_id)
+            self.handlers.pop((tenant, request_id), None)
+            self.publish_cancel(tenant, request.stream_id, request_id)
             raise
         if rec.error:
-            await context.abort(grpc.StatusCode.INTERNAL, rec.error)
+            await context.abort(response_status(rec), rec.error)
         return api_pb2.AskResponse(request_id=request_id, text="".join(parts).strip(),
                                    stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s,
                                    retrieved_pts_s=rec.retrieved_pts_s)
@@ -311,8 +347,10 @@ async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:
     ], server)
     address = f"{g.host}:{g.port}"
     if g.tls_cert:
-        creds = grpc.ssl_server_credentials([(Path(g.tls_key).read_bytes(),
-                                              Path(g.tls_cert).read_bytes())])
+        creds = grpc.ssl_server_credentials(
+            [(Path(g.tls_key).read_bytes(), Path(g.tls_cert).read_bytes())],
+            root_certificates=Path(g.tls_client_ca).read_bytes() if g.tls_client_ca else None,
+            require_client_auth=bool(g.tls_client_ca))
         server.add_secure_port(address, creds)
     else:
         server.add_insecure_port(address)
@@ -320,7 +358,8 @@ async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:
     router.start()
     for name in ("", "livelens.v1.LiveLens"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    log.info("gateway serving on %s (%s)", address, "TLS" if g.tls_cert else "plaintext")
+    log.info("gateway serving on %s (%s)", address,
+             "mTLS" if g.tls_client_ca else "TLS" if g.tls_cert else "plaintext")
     try:
         await stop.wait()
     finally:

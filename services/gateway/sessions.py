@@ -1,12 +1,20 @@
-"""Stream sessions the gateway holds: one per open `Watch`, with its outbox and limits."""
+"""Stream sessions the gateway holds: one per open `Watch`, with its outbox, and the
+per-tenant limits (streams, frames per second, questions per minute).
+
+A stream is (tenant, stream id): two tenants may watch the same stream id at once, and
+nothing a tenant is told depends on another tenant's streams.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import grpc
 
+from livelens.config import GatewayConfig
+from livelens.identity import stream_key
 from livelens.v1 import api_pb2
 from services.gateway.decider import ResponseTimingDecider
 from services.gateway.validation import InvalidItem
@@ -17,40 +25,89 @@ class Session:
     stream_id: str
     tenant: str
     decider: ResponseTimingDecider
+    session_id: str = ""  # names this Watch's stream session (resume with it)
     outbox: asyncio.Queue[api_pb2.WatchResponse] = field(default_factory=asyncio.Queue)
     last_seq: int = -1
     last_pts: float = 0.0
     newest_pts: float = 0.0
     pending: set[str] = field(default_factory=set)  # request ids still being answered
 
+    @property
+    def key(self) -> str:
+        return stream_key(self.tenant, self.stream_id)
+
     def send(self, response: api_pb2.WatchResponse) -> None:
         self.outbox.put_nowait(response)
 
 
+@dataclass
+class RateLimit:
+    """A token bucket: `rate` a second, bursts up to `burst`."""
+
+    rate: float
+    burst: float
+    tokens: float = -1.0
+    at: float = field(default_factory=time.monotonic)
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        if self.tokens < 0:
+            self.tokens = self.burst
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass
+class TenantLimits:
+    frames: RateLimit
+    questions: RateLimit
+
+
 class SessionRegistry:
-    def __init__(self, max_streams_per_tenant: int) -> None:
-        self.max_streams_per_tenant = max_streams_per_tenant
-        self.sessions: dict[str, Session] = {}
+    def __init__(self, cfg: GatewayConfig) -> None:
+        self.cfg = cfg
+        self.sessions: dict[tuple[str, str], Session] = {}
+        self.limits: dict[str, TenantLimits] = {}
 
     def open(self, session: Session) -> None:
-        if session.stream_id in self.sessions:
+        if (session.tenant, session.stream_id) in self.sessions:
             raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
                               f"stream {session.stream_id!r} is already being watched")
-        count = sum(1 for s in self.sessions.values() if s.tenant == session.tenant)
-        if count >= self.max_streams_per_tenant:
+        count = sum(1 for tenant, _ in self.sessions if tenant == session.tenant)
+        if count >= self.cfg.max_streams_per_tenant:
             raise InvalidItem(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"tenant {session.tenant!r} already has {count} open streams "
-                              f"(gateway.max_streams_per_tenant)")
-        self.sessions[session.stream_id] = session
+                              f"(limit gateway.max_streams_per_tenant)")
+        self.sessions[(session.tenant, session.stream_id)] = session
 
-    def close(self, stream_id: str) -> None:
-        self.sessions.pop(stream_id, None)
+    def close(self, session: Session) -> None:
+        if self.sessions.get((session.tenant, session.stream_id)) is session:
+            del self.sessions[(session.tenant, session.stream_id)]
 
-    def get(self, stream_id: str) -> Session | None:
-        return self.sessions.get(stream_id)
+    def get(self, tenant: str, stream_id: str) -> Session | None:
+        return self.sessions.get((tenant, stream_id))
 
-    def for_tenant(self, stream_id: str, tenant: str) -> Session:
-        session = self.sessions.get(stream_id)
-        if session is None or session.tenant != tenant:
-            raise InvalidItem(grpc.StatusCode.NOT_FOUND, f"no open stream {stream_id!r}")
-        return session
+    def _limits(self, tenant: str) -> TenantLimits:
+        limits = self.limits.get(tenant)
+        if limits is None:
+            c = self.cfg
+            limits = self.limits[tenant] = TenantLimits(
+                RateLimit(c.tenant_max_fps, max(1.0, c.tenant_max_fps)),
+                RateLimit(c.tenant_questions_per_minute / 60.0, float(c.tenant_questions_per_minute)))
+        return limits
+
+    def admit_frame(self, tenant: str) -> None:
+        if not self._limits(tenant).frames.take():
+            raise InvalidItem(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"tenant {tenant!r} sends more than {self.cfg.tenant_max_fps:g} frames a second "
+                              "(limit gateway.tenant_max_fps)")
+
+    def admit_question(self, tenant: str) -> None:
+        if not self._limits(tenant).questions.take():
+            raise InvalidItem(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"tenant {tenant!r} asks more than {self.cfg.tenant_questions_per_minute} "
+                              "questions a minute (limit gateway.tenant_questions_per_minute)")

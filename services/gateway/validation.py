@@ -4,17 +4,15 @@ status it answers with and a sentence that says what to change."""
 from __future__ import annotations
 
 import math
-import re
 
 import grpc
 import numpy as np
 
 from livelens.config import GatewayConfig
+from livelens.identity import NAME, NAME_RULE
 from livelens.records import BadImage, decode_image, image_encoding
 from livelens.v1 import api_pb2
 from livelens.v1 import messages_pb2 as pb
-
-STREAM_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 
 
 class InvalidItem(Exception):
@@ -25,9 +23,14 @@ class InvalidItem(Exception):
 
 
 def check_stream_id(stream_id: str) -> None:
-    if not STREAM_ID.match(stream_id):
+    if not NAME.match(stream_id):
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, f"stream id {stream_id[:40]!r} is invalid: use {NAME_RULE}")
+
+
+def check_session_id(session_id: str) -> None:
+    if not NAME.match(session_id):
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"stream id {stream_id[:40]!r} is invalid: use 1-128 of A-Z a-z 0-9 . _ -")
+                          f"resume_session_id {session_id[:40]!r} is invalid: pass the session_id of `Opened`")
 
 
 def check_frame(frame: api_pb2.Frame, cfg: GatewayConfig, last_seq: int,

@@ -37,6 +37,7 @@ class FrameSegment:
     # the frame's label, so even a small LLM can name it.
     tags: tuple[str, ...] = ()
     tag_scores: tuple[float, ...] = ()  # each tag's probability (1.0 where not given)
+    offset: int = field(default=-1, compare=False)  # its tokens record's offset (checkpoints)
 
     @property
     def num_tokens(self) -> int:

@@ -55,6 +55,10 @@ class Materializer(Protocol):
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         """Frames left the window as stored segment `index`."""
 
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
+        """`ctx` was rebuilt from a replay of its tokens without this materializer (a new
+        owner of the stream): make its sink and window ready for questions."""
+
     def ready_seq(self, ctx: StreamContext) -> int:
         """The newest frame a question can use at full speed."""
         ...
@@ -81,6 +85,9 @@ class RecomputeMaterializer:
         return
 
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
+        return
+
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
         return
 
     def ready_seq(self, ctx: StreamContext) -> int:
@@ -169,6 +176,18 @@ class StreamingKVMaterializer:
         s.ledger = kv
         s.queue.append(_Pending(frame, ctx.preceding()))
         if s.task is None or s.task.done():
+            s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
+
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
+        """Prefill the sink and the window in order, each frame attending to those before
+        it. The frames retrieved later from before the rebuild have no stored KV: a
+        question computes them (counted in `kv_misses`)."""
+        s = self._stream(ctx.stream_id)
+        s.ledger = kv
+        frames = ctx.sink + list(ctx.window)
+        for i, frame in enumerate(frames):
+            s.queue.append(_Pending(frame, frames[:i]))
+        if frames and (s.task is None or s.task.done()):
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:

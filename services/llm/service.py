@@ -1,9 +1,11 @@
 """The LLM service: tokens + commands in, answer deltas out.
 
-One consumer group reads the tokens and commands topics; both are keyed by stream id and
-have the same partition count, so the replica that owns a stream's partition holds its
-context and receives its questions. Kafka polling runs in a thread; contexts, questions
-and the engine live on one asyncio loop, so a context is only touched from one place.
+One consumer group reads the tokens and commands topics; both are keyed by stream key
+("tenant/stream_id") and have the same partition count, so the replica that owns a
+stream's partition holds its context and receives its questions. A replica given a
+partition it did not hold rebuilds its streams' contexts from their checkpoints
+(`services.llm.rebuild`). Kafka polling runs in a thread; contexts, questions and the
+engine live on one asyncio loop, so a context is only touched from one place.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
+from livelens.identity import key_of
 from livelens.models.spec import served_chat
 from livelens.records import get_tokens
 from livelens.v1 import messages_pb2 as pb
@@ -34,6 +37,7 @@ from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries
+from services.llm.rebuild import RebuildEnd, RebuildStart, Replayed, rebuild_items
 from services.llm.segments import TieredSegmentStore
 from services.llm.stream import Added, ContextError, ContextMethod, Stream, StreamResources
 
@@ -48,6 +52,9 @@ class LLMStats:
     questions: int = 0
     errors: int = 0
     cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
+    dead_letters: int = 0
+    rebuilds: int = 0  # streams rebuilt from a checkpoint and a replay (a new owner)
+    rebuild_s: float = 0.0  # the last one's duration
 
 
 def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
@@ -80,81 +87,165 @@ def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngin
     return engine, StreamResources(c, embedder, store, materializer, recompute, queries, chat, after_frames)
 
 
+@dataclass
+class ForgetPartitions:
+    partitions: set[int]
+
+
+@dataclass
+class Consumed:
+    """A record from the polling thread, parsed, with where it came from."""
+
+    msg: pb.TokensRecord | pb.CommandRecord
+    record: Any  # kafka's ConsumerRecord: topic, partition, offset, key, value
+
+
 class LLMService:
     def __init__(self, cfg: LivelensConfig, res: StreamResources | None = None) -> None:
         """`res`: what the streams share, for a caller that drives the service without
         running it (`run` builds its own, with the engine)."""
         self.cfg = cfg
-        self.streams: dict[str, Stream] = {}
+        self.streams: dict[str, Stream] = {}  # by stream key "tenant/stream_id"
         self.stats = LLMStats()
         self.stop_event = threading.Event()
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
         self.res = res
         self.producer: Any = None
-        self.answering: dict[str, tuple[str, asyncio.Task[None]]] = {}  # request id -> (stream, its task)
+        # (stream key, request id) -> its answer's task
+        self.answering: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self.unsaved: dict[str, int] = {}  # stream key -> frames added since its checkpoint
 
     # --- state -----------------------------------------------------------------------
-    def stream(self, stream_id: str) -> Stream:
+    def stream(self, key: str, session_id: str = "", partition: int = -1) -> Stream:
+        """The stream of `key`, created if new. A record of another session than the one
+        held starts the stream afresh (the stream id was opened anew)."""
         assert self.res is not None
-        s = self.streams.get(stream_id)
+        s = self.streams.get(key)
+        if s is not None and session_id and s.session_id and s.session_id != session_id:
+            log.info("stream %s: new session %s replaces %s", key, session_id, s.session_id)
+            self.drop(key, tombstone=False)
+            s = None
         if s is None:
-            s = self.streams[stream_id] = Stream(stream_id, self.res)
+            s = self.streams[key] = Stream(key, self.res, session_id=session_id, partition=partition)
         return s
 
-    def on_tokens(self, rec: pb.TokensRecord) -> None:
+    def drop(self, key: str, tombstone: bool) -> None:
+        """Forget a stream: closed (`tombstone`: its checkpoint too), or its partition lost."""
+        stream = self.streams.pop(key, None)
+        if stream is not None:
+            stream.close()
+        self.unsaved.pop(key, None)
+        for (k, _), task in list(self.answering.items()):  # nobody is left to hear them
+            if k == key:
+                task.cancel()
+        if tombstone and self.producer is not None:
+            self.producer.send(self.cfg.kafka.checkpoints_topic, key=key.encode(), value=None)
+
+    def save_checkpoint(self, stream: Stream) -> None:
+        self.unsaved[stream.stream_id] = 0
+        if self.producer is not None:
+            self.producer.send(self.cfg.kafka.checkpoints_topic, key=stream.stream_id.encode(),
+                               value=stream.checkpoint().SerializeToString())
+
+    def on_tokens(self, rec: pb.TokensRecord, offset: int = -1, partition: int = -1) -> None:
         tokens, kept = get_tokens(rec)
-        stream = self.stream(rec.stream_id)
+        key = key_of(rec)
+        stream = self.stream(key, rec.session_id, partition)
         if rec.query_request_id:  # a question's example image: the retrieval query
             stream.add_example(rec.query_request_id, tokens)
             return
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
-                           tag_scores=tuple(rec.tag_scores))
+                           tag_scores=tuple(rec.tag_scores), offset=offset)
         if added is Added.FRAME:
             self.stats.frames += 1
+            self.unsaved[key] = self.unsaved.get(key, 0) + 1
+            if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames:
+                self.save_checkpoint(stream)
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
         else:
             self.stats.duplicates += 1
 
-    def on_command(self, rec: pb.CommandRecord) -> None:
+    def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
         kind = rec.WhichOneof("command")
-        if kind == "close":
-            stream = self.streams.pop(rec.stream_id, None)
-            if stream is not None:
-                stream.close()
-            for stream_id, task in list(self.answering.values()):  # nobody is left to hear them
-                if stream_id == rec.stream_id:
-                    task.cancel()
+        key = key_of(rec)
+        if kind == "open":
+            held = self.streams.get(key)
+            if held is None or not (rec.open.resume or held.session_id == rec.session_id):
+                self.drop(key, tombstone=False)
+                self.save_checkpoint(self.stream(key, rec.session_id, partition))
+        elif kind == "close":
+            held = self.streams.get(key)
+            if held is not None and held.session_id in ("", rec.session_id):  # not a newer session's
+                self.drop(key, tombstone=True)
         elif kind == "cancel":
-            entry = self.answering.get(rec.cancel.request_id)
-            if entry is not None:
-                entry[1].cancel()
+            task = self.answering.get((key, rec.cancel.request_id))
+            if task is not None:
+                task.cancel()
         elif kind == "ask":
             self.stats.questions += 1
+            if key not in self.streams:
+                self.respond(rec, final=True, code="NOT_FOUND", error=f"no open stream {rec.stream_id!r}")
+                self.producer.flush()
+                return
+            self.streams[key].last_record_s = time.monotonic()
             task = asyncio.get_running_loop().create_task(self.answer(rec))
-            self.answering[rec.ask.request_id] = (rec.stream_id, task)
+            self.answering[(key, rec.ask.request_id)] = task
             task.add_done_callback(lambda t: self.answered(rec, t))
+
+    # --- rebuilds (a new owner of a partition) ---------------------------------------
+    def on_rebuild(self, item: RebuildStart | Replayed | RebuildEnd) -> None:
+        if isinstance(item, RebuildStart):
+            if item.key not in self.streams:  # held already: nothing to rebuild
+                self.stream(item.key, item.checkpoint.session_id, item.partition).begin_replay(item.checkpoint)
+            return
+        stream = self.streams.get(item.key)
+        if stream is None or not stream.replaying:
+            return
+        if isinstance(item, Replayed):
+            if item.record.session_id == stream.session_id:
+                self.on_tokens(item.record, item.offset, stream.partition)
+            return
+        stream.end_replay()
+        self.stats.rebuilds += 1
+        self.stats.rebuild_s = time.monotonic() - item.started
+        log.info("stream %s rebuilt in %.2fs: %d records replayed, %d frames in context", item.key,
+                 self.stats.rebuild_s, item.replayed, len(stream.context.sink) + len(stream.context.window))
+
+    def forget_partitions(self, partitions: set[int]) -> None:
+        """A rebalance gave these partitions to another replica: their streams are its now."""
+        for key in [k for k, s in self.streams.items() if s.partition in partitions]:
+            log.info("stream %s moved to another replica", key)
+            self.drop(key, tombstone=False)
+
+    def close_idle(self) -> None:
+        """Streams that got no record for llm.stream_idle_s (their Watch broke and was not
+        resumed) are closed."""
+        limit = time.monotonic() - self.cfg.llm.stream_idle_s
+        for key in [k for k, s in self.streams.items() if s.last_record_s < limit]:
+            log.info("stream %s closed: idle for %gs (llm.stream_idle_s)", key, self.cfg.llm.stream_idle_s)
+            self.drop(key, tombstone=True)
 
     # --- answering -------------------------------------------------------------------
     def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
         msg = pb.ResponseRecord(stream_id=cmd.stream_id, tenant=cmd.tenant,
                                 request_id=cmd.ask.request_id, proactive=cmd.ask.proactive, **fields)
-        lk.publish(self.producer, self.cfg.kafka.responses_topic, cmd.stream_id, msg)
+        lk.publish(self.producer, self.cfg.kafka.responses_topic, msg)
 
     def answered(self, cmd: pb.CommandRecord, task: asyncio.Task[None]) -> None:
         """A question's task ended. Cancelled (CancelAsk, its stream closed), at any stage,
         even before it ran: its answer ends with a final record that says so."""
-        self.answering.pop(cmd.ask.request_id, None)
+        self.answering.pop((key_of(cmd), cmd.ask.request_id), None)
         if task.cancelled():
             self.stats.cancelled += 1
-            log.info("question %s on %s cancelled", cmd.ask.request_id, cmd.stream_id)
-            self.respond(cmd, final=True, error="the answer was stopped: it was cancelled")
+            log.info("question %s on %s cancelled", cmd.ask.request_id, key_of(cmd))
+            self.respond(cmd, final=True, code="CANCELLED", error="the answer was stopped: it was cancelled")
             self.producer.flush()
 
     async def answer(self, cmd: pb.CommandRecord) -> None:
         c = self.cfg.llm
         picked = time.time()
-        stream = self.stream(cmd.stream_id)
+        stream = self.stream(key_of(cmd))
         ask = cmd.ask
         example_id = ask.request_id if ask.has_example else None
         # The question overtakes the frames sent just before it and its example image
@@ -202,7 +293,7 @@ class LLMService:
             self.stats.cancelled += 1
             log.info("question %s on %s stopped after %d tokens: its deadline passed", ask.request_id,
                      cmd.stream_id, len(text))
-            self.respond(cmd, final=True, error="the answer was stopped: its deadline passed",
+            self.respond(cmd, final=True, code="DEADLINE_EXCEEDED", error="the answer was stopped: its deadline passed",
                          stream_time_s=stream_time)
             return
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
@@ -215,6 +306,7 @@ class LLMService:
             self.producer.flush()
         if not ask.proactive and method is ContextMethod.DEFAULT:  # evaluation questions leave no trace
             stream.add_turn(ask.question, "".join(text).strip())
+            self.save_checkpoint(stream)
 
     def warmup_context(self) -> torch.Tensor:
         """A context as long as a full one (sink + window of 7x7-token frames), of
@@ -231,8 +323,23 @@ class LLMService:
     # --- plumbing --------------------------------------------------------------------
     def poll_kafka(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
         k = self.cfg.kafka
-        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic],
-                                          self.cfg.llm.group_id)
+        producer = lk.make_producer(k, "livelens-llm-deadletters")
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def gained(partitions: set[Any]) -> None:
+            numbers = {tp.partition for tp in partitions if tp.topic == k.tokens_topic}
+            for n, item in enumerate(rebuild_items(k, numbers, held=set())):
+                put(item)
+                while n % 64 == 0 and queue.qsize() > 256 and not self.stop_event.is_set():  # bounded replay
+                    time.sleep(0.01)
+
+        def lost(partitions: set[Any]) -> None:
+            put(ForgetPartitions({tp.partition for tp in partitions if tp.topic == k.tokens_topic}))
+
+        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic], self.cfg.llm.group_id,
+                                          on_lost=lost, on_gained=gained)
         try:
             while not self.stop_event.is_set():
                 polled = consumer.poll(timeout_ms=100)
@@ -240,17 +347,37 @@ class LLMService:
                     self.assigned.set()
                 for tp, records in polled.items():
                     for r in records:
-                        is_tokens = tp.topic == k.tokens_topic
-                        msg: Any = pb.TokensRecord() if is_tokens else pb.CommandRecord()
+                        msg: Any = pb.TokensRecord() if tp.topic == k.tokens_topic else pb.CommandRecord()
                         try:
                             msg.ParseFromString(r.value)
-                        except Exception:  # noqa: BLE001 - a foreign record on our topic
-                            log.warning("unparseable record on %s", tp.topic)
+                            if not msg.stream_id or not msg.tenant:
+                                raise ValueError("the record names no stream or tenant")
+                        except Exception as exc:  # noqa: BLE001 - a foreign or broken record on our topic
+                            self.stats.dead_letters += 1
+                            lk.dead_letter(producer, k, "llm", r, f"unparseable record: {exc}")
                             continue
-                        loop.call_soon_threadsafe(queue.put_nowait, msg)
+                        put(Consumed(msg, r))
         finally:
             consumer.close()
-            loop.call_soon_threadsafe(queue.put_nowait, None)
+            producer.close()
+            put(None)
+
+    def handle(self, item: Any) -> None:
+        if isinstance(item, Consumed):
+            r = item.record
+            try:
+                if isinstance(item.msg, pb.TokensRecord):
+                    self.on_tokens(item.msg, r.offset, r.partition)
+                else:
+                    self.on_command(item.msg, r.partition)
+            except ValueError as exc:  # a record that parsed but cannot be used (e.g. a bad token shape)
+                self.stats.errors += 1
+                self.stats.dead_letters += 1
+                lk.dead_letter(self.producer, self.cfg.kafka, "llm", r, f"cannot process: {exc}")
+        elif isinstance(item, ForgetPartitions):
+            self.forget_partitions(item.partitions)
+        else:
+            self.on_rebuild(item)
 
     async def run(self) -> None:
         cfg = self.cfg
@@ -271,16 +398,13 @@ class LLMService:
         await asyncio.to_thread(self.assigned.wait, 60)
         health.set(True)
         log.info("llm service ready: model %s", cfg.llm.model_path)
+        idle_check = time.monotonic()
         try:
-            while (msg := await queue.get()) is not None:
-                try:
-                    if isinstance(msg, pb.TokensRecord):
-                        self.on_tokens(msg)
-                    else:
-                        self.on_command(msg)
-                except ValueError as exc:
-                    self.stats.errors += 1
-                    log.warning("bad record for stream %s: %s", msg.stream_id, exc)
+            while (item := await queue.get()) is not None:
+                self.handle(item)
+                if time.monotonic() - idle_check > 5.0:
+                    idle_check = time.monotonic()
+                    self.close_idle()
         finally:
             health.set(False)
             self.stop_event.set()

@@ -1,11 +1,15 @@
 """One live stream's state in the LLM service, under one owner.
 
-`Stream` holds everything the service knows about a stream: its context (sink, window,
+`Stream` holds everything the service knows about a stream, named by its key
+"tenant/stream_id" (`livelens.identity`) and its session: its context (sink, window,
 dialogue, `services.llm.context`), the last token received at each grid position (the
 encoder drops tokens that did not change), the example images of questions still to
 come, the ledger of its stored KV (`services.llm.kv_ledger`), and, through the shared
 segment store, its stored segments. Everything that changes a stream goes through `add`, `add_example`,
 `add_turn` and `close`; what a question sees comes from `retrieve` and `compose`.
+`checkpoint` says where the context can be rebuilt from (the offsets of its frames'
+tokens records); a new owner of the stream replays them (`begin_replay`, `add`,
+`end_replay`).
 
 The LLM service, the benchmarks and the tests all build this same object, so a figure
 or an assertion about a context is about the one the service composes.
@@ -19,13 +23,17 @@ still holds, recomputed; only where it fits the engine's length).
 from __future__ import annotations
 
 import enum
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from livelens.config import LLMConfig
+from livelens.identity import split_key
 from livelens.labels import question_names_tag, words_naming_classes
 from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from livelens.v1 import messages_pb2 as pb
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.kv_ledger import KVLedger
@@ -105,14 +113,20 @@ MAX_EXAMPLES = 64  # example images whose question never came, per stream
 
 @dataclass
 class Stream:
-    stream_id: str
+    stream_id: str  # the stream key "tenant/stream_id"
     res: StreamResources
+    session_id: str = ""
+    partition: int = -1  # of its tokens and commands: who owns it
     context: StreamContext = field(init=False)
     # The last token received at each grid position [grid, hidden]: the pooled view of
     # what the stream shows (the encoder drops tokens that did not change).
     held: np.ndarray | None = None
     examples: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled example
     kv: KVLedger = field(init=False)  # which stored KV the stream keeps (streaming KV)
+    # stored chunk index -> its first frame's tokens offset, for the retained chunks
+    chunk_offsets: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    replaying: bool = False  # a new owner replays the tokens: frames skip the materializer
+    last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
 
     def __post_init__(self) -> None:
         c = self.res.cfg
@@ -124,9 +138,10 @@ class Stream:
 
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
-            tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = ()) -> Added:
+            tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = (), offset: int = -1) -> Added:
         """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
-        their probabilities), in order."""
+        their probabilities), in order; `offset`: its tokens record's."""
+        self.last_record_s = time.monotonic()
         if unchanged or not tokens.shape[0]:
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
         if seq <= self.context.last_seq:
@@ -134,16 +149,57 @@ class Stream:
         if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
-        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores)
+        frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
+                             offset=offset)
         self.context.add_frame(frame)
         if any(f is frame for f in self.context.sink):
             self.kv.add_sink(seq)
-        self.res.materializer.frame_added(self.context, frame, self.kv)
+        if not self.replaying:
+            self.res.materializer.frame_added(self.context, frame, self.kv)
         return Added.FRAME
 
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
-        self.res.materializer.frames_evicted(self.kv, index, frames)
+        self.chunk_offsets[index] = frames[0].offset
+        while len(self.chunk_offsets) > self.res.cfg.retention_segments:
+            self.chunk_offsets.popitem(last=False)
+        if not self.replaying:
+            self.res.materializer.frames_evicted(self.kv, index, frames)
+
+    # --- checkpoints -----------------------------------------------------------------
+    def checkpoint(self) -> pb.StreamCheckpoint:
+        """Where a new owner rebuilds this context from: the sink frames' offsets, then a
+        replay of the tokens from the oldest retained chunk (else the window) on, which
+        re-forms the same chunks; and the dialogue."""
+        ctx = self.context
+        tenant, stream_id = split_key(self.stream_id)
+        held = [f.offset for f in ctx.evicted + list(ctx.window) if f.offset >= 0]
+        sink = [f.offset for f in ctx.sink if f.offset >= 0]
+        if self.chunk_offsets:
+            replay_chunk, replay_from = next(iter(self.chunk_offsets.items()))
+        else:
+            replay_chunk = ctx.chunks_evicted
+            replay_from = min(held) if held else max(sink, default=-1) + 1
+        return pb.StreamCheckpoint(
+            stream_id=stream_id, tenant=tenant, session_id=self.session_id, sink_offsets=sink,
+            replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq,
+            turns=[pb.StreamCheckpoint.Turn(question=t.question, answer=t.answer) for t in ctx.dialogue],
+            time_unix=time.time())
+
+    def begin_replay(self, checkpoint: pb.StreamCheckpoint) -> None:
+        """Rebuild from `checkpoint`: its sink frames and then the replayed ones come through
+        `add`, without the materializer, until `end_replay`."""
+        self.replaying = True
+        self.session_id = checkpoint.session_id
+        for turn in checkpoint.turns:
+            self.context.add_turn(turn.question, turn.answer)
+        # The sink frames come first and never leave; the replayed frames after them
+        # form the chunks they formed before, from the checkpoint's index on.
+        self.context.chunks_evicted = int(checkpoint.replay_chunk)
+
+    def end_replay(self) -> None:
+        self.replaying = False
+        self.res.materializer.rebuilt(self.context, self.kv)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
