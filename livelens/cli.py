@@ -8,14 +8,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-from livelens.config import ConfigError, LivelensConfig, load_config
+from livelens.config import ConfigError, LivelensConfig, build_dir, load_config
+
+# Where a running `livelens up` says where its supervisor's status file is (for `health`).
+UP_POINTER = Path(build_dir()) / "up.json"
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -86,6 +91,8 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
     try:
         stack.start(progress=lambda msg: print(f"==> {msg}", flush=True))
+        UP_POINTER.parent.mkdir(parents=True, exist_ok=True)
+        UP_POINTER.write_text(json.dumps({"pid": os.getpid(), "status": str(stack.status_path)}))
         if not args.no_demo:
             try:
                 video = args.video or str(sample_video())
@@ -102,8 +109,7 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
             return 0
         print(f"==> livelens is up: gateway {stack.gateway_target}. Ctrl-C stops everything.",
               flush=True)
-        while True:
-            stack.check_alive()
+        while True:  # the supervisor restarts whatever crashes
             time.sleep(1)
     except PortInUseError as exc:
         return _fail(str(exc))
@@ -154,12 +160,33 @@ def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         "llm": f"{cfg.llm.health_host}:{cfg.llm.health_port}",
     }
     names = [args.service] if args.service else list(targets)
+    supervised = _supervised()
     ok = True
     for name in names:
         serving = check(targets[name], timeout_s=2.0)
         ok &= serving
-        print(f"{name:8s} {targets[name]:22s} {'SERVING' if serving else 'NOT SERVING'}")
+        line = f"{name:8s} {targets[name]:22s} {'SERVING' if serving else 'NOT SERVING':12s}"
+        st = supervised.get(name)
+        if st is not None:
+            line += f" restarts {st.restarts}"
+            if st.last_exit:
+                when = time.strftime("%H:%M:%S", time.localtime(st.last_exit_unix))
+                line += f" (last: {st.last_exit} at {when}{', restarting' if st.state == 'restarting' else ''})"
+        print(line)
     return 0 if ok else 1
+
+
+def _supervised() -> dict[str, Any]:
+    """What the supervisor of a running `livelens up` says of its processes (nothing when
+    no `livelens up` runs)."""
+    from livelens.infra.supervisor import read_status
+
+    try:
+        pointer = json.loads(UP_POINTER.read_text())
+        os.kill(int(pointer["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return {}
+    return read_status(Path(pointer["status"]))
 
 
 def build_parser() -> argparse.ArgumentParser:

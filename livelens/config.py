@@ -26,7 +26,7 @@ from livelens.identity import NAME, NAME_RULE
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _build_dir() -> str:
+def build_dir() -> str:
     return os.environ.get("LIVELENS_BUILD_DIR", str(REPO_ROOT / "build"))
 
 
@@ -168,7 +168,7 @@ class EncoderConfig:
 
 @dataclass
 class LLMConfig:
-    model_path: str = field(default_factory=lambda: str(Path(_build_dir()) / "models" / "smollm2-135m-instruct"))
+    model_path: str = field(default_factory=lambda: str(Path(build_dir()) / "models" / "smollm2-135m-instruct"))
     group_id: str = "livelens-llm"
     # A stream's checkpoint (where a new owner rebuilds its context from) is written on
     # open, after each answer that joins its dialogue, and every this many frames.
@@ -190,7 +190,7 @@ class LLMConfig:
     # Segment store: frames leaving the window, in chunks, kept for retrieval.
     chunk_frames: int = 1
     store_ram_mb: float = 256.0
-    store_disk_dir: str = field(default_factory=lambda: str(Path(_build_dir()) / "segments"))
+    store_disk_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "segments"))
     store_disk_mb: float = 2048.0
     retention_segments: int = 7200  # one hour at 2 fps
     retrieve_top_k: int = 4
@@ -207,7 +207,7 @@ class LLMConfig:
     # the composed context) or "streaming_kv" (frames prefilled once on arrival; their KV
     # stored per frame and loaded, re-rotated, for questions).
     materializer: str = "streaming_kv"
-    kv_store_dir: str = field(default_factory=lambda: str(Path(_build_dir()) / "kv"))
+    kv_store_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "kv"))
     kv_store_dtype: str = "float16"  # stored KV; float32 keeps it bit-exact
     kv_disk_mb: float = 16384.0
     kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV

@@ -2,7 +2,9 @@
 
 Used by `livelens up`, the e2e benchmark and the integration test fixtures, so they all
 start the same processes the same way. Every port is checked before anything starts, and
-a taken port is reported with the setting that moves it.
+a taken port is reported with the setting that moves it. A process that fails to start
+stops the start at once, with how it ended and its log; once all are up, a `Supervisor`
+restarts any that exits.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from livelens import kafka as lk
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict
 from livelens.infra.broker import TansuBroker
 from livelens.infra.ports import ensure_free
-from livelens.infra.process import ManagedProcess, ProcessFailed, log_tail
+from livelens.infra.process import ManagedProcess, wait_all_ready
+from livelens.infra.supervisor import Supervisor
 from livelens.infra.triton import TritonServer
 
 Progress = Callable[[str], None]
@@ -59,6 +62,7 @@ class Stack:
         self.cfg = cfg
         self.run_dir = run_dir
         self.processes: list[ManagedProcess] = []
+        self.supervisor: Supervisor | None = None  # restarts what crashes, once all are up
 
     def _service(self, name: str, module: str, health_target: str) -> ManagedProcess:
         env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / "livelens.yaml"),
@@ -111,21 +115,26 @@ class Stack:
         self.processes += [encoder, gateway]
         encoder.start()
         gateway.start()
-        gateway.wait_ready(60)
-        encoder.wait_ready(120)
-        llm.wait_ready(300, poll_s=1.0)
+        # Any of them failing ends the wait at once, with its reason and log.
+        wait_all_ready([(gateway, 60.0), (encoder, 120.0), (llm, 300.0)])
         progress(f"stack ready in {time.monotonic() - t0:.0f}s; logs in {self.run_dir}")
+        self.supervisor = Supervisor(self.processes, self.status_path, report=progress).start()
 
     @property
     def gateway_target(self) -> str:
         return f"{self.cfg.gateway.host}:{self.cfg.gateway.port}"
 
-    def check_alive(self) -> None:
-        for p in self.processes:
-            if not p.running:
-                raise ProcessFailed(f"{p.name} stopped; log {p.log_path}:\n{log_tail(p.log_path)}")
+    @property
+    def status_path(self) -> Path:
+        return self.run_dir / "status.json"
+
+    def process(self, name: str) -> ManagedProcess:
+        return next(p for p in self.processes if p.name == name)
 
     def stop(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
+            self.supervisor = None
         for p in reversed(self.processes):
             p.stop()
         self.processes.clear()

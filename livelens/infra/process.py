@@ -26,6 +26,18 @@ def log_tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = "unknown signal"
+        return f"killed by signal {-code} ({name})"
+    return f"exited with code {code}"
+
+
 class ManagedProcess:
     def __init__(
         self,
@@ -79,22 +91,25 @@ class ManagedProcess:
             raise ProcessFailed(f"{self.name} was not started")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            if not self.running:
-                code = self.proc.returncode if self.proc else None
-                raise ProcessFailed(
-                    f"{self.name} exited with code {code}; log {self.log_path}:\n"
-                    + log_tail(self.log_path)
-                )
-            try:
-                if self.is_ready():
-                    return time.monotonic() - self.started_at
-            except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
-                pass
+            if self.poll_ready():
+                return time.monotonic() - self.started_at
             time.sleep(poll_s)
         raise ProcessFailed(
             f"{self.name} not ready after {timeout_s:.0f}s; log {self.log_path}:\n"
             + log_tail(self.log_path)
         )
+
+    def poll_ready(self) -> bool:
+        """One readiness check; ProcessFailed (how it ended, its log) if the process exited."""
+        if self.proc is None:
+            raise ProcessFailed(f"{self.name} was not started")
+        if not self.running:
+            raise ProcessFailed(f"{self.name} {describe_exit(self.proc.returncode)}; log {self.log_path}:\n"
+                                + log_tail(self.log_path))
+        try:
+            return self.is_ready()
+        except Exception:  # noqa: BLE001 - not ready yet, whatever the reason
+            return False
 
     def stop(self, grace_s: float = 15.0) -> None:
         """SIGTERM to the process group, then SIGKILL to whatever is left of it
@@ -123,3 +138,19 @@ class ManagedProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def wait_all_ready(waits: list[tuple[ManagedProcess, float]], poll_s: float = 0.25) -> None:
+    """Wait for several processes at once, each with its own timeout: the first that exits
+    or runs out of time fails the wait, with its log (no waiting on the others first)."""
+    start = time.monotonic()
+    pending = list(waits)
+    while pending:
+        for p, timeout_s in list(pending):
+            if p.poll_ready():
+                pending.remove((p, timeout_s))
+            elif time.monotonic() - start > timeout_s:
+                raise ProcessFailed(f"{p.name} not ready after {timeout_s:.0f}s; log {p.log_path}:\n"
+                                    + log_tail(p.log_path))
+        if pending:
+            time.sleep(poll_s)

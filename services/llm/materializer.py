@@ -55,9 +55,10 @@ class Materializer(Protocol):
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         """Frames left the window as stored segment `index`."""
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
         """`ctx` was rebuilt from a replay of its tokens without this materializer (a new
-        owner of the stream): make its sink and window ready for questions."""
+        owner of the stream): make its sink and window ready for questions, and then its
+        `stored` frames (the retained chunks)."""
 
     def ready_seq(self, ctx: StreamContext) -> int:
         """The newest frame a question can use at full speed."""
@@ -87,7 +88,7 @@ class RecomputeMaterializer:
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         return
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
         return
 
     def ready_seq(self, ctx: StreamContext) -> int:
@@ -131,6 +132,9 @@ class _StreamKV:
     tag: str
     ledger: KVLedger | None = None
     queue: deque[_Pending] = field(default_factory=deque)
+    # After a rebuild: the retained stored frames, prefilled (for their keys, which rank
+    # them for questions) only while no new frame waits.
+    backfill: deque[_Pending] = field(default_factory=deque)
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
 
@@ -178,30 +182,36 @@ class StreamingKVMaterializer:
         if s.task is None or s.task.done():
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger) -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
         """Prefill the sink and the window in order, each frame attending to those before
-        it. The frames retrieved later from before the rebuild have no stored KV: a
-        question computes them (counted in `kv_misses`)."""
+        it; then, in the background, the `stored` frames (the retained chunks), after the
+        sink (in batches: each also after those before it in its batch). Until then a
+        question that retrieves one computes it (`kv_misses`)."""
         s = self._stream(ctx.stream_id)
         s.ledger = kv
         frames = ctx.sink + list(ctx.window)
         for i, frame in enumerate(frames):
             s.queue.append(_Pending(frame, frames[:i]))
-        if frames and (s.task is None or s.task.done()):
+        sink = list(ctx.sink)
+        s.backfill.extend(_Pending(frame, sink) for frame in stored or [])
+        if (s.queue or s.backfill) and (s.task is None or s.task.done()):
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
-        while s.queue:
-            batch = [s.queue.popleft()]
-            while s.queue and len(batch) < self.MAX_INGEST_BATCH:
-                batch.append(s.queue.popleft())
+        while s.queue or s.backfill:
+            live = bool(s.queue)
+            source = s.queue if live else s.backfill
+            batch = [source.popleft()]
+            while source and len(batch) < self.MAX_INGEST_BATCH:
+                batch.append(source.popleft())
             try:
                 await self._ingest(stream_id, batch)
             except Exception:  # noqa: BLE001 - a failed ingest costs speed, not answers
                 self.stats.ingest_errors += 1
                 log.exception("stream %s: prefill of frames %d..%d failed; questions will compute them",
                               stream_id, batch[0].frame.seq, batch[-1].frame.seq)
-            s.ingested_seq = batch[-1].frame.seq
+            if live:
+                s.ingested_seq = batch[-1].frame.seq
 
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],

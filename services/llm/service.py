@@ -57,6 +57,21 @@ class LLMStats:
     rebuild_s: float = 0.0  # the last one's duration
 
 
+def remove_stale_dirs(root: Path) -> None:
+    """The per-process store directories (`llm-<pid>`) of LLM services that died without
+    cleaning up (killed): their KV and segments belong to no one now."""
+    for d in root.glob("llm-*"):
+        try:
+            os.kill(int(d.name.removeprefix("llm-")), 0)
+        except ValueError:
+            continue
+        except ProcessLookupError:
+            log.info("removing %s: left by a process that is gone", d)
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # alive, another user's
+            continue
+
+
 def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
     c = cfg.llm
     return TieredSegmentStore(
@@ -383,6 +398,9 @@ class LLMService:
         cfg = self.cfg
         health = HealthServer(cfg.llm.health_host, cfg.llm.health_port, "llm.health_port",
                               "livelens.llm").start()
+        for root in (cfg.llm.kv_store_dir, cfg.llm.store_disk_dir):
+            if root:
+                remove_stale_dirs(Path(root))
         kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
         engine, self.res = build_resources(cfg, kv_dir)
         lk.ensure_topics(cfg.kafka)

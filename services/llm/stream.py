@@ -163,8 +163,7 @@ class Stream:
         self.chunk_offsets[index] = frames[0].offset
         while len(self.chunk_offsets) > self.res.cfg.retention_segments:
             self.chunk_offsets.popitem(last=False)
-        if not self.replaying:
-            self.res.materializer.frames_evicted(self.kv, index, frames)
+        self.res.materializer.frames_evicted(self.kv, index, frames)  # on a replay: the ledger's books
 
     # --- checkpoints -----------------------------------------------------------------
     def checkpoint(self) -> pb.StreamCheckpoint:
@@ -199,7 +198,7 @@ class Stream:
 
     def end_replay(self) -> None:
         self.replaying = False
-        self.res.materializer.rebuilt(self.context, self.kv)
+        self.res.materializer.rebuilt(self.context, self.kv, self.stored_frames())
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""

@@ -1,0 +1,101 @@
+"""A new owner of a stream rebuilds the same context from the stream's checkpoint and a
+replay of its tokens records (`services.llm.rebuild`), through the service's own
+handlers; here the tokens log is a list (the Kafka side is in test_resilience.py)."""
+
+from pathlib import Path
+
+import numpy as np
+
+from livelens.config import LivelensConfig, load_config
+from livelens.records import set_tokens
+from livelens.v1 import messages_pb2 as pb
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import RecomputeMaterializer
+from services.llm.rebuild import RebuildEnd, RebuildStart, Replayed
+from services.llm.service import LLMService, segment_store
+from services.llm.stream import Stream, StreamResources
+
+KEY = "acme/cam"
+
+
+def frame(seq: int, rng: np.random.Generator, session: str = "s1") -> pb.TokensRecord:
+    rec = pb.TokensRecord(stream_id="cam", tenant="acme", session_id=session, seq=seq, pts_s=seq * 0.5,
+                          grid_h=7, grid_w=7, tags=[f"tag{seq % 5}"], tag_scores=[0.5])
+    set_tokens(rec, rng.standard_normal((49, 576)).astype(np.float16))
+    return rec
+
+
+def service(cfg: LivelensConfig, store_dir: Path) -> LLMService:
+    cfg.llm.store_disk_dir = str(store_dir)
+    recompute = RecomputeMaterializer(None, ContextEmbedder(cfg.llm.model_path))
+    return LLMService(cfg, StreamResources(cfg.llm, recompute.embedder, segment_store(cfg), recompute, recompute))
+
+
+def state(s: Stream) -> dict:
+    ctx = s.context
+    store = s.res.store
+    indices, _ = store.keys(s.stream_id)
+    segments = {}
+    for i in sorted(indices):
+        segment = store.get(s.stream_id, i)
+        assert segment is not None
+        segments[i] = [(f.seq, f.tags, f.tokens.tobytes()) for f in segment.frames]
+    return {"sink": [f.seq for f in ctx.sink], "window": [f.seq for f in ctx.window],
+            "evicted": [f.seq for f in ctx.evicted], "chunks": ctx.chunks_evicted, "last": ctx.last_seq,
+            "turns": [(t.question, t.answer) for t in ctx.dialogue], "segments": segments,
+            "session": s.session_id}
+
+
+def test_replay_from_a_checkpoint_rebuilds_the_same_context(tmp_path):
+    cfg = load_config(env={})
+    cfg.llm.retention_segments = 6  # the replay starts well after the sink
+    cfg.llm.chunk_frames = 2
+    rng = np.random.default_rng(0)
+    log = [frame(seq, rng) for seq in range(41)]
+    owner = service(cfg, tmp_path / "a")
+    for offset, rec in enumerate(log):
+        owner.on_tokens(rec, offset=offset, partition=3)
+    stream = owner.streams[KEY]
+    stream.add_turn("What is there?", "A cat.")
+    checkpoint = stream.checkpoint()
+    assert list(checkpoint.sink_offsets) == [0, 1]
+    assert checkpoint.replay_from > 10 and checkpoint.last_seq == 40
+
+    heir = service(cfg, tmp_path / "b")
+    started = RebuildStart(KEY, checkpoint, partition=3)
+    heir.on_rebuild(started)
+    for offset in [*checkpoint.sink_offsets, *range(checkpoint.replay_from, len(log))]:
+        heir.on_rebuild(Replayed(KEY, log[offset], offset))
+    heir.on_rebuild(RebuildEnd(KEY, started.started, 0))
+
+    rebuilt = heir.streams[KEY]
+    assert state(rebuilt) == state(stream)
+    assert not rebuilt.replaying and rebuilt.partition == 3 and heir.stats.rebuilds == 1
+    # both go on alike, and the heir's own checkpoint says the same
+    for offset, rec in enumerate([frame(seq, rng) for seq in range(41, 47)], start=len(log)):
+        owner.on_tokens(rec, offset=offset)
+        heir.on_tokens(rec, offset=offset)
+    assert state(heir.streams[KEY]) == state(owner.streams[KEY])
+    assert heir.streams[KEY].checkpoint().replay_from == owner.streams[KEY].checkpoint().replay_from
+    for svc in (owner, heir):
+        assert svc.res is not None
+        svc.res.store.close()
+
+
+def test_a_new_session_of_a_stream_id_starts_afresh(tmp_path):
+    cfg = load_config(env={})
+    svc = service(cfg, tmp_path)
+    rng = np.random.default_rng(1)
+    for seq in range(12):
+        svc.on_tokens(frame(seq, rng), offset=seq)
+    assert svc.streams[KEY].context.last_seq == 11
+    # the same stream id opened anew (another Watch, no resume): its first frame is seq 0
+    svc.on_tokens(frame(0, rng, session="s2"), offset=12)
+    fresh = svc.streams[KEY]
+    assert fresh.session_id == "s2" and [f.seq for f in fresh.context.sink] == [0]
+    assert svc.res is not None and not svc.res.store.keys(KEY)[0]  # the old session's segments are gone
+    # another tenant's stream of the same id is another stream
+    other = frame(5, rng)
+    other.tenant = "beta"
+    svc.on_tokens(other, offset=13)
+    assert svc.streams["beta/cam"].context.last_seq == 5 and svc.streams[KEY].context.last_seq == 0
