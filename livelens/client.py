@@ -147,15 +147,16 @@ class WatchSession:
                                                                           image=image)))
 
     async def ask(self, question: str, max_tokens: int = 0, request_id: str = "",
-                  example_image: bytes = b"", context_method: str = "") -> str:
+                  example_image: bytes = b"", context_method: str = "", timeout_s: float = 0.0) -> str:
         """Ask about the stream; with `example_image` (JPEG/PNG) the moments that look like
         it are brought back into the context ("when did this appear?"). `context_method`
         (evaluation): "recompute", "streaming_kv", "window" or "full" instead of the
-        service's own context."""
+        service's own context. `timeout_s`: how long the answer may take (0: the gateway's
+        default); past it, an ItemError DEADLINE_EXCEEDED ends the answer."""
         request_id = request_id or f"q-{uuid.uuid4().hex[:12]}"
         await self._outgoing.put(api_pb2.WatchRequest(question=api_pb2.Question(
             request_id=request_id, text=question, max_tokens=max_tokens, example_image=example_image,
-            context_method=context_method)))
+            context_method=context_method, timeout_s=timeout_s)))
         return request_id
 
     async def close(self) -> None:

@@ -251,6 +251,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             text = check_question(question.text, self.cfg.gateway)
             check_max_tokens(question.max_tokens, self.cfg.llm.max_answer_tokens)
             method = check_context_method(question.context_method)
+            timeout = check_timeout(question.timeout_s, self.cfg.gateway)
             example = self.check_example(question.example_image)
             if (session.tenant, request_id) in self.handlers:
                 raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
@@ -270,11 +271,22 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             if rec.final:
                 session.pending.discard(request_id)
 
+        def expire() -> None:
+            """No final answer in time (e.g. its LLM replica crashed with the question): say so."""
+            if self.handlers.pop((session.tenant, request_id), None) is None:
+                return
+            self.publish_cancel(session.tenant, session.stream_id, request_id)
+            session.send(item_error(InvalidItem(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                                f"no complete answer within {timeout:g}s"), request_id=request_id))
+            session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(request_id=request_id, final=True)))
+            session.pending.discard(request_id)
+
         self.handlers[(session.tenant, request_id)] = relay
         session.pending.add(request_id)
+        asyncio.get_running_loop().call_later(timeout, expire)
         self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id, text,
                          question.max_tokens, example=example, context_method=method,
-                         session_id=session.session_id)
+                         session_id=session.session_id, deadline_unix=time.time() + timeout)
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,

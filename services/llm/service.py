@@ -24,6 +24,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from kafka import TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
@@ -129,6 +132,7 @@ class LLMService:
         # (stream key, request id) -> its answer's task
         self.answering: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.unsaved: dict[str, int] = {}  # stream key -> frames added since its checkpoint
+        self.handled: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset handled
 
     # --- state -----------------------------------------------------------------------
     def stream(self, key: str, session_id: str = "", partition: int = -1) -> Stream:
@@ -285,6 +289,7 @@ class LLMService:
         timings = pb.AnswerTimings(queue_s=max(0.0, picked - cmd.gateway_time_unix),
                                    frame_wait_s=waited, compose_s=time.perf_counter() - t0,
                                    context_tokens=composed.tokens, context_frames=len(composed.context.frames),
+                                   context_seqs=[f.seq for f in composed.context.frames],
                                    context_method=method.value or c.materializer)
         text: list[str] = []
         stream_time = composed.context.newest_pts_s
@@ -344,6 +349,8 @@ class LLMService:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         def gained(partitions: set[Any]) -> None:
+            for tp in partitions:  # what we handled when we held it before is not what counts now
+                self.handled.pop((tp.topic, tp.partition), None)
             numbers = {tp.partition for tp in partitions if tp.topic == k.tokens_topic}
             for n, item in enumerate(rebuild_items(k, numbers, held=set())):
                 put(item)
@@ -354,9 +361,13 @@ class LLMService:
             put(ForgetPartitions({tp.partition for tp in partitions if tp.topic == k.tokens_topic}))
 
         consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic], self.cfg.llm.group_id,
-                                          on_lost=lost, on_gained=gained)
+                                          auto_commit=False, on_lost=lost, on_gained=gained)
+        committed = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                if time.monotonic() - committed > 1.0:
+                    committed = time.monotonic()
+                    self.commit_handled(consumer)
                 polled = consumer.poll(timeout_ms=100)
                 if consumer.assignment():
                     self.assigned.set()
@@ -373,13 +384,28 @@ class LLMService:
                             continue
                         put(Consumed(msg, r))
         finally:
-            consumer.close()
+            self.commit_handled(consumer)
+            consumer.close(autocommit=False)
             producer.close()
             put(None)
+
+    def commit_handled(self, consumer: Any) -> None:
+        """Commit what the loop has handled (not merely what was polled): a question taken
+        by a replica that then crashed is read again by the next owner."""
+        assigned = consumer.assignment()
+        handled = list(self.handled.items())
+        offsets = {tp: OffsetAndMetadata(offset + 1, "", -1) for (topic, partition), offset in handled
+                   if (tp := TopicPartition(topic, partition)) in assigned}
+        if offsets:
+            try:
+                consumer.commit(offsets)
+            except KafkaError as exc:  # a rebalance under way: the next owner reads them again
+                log.info("commit skipped: %s", exc)
 
     def handle(self, item: Any) -> None:
         if isinstance(item, Consumed):
             r = item.record
+            self.handled[(r.topic, r.partition)] = r.offset
             try:
                 if isinstance(item.msg, pb.TokensRecord):
                     self.on_tokens(item.msg, r.offset, r.partition)

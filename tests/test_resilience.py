@@ -1,0 +1,253 @@
+"""Faults on the running stack (the session's real broker, Triton, vLLM and services):
+tenants apart, Ask and resume through another gateway replica, a second LLM replica
+taking streams over, and kill -9 of every service under the supervisor."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import yaml
+
+from livelens import health
+from livelens.client import Ack, Answer, Client, ItemError
+from livelens.config import REPO_ROOT, to_dict
+from livelens.infra.ports import free_port
+from livelens.infra.process import ManagedProcess
+from livelens.records import encode_jpeg
+from livelens.subscriber import TopicSubscriber
+from livelens.v1 import messages_pb2 as pb
+from livelens.video import read_frames, sample_video
+from tests.test_integration import TOKEN, collect, final_response, frames_of
+
+pytestmark = pytest.mark.integration
+
+
+def finals(events: list) -> dict[str, Answer]:
+    return {e.request_id: e for e in events if isinstance(e, Answer) and e.final}
+
+
+async def acked(session, seqs: range) -> None:
+    await collect(session, lambda ev: {e.seq for e in ev if isinstance(e, Ack)} >= set(seqs))
+
+
+def replica(stack, tmp: Path, name: str, module: str, **settings: dict) -> ManagedProcess:
+    """Another replica of a service on the session's Kafka, with its own settings."""
+    cfg = to_dict(stack.cfg)
+    for section, values in settings.items():
+        cfg[section].update(values)
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVELENS_")}
+    env.update(LIVELENS_CONFIG=str(tmp / f"{name}.yaml"), PYTHONPATH=str(REPO_ROOT))
+    return ManagedProcess(name, [sys.executable, "-m", module], tmp / f"{name}.log", env=env, cwd=REPO_ROOT)
+
+
+def test_tenants_are_apart(stack):
+    acme_frames, beta_frames = frames_of("vtest.avi", 3.0), frames_of("Megamind.avi", 3.0)
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as acme, Client(stack.gateway_target, "beta-token") as beta, \
+                acme.watch("same-id") as a, beta.watch("same-id") as b, acme.watch("acme-only") as only:
+            for i, (fa, fb) in enumerate(zip(acme_frames, beta_frames, strict=False)):
+                await a.send_frame(i, i * 0.5, fa)
+                await b.send_frame(i, 100 + i * 0.5, fb)  # beta's stream time is far from acme's
+            await only.send_frame(0, 0.0, acme_frames[0])
+            await a.ask("What do you see?", request_id="same-request")
+            await b.ask("What do you see?", request_id="same-request")
+            got_a = await collect(a, lambda ev: "same-request" in finals(ev))
+            got_b = await collect(b, lambda ev: "same-request" in finals(ev))
+            # beta cannot ask about acme's stream, and is told what it is told of no stream
+            errors = []
+            for name in ("acme-only", "nobody-has-this"):
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await beta.ask(name, "What do you see?", timeout_s=60)
+                errors.append(info.value)
+            # beta opening and closing its own "acme-only" leaves acme's alone
+            async with beta.watch("acme-only") as mine:
+                await mine.opened()
+            still = await acme.ask("acme-only", "What do you see?", timeout_s=120)
+            return got_a, got_b, errors, still
+
+    with TopicSubscriber(stack.cfg.kafka, ["responses"], tenant="beta") as sub:
+        got_a, got_b, errors, still = asyncio.run(run())
+        seen = list(sub.records(timeout_s=3))
+    answer_a, answer_b = finals(got_a)["same-request"], finals(got_b)["same-request"]
+    assert answer_a.stream_time_s < 50 < answer_b.stream_time_s  # each its own stream
+    assert sum(isinstance(e, Answer) and e.final for e in got_a) == 1
+    assert sum(isinstance(e, Answer) and e.final for e in got_b) == 1
+    assert [e.code() for e in errors] == [grpc.StatusCode.NOT_FOUND] * 2
+    assert errors[0].details().replace("acme-only", "X") == errors[1].details().replace("nobody-has-this", "X")
+    assert still.text
+    assert seen and {r.tenant for r in seen} == {"beta"}  # the subscriber's tenant filter
+
+
+def test_ask_and_resume_through_another_gateway(stack, tmp_path):
+    frames = frames_of("vtest.avi", 6.0)
+    port = free_port()
+    other = replica(stack, tmp_path, "gateway-2", "services.gateway", gateway={"port": port})
+    other.ready_check = lambda: health.check(f"127.0.0.1:{port}")
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as one, Client(f"127.0.0.1:{port}", TOKEN) as two:
+            async with one.watch("roaming") as s:
+                for i in range(6):
+                    await s.send_frame(i, i * 0.5, frames[i])
+                await acked(s, range(6))
+                elsewhere = await two.ask("roaming", "What do you see?", timeout_s=120)
+                session_id = s.session_id
+                s.abort()  # the connection breaks: the stream stays open
+            async with two.watch("roaming", resume_session_id=session_id) as s:
+                for i in range(6, 12):
+                    await s.send_frame(i, i * 0.5, frames[i])
+                await s.ask("What do you see now?", request_id="after-resume", context_method="full")
+                events = await collect(s, lambda ev: "after-resume" in finals(ev))
+            return elsewhere, session_id, s.session_id, events
+
+    other.start()
+    try:
+        other.wait_ready(60)
+        with TopicSubscriber(stack.cfg.kafka, ["tokens", "responses"], tenant="acme") as sub:
+            elsewhere, before, after, events = asyncio.run(run())
+            final = final_response(sub, "after-resume", timeout_s=10)
+            tokens = [r for r in sub.records(timeout_s=1) if isinstance(r, pb.TokensRecord)]
+    finally:
+        other.stop()
+    assert elsewhere.text and elsewhere.stream_time_s >= 0
+    assert before == after and "after-resume" in finals(events)
+    assert final is not None and not final.error
+    unchanged = {r.seq for r in tokens if r.stream_id == "roaming" and r.unchanged}
+    assert list(final.timings.context_seqs) == [s for s in range(12) if s not in unchanged]
+
+
+def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
+    """Streams on four partitions; a second LLM replica joins (and takes some), then leaves.
+    Each stream answers the same greedy tokens before, while it is away, and after."""
+    names = ["move-a", "move-b", "move-c", "move-d", "move-e", "move-f"]
+    videos = {n: frames_of(v, 7.0) for n, v in zip(names, ["vtest.avi", "Megamind.avi"] * 3, strict=True)}
+
+    async def ask_all(client: Client) -> dict[str, str]:
+        out = {}
+        for n in names:  # one at a time: nothing else in the engine's batch
+            r = await client.ask(n, "What do you see?", max_tokens=12, context_method="recompute", timeout_s=300)
+            out[n] = r.text
+        return out
+
+    second = replica(stack, tmp_path, "llm-2", "services.llm", llm={"health_port": free_port()})
+    second.ready_check = lambda: "llm service ready" in second.log_path.read_text()
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, contextlib.AsyncExitStack() as stack_of:
+            sessions = {}
+            for n in names:  # a stream id of each partition, and more
+                sessions[n] = await stack_of.enter_async_context(client.watch(n))
+            for n in names:
+                for i, image in enumerate(videos[n]):
+                    await sessions[n].send_frame(i, i * 0.5, image)
+            for n in names:
+                await acked(sessions[n], range(len(videos[n])))
+            await asyncio.sleep(3)  # the last frames into the context
+            before = await ask_all(client)
+            second.start()
+            await asyncio.to_thread(second.wait_ready, 240)
+            deadline = time.monotonic() + 120
+            while "rebuilt" not in second.log_path.read_text() and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+            moved = await ask_all(client)
+            await asyncio.to_thread(second.stop)  # SIGTERM: it leaves the group
+            await asyncio.sleep(10)  # the first replica takes every partition back
+            back = await ask_all(client)
+            await stack_of.aclose()
+            return before, moved, back
+
+    try:
+        before, moved, back = asyncio.run(run())
+    finally:
+        second.stop()
+    log = second.log_path.read_text()
+    assert "rebuilt in" in log, log[-3000:]
+    assert moved == before and back == before
+
+
+def test_kill_9_of_each_service_loses_no_frame(stack):
+    """kill -9 of the LLM service, then the encoder, then the gateway, with two streams
+    running. The supervisor restarts each; afterwards every acknowledged frame is in its
+    stream's context exactly once, and a question finds what was shown before the crash."""
+    megamind = [encode_jpeg(f.rgb) for f in read_frames(sample_video("Megamind.avi"), 4.0, max_seconds=4.0)]
+    hay = frames_of("vtest.avi", 16.0)
+    streams = {"chaos-1": megamind[0:12:2] + hay[:24], "chaos-2": hay[:30]}
+    example = megamind[7]
+    recovery: dict[str, float] = {}
+    targets = {"llm": f"127.0.0.1:{stack.cfg.llm.health_port}",
+               "encoder": f"127.0.0.1:{stack.cfg.encoder.health_port}", "gateway": stack.gateway_target}
+
+    async def kill(name: str) -> None:
+        pid = stack.process(name).proc.pid
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while stack.process(name).proc is None or stack.process(name).proc.pid == pid or \
+                not health.check(targets[name]):
+            assert time.monotonic() - t0 < 300, f"{name} not back after 300 s"
+            await asyncio.sleep(0.5)
+        recovery[name] = time.monotonic() - t0
+
+    async def send(sessions: dict, lo: int, hi: int) -> None:
+        for n, s in sessions.items():
+            for i in range(lo, hi):
+                await s.send_frame(i, i * 0.5, streams[n][i])
+        for s in sessions.values():
+            await acked(s, range(lo, hi))
+
+    async def run():
+        async with Client(stack.gateway_target, TOKEN) as client, contextlib.AsyncExitStack() as watches:
+            sessions = {n: await watches.enter_async_context(client.watch(n)) for n in streams}
+            await send(sessions, 0, 8)
+            await kill("llm")  # frames keep coming while it is down
+            await send(sessions, 8, 14)
+            await sessions["chaos-1"].ask("What is there now?", request_id="during", timeout_s=300)
+            await kill("encoder")
+            await send(sessions, 14, 20)
+            during = await collect(sessions["chaos-1"], lambda ev: "during" in finals(ev), 300)
+            ids = {n: s.session_id for n, s in sessions.items()}
+            await kill("gateway")  # every Watch breaks: resume them
+            for s in sessions.values():
+                await s.wait_closed()
+        async with Client(stack.gateway_target, TOKEN) as client, contextlib.AsyncExitStack() as watches:
+            sessions = {n: await watches.enter_async_context(client.watch(n, resume_session_id=ids[n]))
+                        for n in streams}
+            await send(sessions, 20, 30)
+            await asyncio.sleep(3)
+            for n, s in sessions.items():
+                await s.ask("What happened?", request_id=f"full-{n}", context_method="full", timeout_s=300)
+            await sessions["chaos-1"].ask("When did this appear?", request_id="history", example_image=example,
+                                          timeout_s=300)
+            after = {n: await collect(s, lambda ev, k=(2 if n == "chaos-1" else 1):
+                                      sum(isinstance(e, Answer) and e.final for e in ev) == k, 300)
+                     for n, s in sessions.items()}
+            return during, after
+
+    with TopicSubscriber(stack.cfg.kafka, ["tokens", "responses"], tenant="acme") as sub:
+        during, after = asyncio.run(run())
+        records = list(sub.records(timeout_s=3))
+    print(f"time to recovery after kill -9: {recovery}")
+    answered = finals(during)
+    assert "during" in answered and not [e for e in during if isinstance(e, ItemError)], during
+    for n in streams:
+        first: dict[int, bool] = {}  # seq -> unchanged, as the first tokens record of it said
+        for r in records:
+            if isinstance(r, pb.TokensRecord) and r.stream_id == n and not r.query_request_id:
+                first.setdefault(r.seq, r.unchanged)
+        assert sorted(first) == list(range(30)), f"{n}: a frame never reached the tokens topic"
+        full = next(r for r in records if isinstance(r, pb.ResponseRecord) and r.request_id == f"full-{n}"
+                    and r.final)
+        assert not full.error, full.error
+        assert list(full.timings.context_seqs) == [s for s in range(30) if not first[s]], n
+    history = finals(after["chaos-1"])["history"]
+    assert len({p for p in history.retrieved_pts_s if p < 3.0}) >= 2, history.retrieved_pts_s  # Megamind, pre-crash
+    assert recovery["llm"] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60
