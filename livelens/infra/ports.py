@@ -20,11 +20,20 @@ class PortInUseError(Exception):
         super().__init__(f"port {port} is already in use; set {setting} (env {env}) to a free port")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (the OS picks it; racy, good enough for tests)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port that was free a moment ago (the OS picks it; racy, good enough for tests),
+    never one this process was given before: ports picked together but bound later by
+    different servers must differ."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def is_free(host: str, port: int) -> bool:
