@@ -126,6 +126,11 @@ def test_mtls_maps_client_certificates_to_tenants(stack, tmp_path):
                 client.watch("mtls-stream") as session:
             return await session.opened()
 
+    async def asked(cert: Path, key: Path) -> None:
+        async with Client(target, "", root_cert=ca_cert.read_bytes(),
+                          client_cert=(key.read_bytes(), cert.read_bytes())) as client:
+            await client.ask("mtls-stream", "hi?", timeout_s=2)
+
     async def without_certificate() -> None:
         async with Client(target, "test-token", root_cert=ca_cert.read_bytes()) as client:
             await asyncio.wait_for(client.ask("mtls-stream", "hi?", timeout_s=2), 10)
@@ -137,7 +142,7 @@ def test_mtls_maps_client_certificates_to_tenants(stack, tmp_path):
         # a certificate the CA signed but no tenant names: the bearer token decides
         assert asyncio.run(opened(stranger_cert, stranger_key, "test-token")) == "acme"
         with pytest.raises(grpc.aio.AioRpcError) as unmapped:
-            asyncio.run(opened(stranger_cert, stranger_key))
+            asyncio.run(asked(stranger_cert, stranger_key))
         assert unmapped.value.code() == grpc.StatusCode.UNAUTHENTICATED
         for bad in (without_certificate(), opened(outsider_cert, outsider_key, "test-token")):
             with pytest.raises(grpc.aio.AioRpcError) as refused:
