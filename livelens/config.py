@@ -92,6 +92,7 @@ class TritonConfig:
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
+    metrics_port: int = 50061  # Prometheus /metrics on host (0: none)
     # bearer token -> tenant name. The embedded default is for local development only.
     tokens: dict[str, str] = field(default_factory=lambda: {"dev-token": "dev"})
     tls_cert: str = ""
@@ -163,6 +164,7 @@ class EncoderConfig:
     tag_min_prob: float = 0.1
     health_host: str = "127.0.0.1"
     health_port: int = 50052
+    metrics_port: int = 50062  # Prometheus /metrics on health_host (0: none)
     cache: FeatureCacheConfig = field(default_factory=lambda: FeatureCacheConfig())
 
 
@@ -177,6 +179,7 @@ class LLMConfig:
     stream_idle_s: float = 600.0
     health_host: str = "127.0.0.1"
     health_port: int = 50053
+    metrics_port: int = 50063  # Prometheus /metrics on health_host (0: none)
     system_prompt: str = (
         "You are livelens, an assistant watching a live video. Each <frame> holds what "
         "the camera saw at the given stream time. Answer briefly about what you have seen. "

@@ -36,6 +36,10 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
         (cfg.encoder.health_host, cfg.encoder.health_port, "encoder.health_port"),
         (cfg.llm.health_host, cfg.llm.health_port, "llm.health_port"),
     ]
+    ports += [(host, port, setting) for host, port, setting in (
+        (cfg.gateway.host, cfg.gateway.metrics_port, "gateway.metrics_port"),
+        (cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port"),
+        (cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port")) if port]
     if cfg.broker.enabled:
         ports.append((cfg.broker.host, cfg.broker.port, "broker.port"))
     if cfg.triton.enabled:

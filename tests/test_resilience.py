@@ -91,7 +91,8 @@ def test_tenants_are_apart(stack):
 def test_ask_and_resume_through_another_gateway(stack, tmp_path):
     frames = frames_of("vtest.avi", 6.0)
     port = free_port()
-    other = replica(stack, tmp_path, "gateway-2", "services.gateway", gateway={"port": port})
+    other = replica(stack, tmp_path, "gateway-2", "services.gateway",
+                    gateway={"port": port, "metrics_port": free_port()})
     other.ready_check = lambda: health.check(f"127.0.0.1:{port}")
 
     async def run():
@@ -141,7 +142,8 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
             out[n] = r.text
         return out
 
-    second = replica(stack, tmp_path, "llm-2", "services.llm", llm={"health_port": free_port()})
+    second = replica(stack, tmp_path, "llm-2", "services.llm",
+                     llm={"health_port": free_port(), "metrics_port": free_port()})
     second.ready_check = lambda: "llm service ready" in second.log_path.read_text()
 
     async def run():

@@ -46,7 +46,7 @@ def test_gateway_serves_tls(stack, tmp_path):
     cert, key = self_signed(tmp_path)
     cfg = to_dict(stack.cfg)
     port = free_port()
-    cfg["gateway"].update(port=port, tls_cert=str(cert), tls_key=str(key))
+    cfg["gateway"].update(port=port, metrics_port=0, tls_cert=str(cert), tls_key=str(key))
     (tmp_path / "livelens.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVELENS_")}
     env.update(LIVELENS_CONFIG=str(tmp_path / "livelens.yaml"), PYTHONPATH=str(REPO_ROOT))
@@ -110,7 +110,7 @@ def test_mtls_maps_client_certificates_to_tenants(stack, tmp_path):
     outsider_cert, outsider_key, _ = issue(tmp_path, "camera-7-forged")  # the right name, not the CA's
     cfg = to_dict(stack.cfg)
     port = free_port()
-    cfg["gateway"].update(port=port, tls_cert=str(server_cert), tls_key=str(server_key),
+    cfg["gateway"].update(port=port, metrics_port=0, tls_cert=str(server_cert), tls_key=str(server_key),
                           tls_client_ca=str(ca_cert), cert_tenants={"camera-7": "beta"})
     (tmp_path / "livelens.yaml").write_text(yaml.safe_dump(cfg))
     env = {k: v for k, v in os.environ.items() if not k.startswith("LIVELENS_")}

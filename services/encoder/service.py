@@ -27,9 +27,11 @@ from livelens.health import HealthServer
 from livelens.identity import key_of
 from livelens.infra.malloc import tune_malloc
 from livelens.labels import imagenet_names
+from livelens.metrics import export_stats, record_lag, serve_metrics
 from livelens.models.preprocess import FramePreprocessing
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
+from services.encoder import metrics
 from services.encoder.feature_cache import FeatureCache, FrameDecision
 from services.encoder.novelty import NoveltyTracker
 from services.encoder.triton_client import VisionModelClient
@@ -303,6 +305,8 @@ class EncoderService:
         cfg = self.cfg
         health = HealthServer(cfg.encoder.health_host, cfg.encoder.health_port,
                               "encoder.health_port", "livelens.encoder").start()
+        serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port")
+        export_stats(lambda: {"encoder": self.stats, "encoder_cache": self.cache.total()})
         model = VisionModelClient(cfg.triton_url, cfg.encoder.model_name)
         model.wait_ready()
         lk.ensure_topics(cfg.kafka)
@@ -343,11 +347,16 @@ class EncoderService:
                     continue
                 for rec in self.process_with_retry(frames, model):
                     lk.publish(producer, cfg.kafka.tokens_topic, rec)
+                    if not rec.query_request_id:
+                        metrics.TENANT_FRAMES.labels(rec.tenant).inc()
+                        if rec.gateway_time_unix:
+                            metrics.FRAME_TO_TOKENS.observe(max(0.0, rec.encoded_time_unix - rec.gateway_time_unix))
                 for i, reason in self.rejected:
                     self.stats.dead_letters += 1
                     lk.dead_letter(producer, cfg.kafka, "encoder", sources[i], reason)
                 producer.flush()
                 consumer.commit()  # only now: a crash before this replays the frames
+                record_lag(consumer, "encoder")
         finally:
             health.set(False)
             consumer.close()

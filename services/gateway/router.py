@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from livelens import kafka as lk
 from livelens.config import KafkaConfig
+from livelens.metrics import record_lag
 from livelens.v1 import messages_pb2 as pb
 
 log = logging.getLogger("livelens.gateway.router")
@@ -28,6 +30,7 @@ class KafkaRouter:
         self.on_response = on_response
         self.on_tokens = on_tokens
         self.stop_event = threading.Event()
+        self.skipped = 0
         # Assign and seek in the caller's thread, so nothing produced after start() is missed.
         self.consumer = lk.make_tail_consumer(cfg, [cfg.responses_topic, cfg.tokens_topic])
         self.thread = threading.Thread(target=self._run, name="kafka-router", daemon=True)
@@ -36,19 +39,28 @@ class KafkaRouter:
         self.thread.start()
 
     def _run(self) -> None:
+        lag_at = time.monotonic()
         try:
             while not self.stop_event.is_set():
+                if time.monotonic() - lag_at > 1.0:
+                    lag_at = time.monotonic()
+                    record_lag(self.consumer, "gateway-router")
                 for tp, records in self.consumer.poll(timeout_ms=100).items():
                     for r in records:
-                        if tp.topic == self.cfg.responses_topic:
-                            resp = pb.ResponseRecord()
-                            resp.ParseFromString(r.value)
-                            self.loop.call_soon_threadsafe(self.on_response, resp)
-                        else:
-                            tok = pb.TokensRecord()
-                            tok.ParseFromString(r.value)
-                            tok.ClearField("embeddings")  # the gateway needs the scores only
-                            self.loop.call_soon_threadsafe(self.on_tokens, tok)
+                        try:
+                            if tp.topic == self.cfg.responses_topic:
+                                resp = pb.ResponseRecord()
+                                resp.ParseFromString(r.value)
+                                self.loop.call_soon_threadsafe(self.on_response, resp)
+                            else:
+                                tok = pb.TokensRecord()
+                                tok.ParseFromString(r.value)
+                                tok.ClearField("embeddings")  # the gateway needs the scores only
+                                self.loop.call_soon_threadsafe(self.on_tokens, tok)
+                        except Exception:  # noqa: BLE001 - not ours to repair: its consumers dead-letter it
+                            self.skipped += 1
+                            log.warning("skipped an unparseable record at %s/%d@%d", tp.topic, tp.partition,
+                                        r.offset)
         except Exception:  # noqa: BLE001
             log.exception("kafka router stopped")
         finally:

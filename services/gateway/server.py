@@ -24,8 +24,10 @@ from grpc_reflection.v1alpha import reflection
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.infra.ports import ensure_free
+from livelens.metrics import serve_metrics
 from livelens.v1 import api_pb2, api_pb2_grpc
 from livelens.v1 import messages_pb2 as pb
+from services.gateway import metrics
 from services.gateway.decider import ResponseTimingDecider
 from services.gateway.router import KafkaRouter
 from services.gateway.sessions import Session, SessionRegistry
@@ -44,6 +46,23 @@ from services.gateway.validation import (
 log = logging.getLogger("livelens.gateway")
 
 ResponseHandler = Callable[[pb.ResponseRecord], None]
+
+
+class AnswerTiming:
+    """What a client waits for an answer, from the moment its question was accepted."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.first = False
+
+    def relayed(self, rec: pb.ResponseRecord) -> None:
+        if rec.error:
+            return
+        if rec.text_delta and not self.first:
+            self.first = True
+            metrics.TIME_TO_FIRST_TOKEN.observe(time.monotonic() - self.t0)
+        if rec.final:
+            metrics.E2E_ANSWER.observe(time.monotonic() - self.t0)
 
 
 def response_status(rec: pb.ResponseRecord) -> grpc.StatusCode:
@@ -95,6 +114,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
         self.handlers[(session.tenant, request_id)] = collect
         session.pending.add(request_id)
+        metrics.ALERTS.labels(reason).inc()
         self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id,
                          self.cfg.gateway.alert_prompt, 0, proactive=True, session_id=session.session_id)
 
@@ -175,6 +195,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             await context.abort(exc.code, exc.message)
         log.info("stream %s %s by tenant %s (session %s)", stream_id, "resumed" if resume else "opened", tenant,
                  session.session_id)
+        metrics.OPEN_STREAMS.labels(tenant).inc()
         self.publish_command(session, pb.CommandRecord(open=pb.OpenStream(resume=bool(resume))))
         session.send(api_pb2.WatchResponse(opened=api_pb2.Opened(stream_id=stream_id, tenant=tenant,
                                                                  session_id=session.session_id)))
@@ -195,6 +216,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             for request_id in session.pending:
                 self.handlers.pop((tenant, request_id), None)
             self.sessions.close(session)
+            metrics.OPEN_STREAMS.labels(tenant).dec()
             # The client closed its side: the stream ends. A broken call leaves the stream
             # open (resumable with its session id, closed by the LLM service when idle).
             if ended:
@@ -224,8 +246,10 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             encoding, rgb = check_frame(frame, self.cfg.gateway, session.last_seq, session.last_pts)
             self.sessions.admit_frame(session.tenant)
         except InvalidItem as exc:
+            metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
             session.send(item_error(exc, seq=frame.seq))
             return
+        metrics.FRAMES.labels(session.tenant).inc()
         session.last_seq, session.last_pts = frame.seq, frame.pts_s
         session.newest_pts = frame.pts_s
         rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, session_id=session.session_id,
@@ -258,10 +282,14 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                   f"request id {request_id!r} is already being answered")
             self.sessions.admit_question(session.tenant)
         except InvalidItem as exc:
+            metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
             session.send(item_error(exc, request_id=request_id))
             return
+        metrics.QUESTIONS.labels(session.tenant).inc()
+        timing = AnswerTiming()
 
         def relay(rec: pb.ResponseRecord) -> None:
+            timing.relayed(rec)
             if rec.error:
                 session.send(item_error(InvalidItem(response_status(rec), rec.error), request_id=request_id))
             session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
@@ -301,7 +329,10 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             example = self.check_example(request.example_image)
             self.sessions.admit_question(tenant)
         except InvalidItem as exc:
+            metrics.REFUSED.labels(tenant, exc.code.name).inc()
             await context.abort(exc.code, exc.message)
+        metrics.QUESTIONS.labels(tenant).inc()
+        timing = AnswerTiming()
         # The stream may be watched through another gateway replica: its owner in the LLM
         # service answers (NOT_FOUND where the tenant has no such stream open).
         session = self.sessions.get(tenant, request.stream_id)
@@ -316,6 +347,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             async with asyncio.timeout(timeout):
                 while True:
                     rec = await queue.get()
+                    timing.relayed(rec)
                     parts.append(rec.text_delta)
                     if rec.final:
                         break
@@ -341,6 +373,7 @@ async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:
     ensure_free(g.host, g.port, "gateway.port")
     lk.ensure_topics(cfg.kafka)
     producer = lk.make_producer(cfg.kafka, "livelens-gateway")
+    serve_metrics(g.host, g.metrics_port, "gateway.metrics_port")
     servicer = LiveLensServicer(cfg, producer)
     router = KafkaRouter(cfg.kafka, asyncio.get_running_loop(), servicer.on_response,
                          servicer.on_tokens)

@@ -32,9 +32,11 @@ from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
 from livelens.identity import key_of
+from livelens.metrics import export_stats, record_lag, serve_metrics
 from livelens.models.spec import served_chat
 from livelens.records import get_tokens
 from livelens.v1 import messages_pb2 as pb
+from services.llm import metrics
 from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
@@ -168,6 +170,11 @@ class LLMService:
 
     def on_tokens(self, rec: pb.TokensRecord, offset: int = -1, partition: int = -1) -> None:
         tokens, kept = get_tokens(rec)
+        assert self.res is not None
+        if tokens.shape[0] and tokens.shape[1] != self.res.embedder.hidden_size:
+            raise ValueError(f"tokens of width {tokens.shape[1]}: the model takes {self.res.embedder.hidden_size}")
+        if not np.isfinite(tokens).all():
+            raise ValueError("tokens that are not finite")
         key = key_of(rec)
         stream = self.stream(key, rec.session_id, partition)
         if rec.query_request_id:  # a question's example image: the retrieval query
@@ -177,6 +184,10 @@ class LLMService:
                            tag_scores=tuple(rec.tag_scores), offset=offset)
         if added is Added.FRAME:
             self.stats.frames += 1
+            if not stream.replaying:
+                metrics.TENANT_FRAMES.labels(rec.tenant).inc()
+                if rec.gateway_time_unix:
+                    metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - rec.gateway_time_unix))
             self.unsaved[key] = self.unsaved.get(key, 0) + 1
             if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames:
                 self.save_checkpoint(stream)
@@ -203,6 +214,7 @@ class LLMService:
                 task.cancel()
         elif kind == "ask":
             self.stats.questions += 1
+            metrics.TENANT_QUESTIONS.labels(rec.tenant).inc()
             if key not in self.streams:
                 self.respond(rec, final=True, code="NOT_FOUND", error=f"no open stream {rec.stream_id!r}")
                 self.producer.flush()
@@ -228,6 +240,7 @@ class LLMService:
         stream.end_replay()
         self.stats.rebuilds += 1
         self.stats.rebuild_s = time.monotonic() - item.started
+        metrics.REBUILD.observe(self.stats.rebuild_s)
         log.info("stream %s rebuilt in %.2fs: %d records replayed, %d frames in context", item.key,
                  self.stats.rebuild_s, item.replayed, len(stream.context.sink) + len(stream.context.window))
 
@@ -249,6 +262,8 @@ class LLMService:
     def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
         msg = pb.ResponseRecord(stream_id=cmd.stream_id, tenant=cmd.tenant,
                                 request_id=cmd.ask.request_id, proactive=cmd.ask.proactive, **fields)
+        if msg.error:
+            metrics.ANSWER_ERRORS.labels(msg.code or "INTERNAL").inc()
         lk.publish(self.producer, self.cfg.kafka.responses_topic, msg)
 
     def answered(self, cmd: pb.CommandRecord, task: asyncio.Task[None]) -> None:
@@ -302,9 +317,12 @@ class LLMService:
                         composed.context, f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
                     if delta.first_token_s is not None:
                         timings.ttft_s = delta.first_token_s
+                        metrics.TIME_TO_FIRST_TOKEN.observe(delta.first_token_s)
                     text.append(delta.text)
                     if delta.finished:
                         timings.total_s = time.perf_counter() - t0
+                        if cmd.gateway_time_unix:
+                            metrics.E2E_ANSWER.observe(max(0.0, time.time() - cmd.gateway_time_unix))
                         self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
                                      timings=timings, retrieved_pts_s=[f.pts_s for f in composed.retrieved])
                     elif delta.text:
@@ -368,6 +386,7 @@ class LLMService:
                 if time.monotonic() - committed > 1.0:
                     committed = time.monotonic()
                     self.commit_handled(consumer)
+                    record_lag(consumer, "llm")
                 polled = consumer.poll(timeout_ms=100)
                 if consumer.assignment():
                     self.assigned.set()
@@ -411,10 +430,11 @@ class LLMService:
                     self.on_tokens(item.msg, r.offset, r.partition)
                 else:
                     self.on_command(item.msg, r.partition)
-            except ValueError as exc:  # a record that parsed but cannot be used (e.g. a bad token shape)
+            except Exception as exc:  # noqa: BLE001 - a record that parsed but cannot be used (e.g. a bad token shape)
                 self.stats.errors += 1
                 self.stats.dead_letters += 1
-                lk.dead_letter(self.producer, self.cfg.kafka, "llm", r, f"cannot process: {exc}")
+                log.debug("record %s/%d@%d", r.topic, r.partition, r.offset, exc_info=True)
+                lk.dead_letter(self.producer, self.cfg.kafka, "llm", r, f"cannot process: {type(exc).__name__}: {exc}")
         elif isinstance(item, ForgetPartitions):
             self.forget_partitions(item.partitions)
         else:
@@ -429,6 +449,11 @@ class LLMService:
                 remove_stale_dirs(Path(root))
         kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
         engine, self.res = build_resources(cfg, kv_dir)
+        serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port")
+        res = self.res
+        export_stats(lambda: {"llm": self.stats, "llm_store": res.store.stats,
+                              "llm_kv": getattr(res.materializer, "stats", None)},
+                     gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk"}))
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()

@@ -1,0 +1,11 @@
+"""The encoder's histograms (its counters are its stats, `livelens.metrics`)."""
+
+from prometheus_client import Counter, Histogram
+
+from livelens.metrics import LATENCY_BUCKETS
+
+FRAME_TO_TOKENS = Histogram(
+    "livelens_encoder_frame_to_tokens_seconds", "A frame accepted by the gateway -> its tokens published",
+    buckets=LATENCY_BUCKETS)
+TENANT_FRAMES = Counter("livelens_encoder_tenant_frames", "Frames encoded or found unchanged, per tenant",
+                        ["tenant"])
