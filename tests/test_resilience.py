@@ -254,3 +254,40 @@ def test_kill_9_of_each_service_loses_no_frame(stack):
     history = finals(after["chaos-1"])["history"]
     assert len({p for p in history.retrieved_pts_s if p < 3.0}) >= 2, history.retrieved_pts_s  # Megamind, pre-crash
     assert recovery["llm"] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60
+
+
+def test_every_service_serves_its_metrics(stack):
+    """Prometheus text from each service, with what it counted for a stream and a question."""
+    import urllib.request
+
+    frames = frames_of("vtest.avi", 2.0)
+
+    async def run() -> None:
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("metered") as s:
+            for i, image in enumerate(frames):
+                await s.send_frame(i, i * 0.5, image)
+            await s.ask("What do you see?", request_id="metered")
+            await collect(s, lambda ev: "metered" in finals(ev))
+
+    asyncio.run(run())
+    time.sleep(1.5)  # consumer lag is sampled every second
+
+    def scrape(port: int) -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line and not line.startswith("#")}
+
+    gateway, encoder, llm = (scrape(p) for p in (stack.cfg.gateway.metrics_port, stack.cfg.encoder.metrics_port,
+                                                 stack.cfg.llm.metrics_port))
+    assert gateway['livelens_gateway_frames_total{tenant="acme"}'] >= len(frames)
+    assert gateway["livelens_gateway_time_to_first_token_seconds_count"] >= 1
+    assert gateway["livelens_gateway_e2e_request_latency_seconds_count"] >= 1
+    assert encoder["livelens_encoder_frames_in_total"] >= len(frames)
+    assert encoder["livelens_encoder_frame_to_tokens_seconds_count"] >= len(frames)
+    assert encoder["livelens_encoder_cache_tokens_total"] > 0
+    assert llm['livelens_llm_tenant_frames_total{tenant="acme"}'] >= 1
+    assert llm["livelens_llm_time_to_first_token_seconds_count"] >= 1
+    assert llm["livelens_llm_frame_to_context_seconds_count"] >= 1
+    assert "livelens_llm_dead_letters_total" in llm and "livelens_llm_kv_questions_loaded_tokens_total" in llm
+    assert any(k.startswith('livelens_kafka_consumer_lag{consumer="llm"') for k in llm)
+    assert any(k.startswith('livelens_kafka_consumer_lag{consumer="encoder"') for k in encoder)
