@@ -177,6 +177,10 @@ class LLMConfig:
     checkpoint_every_frames: int = 8
     # A stream that gets no record this long is closed (its Watch broke and was not resumed).
     stream_idle_s: float = 600.0
+    # After a rebuild, the newest this many stored frames get their KV prefilled again, in
+    # the background (streaming KV: their keys rank them for questions; the older ones are
+    # computed when a question retrieves them).
+    backfill_frames: int = 256
     health_host: str = "127.0.0.1"
     health_port: int = 50053
     metrics_port: int = 50063  # Prometheus /metrics on health_host (0: none)
@@ -435,6 +439,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     for name in ("dialogue_turns", "retrieve_token_budget", "recall_notes"):
         if getattr(c, name) < 0:
             raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
+    if c.backfill_frames < 0:
+        raise ConfigError(f"llm.backfill_frames must be >= 0, got {c.backfill_frames}")
     if c.checkpoint_every_frames < 1 or not c.stream_idle_s > 0:
         raise ConfigError(f"llm.checkpoint_every_frames must be >= 1 and llm.stream_idle_s > 0, got "
                           f"{c.checkpoint_every_frames} and {c.stream_idle_s}")

@@ -42,6 +42,7 @@ def state(s: Stream) -> dict:
         segments[i] = [(f.seq, f.tags, f.tokens.tobytes()) for f in segment.frames]
     return {"sink": [f.seq for f in ctx.sink], "window": [f.seq for f in ctx.window],
             "evicted": [f.seq for f in ctx.evicted], "chunks": ctx.chunks_evicted, "last": ctx.last_seq,
+            "seen": ctx.frames_seen, "held": s.held_frames(),
             "turns": [(t.question, t.answer) for t in ctx.dialogue], "segments": segments,
             "session": s.session_id}
 

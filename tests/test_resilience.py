@@ -251,6 +251,7 @@ def test_kill_9_of_each_service_loses_no_frame(stack):
                     and r.final)
         assert not full.error, full.error
         assert list(full.timings.context_seqs) == [s for s in range(30) if not first[s]], n
+        assert full.timings.frames_seen == 30 and full.timings.held_frames == len(full.timings.context_seqs), n
     history = finals(after["chaos-1"])["history"]
     assert len({p for p in history.retrieved_pts_s if p < 3.0}) >= 2, history.retrieved_pts_s  # Megamind, pre-crash
     assert recovery["llm"] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60

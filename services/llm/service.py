@@ -305,6 +305,7 @@ class LLMService:
                                    frame_wait_s=waited, compose_s=time.perf_counter() - t0,
                                    context_tokens=composed.tokens, context_frames=len(composed.context.frames),
                                    context_seqs=[f.seq for f in composed.context.frames],
+                                   frames_seen=stream.context.frames_seen, held_frames=stream.held_frames(),
                                    context_method=method.value or c.materializer)
         text: list[str] = []
         stream_time = composed.context.newest_pts_s

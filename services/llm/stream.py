@@ -126,6 +126,10 @@ class Stream:
     # stored chunk index -> its first frame's tokens offset, for the retained chunks
     chunk_offsets: OrderedDict[int, int] = field(default_factory=OrderedDict)
     replaying: bool = False  # a new owner replays the tokens: frames skip the materializer
+    # on a replay: (the checkpoint's frames_seen, its last_seq) and the frames taken after that seq
+    replay_base: tuple[int, int] = (0, -1)
+    replayed_beyond: int = 0
+    chunk_sizes: dict[int, int] = field(default_factory=dict)  # retained chunk index -> its frames
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
 
     def __post_init__(self) -> None:
@@ -142,6 +146,13 @@ class Stream:
         """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
         their probabilities), in order; `offset`: its tokens record's."""
         self.last_record_s = time.monotonic()
+        added = self._add(seq, pts_s, tokens, kept, unchanged, tags, tag_scores, offset)
+        if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
+            self.replayed_beyond += 1
+        return added
+
+    def _add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool,
+             tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int) -> Added:
         if unchanged or not tokens.shape[0]:
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
         if seq <= self.context.last_seq:
@@ -161,8 +172,9 @@ class Stream:
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
         self.chunk_offsets[index] = frames[0].offset
+        self.chunk_sizes[index] = len(frames)
         while len(self.chunk_offsets) > self.res.cfg.retention_segments:
-            self.chunk_offsets.popitem(last=False)
+            self.chunk_sizes.pop(self.chunk_offsets.popitem(last=False)[0], None)
         self.res.materializer.frames_evicted(self.kv, index, frames)  # on a replay: the ledger's books
 
     # --- checkpoints -----------------------------------------------------------------
@@ -181,7 +193,7 @@ class Stream:
             replay_from = min(held) if held else max(sink, default=-1) + 1
         return pb.StreamCheckpoint(
             stream_id=stream_id, tenant=tenant, session_id=self.session_id, sink_offsets=sink,
-            replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq,
+            replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq, frames_seen=ctx.frames_seen,
             turns=[pb.StreamCheckpoint.Turn(question=t.question, answer=t.answer) for t in ctx.dialogue],
             time_unix=time.time())
 
@@ -190,6 +202,7 @@ class Stream:
         `add`, without the materializer, until `end_replay`."""
         self.replaying = True
         self.session_id = checkpoint.session_id
+        self.replay_base, self.replayed_beyond = (int(checkpoint.frames_seen), int(checkpoint.last_seq)), 0
         for turn in checkpoint.turns:
             self.context.add_turn(turn.question, turn.answer)
         # The sink frames come first and never leave; the replayed frames after them
@@ -197,8 +210,13 @@ class Stream:
         self.context.chunks_evicted = int(checkpoint.replay_chunk)
 
     def end_replay(self) -> None:
+        """The replay is over: the context counts the frames the checkpoint counted, and
+        those after it once."""
         self.replaying = False
-        self.res.materializer.rebuilt(self.context, self.kv, self.stored_frames())
+        self.context.frames_seen = self.replay_base[0] + self.replayed_beyond
+        c = self.res.cfg
+        self.res.materializer.rebuilt(self.context, self.kv,
+                                      self.stored_frames(newest_chunks=c.backfill_frames // c.chunk_frames))
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
@@ -258,11 +276,21 @@ class Stream:
             return best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
         return []
 
-    def stored_frames(self) -> list[FrameSegment]:
-        """Every frame the segment store still holds for the stream, in time order."""
-        indices, _ = self.res.store.keys(self.stream_id)
+    def held_frames(self) -> int:
+        """Frames the stream's history holds: sink, stored chunks, the chunk filling, window."""
+        ctx = self.context
+        stored, _ = self.res.store.keys(self.stream_id)
+        return (len(ctx.sink) + len(ctx.window) + len(ctx.evicted)
+                + sum(self.chunk_sizes.get(i, self.res.cfg.chunk_frames) for i in stored))
+
+    def stored_frames(self, newest_chunks: int | None = None) -> list[FrameSegment]:
+        """Every frame the segment store still holds for the stream (of its `newest_chunks`
+        newest chunks only, if given), in time order."""
+        indices = sorted(self.res.store.keys(self.stream_id)[0])
+        if newest_chunks is not None:
+            indices = indices[max(0, len(indices) - newest_chunks):]
         frames: list[FrameSegment] = []
-        for index in sorted(indices):
+        for index in indices:
             segment = self.res.store.get(self.stream_id, index)
             if segment is not None:
                 frames.extend(segment.frames)
