@@ -124,6 +124,15 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     out = Path(args.out or f"bench/results/{args.suite}.json")
+    if args.suite == "soak":  # its own defaults: one run of 30 minutes, 4 streams at 0.5 fps
+        from livelens.bench.soak import run_soak
+
+        minutes = args.minutes[0] if args.minutes else 30.0
+        streams = args.streams[0] if args.streams else 4
+        return run_soak(cfg, out, minutes=minutes, streams=streams, fps=args.fps or 0.5,
+                        kill_every_s=args.kill_every_s)
+    args.fps = args.fps or 2.0
+    args.minutes = args.minutes or [1, 10, 30, 60]
     if args.suite == "context":
         from livelens.bench.context import run_context
 
@@ -208,17 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak"])
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
-    bench.add_argument("--fps", type=float, default=2.0)
+    bench.add_argument("--fps", type=float, default=None, help="frames per second (default 2; soak: 0.5)")
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
+    bench.add_argument("--kill-every-s", type=float, default=300.0,
+                       help="soak: seconds between two kill -9s (in turn: llm, encoder, gateway)")
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
-    bench.add_argument("--minutes", type=float, nargs="+", default=[1, 10, 30, 60],
-                       help="context, needle, quality: stream lengths in minutes")
+    bench.add_argument("--minutes", type=float, nargs="+", default=None,
+                       help="context, needle, quality: stream lengths in minutes (default 1 10 30 60); "
+                            "soak: how long (default 30)")
     bench.add_argument("--videos", nargs="+", default=None,
                        help="encoder: sample videos (default: vtest.avi tree.avi Megamind.avi bikes.mp4)")
     bench.add_argument("--streams", type=int, nargs="+", default=None,
-                       help="encoder: concurrent stream counts (default: 1 2 4 8)")
+                       help="encoder: concurrent stream counts (default: 1 2 4 8); soak: streams (default 4)")
     bench.add_argument("--backbone", choices=["vit", "mobilenet"], default="vit",
                        help="encoder: vit (vision_vit with partial recompute vs vision_vit_full) or mobilenet "
                             "(vision_encoder; levels 1, 2, 4)")

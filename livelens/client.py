@@ -193,6 +193,11 @@ class WatchSession:
             if isinstance(e, Alert):
                 yield e
 
+    @property
+    def ended(self) -> bool:
+        """The call is over (closed, refused, or broken: then `status` says how)."""
+        return self._pump.done()
+
     async def wait_closed(self) -> None:
         await self._pump
 

@@ -21,7 +21,7 @@ from livelens import health
 from livelens import kafka as lk
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict
 from livelens.infra.broker import TansuBroker
-from livelens.infra.ports import ensure_free
+from livelens.infra.ports import ensure_free, free_port
 from livelens.infra.process import ManagedProcess, wait_all_ready
 from livelens.infra.supervisor import Supervisor
 from livelens.infra.triton import TritonServer
@@ -47,6 +47,16 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
         ports += [(t.host, t.grpc_port, "triton.grpc_port"), (t.host, t.http_port, "triton.http_port"),
                   (t.host, t.metrics_port, "triton.metrics_port")]
     return ports
+
+
+def use_free_ports(cfg: LivelensConfig) -> None:
+    """Move every port of the local stack to a free one (benchmarks and tests run beside a
+    `livelens up`)."""
+    cfg.broker.port = free_port()
+    cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
+    cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
+    cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
+    cfg.gateway.metrics_port, cfg.encoder.metrics_port, cfg.llm.metrics_port = (free_port() for _ in range(3))
 
 
 def check_prerequisites(cfg: LivelensConfig) -> None:

@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 
 from livelens.config import LivelensConfig, load_config
-from livelens.infra.ports import free_port
+from livelens.stack import use_free_ports
 
 TOKENS = {"test-token": "acme", "beta-token": "beta"}
 
 
 def stack_config() -> LivelensConfig:
     cfg = load_config(env={})
-    cfg.broker.port = free_port()
-    cfg.kafka.bootstrap = f"127.0.0.1:{cfg.broker.port}"
-    cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
-    cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
-    cfg.gateway.metrics_port, cfg.encoder.metrics_port, cfg.llm.metrics_port = (free_port() for _ in range(3))
+    use_free_ports(cfg)
     cfg.gateway.tokens = dict(TOKENS)
     cfg.gateway.max_streams_per_tenant = 3
     cfg.gateway.max_frame_bytes = 512 * 1024

@@ -22,8 +22,7 @@ from typing import Any
 
 from livelens.client import Client
 from livelens.config import LivelensConfig
-from livelens.infra.ports import free_port
-from livelens.stack import Stack
+from livelens.stack import Stack, use_free_ports
 from livelens.subscriber import TopicSubscriber
 from livelens.video import sample_video
 from livelens.watcher import ScheduledQuestion, WatchReport, watch_video
@@ -135,11 +134,7 @@ async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seco
 def run_e2e(cfg: LivelensConfig, seconds: float, fps: float, video: str | None, out: Path,
             question_every_s: float = 5.0) -> int:
     video = video or str(sample_video("vtest.avi"))
-    # Free ports, so the benchmark never collides with a running `livelens up`.
-    cfg.broker.port = free_port()
-    cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
-    cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
-    cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
+    use_free_ports(cfg)  # never collides with a running `livelens up`
     cfg.gateway.proactive_alerts = False  # alerts would compete with the measured questions
     stack = Stack(cfg, Path(tempfile.mkdtemp(prefix="livelens-bench-")))
     stack.start(progress=lambda m: print(f"==> {m}", flush=True))
