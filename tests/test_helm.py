@@ -9,6 +9,8 @@ binary in build/bin/helm.
 from __future__ import annotations
 
 import base64
+import json
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,15 @@ RELEASE = "demo"
 FULLNAME = f"{RELEASE}-livelens"
 APP_COMPONENTS = ("gateway", "encoder", "llm")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job")
+# Custom resources of operators the chart can target (Prometheus Operator, KEDA): the
+# kubernetes-validate schemas do not know them; their tests below check them field by field.
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("keda.sh/v1alpha1", "ScaledObject"),
+    ("keda.sh/v1alpha1", "TriggerAuthentication"),
+}
+METRICS_PORTS = {"gateway": 50061, "encoder": 50062, "llm": 50063}
+DASHBOARD = CHART / "dashboards" / "livelens.json"
 
 pytestmark = pytest.mark.skipif(
     not HELM.exists(),
@@ -37,11 +48,22 @@ FULL_VALUES: dict[str, Any] = {
         "bootstrap": "kafka-0.kafka:9092,kafka-1.kafka:9092",
         "ports": [9092, 9093],
         "egressTo": [{"namespaceSelector": {"matchLabels": {"name": "kafka"}}}],
+        "retentionMs": 14400000,
+        "security": {
+            "protocol": "SASL_SSL",
+            "tls": {"secretName": "kafka-tls", "clientAuth": True},
+            "sasl": {
+                "mechanism": "SCRAM-SHA-512",
+                "username": "livelens",
+                "passwordSecret": {"name": "kafka-credentials", "key": "sasl-password"},
+            },
+        },
     },
     "imagePullSecrets": [{"name": "regcred"}],
     "gateway": {
         "tokens": {"tok-alpha": "acme", "tok-beta": "globex"},
-        "tls": {"secretName": "gateway-tls"},
+        "tls": {"secretName": "gateway-tls", "clientCASecret": "gateway-client-ca"},
+        "certTenants": {"camera-01.acme.example": "acme", "Globex Camera 7": "globex"},
         "autoscaling": {"enabled": False},
         "replicas": 3,
         "service": {"type": "LoadBalancer"},
@@ -52,8 +74,10 @@ FULL_VALUES: dict[str, Any] = {
         "runtimeClassName": "nvidia",
         "gpu": {"count": 2},
     },
+    "encoder": {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 16, "lagThreshold": 40}}},
     "llm": {
         "replicas": 2,
+        "autoscaling": {"keda": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
         "initContainers": [
             {
                 "name": "fetch-weights",
@@ -79,7 +103,14 @@ FULL_VALUES: dict[str, Any] = {
         "gatewayIngressFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}],
         "metricsIngressFrom": [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}],
     },
+    "metrics": {
+        "podAnnotations": True,
+        "serviceMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "prometheus"}},
+        "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "livelens"}},
+    },
 }
+# Secrets the full values reference but the chart does not create: (name, key) -> value.
+EXTERNAL_SECRETS = {("kafka-credentials", "sasl-password"): "s3cr3t"}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,9 +211,11 @@ def test_template_renders_every_resource(default_docs: list[dict[str, Any]]) -> 
         ("Secret", component("gateway-tokens")),
         ("Deployment", component("gateway")),
         ("Service", component("gateway")),
+        ("Service", component("gateway-metrics")),
         ("HorizontalPodAutoscaler", component("gateway")),
         ("PodDisruptionBudget", component("gateway")),
         ("Deployment", component("encoder")),
+        ("Service", component("encoder")),
         ("Deployment", component("triton")),
         ("Service", component("triton")),
         ("PersistentVolumeClaim", component("triton-models")),
@@ -217,8 +250,12 @@ def test_manifests_validate_against_kubernetes_schemas(
     which: str, k8s_version: str, request: pytest.FixtureRequest
 ) -> None:
     docs = request.getfixturevalue(f"{which}_docs")
+    custom = {(d["apiVersion"], d["kind"]) for d in docs} & CRD_KINDS
+    assert custom == (CRD_KINDS if which == "full" else set())
     errors = []
     for doc in docs:
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue
         try:
             kubernetes_validate.validate(doc, k8s_version, strict=True)
         except kubernetes_validate.ValidationError as e:
@@ -409,7 +446,11 @@ def test_rendered_config_and_env_load_with_livelens_config(
             pod_spec(find(full_docs, kind, component(name)))["containers"][0]
         ).items():
             if isinstance(value, dict) and "secretKeyRef" in value:
-                value = secret_values[value["secretKeyRef"]["key"]]
+                ref = value["secretKeyRef"]
+                if ref["name"] == secret["metadata"]["name"]:
+                    value = secret_values[ref["key"]]
+                else:
+                    value = EXTERNAL_SECRETS[ref["name"], ref["key"]]
             if isinstance(value, str):
                 env[key] = value
         cfg = lconfig.load_config(config_file, env=env)
@@ -417,9 +458,21 @@ def test_rendered_config_and_env_load_with_livelens_config(
         assert cfg.kafka.partitions == 16
         assert cfg.broker.enabled is False and cfg.triton.enabled is False
         assert cfg.triton_url == f"{component('triton')}:8001"
+        assert cfg.kafka.retention_ms == 14400000
+        assert cfg.kafka.security_protocol == "SASL_SSL"
+        assert cfg.kafka.ssl_cafile == "/etc/livelens/kafka-tls/ca.crt"
+        assert cfg.kafka.ssl_certfile == "/etc/livelens/kafka-tls/tls.crt"
+        assert cfg.kafka.ssl_keyfile == "/etc/livelens/kafka-tls/tls.key"
+        assert (cfg.kafka.sasl_mechanism, cfg.kafka.sasl_username) == ("SCRAM-SHA-512", "livelens")
+        assert cfg.kafka.sasl_password == "s3cr3t"
+        section = getattr(cfg, name)
+        assert section.metrics_port == METRICS_PORTS[name]
+        assert (cfg.gateway.host if name == "gateway" else section.health_host) == "0.0.0.0"
         if name == "gateway":
             assert cfg.gateway.tokens == {"tok-alpha": "acme", "tok-beta": "globex"}
             assert cfg.gateway.tls_cert == "/etc/livelens/tls/tls.crt"
+            assert cfg.gateway.tls_client_ca == "/etc/livelens/client-ca/ca.crt"
+            assert cfg.gateway.cert_tenants == FULL_VALUES["gateway"]["certTenants"]
 
 
 def _rendered_llm_config(docs: list[dict[str, Any]], tmp_path: Path) -> Any:
@@ -462,7 +515,10 @@ def test_schema_rejects_an_unknown_materializer() -> None:
 def test_encoder_and_llm_serve_grpc_health_probes(default_docs: list[dict[str, Any]]) -> None:
     for name, kind, port in (("encoder", "Deployment", 50052), ("llm", "StatefulSet", 50053)):
         container = pod_spec(find(default_docs, kind, component(name)))["containers"][0]
-        assert container["ports"] == [{"name": "health", "containerPort": port, "protocol": "TCP"}]
+        assert container["ports"] == [
+            {"name": "health", "containerPort": port, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS_PORTS[name], "protocol": "TCP"},
+        ]
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": port}, f"{name} {probe}"
         env = env_of(container)
@@ -511,7 +567,10 @@ def test_gateway_service_probes_and_autoscaling(default_docs: list[dict[str, Any
     gateway = find(default_docs, "Deployment", component("gateway"))
     assert "replicas" not in gateway["spec"], "the HPA owns the replica count"
     container = pod_spec(gateway)["containers"][0]
-    assert container["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    assert container["ports"] == [
+        {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": 50061, "protocol": "TCP"},
+    ]
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"] == {"port": 50051}, probe
     service = find(default_docs, "Service", component("gateway"))
@@ -544,6 +603,398 @@ def test_tls_secret_is_mounted_into_the_gateway() -> None:
     plain = pod_spec(find(render(), "Deployment", component("gateway")))
     assert not [v for v in plain["volumes"] if v["name"] == "tls"]
     assert "LIVELENS_GATEWAY__TLS_CERT" not in env_of(plain["containers"][0])
+
+
+def test_gateway_mtls_client_ca_and_cert_tenants(full_docs: list[dict[str, Any]]) -> None:
+    spec = pod_spec(find(full_docs, "Deployment", component("gateway")))
+    volume = next(v for v in spec["volumes"] if v["name"] == "client-ca")
+    assert volume["secret"]["secretName"] == "gateway-client-ca"
+    container = spec["containers"][0]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "client-ca")
+    assert mount == {"name": "client-ca", "mountPath": "/etc/livelens/client-ca", "readOnly": True}
+    env = env_of(container)
+    assert env["LIVELENS_GATEWAY__TLS_CLIENT_CA"] == "/etc/livelens/client-ca/ca.crt"
+    # The CN -> tenant map goes through the config file: a CN may hold spaces or commas.
+    configmap = find(full_docs, "ConfigMap", component("config"))
+    rendered = yaml.safe_load(configmap["data"]["livelens.yaml"])
+    assert rendered["gateway"]["cert_tenants"] == FULL_VALUES["gateway"]["certTenants"]
+    assert rendered["kafka"]["partitions"] == 16  # the rest of `config` is kept
+    # Without a client CA: no mTLS mount, no variable, no cert_tenants.
+    plain = render("--set", "gateway.tls.secretName=x")
+    plain_spec = pod_spec(find(plain, "Deployment", component("gateway")))
+    assert "client-ca" not in {v["name"] for v in plain_spec["volumes"]}
+    assert "LIVELENS_GATEWAY__TLS_CLIENT_CA" not in env_of(plain_spec["containers"][0])
+    plain_config = yaml.safe_load(find(plain, "ConfigMap", component("config"))["data"]["livelens.yaml"])
+    assert "gateway" not in plain_config
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "gateway.tls.clientCASecret=ca"), "gateway.tls.clientCASecret (mTLS) needs gateway.tls.secretName"),
+        (("--set", "gateway.certTenants.cam=acme"), "gateway.certTenants maps client certificates to tenants"),
+    ],
+)
+def test_gateway_mtls_fails_without_its_pieces(args: tuple[str, ...], message: str) -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_schema_rejects_a_bad_cert_tenant() -> None:
+    proc = run_helm("template", RELEASE, str(CHART), "--set", "gateway.tls.secretName=x",
+                    "--set", "gateway.tls.clientCASecret=ca", "--set", "gateway.certTenants.cam=a b", check=False)
+    assert proc.returncode != 0
+    assert "/gateway/certTenants/cam" in proc.stderr
+
+
+# --------------------------------------------------------------------------- kafka
+
+
+def _app_containers(docs: list[dict[str, Any]]) -> Iterator[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(component, pod spec, main container) of the gateway, the encoder and the LLM service."""
+    for name, kind in (("gateway", "Deployment"), ("encoder", "Deployment"), ("llm", "StatefulSet")):
+        spec = pod_spec(find(docs, kind, component(name)))
+        yield name, spec, spec["containers"][0]
+
+
+def test_kafka_retention_reaches_every_service(default_docs: list[dict[str, Any]]) -> None:
+    for name, _, container in _app_containers(default_docs):
+        assert env_of(container)["LIVELENS_KAFKA__RETENTION_MS"] == "7200000", name
+    # A day: written as an integer, not in float notation (8.64e+07).
+    for name, _, container in _app_containers(render("--set", "kafka.retentionMs=86400000")):
+        assert env_of(container)["LIVELENS_KAFKA__RETENTION_MS"] == "86400000", name
+    # Triton is no Kafka client.
+    triton = pod_spec(find(default_docs, "Deployment", component("triton")))["containers"][0]
+    assert not [k for k in env_of(triton) if k.startswith("LIVELENS_KAFKA__")]
+
+
+def test_kafka_sasl_ssl_reaches_every_service(full_docs: list[dict[str, Any]]) -> None:
+    for name, spec, container in _app_containers(full_docs):
+        env = env_of(container)
+        assert env["LIVELENS_KAFKA__SECURITY_PROTOCOL"] == "SASL_SSL", name
+        assert env["LIVELENS_KAFKA__SSL_CAFILE"] == "/etc/livelens/kafka-tls/ca.crt", name
+        assert env["LIVELENS_KAFKA__SSL_CERTFILE"] == "/etc/livelens/kafka-tls/tls.crt", name
+        assert env["LIVELENS_KAFKA__SSL_KEYFILE"] == "/etc/livelens/kafka-tls/tls.key", name
+        assert env["LIVELENS_KAFKA__SASL_MECHANISM"] == "SCRAM-SHA-512", name
+        assert env["LIVELENS_KAFKA__SASL_USERNAME"] == "livelens", name
+        # The password only ever comes from its Secret.
+        assert env["LIVELENS_KAFKA__SASL_PASSWORD"] == {
+            "secretKeyRef": {"name": "kafka-credentials", "key": "sasl-password"}
+        }, name
+        volume = next(v for v in spec["volumes"] if v["name"] == "kafka-tls")
+        assert volume["secret"]["secretName"] == "kafka-tls", name
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "kafka-tls")
+        assert mount == {"name": "kafka-tls", "mountPath": "/etc/livelens/kafka-tls", "readOnly": True}, name
+
+
+def test_kafka_plaintext_by_default_and_tls_without_client_auth(default_docs: list[dict[str, Any]]) -> None:
+    for name, spec, container in _app_containers(default_docs):
+        env = env_of(container)
+        assert env["LIVELENS_KAFKA__SECURITY_PROTOCOL"] == "PLAINTEXT", name
+        assert not [k for k in env if k.startswith(("LIVELENS_KAFKA__SSL_", "LIVELENS_KAFKA__SASL_"))], name
+        assert "kafka-tls" not in {v["name"] for v in spec["volumes"]}, name
+    docs = render("--set", "kafka.security.protocol=SSL", "--set", "kafka.security.tls.secretName=ca-only")
+    for name, spec, container in _app_containers(docs):
+        env = env_of(container)
+        assert env["LIVELENS_KAFKA__SSL_CAFILE"] == "/etc/livelens/kafka-tls/ca.crt", name
+        # No client certificate unless clientAuth, and no SASL over plain SSL.
+        assert "LIVELENS_KAFKA__SSL_CERTFILE" not in env and "LIVELENS_KAFKA__SASL_USERNAME" not in env, name
+        assert next(v for v in spec["volumes"] if v["name"] == "kafka-tls")["secret"]["secretName"] == "ca-only"
+
+
+SASL = ("--set", "kafka.security.protocol=SASL_PLAINTEXT")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "kafka.security.protocol=SSL"),
+         "kafka.security.protocol SSL needs kafka.security.tls.secretName"),
+        (("--set", "kafka.security.protocol=SASL_SSL", "--set", "kafka.security.sasl.mechanism=PLAIN",
+          "--set", "kafka.security.sasl.username=u", "--set", "kafka.security.sasl.passwordSecret.name=p"),
+         "kafka.security.protocol SASL_SSL needs kafka.security.tls.secretName"),
+        ((*SASL, "--set", "kafka.security.sasl.username=u", "--set", "kafka.security.sasl.passwordSecret.name=p"),
+         "kafka.security.protocol SASL_PLAINTEXT needs kafka.security.sasl.mechanism"),
+        ((*SASL, "--set", "kafka.security.sasl.mechanism=PLAIN", "--set", "kafka.security.sasl.passwordSecret.name=p"),
+         "kafka.security.protocol SASL_PLAINTEXT needs kafka.security.sasl.username"),
+        ((*SASL, "--set", "kafka.security.sasl.mechanism=PLAIN", "--set", "kafka.security.sasl.username=u"),
+         "kafka.security.protocol SASL_PLAINTEXT needs kafka.security.sasl.passwordSecret.name"),
+    ],
+)
+def test_kafka_security_fails_without_its_pieces(args: tuple[str, ...], message: str) -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    # The same settings complete render.
+    complete = ("--set", "kafka.security.tls.secretName=ca", "--set", "kafka.security.sasl.mechanism=PLAIN",
+                "--set", "kafka.security.sasl.username=u", "--set", "kafka.security.sasl.passwordSecret.name=p")
+    assert run_helm("template", RELEASE, str(CHART), *args, *complete, check=False).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("setting", "path"),
+    [
+        ("kafka.security.protocol=TLS", "/kafka/security/protocol"),
+        ("kafka.security.protocol=sasl_ssl", "/kafka/security/protocol"),
+        ("kafka.security.sasl.mechanism=GSSAPI", "/kafka/security/sasl/mechanism"),
+        ("kafka.retentionMs=1000", "/kafka/retentionMs"),
+    ],
+)
+def test_schema_rejects_bad_kafka_security_and_retention(setting: str, path: str) -> None:
+    proc = run_helm("template", RELEASE, str(CHART), "--set", setting, check=False)
+    assert proc.returncode != 0
+    assert "values don't meet the specifications of the schema" in proc.stderr
+    assert path in proc.stderr
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A LabelSelector (matchLabels, matchExpressions with In) applied to labels."""
+    if any(labels.get(k) != v for k, v in selector.get("matchLabels", {}).items()):
+        return False
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "In", expr
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+def test_every_service_serves_metrics_on_a_named_port(default_docs: list[dict[str, Any]]) -> None:
+    services = {d["metadata"]["name"]: d for d in default_docs if d["kind"] == "Service"}
+    for name, _, container in _app_containers(default_docs):
+        port = METRICS_PORTS[name]
+        assert {"name": "metrics", "containerPort": port, "protocol": "TCP"} in container["ports"], name
+        env = env_of(container)
+        assert env[f"LIVELENS_{name.upper()}__METRICS_PORT"] == str(port)
+        # /metrics listens on the pod IP (the gateway's host, the encoder's/LLM's health host).
+        assert env["LIVELENS_GATEWAY__HOST" if name == "gateway" else f"LIVELENS_{name.upper()}__HEALTH_HOST"] == (
+            "0.0.0.0")
+        # No prometheus.io annotations unless metrics.podAnnotations.
+        workload = find(default_docs, "StatefulSet" if name == "llm" else "Deployment", component(name))
+        assert not [a for a in workload["spec"]["template"]["metadata"]["annotations"]
+                    if a.startswith("prometheus.io/")], name
+        # A Service in the cluster exposes the metrics port, to this component's pods.
+        service = services[component("gateway-metrics" if name == "gateway" else name)]
+        assert service["spec"]["selector"] == workload["spec"]["selector"]["matchLabels"]
+        assert {"name": "metrics", "port": port, "targetPort": "metrics", "protocol": "TCP",
+                "appProtocol": "http"} in service["spec"]["ports"], name
+        assert service["spec"]["clusterIP"] == "None"  # headless: Prometheus scrapes each pod
+    # The gateway's client-facing Service (maybe a LoadBalancer) does not carry /metrics.
+    assert [p["name"] for p in services[component("gateway")]["spec"]["ports"]] == ["grpc"]
+
+
+def test_metrics_pod_annotations_when_asked(full_docs: list[dict[str, Any]]) -> None:
+    for name, kind in (("gateway", "Deployment"), ("encoder", "Deployment"), ("llm", "StatefulSet")):
+        annotations = find(full_docs, kind, component(name))["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/scrape"] == "true"
+        assert annotations["prometheus.io/port"] == str(METRICS_PORTS[name])
+        assert annotations["prometheus.io/path"] == "/metrics"
+        assert annotations["checksum/config"]  # the chart's own annotations stay
+
+
+def test_service_monitor_scrapes_the_metrics_ports(
+    default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]
+) -> None:
+    assert not [d for d in default_docs if d["kind"] == "ServiceMonitor"]
+    monitor = find(full_docs, "ServiceMonitor", FULLNAME)
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/instance"] == RELEASE
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["video"]}
+    assert spec["endpoints"] == [{"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "15s"}]
+    # The Services it selects that have a "metrics" port: every component's, Triton's too.
+    scraped = {
+        d["metadata"]["name"]: next(p["port"] for p in d["spec"]["ports"] if p["name"] == "metrics")
+        for d in full_docs
+        if d["kind"] == "Service" and _selects(spec["selector"], d["metadata"]["labels"])
+        and any(p["name"] == "metrics" for p in d["spec"]["ports"])
+    }
+    assert scraped == {
+        component("gateway-metrics"): 50061,
+        component("encoder"): 50062,
+        component("llm"): 50063,
+        component("triton"): 8002,
+    }
+    # ...and each of those Services' "metrics" port targets the container port named so.
+    for name, _, container in _app_containers(full_docs):
+        assert "metrics" in {p["name"] for p in container["ports"]}, name
+
+
+def _dashboard(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    configmap = find(docs, "ConfigMap", component("dashboard"))
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    return json.loads(configmap["data"]["livelens.json"])
+
+
+def test_grafana_dashboard_configmap(default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]) -> None:
+    assert not [d for d in default_docs if d["metadata"]["name"] == component("dashboard")]
+    configmap = find(full_docs, "ConfigMap", component("dashboard"))
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "livelens"}
+    dashboard = _dashboard(full_docs)
+    assert dashboard == json.loads(DASHBOARD.read_text())  # the file, whole
+    assert isinstance(dashboard["schemaVersion"], int) and dashboard["uid"] == "livelens"
+    (variable,) = dashboard["templating"]["list"]
+    assert (variable["name"], variable["type"], variable["query"]) == ("datasource", "datasource", "prometheus")
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    exprs = []
+    for panel in panels:
+        assert panel["type"] == "timeseries", panel["title"]
+        assert set(panel["gridPos"]) == {"h", "w", "x", "y"} and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"]
+            assert re.search(r"\blivelens_[a-z0-9_]+", target["expr"]), f"{panel['title']}: {target['expr']}"
+            exprs.append(target["expr"])
+    # No two panels overlap on the grid.
+    cells = [(x, y) for g in (p["gridPos"] for p in dashboard["panels"])
+             for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])]
+    assert len(cells) == len(set(cells))
+    # Every metric the dashboard promises is charted.
+    charted = set(re.findall(r"livelens_[a-z0-9_]+", " ".join(exprs)))
+    assert charted >= {
+        "livelens_gateway_frames_total", "livelens_gateway_open_streams", "livelens_gateway_refused_total",
+        "livelens_gateway_time_to_first_token_seconds_bucket", "livelens_gateway_e2e_request_latency_seconds_bucket",
+        "livelens_llm_time_to_first_token_seconds_bucket", "livelens_llm_frame_to_context_seconds_bucket",
+        "livelens_encoder_frame_to_tokens_seconds_bucket", "livelens_kafka_consumer_lag",
+        "livelens_llm_dead_letters_total", "livelens_encoder_dead_letters_total", "livelens_llm_rebuilds_total",
+        "livelens_llm_context_rebuild_seconds_bucket", "livelens_encoder_cache_patches_computed_total",
+        "livelens_encoder_cache_tokens_total", "livelens_llm_kv_questions_loaded_tokens_total",
+        "livelens_llm_kv_questions_computed_tokens_total", "livelens_llm_answer_errors_total",
+    }
+    assert "sum by (tenant) (rate(livelens_gateway_frames_total[1m]))" in exprs
+    assert "sum by (consumer, topic) (livelens_kafka_consumer_lag)" in exprs
+
+
+def test_grafana_dashboard_metrics_are_the_services() -> None:
+    """The dashboard's histograms, labelled counters and gauges are the ones the services
+    define (services/*/metrics.py, livelens/metrics.py); its other counters are the
+    services' stats, exported at scrape time."""
+    from prometheus_client import REGISTRY
+
+    import livelens.metrics  # noqa: F401
+    import services.encoder.metrics  # noqa: F401
+    import services.gateway.metrics  # noqa: F401
+    import services.llm.metrics  # noqa: F401
+
+    defined = {family.name: family.type for family in REGISTRY.collect()}
+    charted = set(re.findall(r"livelens_[a-z0-9_]+", DASHBOARD.read_text()))
+    histograms = {name.removesuffix("_bucket") for name in charted if name.endswith("_bucket")}
+    assert len(histograms) == 6
+    assert {name: defined.get(name) for name in histograms} == dict.fromkeys(histograms, "histogram")
+    assert {name: defined.get(name) for name in (
+        "livelens_gateway_frames", "livelens_gateway_refused", "livelens_llm_answer_errors",
+        "livelens_gateway_open_streams", "livelens_kafka_consumer_lag")} == {
+        "livelens_gateway_frames": "counter", "livelens_gateway_refused": "counter",
+        "livelens_llm_answer_errors": "counter", "livelens_gateway_open_streams": "gauge",
+        "livelens_kafka_consumer_lag": "gauge"}
+
+
+# --------------------------------------------------------------------------- autoscaling (KEDA)
+
+
+def test_keda_scaled_objects(default_docs: list[dict[str, Any]], full_docs: list[dict[str, Any]]) -> None:
+    assert not [d for d in default_docs if d["apiVersion"].startswith("keda.sh/")]
+    assert find(default_docs, "Deployment", component("encoder"))["spec"]["replicas"] == 2
+    assert find(default_docs, "StatefulSet", component("llm"))["spec"]["replicas"] == 1
+    bootstrap = FULL_VALUES["kafka"]["bootstrap"]
+    for name, kind, group, topic, low, high, lag in (
+        ("encoder", "Deployment", "livelens-encoder", "livelens.frames", 2, 16, "40"),
+        ("llm", "StatefulSet", "livelens-llm", "livelens.tokens", 2, 6, "50"),
+    ):
+        scaled = find(full_docs, "ScaledObject", component(name))
+        assert scaled["apiVersion"] == "keda.sh/v1alpha1"
+        spec = scaled["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": kind, "name": component(name)}
+        assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (low, high), name
+        (trigger,) = spec["triggers"]
+        assert trigger["type"] == "kafka"
+        assert trigger["metadata"] == {
+            "bootstrapServers": bootstrap,
+            "consumerGroup": group,
+            "topic": topic,
+            "lagThreshold": lag,
+            "offsetResetPolicy": "earliest",
+            "tls": "enable",
+            "sasl": "scram_sha512",
+        }, name
+        assert trigger["authenticationRef"] == {"name": component("kafka")}
+        # KEDA's HPA owns the replica count; the chart renders no HPA of its own for it.
+        assert "replicas" not in find(full_docs, kind, component(name))["spec"], name
+        assert not [d for d in full_docs if d["kind"] == "HorizontalPodAutoscaler"
+                    and d["spec"]["scaleTargetRef"]["name"] == component(name)]
+    auth = find(full_docs, "TriggerAuthentication", component("kafka"))
+    refs = {r["parameter"]: (r["name"], r["key"]) for r in auth["spec"]["secretTargetRef"]}
+    assert refs == {
+        "password": ("kafka-credentials", "sasl-password"),
+        "ca": ("kafka-tls", "ca.crt"),
+        "cert": ("kafka-tls", "tls.crt"),
+        "key": ("kafka-tls", "tls.key"),
+    }
+    # The user name: the scaled container's own LIVELENS_KAFKA__SASL_USERNAME.
+    assert auth["spec"]["env"] == [{"parameter": "username", "name": "LIVELENS_KAFKA__SASL_USERNAME"}]
+
+
+def test_keda_follows_the_configured_groups_and_topics_and_plaintext(tmp_path: Path) -> None:
+    values = {
+        "config": {"kafka": {"partitions": 8, "frames_topic": "cam.frames", "tokens_topic": "cam.tokens"},
+                   "encoder": {"group_id": "enc-a"}, "llm": {"group_id": "llm-a"}},
+        "encoder": {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 8}}},
+        "llm": {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 8}}},
+    }
+    docs = render(values=values, tmp_path=tmp_path)
+    for name, group, topic in (("encoder", "enc-a", "cam.frames"), ("llm", "llm-a", "cam.tokens")):
+        (trigger,) = find(docs, "ScaledObject", component(name))["spec"]["triggers"]
+        assert (trigger["metadata"]["consumerGroup"], trigger["metadata"]["topic"]) == (group, topic)
+        # PLAINTEXT: no TLS/SASL for the scaler, no TriggerAuthentication.
+        assert "tls" not in trigger["metadata"] and "sasl" not in trigger["metadata"]
+        assert "authenticationRef" not in trigger
+    assert not [d for d in docs if d["kind"] == "TriggerAuthentication"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--set", "encoder.autoscaling.keda.enabled=true", "--set", "encoder.autoscaling.keda.maxReplicas=17"),
+         "encoder.autoscaling.keda.maxReplicas (17) exceeds config.kafka.partitions (16"),
+        (("--set", "llm.autoscaling.keda.enabled=true", "--set", "llm.autoscaling.keda.maxReplicas=24",
+          "--set", "config.kafka.partitions=20"),
+         "llm.autoscaling.keda.maxReplicas (24) exceeds config.kafka.partitions (20"),
+        # Without config.kafka.partitions the services create 4 (livelens/config.py).
+        (("--set", "llm.autoscaling.keda.enabled=true", "--set", "llm.autoscaling.keda.maxReplicas=5",
+          "--set", "config.kafka.partitions=null"),
+         "llm.autoscaling.keda.maxReplicas (5) exceeds config.kafka.partitions (4"),
+        (("--set", "llm.autoscaling.keda.enabled=true", "--set", "llm.autoscaling.keda.minReplicas=5",
+          "--set", "llm.autoscaling.keda.maxReplicas=3"),
+         "llm.autoscaling.keda.minReplicas (5) exceeds its maxReplicas (3)"),
+    ],
+)
+def test_keda_max_replicas_check(args: tuple[str, ...], message: str) -> None:
+    proc = run_helm("template", RELEASE, str(CHART), *args, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+
+
+def test_keda_max_replicas_up_to_the_partitions_renders() -> None:
+    docs = render("--set", "encoder.autoscaling.keda.enabled=true", "--set", "encoder.autoscaling.keda.maxReplicas=16")
+    assert find(docs, "ScaledObject", component("encoder"))["spec"]["maxReplicaCount"] == 16
+    # A disabled component is not checked (its maxReplicas is unused).
+    docs = render("--set", "llm.autoscaling.keda.maxReplicas=64")
+    assert not [d for d in docs if d["kind"] == "ScaledObject"]
+
+
+def test_schema_rejects_bad_keda_values() -> None:
+    for setting, path in (("encoder.autoscaling.keda.lagThreshold=0", "/encoder/autoscaling/keda/lagThreshold"),
+                          ("llm.autoscaling.keda.minReplicas=0", "/llm/autoscaling/keda/minReplicas"),
+                          ("llm.autoscaling.keda.enabled=yes", "/llm/autoscaling/keda/enabled")):
+        proc = run_helm("template", RELEASE, str(CHART), "--set", setting, check=False)
+        assert proc.returncode != 0, setting
+        assert path in proc.stderr, setting
 
 
 # --------------------------------------------------------------------------- triton, llm
@@ -703,6 +1154,12 @@ def test_network_policies(
     assert _rule_ports([kafka_rule]) == {9092, 9093}
     assert kafka_rule["to"] == FULL_VALUES["kafka"]["egressTo"]
     assert _rule_ports(full[component("triton")]["ingress"]) == {8000, 8001, 8002}
+    # Prometheus (metricsIngressFrom) reaches each service's metrics port, and only that.
+    monitoring = FULL_VALUES["networkPolicy"]["metricsIngressFrom"]
+    for name, port in METRICS_PORTS.items():
+        rules = [r for r in full[component(name)]["ingress"] if r.get("from") == monitoring]
+        assert _rule_ports(rules) == {port}, name
+    assert _rule_ports(full[component("gateway")]["ingress"]) == {50051, 50061}
 
     assert not [
         d for d in render("--set", "networkPolicy.enabled=false") if d["kind"] == "NetworkPolicy"

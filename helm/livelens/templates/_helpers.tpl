@@ -160,6 +160,9 @@ Settings follow the livelens convention LIVELENS_<SECTION>__<FIELD>.
   value: /etc/livelens/livelens.yaml
 - name: LIVELENS_KAFKA__BOOTSTRAP
   value: {{ required "kafka.bootstrap is required" .Values.kafka.bootstrap | quote }}
+- name: LIVELENS_KAFKA__RETENTION_MS
+  value: {{ .Values.kafka.retentionMs | int64 | quote }}
+{{ include "livelens.kafkaSecurityEnv" . }}
 - name: LIVELENS_BROKER__ENABLED
   value: "false"
 - name: LIVELENS_TRITON__ENABLED
@@ -189,7 +192,102 @@ Settings follow the livelens convention LIVELENS_<SECTION>__<FIELD>.
 {{- end }}
 
 {{/*
-Volume mounts and volumes shared by every livelens container: /tmp and the config.
+Kafka security. "livelens.kafkaTLS" / "livelens.kafkaSASL" render "true" when the
+protocol uses TLS / SASL (empty otherwise, so they work in `if`).
+*/}}
+{{- define "livelens.kafkaTLS" -}}
+{{- if has .Values.kafka.security.protocol (list "SSL" "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{- define "livelens.kafkaSASL" -}}
+{{- if hasPrefix "SASL_" .Values.kafka.security.protocol }}true{{ end }}
+{{- end }}
+
+{{/*
+Fails rendering when kafka.security is incomplete for its protocol.
+*/}}
+{{- define "livelens.validateKafkaSecurity" -}}
+{{- $s := .Values.kafka.security }}
+{{- if and (include "livelens.kafkaTLS" .) (not $s.tls.secretName) }}
+{{- fail (printf "kafka.security.protocol %s needs kafka.security.tls.secretName: a Secret holding ca.crt (the CA that signed the brokers' certificates)" $s.protocol) }}
+{{- end }}
+{{- if include "livelens.kafkaSASL" . }}
+{{- $missing := list }}
+{{- if not $s.sasl.mechanism }}
+{{- $missing = append $missing "kafka.security.sasl.mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)" }}
+{{- end }}
+{{- if not $s.sasl.username }}
+{{- $missing = append $missing "kafka.security.sasl.username" }}
+{{- end }}
+{{- if not (and $s.sasl.passwordSecret.name $s.sasl.passwordSecret.key) }}
+{{- $missing = append $missing "kafka.security.sasl.passwordSecret.name and .key (the Secret key holding the password)" }}
+{{- end }}
+{{- with $missing }}
+{{- fail (printf "kafka.security.protocol %s needs %s" $s.protocol (join ", " .)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Kafka security settings of every livelens service (part of livelens.commonEnv).
+*/}}
+{{- define "livelens.kafkaSecurityEnv" -}}
+{{- include "livelens.validateKafkaSecurity" . }}
+{{- $s := .Values.kafka.security -}}
+- name: LIVELENS_KAFKA__SECURITY_PROTOCOL
+  value: {{ $s.protocol | quote }}
+{{- if include "livelens.kafkaTLS" . }}
+- name: LIVELENS_KAFKA__SSL_CAFILE
+  value: {{ printf "%s/ca.crt" $s.tls.mountPath | quote }}
+{{- if $s.tls.clientAuth }}
+- name: LIVELENS_KAFKA__SSL_CERTFILE
+  value: {{ printf "%s/tls.crt" $s.tls.mountPath | quote }}
+- name: LIVELENS_KAFKA__SSL_KEYFILE
+  value: {{ printf "%s/tls.key" $s.tls.mountPath | quote }}
+{{- end }}
+{{- end }}
+{{- if include "livelens.kafkaSASL" . }}
+- name: LIVELENS_KAFKA__SASL_MECHANISM
+  value: {{ $s.sasl.mechanism | quote }}
+- name: LIVELENS_KAFKA__SASL_USERNAME
+  value: {{ $s.sasl.username | quote }}
+- name: LIVELENS_KAFKA__SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $s.sasl.passwordSecret.name }}
+      key: {{ $s.sasl.passwordSecret.key }}
+{{- end }}
+{{- end }}
+
+{{/*
+prometheus.io pod annotations (metrics.podAnnotations): (dict "ctx" $ "port" 50061).
+*/}}
+{{- define "livelens.metricsAnnotations" -}}
+{{- if .ctx.Values.metrics.podAnnotations }}
+{{- $own := .ctx.Values.podAnnotations | default dict }}
+{{- $annotations := dict }}
+{{- range $key, $value := dict "prometheus.io/scrape" "true" "prometheus.io/port" (toString .port) "prometheus.io/path" "/metrics" }}
+{{- if not (hasKey $own $key) }}{{/* podAnnotations, given explicitly, win */}}
+{{- $_ := set $annotations $key $value }}
+{{- end }}
+{{- end }}
+{{- with $annotations }}
+{{- toYaml . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The partitions of the livelens topics: config.kafka.partitions, else the embedded
+default of livelens/config.py (4).
+*/}}
+{{- define "livelens.kafkaPartitions" -}}
+{{- dig "kafka" "partitions" 4 (.Values.config | default dict) | int }}
+{{- end }}
+
+{{/*
+Volume mounts and volumes shared by every livelens container: /tmp, the config and,
+with Kafka over TLS, the Kafka TLS Secret.
 */}}
 {{- define "livelens.commonVolumeMounts" -}}
 - name: tmp
@@ -198,6 +296,11 @@ Volume mounts and volumes shared by every livelens container: /tmp and the confi
   mountPath: /etc/livelens/livelens.yaml
   subPath: livelens.yaml
   readOnly: true
+{{- if include "livelens.kafkaTLS" . }}
+- name: kafka-tls
+  mountPath: {{ .Values.kafka.security.tls.mountPath }}
+  readOnly: true
+{{- end }}
 {{- end }}
 
 {{- define "livelens.tmpVolume" -}}
@@ -211,6 +314,12 @@ Volume mounts and volumes shared by every livelens container: /tmp and the confi
 - name: config
   configMap:
     name: {{ include "livelens.componentName" (dict "ctx" . "component" "config") }}
+{{- if include "livelens.kafkaTLS" . }}
+- name: kafka-tls
+  secret:
+    secretName: {{ .Values.kafka.security.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
 {{- end }}
 
 {{/*
