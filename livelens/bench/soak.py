@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import signal
+import statistics
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ from typing import Any
 import psutil
 
 from livelens import health
-from livelens.bench.e2e import machine, percentile
+from livelens.bench.e2e import machine
 from livelens.client import Ack, Answer, Client, ItemError, WatchSession
 from livelens.config import LivelensConfig
 from livelens.records import encode_jpeg
@@ -87,8 +88,8 @@ class Soak:
 
     async def kill_in_turn(self, t0: float, end: float) -> None:
         turn = 0
-        while time.monotonic() + self.kill_every_s < end:
-            await asyncio.sleep(self.kill_every_s)
+        while (due := t0 + (turn + 1) * self.kill_every_s) < end:
+            await asyncio.sleep(max(0.0, due - time.monotonic()))
             name = KILL_ORDER[turn % len(KILL_ORDER)]
             turn += 1
             pid = self.stack.process(name).proc.pid  # type: ignore[union-attr]
@@ -155,7 +156,11 @@ class Soak:
                     pending.add(request_id)
                     await s.ask("What do you see now?", request_id=request_id, timeout_s=120)
             if not s.ended:  # the end: the answers still coming, then the frames' count
-                deadline = time.monotonic() + 150
+                await asyncio.sleep(5)  # the last frames into the context
+                await s.ask("What happened?", request_id=f"{tally.name}-final", max_tokens=4, timeout_s=300)
+                pending.add(f"{tally.name}-final")
+                tally.questions += 1
+                deadline = time.monotonic() + 300
                 while pending and time.monotonic() < deadline and not s.ended:
                     await asyncio.sleep(0.5)
         finally:
@@ -170,16 +175,13 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
     tallies = [StreamTally(n) for n in names]
     t0 = time.monotonic()
     end = t0 + soak.minutes * 60
-    await asyncio.gather(soak.sample_memory(t0, end), soak.kill_in_turn(t0, end),
-                         *(soak.run_stream(t, clips[t.name], end) for t in tallies))
     timings: dict[str, pb.AnswerTimings] = {}
-    with TopicSubscriber(soak.stack.cfg.kafka, ["responses"], tenant=soak.stack.cfg.gateway.tokens[soak.token]) as sub:
-        async with Client(soak.stack.gateway_target, soak.token) as client:
-            for t in tallies:
-                await asyncio.sleep(5)  # the last frames into the context
-                await client.ask(t.name, "What happened?", max_tokens=4, timeout_s=300)
+    tenant = soak.stack.cfg.gateway.tokens[soak.token]
+    with TopicSubscriber(soak.stack.cfg.kafka, ["responses"], tenant=tenant) as sub:
+        await asyncio.gather(soak.sample_memory(t0, end), soak.kill_in_turn(t0, end),
+                             *(soak.run_stream(t, clips[t.name], end) for t in tallies))
         for rec in await asyncio.to_thread(lambda: list(sub.records(timeout_s=5))):
-            if rec.final and rec.timings.frames_seen:
+            if rec.final and rec.request_id == f"{rec.stream_id}-final":  # each stream's last question
                 timings[rec.stream_id] = rec.timings
     soak.rss.append({"t_s": round(time.monotonic() - t0, 1), **soak.service_rss_mb()})
     return tallies, timings
@@ -210,7 +212,7 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
         "questions": sum(t.questions for t in tallies), "answered": sum(t.answered for t in tallies),
         "errors": dict(errors), "resumes": sum(t.resumes for t in tallies),
         "kills": len(soak.kills), "kill_log": soak.kills,
-        "recovery_s_p50": percentile(recoveries, 50) if recoveries else None,
+        "recovery_s_p50": round(statistics.median(recoveries), 2) if recoveries else None,
         "recovery_s_max": max(recoveries) if recoveries else None,
         "rss_mb_start": round(sum(v for k, v in first.items() if k != "t_s"), 1),
         "rss_mb_end": round(sum(v for k, v in last.items() if k != "t_s"), 1),
