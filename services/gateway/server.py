@@ -213,8 +213,9 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             ended = True
         finally:
             reader.cancel()
-            for request_id in session.pending:
-                self.handlers.pop((tenant, request_id), None)
+            for request_id in session.pending:  # nobody is left to hear them: stop them in the engine
+                if self.handlers.pop((tenant, request_id), None) is not None:
+                    self.publish_cancel(tenant, stream_id, request_id)
             self.sessions.close(session)
             metrics.OPEN_STREAMS.labels(tenant).dec()
             # The client closed its side: the stream ends. A broken call leaves the stream

@@ -1,0 +1,61 @@
+"""The local stack's supervisor and start-up wait, on real child processes."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from livelens.infra.process import ManagedProcess, ProcessFailed, describe_exit, wait_all_ready
+from livelens.infra.supervisor import Supervisor, read_status
+
+
+def child(tmp: Path, name: str, code: str) -> ManagedProcess:
+    return ManagedProcess(name, [sys.executable, "-c", code], tmp / f"{name}.log")
+
+
+def test_exits_are_described():
+    assert describe_exit(-9) == "killed by signal 9 (SIGKILL)"
+    assert describe_exit(3) == "exited with code 3"
+
+
+def test_a_service_that_cannot_start_stops_the_wait_at_once(tmp_path):
+    slow = child(tmp_path, "slow", "import time; time.sleep(60)")
+    broken = child(tmp_path, "broken", "import sys; print('llm.max_model_len is too small'); sys.exit(3)")
+    slow.ready_check = lambda: False
+    broken.ready_check = lambda: False
+    for p in (slow, broken):
+        p.start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(ProcessFailed) as failed:
+            wait_all_ready([(slow, 60.0), (broken, 60.0)])
+    finally:
+        slow.stop()
+        broken.stop()
+    assert time.monotonic() - t0 < 10  # not after the slow one's 60 s
+    assert "broken exited with code 3" in str(failed.value) and "llm.max_model_len" in str(failed.value)
+
+
+def test_crashed_processes_are_restarted_with_back_off(tmp_path):
+    crashing = child(tmp_path, "crashing", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)")
+    steady = child(tmp_path, "steady", "import time; time.sleep(60)")
+    for p in (crashing, steady):
+        p.start()
+    said: list[str] = []
+    supervisor = Supervisor([crashing, steady], tmp_path / "status.json", report=said.append).start()
+    try:
+        deadline = time.monotonic() + 20
+        while read_status(tmp_path / "status.json")["crashing"].restarts < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        supervisor.stop()
+        crashing.stop()
+        steady.stop()
+    status = read_status(tmp_path / "status.json")
+    assert status["crashing"].restarts >= 3 and status["steady"].restarts == 0
+    assert status["crashing"].last_exit == "killed by signal 9 (SIGKILL)"
+    delays = [float(line.split("restarting in ")[1].split("s ")[0]) for line in said if "restarting in" in line]
+    assert delays[:3] == [1.0, 2.0, 4.0]  # doubling, as Kubernetes backs off
