@@ -50,17 +50,15 @@ class StatsCollector(Collector):
                     yield CounterMetricFamily(name, f"{source} {f.name.replace('_', ' ')}", value=value)
 
 
-def export_stats(sources: Callable[[], dict[str, Any]], gauges: frozenset[str] = frozenset()) -> StatsCollector:
-    collector = StatsCollector(sources, gauges)
-    REGISTRY.register(collector)
-    return collector
-
-
-def serve_metrics(host: str, port: int, setting: str) -> None:
-    """`/metrics` on host:port, in a daemon thread (port 0: no endpoint)."""
-    if port:
-        ensure_free(host, port, setting)
-        start_http_server(port, addr=host)
+def serve_metrics(host: str, port: int, setting: str, stats: Callable[[], dict[str, Any]],
+                  gauges: frozenset[str] = frozenset()) -> None:
+    """`/metrics` on host:port, in a daemon thread, with the service's `stats` exported
+    (port 0: no endpoint, nothing registered; a process serves one service's metrics)."""
+    if not port:
+        return
+    ensure_free(host, port, setting)
+    REGISTRY.register(StatsCollector(stats, gauges))
+    start_http_server(port, addr=host)
 
 
 def record_lag(consumer: Any, name: str) -> None:

@@ -16,6 +16,7 @@ from kafka.structs import TopicPartition
 from livelens import kafka as lk
 from livelens.bench.encoder import frame, frame_records
 from livelens.config import FeatureCacheConfig, LivelensConfig
+from livelens.identity import stream_key
 from livelens.infra.malloc import tune_malloc
 from livelens.infra.ports import free_port
 from livelens.models.preprocess import FramePreprocessing, preprocess
@@ -105,7 +106,7 @@ def test_triton_batches_frames_of_several_streams(stack, models) -> None:  # typ
     assert inferences == svc.stats.batches and inferences >= len(streams)
     assert executions < inferences, (executions, inferences)  # requests of streams merged
     for s in streams:
-        assert svc.cache.streams[s].vit_state is not None
+        assert svc.cache.streams[stream_key("t", s)].vit_state is not None
 
 
 def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # type: ignore[no-untyped-def]
@@ -128,7 +129,7 @@ def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # t
         svc.pool.shutdown()
     assert [r.seq for r in out] == list(range(len(images)))
     assert inferences_after - inferences_before == len(images)  # the whole first frame, then one per frame
-    computed = {name: svc.cache.streams["backlog"].stats.patches_computed
+    computed = {name: svc.cache.streams[stream_key("t", "backlog")].stats.patches_computed
                 for name, svc in (("backlog", backlog), ("live", live))}
     assert computed["live"] < computed["backlog"] < len(images) * 196, computed
     truth = full.encode(np.stack([pixels_of(image) for image in images])).tokens
@@ -163,7 +164,7 @@ def test_rebalance_rebuilds_a_streams_cache_on_its_new_owner(stack, models) -> N
 
     def encoder() -> tuple[EncoderService, threading.Thread]:
         cfg = replace(base, kafka=kafka, encoder=replace(base.encoder, group_id=f"test-rebalance-{tag}",
-                                                         health_port=free_port()))
+                                                         health_port=free_port(), metrics_port=0))
         svc = EncoderService(cfg)
         thread = threading.Thread(target=svc.run, daemon=True)
         thread.start()
@@ -188,14 +189,14 @@ def test_rebalance_rebuilds_a_streams_cache_on_its_new_owner(stack, models) -> N
     try:
         with TopicSubscriber(kafka, ["tokens"]) as sub:
             send_and_wait(sub, range(0, 3))
-            assert a.cache.streams["s"].vit_state is not None and a.stats.frames_encoded >= 1
+            assert a.cache.streams[stream_key("t", "s")].vit_state is not None and a.stats.frames_encoded >= 1
             b, thread_b = encoder()
             time.sleep(8)  # B joins the group (Tansu settles a join in ~3 s)
             a.stop_event.set()
             thread_a.join(timeout=30)
             assert not thread_a.is_alive()
             send_and_wait(sub, range(3, 5))
-            assert "s" in b.cache.streams and b.stats.frames_encoded >= 1  # B holds the stream now
+            assert stream_key("t", "s") in b.cache.streams and b.stats.frames_encoded >= 1  # B holds the stream now
     finally:
         a.stop_event.set()
         if b is not None and thread_b is not None:

@@ -27,7 +27,7 @@ from livelens.health import HealthServer
 from livelens.identity import key_of
 from livelens.infra.malloc import tune_malloc
 from livelens.labels import imagenet_names
-from livelens.metrics import export_stats, record_lag, serve_metrics
+from livelens.metrics import record_lag, serve_metrics
 from livelens.models.preprocess import FramePreprocessing
 from livelens.records import BadImage, decode_image, set_tokens
 from livelens.v1 import messages_pb2 as pb
@@ -305,8 +305,8 @@ class EncoderService:
         cfg = self.cfg
         health = HealthServer(cfg.encoder.health_host, cfg.encoder.health_port,
                               "encoder.health_port", "livelens.encoder").start()
-        serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port")
-        export_stats(lambda: {"encoder": self.stats, "encoder_cache": self.cache.total()})
+        serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port",
+                      lambda: {"encoder": self.stats, "encoder_cache": self.cache.total()})
         model = VisionModelClient(cfg.triton_url, cfg.encoder.model_name)
         model.wait_ready()
         lk.ensure_topics(cfg.kafka)

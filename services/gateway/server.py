@@ -374,7 +374,7 @@ async def serve(cfg: LivelensConfig, stop: asyncio.Event) -> None:
     ensure_free(g.host, g.port, "gateway.port")
     lk.ensure_topics(cfg.kafka)
     producer = lk.make_producer(cfg.kafka, "livelens-gateway")
-    serve_metrics(g.host, g.metrics_port, "gateway.metrics_port")
+    serve_metrics(g.host, g.metrics_port, "gateway.metrics_port", lambda: {})
     servicer = LiveLensServicer(cfg, producer)
     router = KafkaRouter(cfg.kafka, asyncio.get_running_loop(), servicer.on_response,
                          servicer.on_tokens)

@@ -32,7 +32,7 @@ from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
 from livelens.identity import key_of
-from livelens.metrics import export_stats, record_lag, serve_metrics
+from livelens.metrics import record_lag, serve_metrics
 from livelens.models.spec import served_chat
 from livelens.records import get_tokens
 from livelens.v1 import messages_pb2 as pb
@@ -450,11 +450,11 @@ class LLMService:
                 remove_stale_dirs(Path(root))
         kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
         engine, self.res = build_resources(cfg, kv_dir)
-        serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port")
         res = self.res
-        export_stats(lambda: {"llm": self.stats, "llm_store": res.store.stats,
-                              "llm_kv": getattr(res.materializer, "stats", None)},
-                     gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk"}))
+        serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
+                      lambda: {"llm": self.stats, "llm_store": res.store.stats,
+                               "llm_kv": getattr(res.materializer, "stats", None)},
+                      gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk"}))
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()
