@@ -331,13 +331,13 @@ class LLMService:
         except TimeoutError:
             self.stats.cancelled += 1
             log.info("question %s on %s stopped after %d tokens: its deadline passed", ask.request_id,
-                     cmd.stream_id, len(text))
+                     key_of(cmd), len(text))
             self.respond(cmd, final=True, code="DEADLINE_EXCEEDED", error="the answer was stopped: its deadline passed",
                          stream_time_s=stream_time)
             return
         except Exception as exc:  # noqa: BLE001 - the asker must hear about any failure
             self.stats.errors += 1
-            log.exception("question %s on %s failed", ask.request_id, cmd.stream_id)
+            log.exception("question %s on %s failed", ask.request_id, key_of(cmd))
             self.respond(cmd, final=True, error=f"the model could not answer: {exc}",
                          stream_time_s=stream_time)
             return
