@@ -123,13 +123,12 @@ class Stream:
     held: np.ndarray | None = None
     examples: dict[str, np.ndarray] = field(default_factory=dict)  # request id -> pooled example
     kv: KVLedger = field(init=False)  # which stored KV the stream keeps (streaming KV)
-    # stored chunk index -> its first frame's tokens offset, for the retained chunks
-    chunk_offsets: OrderedDict[int, int] = field(default_factory=OrderedDict)
+    # retained stored chunk index -> (its first frame's tokens offset, its frame count)
+    chunks: OrderedDict[int, tuple[int, int]] = field(default_factory=OrderedDict)
     replaying: bool = False  # a new owner replays the tokens: frames skip the materializer
     # on a replay: (the checkpoint's frames_seen, its last_seq) and the frames taken after that seq
     replay_base: tuple[int, int] = (0, -1)
     replayed_beyond: int = 0
-    chunk_sizes: dict[int, int] = field(default_factory=dict)  # retained chunk index -> its frames
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
 
     def __post_init__(self) -> None:
@@ -171,10 +170,9 @@ class Stream:
 
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
-        self.chunk_offsets[index] = frames[0].offset
-        self.chunk_sizes[index] = len(frames)
-        while len(self.chunk_offsets) > self.res.cfg.retention_segments:
-            self.chunk_sizes.pop(self.chunk_offsets.popitem(last=False)[0], None)
+        self.chunks[index] = (frames[0].offset, len(frames))
+        while len(self.chunks) > self.res.cfg.retention_segments:
+            self.chunks.popitem(last=False)
         self.res.materializer.frames_evicted(self.kv, index, frames)  # on a replay: the ledger's books
 
     # --- checkpoints -----------------------------------------------------------------
@@ -186,8 +184,8 @@ class Stream:
         tenant, stream_id = split_key(self.stream_id)
         held = [f.offset for f in ctx.evicted + list(ctx.window) if f.offset >= 0]
         sink = [f.offset for f in ctx.sink if f.offset >= 0]
-        if self.chunk_offsets:
-            replay_chunk, replay_from = next(iter(self.chunk_offsets.items()))
+        if self.chunks:
+            replay_chunk, (replay_from, _) = next(iter(self.chunks.items()))
         else:
             replay_chunk = ctx.chunks_evicted
             replay_from = min(held) if held else max(sink, default=-1) + 1
@@ -281,7 +279,7 @@ class Stream:
         ctx = self.context
         stored, _ = self.res.store.keys(self.stream_id)
         return (len(ctx.sink) + len(ctx.window) + len(ctx.evicted)
-                + sum(self.chunk_sizes.get(i, self.res.cfg.chunk_frames) for i in stored))
+                + sum(self.chunks.get(i, (0, self.res.cfg.chunk_frames))[1] for i in stored))
 
     def stored_frames(self, newest_chunks: int | None = None) -> list[FrameSegment]:
         """Every frame the segment store still holds for the stream (of its `newest_chunks`
