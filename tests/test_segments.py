@@ -1,7 +1,14 @@
 import numpy as np
 
 from services.llm.context import FrameSegment
-from services.llm.segments import Segment, TieredSegmentStore, retrieval_key, top_k_in_time_order
+from services.llm.segments import (
+    Segment,
+    TieredSegmentStore,
+    best_first,
+    retrieval_key,
+    then_unscored,
+    top_k_in_time_order,
+)
 
 
 def segment(i, hidden=16, stream="s", seed=None):
@@ -71,3 +78,10 @@ def test_top_k_returns_time_order():
     query = segs[15].frames[0].tokens.astype(np.float32).mean(0)
     got = top_k_in_time_order(list(range(20)), keys, query, k=3)
     assert 15 in got and got == sorted(got) and len(got) == 3
+
+
+def test_chunks_without_scores_follow_the_scored_ones_newest_first():
+    assert best_first([3, 5, 8], np.array([0.1, 0.9, 0.5]), 2) == [5, 8]
+    assert then_unscored([5, 8], [2, 3, 5, 8, 9], 4) == [5, 8, 9, 3]  # 3 and 9: keys not back yet
+    assert then_unscored([], [2, 3, 9], 2) == [9, 3]
+    assert then_unscored([5, 8], [5, 8, 9], 2) == [5, 8]

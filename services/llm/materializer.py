@@ -135,6 +135,7 @@ class _StreamKV:
     # After a rebuild: the retained stored frames, prefilled (for their keys, which rank
     # them for questions) only while no new frame waits.
     backfill: deque[_Pending] = field(default_factory=deque)
+    backfill_started: float | None = None  # event-loop time; None: no backfill under way
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
 
@@ -194,6 +195,7 @@ class StreamingKVMaterializer:
             s.queue.append(_Pending(frame, frames[:i]))
         sink = list(ctx.sink)
         s.backfill.extend(_Pending(frame, sink) for frame in stored or [])
+        s.backfill_started = asyncio.get_running_loop().time() if s.backfill else None
         if (s.queue or s.backfill) and (s.task is None or s.task.done()):
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
 
@@ -212,6 +214,10 @@ class StreamingKVMaterializer:
                               stream_id, batch[0].frame.seq, batch[-1].frame.seq)
             if live:
                 s.ingested_seq = batch[-1].frame.seq
+            elif not s.backfill and s.backfill_started is not None:
+                log.info("stream %s: stored frames backfilled in %.1fs", stream_id,
+                         asyncio.get_running_loop().time() - s.backfill_started)
+                s.backfill_started = None
 
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],

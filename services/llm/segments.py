@@ -281,3 +281,11 @@ def best_first(indices: list[int], scores: np.ndarray, k: int) -> list[int]:
     if not indices or k <= 0:
         return []
     return [indices[i] for i in np.argsort(-scores, kind="stable")[:k]]
+
+
+def then_unscored(ranked: list[int], stored: list[int], k: int) -> list[int]:
+    """`ranked` (scored, best first), then the `stored` indices it lacks, newest first: the
+    top k. Chunks without a score yet (after a rebuild, before their keys are back) still
+    reach a question."""
+    scored = set(ranked)
+    return (ranked + [i for i in sorted(stored, reverse=True) if i not in scored])[:max(k, 0)]

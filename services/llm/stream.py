@@ -39,7 +39,7 @@ from services.llm.embedder import ContextEmbedder
 from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries, question_scores
-from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores
+from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores, then_unscored
 
 
 class ContextMethod(enum.StrEnum):
@@ -268,10 +268,11 @@ class Stream:
             return best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
         if res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
             indices, qkeys = self.kv.question_keys()
-            if not indices:
-                return []
-            query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
-            return best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
+            ranked = []
+            if indices:
+                query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
+                ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
+            return then_unscored(ranked, res.store.keys(self.stream_id)[0], c.retrieve_top_k)
         return []
 
     def held_frames(self) -> int:
