@@ -215,6 +215,11 @@ class LLMConfig:
     # stored per frame and loaded, re-rotated, for questions).
     materializer: str = "streaming_kv"
     kv_store_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "kv"))
+    # A directory every LLM replica mounts (in a cluster a ReadWriteMany volume): stored KV
+    # lives there, so a replica that takes a stream over loads the KV its last owner wrote
+    # instead of prefilling the frames again. Empty: each replica keeps its KV under
+    # kv_store_dir, and a new owner prefills again.
+    kv_shared_dir: str = ""
     kv_store_dtype: str = "float16"  # stored KV; float32 keeps it bit-exact
     kv_disk_mb: float = 16384.0
     kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV

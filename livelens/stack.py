@@ -10,6 +10,7 @@ restarts any that exits.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +78,7 @@ class Stack:
         self.run_dir = run_dir
         self.processes: list[ManagedProcess] = []
         self.supervisor: Supervisor | None = None  # restarts what crashes, once all are up
+        self.shared_kv: Path | None = None  # the LLM replicas' KV directory, when the stack made it
 
     def _service(self, name: str, module: str, health_target: str) -> ManagedProcess:
         env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / "livelens.yaml"),
@@ -94,6 +96,12 @@ class Stack:
         for host, port, setting in port_settings(cfg):
             ensure_free(host, port, setting)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
+            # Every replica here shares this machine's disk: one that takes a stream over
+            # (after a crash, or a second one) loads its stored KV. It lives as long as
+            # the broker's log (in memory), so with the stack.
+            self.shared_kv = self.run_dir / "kv-shared"
+            cfg.llm.kv_shared_dir = str(self.shared_kv)
         (self.run_dir / "livelens.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
         try:
             self._start(progress)
@@ -152,3 +160,5 @@ class Stack:
         for p in reversed(self.processes):
             p.stop()
         self.processes.clear()
+        if self.shared_kv is not None:
+            shutil.rmtree(self.shared_kv, ignore_errors=True)

@@ -128,16 +128,20 @@ def test_ask_and_resume_through_another_gateway(stack, tmp_path):
     assert list(final.timings.context_seqs) == [s for s in range(12) if s not in unchanged]
 
 
-async def settled(log_path, mark: int, timeout_s: float = 180) -> None:
-    """Until the log (from `mark` on) shows a rebuild, and every stream it rebuilt has its
-    stored frames backfilled: their answers then no longer depend on the backfill's progress
-    (nor share the engine with it)."""
+KV_READY = re.compile(r"stream (\S+): KV ready after the rebuild: (\d+) segments adopted, (\d+) frames prefilled")
+
+
+async def settled(log_path, mark: int, timeout_s: float = 180) -> dict[str, tuple[int, int]]:
+    """Until the log (from `mark` on) shows a rebuild, and every stream it rebuilt has its KV
+    ready (their answers then no longer depend on a backfill's progress, nor share the
+    engine with it): stream key -> (KV segments adopted, frames prefilled)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         text = log_path.read_text()[mark:]
         rebuilt = set(re.findall(r"stream (\S+) rebuilt in", text))
-        if rebuilt and all(f"stream {key}: stored frames backfilled" in text for key in rebuilt):
-            return
+        ready = {m[0]: (int(m[1]), int(m[2])) for m in KV_READY.findall(text)}
+        if rebuilt and rebuilt <= set(ready):
+            return ready
         await asyncio.sleep(1)
     raise AssertionError(f"no rebuild settled within {timeout_s}s: {log_path.read_text()[mark:][-3000:]}")
 
@@ -177,20 +181,23 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
             mark = len(first_log.read_text())
             second.start()
             await asyncio.to_thread(second.wait_ready, 240)
-            await settled(second.log_path, 0)
+            taken = await settled(second.log_path, 0)
             moved = await ask_all(clients)
             await asyncio.to_thread(second.stop)  # SIGTERM: it leaves the group
-            await settled(first_log, mark)  # the first replica takes every partition back
+            taken_back = await settled(first_log, mark)  # the first replica takes every partition back
             back = await ask_all(clients)
-            return before, moved, back
+            return before, moved, back, taken, taken_back
 
     try:
-        before, moved, back = asyncio.run(run())
+        before, moved, back, taken, taken_back = asyncio.run(run())
     finally:
         second.stop()
-    log = second.log_path.read_text()
-    assert "rebuilt in" in log, log[-3000:]
+    print(f"KV (adopted, prefilled) per stream taken: {taken}; taken back: {taken_back}")
     assert moved == before and back == before
+    # On the stack's shared KV directory, the KV of every frame held (2 sink + 8 window +
+    # 4 stored: 14 frames, some unchanged and without KV) is adopted, none prefilled again.
+    assert taken and taken_back
+    assert all(adopted >= 7 and prefilled == 0 for adopted, prefilled in [*taken.values(), *taken_back.values()])
 
 
 def test_kill_9_of_each_service_loses_no_frame(stack):

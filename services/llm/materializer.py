@@ -13,7 +13,9 @@ waiting for prefill): which stored KV a stream keeps is its `Stream`'s `KVLedger
 the streaming-KV materializer informs (saved, loaded) and obeys (deleted).
 
 Segment ids are chosen here: `head-<hash of the system prompt>` and `<stream tag>-<seq>`,
-with a per-process nonce in the stream tag so a reused stream id never meets old KV.
+with a per-process nonce in the stream tag so a reused stream id never meets old KV. A
+stream's tag goes into its checkpoint: on a KV directory the replicas share
+(`llm.kv_shared_dir`), a new owner keeps the tag and adopts the segments already there.
 """
 
 from __future__ import annotations
@@ -55,10 +57,14 @@ class Materializer(Protocol):
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         """Frames left the window as stored segment `index`."""
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
         """`ctx` was rebuilt from a replay of its tokens without this materializer (a new
         owner of the stream): make its sink and window ready for questions, and then its
-        `stored` frames (the retained chunks)."""
+        `stored` frames (the retained chunks). `kv_tag`: the last owner's (checkpoint)."""
+
+    def kv_tag(self, stream_id: str) -> str:
+        """What the stream's checkpoint carries for a new owner ("" : nothing)."""
+        ...
 
     def ready_seq(self, ctx: StreamContext) -> int:
         """The newest frame a question can use at full speed."""
@@ -68,8 +74,8 @@ class Materializer(Protocol):
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
         ...
 
-    def drop_stream(self, stream_id: str) -> None:
-        ...
+    def drop_stream(self, stream_id: str, moved: bool = False) -> None:
+        """Forget the stream: closed, or (`moved`) another replica owns it now."""
 
 
 @dataclass
@@ -88,8 +94,11 @@ class RecomputeMaterializer:
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         return
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
         return
+
+    def kv_tag(self, stream_id: str) -> str:
+        return ""
 
     def ready_seq(self, ctx: StreamContext) -> int:
         return ctx.last_seq
@@ -101,7 +110,7 @@ class RecomputeMaterializer:
         return self.engine.generate(self.embedder.embed(composed), request_id, max_tokens, logprobs=logprobs,
                                     cache_salt=self.cache_salt)
 
-    def drop_stream(self, stream_id: str) -> None:
+    def drop_stream(self, stream_id: str, moved: bool = False) -> None:
         return
 
 
@@ -116,12 +125,20 @@ class KVStats:
     kv_misses: int = 0  # a question or ingest found a block without stored KV (computed instead)
     disk_bytes: int = 0
     deleted: int = 0
+    adopted: int = 0  # segments a rebuild found on the shared KV directory
 
 
 @dataclass
 class _Pending:
     frame: FrameSegment
     preceding: list[FrameSegment]  # sink + window before the frame, when it arrived
+
+
+@dataclass
+class _Rebuild:
+    started: float  # event-loop time
+    adopted: int  # segments found on the shared KV directory
+    prefills: int  # frames to prefill
 
 
 @dataclass
@@ -135,7 +152,7 @@ class _StreamKV:
     # After a rebuild: the retained stored frames, prefilled (for their keys, which rank
     # them for questions) only while no new frame waits.
     backfill: deque[_Pending] = field(default_factory=deque)
-    backfill_started: float | None = None  # event-loop time; None: no backfill under way
+    rebuild: _Rebuild | None = None  # until the rebuild's prefills are done
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
 
@@ -156,6 +173,7 @@ class StreamingKVMaterializer:
         head_text = "".join(p.text for p in self.head.parts if isinstance(p, TextPart))
         self.head_id = "head-" + hashlib.sha256(head_text.encode()).hexdigest()[:16]
         self.nonce = uuid.uuid4().hex[:8]
+        self.shared = bool(cfg.kv_shared_dir)  # the engine's KV directory is every replica's
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
         self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
@@ -183,21 +201,48 @@ class StreamingKVMaterializer:
         if s.task is None or s.task.done():
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment] | None = None) -> None:
-        """Prefill the sink and the window in order, each frame attending to those before
-        it; then, in the background, the `stored` frames (the retained chunks), after the
-        sink (in batches: each also after those before it in its batch). Until then a
-        question that retrieves one computes it (`kv_misses`)."""
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
+        """On a shared KV directory, adopt the segments the last owner wrote (`kv_tag`: its
+        ids). Prefill the sink and window frames without KV in order, each attending to
+        those before it; then, in the background, the newest `llm.backfill_frames` of the
+        `stored` ones without KV, after the sink (in batches: each also after those before
+        it in its batch). Until then a question that retrieves one computes it (`kv_misses`)."""
         s = self._stream(ctx.stream_id)
         s.ledger = kv
+        adopted = 0
+        if self.shared and kv_tag:
+            s.tag = kv_tag
+            for frame in [*ctx.sink, *stored, *ctx.window]:
+                seg_id = self.frame_id(ctx.stream_id, frame.seq)
+                if seg_id not in self.saved and self.store.summary(seg_id) is not None:
+                    self._saved(seg_id, s)
+                    adopted += 1
+            self.stats.adopted += adopted
+            self._enforce_budget(s)
+
+        def missing(frame: FrameSegment) -> bool:
+            return self.frame_id(ctx.stream_id, frame.seq) not in self.saved
+
         frames = ctx.sink + list(ctx.window)
-        for i, frame in enumerate(frames):
-            s.queue.append(_Pending(frame, frames[:i]))
+        s.queue.extend(_Pending(frame, frames[:i]) for i, frame in enumerate(frames) if missing(frame))
         sink = list(ctx.sink)
-        s.backfill.extend(_Pending(frame, sink) for frame in stored or [])
-        s.backfill_started = asyncio.get_running_loop().time() if s.backfill else None
-        if (s.queue or s.backfill) and (s.task is None or s.task.done()):
-            s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
+        newest = stored[max(0, len(stored) - self.cfg.backfill_frames):]
+        s.backfill.extend(_Pending(frame, sink) for frame in newest if missing(frame))
+        s.rebuild = _Rebuild(asyncio.get_running_loop().time(), adopted, len(s.queue) + len(s.backfill))
+        if s.queue or s.backfill:
+            if s.task is None or s.task.done():
+                s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
+        else:
+            self._rebuild_done(ctx.stream_id, s)
+
+    def _rebuild_done(self, stream_id: str, s: _StreamKV) -> None:
+        r, s.rebuild = s.rebuild, None
+        if r is not None:
+            log.info("stream %s: KV ready after the rebuild: %d segments adopted, %d frames prefilled in %.1fs",
+                     stream_id, r.adopted, r.prefills, asyncio.get_running_loop().time() - r.started)
+
+    def kv_tag(self, stream_id: str) -> str:
+        return self._stream(stream_id).tag  # fixed before the first frame's KV is saved
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
         while s.queue or s.backfill:
@@ -214,10 +259,7 @@ class StreamingKVMaterializer:
                               stream_id, batch[0].frame.seq, batch[-1].frame.seq)
             if live:
                 s.ingested_seq = batch[-1].frame.seq
-            elif not s.backfill and s.backfill_started is not None:
-                log.info("stream %s: stored frames backfilled in %.1fs", stream_id,
-                         asyncio.get_running_loop().time() - s.backfill_started)
-                s.backfill_started = None
+        self._rebuild_done(stream_id, s)
 
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],
@@ -322,15 +364,21 @@ class StreamingKVMaterializer:
                                                 logprobs=logprobs):
             yield delta
 
-    def drop_stream(self, stream_id: str) -> None:
+    def drop_stream(self, stream_id: str, moved: bool = False) -> None:
+        """Its segments are deleted, but those of a stream that `moved` on a shared KV
+        directory: its new owner adopts them (and deletes them when the stream closes)."""
         s = self.streams.pop(stream_id, None)
         if s is None:
             return
         if s.task is not None:
             s.task.cancel()
+        keep = moved and self.shared
         for seg_id in [i for i in self.saved if i.startswith(s.tag + "-")]:
             if s.ledger is not None:
                 self.budget.forget(s.ledger, int(seg_id.rsplit("-", 1)[1]))
             self.stats.disk_bytes -= self.saved.pop(seg_id)
-            self.stats.deleted += 1
-            self.store.delete(seg_id)
+            if not keep:
+                self.stats.deleted += 1
+                self.store.delete(seg_id)
+        if not keep:  # also those of earlier owners that this one never adopted
+            self.stats.deleted += self.store.delete_prefix(s.tag + "-")

@@ -150,11 +150,12 @@ class LLMService:
             s = self.streams[key] = Stream(key, self.res, session_id=session_id, partition=partition)
         return s
 
-    def drop(self, key: str, tombstone: bool) -> None:
-        """Forget a stream: closed (`tombstone`: its checkpoint too), or its partition lost."""
+    def drop(self, key: str, tombstone: bool, moved: bool = False) -> None:
+        """Forget a stream: closed (`tombstone`: its checkpoint too), or (`moved`) its
+        partition lost."""
         stream = self.streams.pop(key, None)
         if stream is not None:
-            stream.close()
+            stream.close(moved=moved)
         self.unsaved.pop(key, None)
         for (k, _), task in list(self.answering.items()):  # nobody is left to hear them
             if k == key:
@@ -189,7 +190,8 @@ class LLMService:
                 if rec.gateway_time_unix:
                     metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - rec.gateway_time_unix))
             self.unsaved[key] = self.unsaved.get(key, 0) + 1
-            if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames:
+            # not mid-replay: the checkpoint being replayed says more (and names the KV)
+            if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames and not stream.replaying:
                 self.save_checkpoint(stream)
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
@@ -248,7 +250,7 @@ class LLMService:
         """A rebalance gave these partitions to another replica: their streams are its now."""
         for key in [k for k, s in self.streams.items() if s.partition in partitions]:
             log.info("stream %s moved to another replica", key)
-            self.drop(key, tombstone=False)
+            self.drop(key, tombstone=False, moved=True)
 
     def close_idle(self) -> None:
         """Streams that got no record for llm.stream_idle_s (their Watch broke and was not
@@ -448,8 +450,10 @@ class LLMService:
         for root in (cfg.llm.kv_store_dir, cfg.llm.store_disk_dir):
             if root:
                 remove_stale_dirs(Path(root))
-        kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}" if cfg.llm.materializer == "streaming_kv" else None
-        engine, self.res = build_resources(cfg, kv_dir)
+        kv_dir = None  # this process's own: removed when it ends
+        if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
+            kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
+        engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
         res = self.res
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,

@@ -129,6 +129,7 @@ class Stream:
     # on a replay: (the checkpoint's frames_seen, its last_seq) and the frames taken after that seq
     replay_base: tuple[int, int] = (0, -1)
     replayed_beyond: int = 0
+    replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
 
     def __post_init__(self) -> None:
@@ -193,7 +194,7 @@ class Stream:
             stream_id=stream_id, tenant=tenant, session_id=self.session_id, sink_offsets=sink,
             replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq, frames_seen=ctx.frames_seen,
             turns=[pb.StreamCheckpoint.Turn(question=t.question, answer=t.answer) for t in ctx.dialogue],
-            time_unix=time.time())
+            time_unix=time.time(), kv_tag=self.res.materializer.kv_tag(self.stream_id))
 
     def begin_replay(self, checkpoint: pb.StreamCheckpoint) -> None:
         """Rebuild from `checkpoint`: its sink frames and then the replayed ones come through
@@ -201,6 +202,7 @@ class Stream:
         self.replaying = True
         self.session_id = checkpoint.session_id
         self.replay_base, self.replayed_beyond = (int(checkpoint.frames_seen), int(checkpoint.last_seq)), 0
+        self.replay_kv_tag = checkpoint.kv_tag
         for turn in checkpoint.turns:
             self.context.add_turn(turn.question, turn.answer)
         # The sink frames come first and never leave; the replayed frames after them
@@ -212,9 +214,7 @@ class Stream:
         those after it once."""
         self.replaying = False
         self.context.frames_seen = self.replay_base[0] + self.replayed_beyond
-        c = self.res.cfg
-        self.res.materializer.rebuilt(self.context, self.kv,
-                                      self.stored_frames(newest_chunks=c.backfill_frames // c.chunk_frames))
+        self.res.materializer.rebuilt(self.context, self.kv, self.stored_frames(), self.replay_kv_tag)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
@@ -230,9 +230,10 @@ class Stream:
     def add_turn(self, question: str, answer: str) -> None:
         self.context.add_turn(question, answer)
 
-    def close(self) -> None:
+    def close(self, moved: bool = False) -> None:
+        """Closed, or (`moved`) another replica owns the stream now."""
         self.res.store.drop_stream(self.stream_id)
-        self.res.materializer.drop_stream(self.stream_id)
+        self.res.materializer.drop_stream(self.stream_id, moved=moved)
 
     # --- questions -------------------------------------------------------------------
     def retrieve(self, question: str, example: np.ndarray | None,

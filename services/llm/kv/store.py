@@ -128,6 +128,13 @@ class SegmentStore:
         if dropped is not None:
             self._ram_used -= segment_bytes(dropped)
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every segment whose id starts with `prefix`; how many there were."""
+        ids = [m.name.removesuffix(".json") for m in self.root.glob(f"{check_id(prefix)}*.json")]
+        for seg_id in ids:
+            self.delete(seg_id)
+        return len(ids)
+
     def _remember(self, seg_id: str, tensors: dict[str, torch.Tensor]) -> None:
         size = segment_bytes(tensors)
         if size > self.ram_bytes:
