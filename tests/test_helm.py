@@ -77,6 +77,7 @@ FULL_VALUES: dict[str, Any] = {
     "encoder": {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 16, "lagThreshold": 40}}},
     "llm": {
         "replicas": 2,
+        "sharedKV": {"enabled": True, "storageClassName": "efs"},
         "autoscaling": {"keda": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}},
         "initContainers": [
             {
@@ -1017,7 +1018,7 @@ def test_triton_deployment_and_service(default_docs: list[dict[str, Any]]) -> No
 
 
 def test_triton_model_repository_from_an_init_container(full_docs: list[dict[str, Any]]) -> None:
-    assert not [d for d in full_docs if d["kind"] == "PersistentVolumeClaim"]
+    assert not [d for d in full_docs if d["kind"] == "PersistentVolumeClaim" and "triton" in d["metadata"]["name"]]
     spec = pod_spec(find(full_docs, "Deployment", component("triton")))
     init, trt = spec["initContainers"]  # the repository is copied before the engine is built
     assert trt["name"] == "tensorrt-engine"
@@ -1192,3 +1193,25 @@ def test_an_imported_model_reaches_the_llm_pods_and_the_encoder() -> None:
     assert "LIVELENS_MODEL__SPEC" not in env_of(default["containers"][0]) and not default.get("initContainers")
     bad = run_helm("template", RELEASE, str(CHART), "--set", "model.name=a b", check=False)
     assert bad.returncode != 0 and "model" in bad.stderr
+
+
+def test_llm_replicas_share_a_kv_volume_when_asked(default_docs: list[dict[str, Any]],
+                                                   full_docs: list[dict[str, Any]]) -> None:
+    """Off by default (each replica's KV on its own disk tier); on, one ReadWriteMany claim
+    mounted by every replica, named to the LLM service by LIVELENS_LLM__KV_SHARED_DIR."""
+    default = pod_spec(find(default_docs, "StatefulSet", component("llm")))
+    assert "LIVELENS_LLM__KV_SHARED_DIR" not in env_of(default["containers"][0])
+    assert not [d for d in default_docs if d["metadata"]["name"] == component("llm-shared-kv")]
+    spec = pod_spec(find(full_docs, "StatefulSet", component("llm")))
+    llm = spec["containers"][0]
+    assert env_of(llm)["LIVELENS_LLM__KV_SHARED_DIR"] == "/var/lib/livelens/shared-kv"
+    assert {"name": "shared-kv", "mountPath": "/var/lib/livelens/shared-kv"} in llm["volumeMounts"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "shared-kv")
+    assert volume["persistentVolumeClaim"]["claimName"] == component("llm-shared-kv")
+    claim = find(full_docs, "PersistentVolumeClaim", component("llm-shared-kv"))
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"] and claim["spec"]["storageClassName"] == "efs"
+    existing = render("--set", "llm.sharedKV.enabled=true", "--set", "llm.sharedKV.existingClaim=team-kv")
+    spec = pod_spec(find(existing, "StatefulSet", component("llm")))
+    assert next(v for v in spec["volumes"] if v["name"] == "shared-kv")["persistentVolumeClaim"] == \
+        {"claimName": "team-kv"}
+    assert not [d for d in existing if d["metadata"]["name"] == component("llm-shared-kv")]
