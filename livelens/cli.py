@@ -86,11 +86,20 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     from livelens.stack import Stack
     from livelens.video import VideoError, sample_video
 
+    if args.replicas < 1:
+        return _fail(f"--replicas must be at least 1, got {args.replicas}")
     run_dir = Path(args.run_dir or tempfile.mkdtemp(prefix="livelens-up-"))
     stack = Stack(cfg, run_dir)
 
     try:
         stack.start(progress=lambda msg: print(f"==> {msg}", flush=True))
+        gateways = [stack.gateway_target]
+        for service in ("llm", "encoder", "gateway"):
+            for _ in range(args.replicas - 1):
+                print(f"==> starting another {service} replica", flush=True)
+                _, replica_cfg = stack.add_replica(service)
+                if service == "gateway":
+                    gateways.append(f"{replica_cfg.gateway.host}:{replica_cfg.gateway.port}")
         UP_POINTER.parent.mkdir(parents=True, exist_ok=True)
         UP_POINTER.write_text(json.dumps({"pid": os.getpid(), "status": str(stack.status_path)}))
         if not args.no_demo:
@@ -107,7 +116,7 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
                 return code
         if args.exit_after_demo:
             return 0
-        print(f"==> livelens is up: gateway {stack.gateway_target}. Ctrl-C stops everything.",
+        print(f"==> livelens is up: gateway {', '.join(gateways)}. Ctrl-C stops everything.",
               flush=True)
         while True:  # the supervisor restarts whatever crashes
             time.sleep(1)
@@ -209,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-demo", action="store_true", help="start the stack only")
     up.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
     up.add_argument("--run-dir", help="where logs and the effective config go (default: a temp dir)")
+    up.add_argument("--replicas", type=int, default=1,
+                    help="replicas of each service (gateway, encoder, LLM), sharing the consumer groups (default 1)")
 
     watch = sub.add_parser("watch", help="stream a video file through the gateway and ask about it")
     watch.add_argument("video", help="video file, camera index, or rtsp:// URL")

@@ -4,11 +4,13 @@ Used by `livelens up`, the e2e benchmark and the integration test fixtures, so t
 start the same processes the same way. Every port is checked before anything starts, and
 a taken port is reported with the setting that moves it. A process that fails to start
 stops the start at once, with how it ended and its log; once all are up, a `Supervisor`
-restarts any that exits.
+restarts any that exits. More replicas of a service (`add_replica`) join it as they would
+in a cluster: the same Kafka consumer group, ports of their own.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
@@ -28,6 +30,29 @@ from livelens.infra.supervisor import Supervisor
 from livelens.infra.triton import TritonServer
 
 Progress = Callable[[str], None]
+
+SERVICES = {"gateway": "services.gateway", "encoder": "services.encoder", "llm": "services.llm"}
+READY_TIMEOUT_S = {"gateway": 60.0, "encoder": 120.0, "llm": 300.0}
+
+
+def health_target(cfg: LivelensConfig, service: str) -> str:
+    """Where the service answers grpc.health.v1 (the gateway: on its API port)."""
+    if service == "gateway":
+        return f"{cfg.gateway.host}:{cfg.gateway.port}"
+    section = cfg.encoder if service == "encoder" else cfg.llm
+    return f"{section.health_host}:{section.health_port}"
+
+
+def replica_config(cfg: LivelensConfig, service: str) -> LivelensConfig:
+    """`cfg` with free ports for one more replica of `service` (its other settings shared)."""
+    new = copy.deepcopy(cfg)
+    if service == "gateway":
+        new.gateway.port, new.gateway.metrics_port = free_port(), free_port() if cfg.gateway.metrics_port else 0
+    else:
+        section = new.encoder if service == "encoder" else new.llm
+        section.health_port = free_port()
+        section.metrics_port = free_port() if section.metrics_port else 0
+    return new
 
 
 def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
@@ -80,8 +105,9 @@ class Stack:
         self.supervisor: Supervisor | None = None  # restarts what crashes, once all are up
         self.shared_kv: Path | None = None  # the LLM replicas' KV directory, when the stack made it
 
-    def _service(self, name: str, module: str, health_target: str) -> ManagedProcess:
-        env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / "livelens.yaml"),
+    def _service(self, name: str, module: str, health_target: str,
+                 config_file: str = "livelens.yaml") -> ManagedProcess:
+        env = {**os.environ, "LIVELENS_CONFIG": str(self.run_dir / config_file),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT),
                                                            os.environ.get("PYTHONPATH")]))}
         # Settings come from the file written below; stray overrides must not differ from it.
@@ -125,20 +151,19 @@ class Stack:
             self.processes.append(triton)
             triton.start()
         progress("starting LLM service (loads vLLM, ~30-60 s on CPU)")
-        llm = self._service("llm", "services.llm", f"{cfg.llm.health_host}:{cfg.llm.health_port}")
+        llm = self._service("llm", SERVICES["llm"], health_target(cfg, "llm"))
         self.processes.append(llm)
         llm.start()
         if cfg.triton.enabled:
             triton.wait_ready()
         progress("starting encoder and gateway")
-        encoder = self._service("encoder", "services.encoder",
-                                f"{cfg.encoder.health_host}:{cfg.encoder.health_port}")
-        gateway = self._service("gateway", "services.gateway", self.gateway_target)
+        encoder = self._service("encoder", SERVICES["encoder"], health_target(cfg, "encoder"))
+        gateway = self._service("gateway", SERVICES["gateway"], health_target(cfg, "gateway"))
         self.processes += [encoder, gateway]
         encoder.start()
         gateway.start()
         # Any of them failing ends the wait at once, with its reason and log.
-        wait_all_ready([(gateway, 60.0), (encoder, 120.0), (llm, 300.0)])
+        wait_all_ready([(p, READY_TIMEOUT_S[p.name]) for p in (gateway, encoder, llm)])
         progress(f"stack ready in {time.monotonic() - t0:.0f}s; logs in {self.run_dir}")
         self.supervisor = Supervisor(self.processes, self.status_path, report=progress).start()
 
@@ -152,6 +177,39 @@ class Stack:
 
     def process(self, name: str) -> ManagedProcess:
         return next(p for p in self.processes if p.name == name)
+
+    def add_replica(self, service: str) -> tuple[ManagedProcess, LivelensConfig]:
+        """Start one more replica of `service` ("gateway", "encoder" or "llm") on free ports,
+        wait until it serves, and have the supervisor restart it like the others. Returns the
+        process (named `<service>-<n>`) and its settings (its ports)."""
+        if service not in SERVICES:
+            raise ValueError(f"no service {service!r}: one of {', '.join(SERVICES)}")
+        if self.supervisor is None:
+            raise RuntimeError("the stack is not running: start it first")
+        n = 2
+        while any(p.name == f"{service}-{n}" for p in self.processes):
+            n += 1
+        name = f"{service}-{n}"
+        cfg = replica_config(self.cfg, service)
+        (self.run_dir / f"{name}.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
+        p = self._service(name, SERVICES[service], health_target(cfg, service), f"{name}.yaml")
+        p.start()
+        try:
+            wait_all_ready([(p, READY_TIMEOUT_S[service])])
+        except BaseException:
+            p.stop()
+            raise
+        self.processes.append(p)
+        self.supervisor.add(p)
+        return p, cfg
+
+    def remove_replica(self, name: str) -> None:
+        """Stop a replica `add_replica` started (SIGTERM: it leaves its consumer group)."""
+        p = self.process(name)
+        if self.supervisor is not None:
+            self.supervisor.remove(name)
+        p.stop()
+        self.processes.remove(p)
 
     def stop(self) -> None:
         if self.supervisor is not None:

@@ -200,27 +200,44 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
     assert all(adopted >= 7 and prefilled == 0 for adopted, prefilled in [*taken.values(), *taken_back.values()])
 
 
-def test_kill_9_of_each_service_loses_no_frame(stack):
-    """kill -9 of the LLM service, then the encoder, then the gateway, with two streams
-    running. The supervisor restarts each; afterwards every acknowledged frame is in its
-    stream's context exactly once, and a question finds what was shown before the crash."""
+def holder(stack, names: list[str], key: str) -> str:
+    """Which LLM replica holds the stream `key`, as their logs say (the newest of opened or
+    rebuilt there, not moved away since)."""
+    for name in names:
+        log = stack.process(name).log_path.read_text()
+        events = re.findall(rf"stream {re.escape(key)} (opened|rebuilt|moved)", log)
+        if events and events[-1] != "moved":
+            return name
+    raise AssertionError(f"no LLM replica holds {key}")
+
+
+def test_kill_9_of_each_service_with_two_replicas_loses_no_frame(stack):
+    """Two replicas of each service, two streams running. kill -9 of the LLM replica that
+    holds a stream, then of an encoder, then of the gateway the streams go through. The
+    other replica of each carries on (the LLM one rebuilds the streams it takes; the Watches
+    resume through the other gateway); the supervisor restarts the killed one. Afterwards
+    every acknowledged frame is in its stream's context exactly once, and a question finds
+    what was shown before the crash."""
     megamind = [encode_jpeg(f.rgb) for f in read_frames(sample_video("Megamind.avi"), 4.0, max_seconds=4.0)]
     hay = frames_of("vtest.avi", 16.0)
     streams = {"chaos-1": megamind[0:12:2] + hay[:24], "chaos-2": hay[:30]}
     example = megamind[7]
-    recovery: dict[str, float] = {}
-    targets = {"llm": f"127.0.0.1:{stack.cfg.llm.health_port}",
-               "encoder": f"127.0.0.1:{stack.cfg.encoder.health_port}", "gateway": stack.gateway_target}
+    recovery: dict[str, float] = {}  # kill -9 -> the killed replica serves again
+    backups = {service: stack.add_replica(service) for service in ("llm", "encoder", "gateway")}
+    gateway_2 = f"127.0.0.1:{backups['gateway'][1].gateway.port}"
 
-    async def kill(name: str) -> None:
+    async def kill(name: str, target: str) -> asyncio.Task:
         pid = stack.process(name).proc.pid
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()
-        while stack.process(name).proc is None or stack.process(name).proc.pid == pid or \
-                not health.check(targets[name]):
-            assert time.monotonic() - t0 < 300, f"{name} not back after 300 s"
-            await asyncio.sleep(0.5)
-        recovery[name] = time.monotonic() - t0
+
+        async def back() -> None:
+            while stack.process(name).proc is None or stack.process(name).proc.pid == pid or \
+                    not health.check(target):
+                assert time.monotonic() - t0 < 300, f"{name} not back after 300 s"
+                await asyncio.sleep(0.5)
+            recovery[name] = time.monotonic() - t0
+        return asyncio.create_task(back())
 
     async def send(sessions: dict, lo: int, hi: int) -> None:
         for n, s in sessions.items():
@@ -230,22 +247,30 @@ def test_kill_9_of_each_service_loses_no_frame(stack):
             await acked(s, range(lo, hi))
 
     async def run():
+        restarts = []
         async with Client(stack.gateway_target, TOKEN) as client, contextlib.AsyncExitStack() as watches:
             sessions = {n: await watches.enter_async_context(client.watch(n)) for n in streams}
             await send(sessions, 0, 8)
-            await kill("llm")  # frames keep coming while it is down
-            await send(sessions, 8, 14)
+            await asyncio.sleep(2)  # the frames into the context
+            victim = holder(stack, ["llm", "llm-2"], "acme/chaos-1")
+            victim_cfg = stack.cfg if victim == "llm" else backups["llm"][1]
+            killed = time.monotonic()
+            restarts.append(await kill(victim, f"127.0.0.1:{victim_cfg.llm.health_port}"))
+            await send(sessions, 8, 14)  # the other replica takes the partitions and rebuilds
             await sessions["chaos-1"].ask("What is there now?", request_id="during", timeout_s=300)
-            await kill("encoder")
+            restarts.append(await kill("encoder", f"127.0.0.1:{stack.cfg.encoder.health_port}"))
             await send(sessions, 14, 20)
             during = await collect(sessions["chaos-1"], lambda ev: "during" in finals(ev), 300)
+            recovery["LLM kill -9 to an answer from the other replica"] = time.monotonic() - killed
             ids = {n: s.session_id for n, s in sessions.items()}
-            await kill("gateway")  # every Watch breaks: resume them
+            restarts.append(await kill("gateway", stack.gateway_target))  # every Watch breaks
             for s in sessions.values():
                 await s.wait_closed()
-        async with Client(stack.gateway_target, TOKEN) as client, contextlib.AsyncExitStack() as watches:
+        t0 = time.monotonic()
+        async with Client(gateway_2, TOKEN) as client, contextlib.AsyncExitStack() as watches:
             sessions = {n: await watches.enter_async_context(client.watch(n, resume_session_id=ids[n]))
                         for n in streams}
+            recovery["resumed through gateway-2"] = time.monotonic() - t0
             await send(sessions, 20, 30)
             await asyncio.sleep(3)
             for n, s in sessions.items():
@@ -255,12 +280,17 @@ def test_kill_9_of_each_service_loses_no_frame(stack):
             after = {n: await collect(s, lambda ev, k=(2 if n == "chaos-1" else 1):
                                       sum(isinstance(e, Answer) and e.final for e in ev) == k, 300)
                      for n, s in sessions.items()}
-            return during, after
+        await asyncio.gather(*restarts)
+        return during, after, victim
 
-    with TopicSubscriber(stack.cfg.kafka, ["tokens", "responses"], tenant="acme") as sub:
-        during, after = asyncio.run(run())
-        records = list(sub.records(timeout_s=3))
-    print(f"time to recovery after kill -9: {recovery}")
+    try:
+        with TopicSubscriber(stack.cfg.kafka, ["tokens", "responses"], tenant="acme") as sub:
+            during, after, victim = asyncio.run(run())
+            records = list(sub.records(timeout_s=3))
+    finally:
+        for process, _ in backups.values():
+            stack.remove_replica(process.name)
+    print(f"time to recovery after kill -9 ({victim} killed): {recovery}")
     answered = finals(during)
     assert "during" in answered and not [e for e in during if isinstance(e, ItemError)], during
     for n in streams:
@@ -276,7 +306,7 @@ def test_kill_9_of_each_service_loses_no_frame(stack):
         assert full.timings.frames_seen == 30 and full.timings.held_frames == len(full.timings.context_seqs), n
     history = finals(after["chaos-1"])["history"]
     assert len({p for p in history.retrieved_pts_s if p < 3.0}) >= 2, history.retrieved_pts_s  # Megamind, pre-crash
-    assert recovery["llm"] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60
+    assert recovery[victim] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60
 
 
 def test_every_service_serves_its_metrics(stack):

@@ -40,7 +40,8 @@ class ProcessState:
 class Supervisor:
     def __init__(self, processes: list[ManagedProcess], status_path: Path,
                  report: Callable[[str], None] = print) -> None:
-        self.processes = processes
+        self.processes = list(processes)
+        self.lock = threading.Lock()  # the process list changes while the thread watches it
         self.status_path = status_path
         self.report = report
         self.states = {p.name: ProcessState(p.name, pid=p.proc.pid if p.proc else 0) for p in processes}
@@ -58,10 +59,27 @@ class Supervisor:
         if self.thread.is_alive():
             self.thread.join(5)
 
+    def add(self, p: ManagedProcess) -> None:
+        """Watch one more (started) process: a replica added to a running stack."""
+        with self.lock:
+            self.states[p.name] = ProcessState(p.name, pid=p.proc.pid if p.proc else 0)
+            self.backoff[p.name] = BACKOFF_FIRST_S
+            self.processes.append(p)
+            self.write()
+
+    def remove(self, name: str) -> None:
+        """Stop watching `name` (its caller stops it)."""
+        with self.lock:
+            self.processes = [p for p in self.processes if p.name != name]
+            self.states.pop(name, None)
+            self.backoff.pop(name, None)
+            self.write()
+
     def _run(self) -> None:
         while not self.stop_event.wait(0.25):
-            for p in self.processes:
-                self.check(p)
+            with self.lock:
+                for p in self.processes:
+                    self.check(p)
 
     def check(self, p: ManagedProcess) -> None:
         st = self.states[p.name]

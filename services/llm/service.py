@@ -206,6 +206,7 @@ class LLMService:
             if held is None or not (rec.open.resume or held.session_id == rec.session_id):
                 self.drop(key, tombstone=False)
                 self.save_checkpoint(self.stream(key, rec.session_id, partition))
+                log.info("stream %s opened (session %s, partition %d)", key, rec.session_id, partition)
         elif kind == "close":
             held = self.streams.get(key)
             if held is not None and held.session_id in ("", rec.session_id):  # not a newer session's
