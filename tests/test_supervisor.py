@@ -59,3 +59,28 @@ def test_crashed_processes_are_restarted_with_back_off(tmp_path):
     assert status["crashing"].last_exit == "killed by signal 9 (SIGKILL)"
     delays = [float(line.split("restarting in ")[1].split("s ")[0]) for line in said if "restarting in" in line]
     assert delays[:3] == [1.0, 2.0, 4.0]  # doubling, as Kubernetes backs off
+
+
+def test_a_replica_added_later_is_restarted_until_removed(tmp_path):
+    steady = child(tmp_path, "steady", "import time; time.sleep(60)")
+    steady.start()
+    supervisor = Supervisor([steady], tmp_path / "status.json", report=lambda _: None).start()
+    replica = child(tmp_path, "steady-2", "import time; time.sleep(60)")
+    replica.start()
+    try:
+        supervisor.add(replica)
+        assert replica.proc is not None
+        first = replica.proc.pid
+        replica.proc.kill()
+        deadline = time.monotonic() + 10
+        while read_status(tmp_path / "status.json")["steady-2"].restarts < 1 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert replica.running and replica.proc is not None and replica.proc.pid != first
+        supervisor.remove("steady-2")
+        replica.stop()
+        time.sleep(1.5)  # past the first back-off: a watched process would be started again
+        assert not replica.running and "steady-2" not in read_status(tmp_path / "status.json")
+    finally:
+        supervisor.stop()
+        steady.stop()
+        replica.stop()
