@@ -177,8 +177,10 @@ def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         "encoder": f"{cfg.encoder.health_host}:{cfg.encoder.health_port}",
         "llm": f"{cfg.llm.health_host}:{cfg.llm.health_port}",
     }
-    names = [args.service] if args.service else list(targets)
     supervised = _supervised()
+    # replicas a `livelens up --replicas` added: their own ports
+    targets.update({name: st.health for name, st in supervised.items() if st.health})
+    names = [n for n in targets if not args.service or n.split("-")[0] == args.service]
     ok = True
     for name in names:
         serving = check(targets[name], timeout_s=2.0)

@@ -200,7 +200,7 @@ class Stack:
             p.stop()
             raise
         self.processes.append(p)
-        self.supervisor.add(p)
+        self.supervisor.add(p, health_target(cfg, service))
         return p, cfg
 
     def remove_replica(self, name: str) -> None:

@@ -35,6 +35,7 @@ class ProcessState:
     last_exit: str = ""
     last_exit_unix: float = 0.0
     next_start_unix: float = 0.0
+    health: str = ""  # host:port of its grpc.health.v1 service, where it has one
 
 
 class Supervisor:
@@ -59,10 +60,10 @@ class Supervisor:
         if self.thread.is_alive():
             self.thread.join(5)
 
-    def add(self, p: ManagedProcess) -> None:
+    def add(self, p: ManagedProcess, health: str = "") -> None:
         """Watch one more (started) process: a replica added to a running stack."""
         with self.lock:
-            self.states[p.name] = ProcessState(p.name, pid=p.proc.pid if p.proc else 0)
+            self.states[p.name] = ProcessState(p.name, pid=p.proc.pid if p.proc else 0, health=health)
             self.backoff[p.name] = BACKOFF_FIRST_S
             self.processes.append(p)
             self.write()
