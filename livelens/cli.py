@@ -36,6 +36,8 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second sent (default 2)")
     p.add_argument("--ask", action="append", default=[], metavar="SECONDS:QUESTION",
                    help="ask QUESTION when the stream reaches SECONDS (repeatable)")
+    p.add_argument("--notify", action="append", default=[], metavar="WHAT",
+                   help='say when the video shows WHAT, e.g. --notify "a car appears" (repeatable)')
     p.add_argument("--stream-id", default="", help="stream id (default: from the file name)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this stream time")
     p.add_argument("--no-realtime", action="store_true",
@@ -44,7 +46,7 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
 
 async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
                      args: argparse.Namespace) -> int:
-    from livelens.client import Client
+    from livelens.client import Client, Refused
     from livelens.video import VideoError, read_frames
     from livelens.watcher import ConsolePrinter, ScheduledQuestion, watch_video
 
@@ -61,10 +63,14 @@ async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
         async with Client(target, token) as client:
             report = await watch_video(client, video, stream_id, args.fps, questions,
                                        realtime=not args.no_realtime,
-                                       max_seconds=args.max_seconds, printer=printer)
+                                       max_seconds=args.max_seconds, printer=printer,
+                                       notify=args.notify, linger_s=5.0 if args.notify else 0.0)
     except grpc.aio.AioRpcError as exc:
         printer.close()
         return _fail(f"{exc.code().name}: {exc.details()} (gateway {target})")
+    except Refused as exc:
+        printer.close()
+        return _fail(f"--notify refused: {exc} (gateway {target})", 2)
     printer.close()
     unanswered = [a.question for a in report.answers.values() if not a.done]
     print(f"\nstreamed {report.frames_sent} frames ({report.frames_acked} acknowledged) in "

@@ -10,6 +10,12 @@
 `session.events()` yields every event (acks, answers, alerts, errors) in arrival order;
 `answers()` and `alerts()` are filtered views. Each iterator gets its own copy of the
 events, so they can run concurrently.
+
+Standing instructions: the service speaks up when the stream shows what one names.
+
+            instruction_id = await session.add_instruction("a car appears")
+            async for alert in session.alerts():
+                print(alert.stream_time_s, alert.instruction_id, alert.text)
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +51,34 @@ class Answer:
 class Alert:
     request_id: str
     stream_time_s: float
-    reason: str
+    reason: str  # "instruction" or "scene_change"
     score: float
     text: str
+    instruction_id: str = ""  # the standing instruction it answers
+
+
+@dataclass(frozen=True)
+class Instruction:
+    instruction_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Instructions:
+    """A stream's standing instructions (oldest first), after an add or a cancel."""
+
+    instructions: tuple[Instruction, ...]
+    added_id: str = ""
+    cancelled_id: str = ""
+
+
+class Refused(Exception):
+    """The gateway refused an item of a Watch (its ItemError)."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -67,7 +98,12 @@ class AskResult:
     retrieved_pts_s: tuple[float, ...] = ()
 
 
-Event = Ack | Answer | Alert | ItemError
+Event = Ack | Answer | Alert | ItemError | Instructions
+
+
+def _instructions(msg: api_pb2.InstructionList) -> Instructions:
+    return Instructions(tuple(Instruction(i.instruction_id, i.text) for i in msg.instructions),
+                        msg.added_id, msg.cancelled_id)
 
 
 def _event(resp: api_pb2.WatchResponse) -> Event | None:
@@ -79,7 +115,9 @@ def _event(resp: api_pb2.WatchResponse) -> Event | None:
         return Answer(a.request_id, a.text, a.final, a.stream_time_s, a.ttft_s, tuple(a.retrieved_pts_s))
     if kind == "alert":
         al = resp.alert
-        return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text)
+        return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text, al.instruction_id)
+    if kind == "instructions":
+        return _instructions(resp.instructions)
     if kind == "error":
         e = resp.error
         return ItemError(e.status, e.message, e.seq, e.request_id)
@@ -99,6 +137,7 @@ class WatchSession:
         self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
         self._subscribers: list[asyncio.Queue[Any]] = []
         self._history: list[Event] = []
+        self._stub, self._metadata = stub, metadata
         self._call = stub.Watch(self._requests(), metadata=metadata)
         self._opened = asyncio.get_running_loop().create_future()
         self._pump = asyncio.create_task(self._dispatch())
@@ -158,6 +197,44 @@ class WatchSession:
             request_id=request_id, text=question, max_tokens=max_tokens, example_image=example_image,
             context_method=context_method, timeout_s=timeout_s)))
         return request_id
+
+    async def add_instruction(self, text: str, instruction_id: str = "", timeout_s: float = 60.0) -> str:
+        """Watch for `text` ("a car appears", "someone enters"): an `Alert` with this id
+        comes when the stream shows it. Returns the id; raises `Refused` (e.g.
+        RESOURCE_EXHAUSTED: too many) or TimeoutError."""
+        instruction_id = instruction_id or f"i-{uuid.uuid4().hex[:8]}"
+        item = api_pb2.WatchRequest(instruction=api_pb2.Instruction(instruction_id=instruction_id, text=text))
+        await self._reply(item, lambda e: isinstance(e, Instructions) and e.added_id == instruction_id,
+                          instruction_id, timeout_s)
+        return instruction_id
+
+    async def cancel_instruction(self, instruction_id: str, timeout_s: float = 60.0) -> None:
+        item = api_pb2.WatchRequest(cancel_instruction=api_pb2.CancelInstruction(instruction_id=instruction_id))
+        await self._reply(item, lambda e: isinstance(e, Instructions) and e.cancelled_id == instruction_id,
+                          instruction_id, timeout_s)
+
+    async def instructions(self) -> tuple[Instruction, ...]:
+        """The stream's standing instructions, oldest first."""
+        r = await self._stub.ListInstructions(api_pb2.ListInstructionsRequest(stream_id=self.stream_id),
+                                              metadata=self._metadata)
+        return _instructions(r).instructions
+
+    async def _reply(self, item: api_pb2.WatchRequest, is_reply: Callable[[Event], bool], request_id: str,
+                     timeout_s: float) -> Event:
+        """Send `item` and wait for the event `is_reply` accepts, or its ItemError."""
+        q: asyncio.Queue[Any] = asyncio.Queue()
+        self._subscribers.append(q)  # before the item goes out
+        try:
+            await self._outgoing.put(item)
+            async with asyncio.timeout(timeout_s):
+                while (event := await q.get()) is not _END:
+                    if is_reply(event):
+                        return event
+                    if isinstance(event, ItemError) and event.request_id == request_id:
+                        raise Refused(event.status, event.message)
+            raise Refused(self.status.name if self.status else "UNAVAILABLE", "the Watch ended before the reply")
+        finally:
+            self._subscribers.remove(q)
 
     async def close(self) -> None:
         """Half-close: no more frames or questions; answers still pending keep coming. The
@@ -236,6 +313,23 @@ class Client:
             await session.close()
             with contextlib.suppress(asyncio.CancelledError):
                 await session.wait_closed()
+
+    async def add_instruction(self, stream_id: str, text: str, instruction_id: str = "") -> Instructions:
+        """A standing instruction on an open stream (watched through any gateway replica);
+        its alerts come on the stream's Watch."""
+        r = await self.stub.AddInstruction(api_pb2.AddInstructionRequest(
+            stream_id=stream_id, text=text, instruction_id=instruction_id), metadata=self.metadata)
+        return _instructions(r)
+
+    async def list_instructions(self, stream_id: str) -> tuple[Instruction, ...]:
+        r = await self.stub.ListInstructions(api_pb2.ListInstructionsRequest(stream_id=stream_id),
+                                             metadata=self.metadata)
+        return _instructions(r).instructions
+
+    async def cancel_instruction(self, stream_id: str, instruction_id: str) -> Instructions:
+        r = await self.stub.CancelInstruction(api_pb2.CancelInstructionRequest(
+            stream_id=stream_id, instruction_id=instruction_id), metadata=self.metadata)
+        return _instructions(r)
 
     async def ask(self, stream_id: str, question: str, max_tokens: int = 0,
                   timeout_s: float = 0.0, example_image: bytes = b"", context_method: str = "") -> AskResult:

@@ -116,6 +116,10 @@ class GatewayConfig:
     alert_cooldown_s: float = 10.0
     alert_prompt: str = "Something just changed in the video. Say briefly what you see now."
     proactive_alerts: bool = True
+    # Standing instructions ("tell me when a car appears"): their length, and how many a
+    # tenant may hold over all its streams (per gateway replica; per stream: llm.max_instructions).
+    max_instruction_chars: int = 200
+    max_instructions_per_tenant: int = 32
 
 
 @dataclass
@@ -224,6 +228,21 @@ class LLMConfig:
     kv_disk_mb: float = 16384.0
     kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV
     max_answer_tokens: int = 48
+    # Standing instructions: each new frame is verified against each of its stream's
+    # instructions with one forward pass of a yes/no question over the stored context
+    # (P(yes) of the first answer token). An alert fires when P(yes) reaches
+    # instruction_fire; it can fire again only after P(yes) fell under instruction_rearm
+    # and instruction_cooldown_s of stream time passed. At most instruction_checks_per_s
+    # verifications a second per stream (the newest frames first; frames in between skipped).
+    max_instructions: int = 8  # per stream
+    instruction_fire: float = 0.6
+    instruction_rearm: float = 0.4
+    instruction_cooldown_s: float = 10.0
+    instruction_checks_per_s: float = 8.0
+    instruction_check_prompt: str = "Does the newest frame show {what}? Answer Yes or No."
+    instruction_remark_prompt: str = ("You were asked to say when you see {what}. "
+                                      "Say in one short sentence what the newest frame shows.")
+    instruction_remark_tokens: int = 24
     temperature: float = 0.0
     # Lowers a token's logit by this much for each time the answer already used it: a small
     # model's greedy answers otherwise loop ("a prison with a prison wall. The prison is ...").
@@ -458,6 +477,17 @@ def _validate_llm(cfg: LivelensConfig) -> None:
         value = getattr(c, name)
         if not value > 0:
             raise ConfigError(f"llm.{name} must be > 0, got {value}")
+    if not 0 <= c.instruction_rearm <= c.instruction_fire <= 1:
+        raise ConfigError(f"llm.instruction_rearm <= llm.instruction_fire must both be within [0, 1], got "
+                          f"{c.instruction_rearm} and {c.instruction_fire}")
+    for name in ("max_instructions", "instruction_checks_per_s", "instruction_remark_tokens"):
+        if not getattr(c, name) > 0:
+            raise ConfigError(f"llm.{name} must be > 0, got {getattr(c, name)}")
+    if not c.instruction_cooldown_s >= 0:
+        raise ConfigError(f"llm.instruction_cooldown_s must be >= 0, got {c.instruction_cooldown_s}")
+    for name in ("instruction_check_prompt", "instruction_remark_prompt"):
+        if "{what}" not in getattr(c, name):
+            raise ConfigError(f"llm.{name} must contain {{what}} (where the instruction's subject goes)")
     if c.frequency_penalty > 2:
         raise ConfigError(f"llm.frequency_penalty must be within [0, 2] (vLLM's range), got {c.frequency_penalty}")
     _check_context_fits(cfg)

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from livelens.client import Alert, Answer, Client, Event, ItemError
+from livelens.client import Ack, Alert, Answer, Client, Event, ItemError
 from livelens.records import encode_jpeg
 from livelens.video import read_frames
 
@@ -56,6 +56,7 @@ class WatchReport:
     answers: dict[str, AnswerRecord] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
     errors: list[ItemError] = field(default_factory=list)
+    instructions: dict[str, str] = field(default_factory=dict)  # id -> text, registered before the first frame
     send_unix: dict[int, float] = field(default_factory=dict)
     ack_unix: dict[int, float] = field(default_factory=dict)
 
@@ -86,6 +87,9 @@ class ConsolePrinter:
         else:
             self.held_frames += 1
 
+    def notice(self, text: str) -> None:
+        self._line(f"==> {text}\n")
+
     def asked(self, q: AnswerRecord) -> None:
         self._line(f"[{q.asked_at_s:6.1f}s] Q: {q.question}\n")
 
@@ -115,8 +119,8 @@ class ConsolePrinter:
                 self.held_frames = 0
                 self.bar.refresh()
         elif isinstance(event, Alert):
-            self._line(f"[{event.stream_time_s:6.1f}s] ALERT ({event.reason}, "
-                       f"score {event.score:.2f}): {event.text}\n")
+            what = report.instructions.get(event.instruction_id, event.reason)
+            self._line(f"[{event.stream_time_s:6.1f}s] ALERT ({what}, score {event.score:.2f}): {event.text}\n")
         elif isinstance(event, ItemError):
             self._line(f"[error] {event.status}: {event.message}\n")
 
@@ -135,11 +139,20 @@ async def watch_video(
     printer: ConsolePrinter | None = None,
     on_event: Callable[[Event], None] | None = None,
     answer_timeout_s: float = 120.0,
+    notify: list[str] | None = None,
+    linger_s: float = 0.0,
 ) -> WatchReport:
+    """`notify`: standing instructions registered before the first frame ("a car appears");
+    their alerts are in the report. `linger_s`: seconds to keep listening after the last
+    frame (an alert for the last frames comes after them)."""
     report = WatchReport()
     pending = sorted(questions, key=lambda q: q.at_s)
-    start = time.monotonic()
     async with client.watch(stream_id) as session:
+        for text in notify or []:
+            report.instructions[await session.add_instruction(text)] = text
+            if printer:
+                printer.notice(f"watching for: {text}")
+        start = time.monotonic()
         events = session.events()
 
         async def consume() -> None:
@@ -161,7 +174,7 @@ async def watch_video(
                     report.errors.append(event)
                     if event.request_id in report.answers:
                         report.answers[event.request_id].done = True
-                else:
+                elif isinstance(event, Ack):
                     report.frames_acked += 1
                     report.ack_unix[event.seq] = now
                 if printer:
@@ -199,6 +212,7 @@ async def watch_video(
             or not all(a.done for a in report.answers.values())
         ):
             await asyncio.sleep(0.05)
+        await asyncio.sleep(linger_s)
     await asyncio.wait_for(consumer, 10)
     report.wall_s = time.monotonic() - start
     return report

@@ -36,6 +36,8 @@ from services.gateway.validation import (
     check_context_method,
     check_frame,
     check_image,
+    check_instruction,
+    check_instruction_id,
     check_max_tokens,
     check_question,
     check_session_id,
@@ -70,6 +72,12 @@ def response_status(rec: pb.ResponseRecord) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, rec.code, grpc.StatusCode.INTERNAL) if rec.code else grpc.StatusCode.INTERNAL
 
 
+def instruction_list(rec: pb.ResponseRecord, added_id: str = "", cancelled_id: str = "") -> api_pb2.InstructionList:
+    return api_pb2.InstructionList(
+        instructions=[api_pb2.Instruction(instruction_id=i.instruction_id, text=i.text) for i in rec.instructions],
+        added_id=added_id, cancelled_id=cancelled_id)
+
+
 def item_error(exc: InvalidItem, seq: int = 0, request_id: str = "") -> api_pb2.WatchResponse:
     return api_pb2.WatchResponse(error=api_pb2.ItemError(
         code=exc.code.value[0], status=exc.code.name, message=exc.message, seq=seq,
@@ -82,6 +90,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         self.producer = producer
         self.sessions = SessionRegistry(cfg.gateway)
         self.handlers: dict[tuple[str, str], ResponseHandler] = {}  # (tenant, request id) -> its relay
+        self.tasks: set[asyncio.Task[None]] = set()  # Watch items answered in the background
 
     # --- Kafka side ------------------------------------------------------------------
     def on_response(self, rec: pb.ResponseRecord) -> None:
@@ -90,6 +99,13 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             handler(rec)
             if rec.final:
                 self.handlers.pop((rec.tenant, rec.request_id), None)
+        elif rec.instruction_id:  # a standing instruction fired: to the stream's Watch, if here
+            session = self.sessions.get(rec.tenant, rec.stream_id)
+            if session is not None:
+                metrics.ALERTS.labels("instruction").inc()
+                session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
+                    request_id=rec.request_id, stream_time_s=rec.stream_time_s, reason="instruction",
+                    score=rec.score, text=rec.text_delta, instruction_id=rec.instruction_id)))
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         session = self.sessions.get(rec.tenant, rec.stream_id)
@@ -216,7 +232,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             for request_id in session.pending:  # nobody is left to hear them: stop them in the engine
                 if self.handlers.pop((tenant, request_id), None) is not None:
                     self.publish_cancel(tenant, stream_id, request_id)
-            self.sessions.close(session)
+            self.sessions.close(session, ended=ended)
             metrics.OPEN_STREAMS.labels(tenant).dec()
             # The client closed its side: the stream ends. A broken call leaves the stream
             # open (resumable with its session id, closed by the LLM service when idle).
@@ -237,6 +253,10 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 self.accept_frame(session, item.frame, loop)
             elif kind == "question":
                 self.accept_question(session, item.question)
+            elif kind in ("instruction", "cancel_instruction"):
+                task = asyncio.create_task(self.watch_instruction(session, item))
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
             else:
                 session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
                                                     "the stream is already open")))
@@ -316,6 +336,112 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id, text,
                          question.max_tokens, example=example, context_method=method,
                          session_id=session.session_id, deadline_unix=time.time() + timeout)
+
+    # --- standing instructions ---------------------------------------------------------
+    async def watch_instruction(self, session: Session, item: api_pb2.WatchRequest) -> None:
+        """An instruction item of a Watch: the reply (the stream's instructions) or an
+        ItemError with the instruction's id, on the same Watch."""
+        adding = item.WhichOneof("item") == "instruction"
+        instruction_id = item.instruction.instruction_id if adding else item.cancel_instruction.instruction_id
+        if adding and not instruction_id:
+            instruction_id = f"i-{uuid.uuid4().hex[:8]}"
+        marker = f"instruction:{instruction_id}"  # the Watch ends only after the reply
+        session.pending.add(marker)
+        try:
+            if adding:
+                reply = await self.add_instruction(session.tenant, session.stream_id, item.instruction.text,
+                                                   instruction_id, session.session_id)
+            else:
+                reply = await self.cancel_instruction(session.tenant, session.stream_id, instruction_id,
+                                                      session.session_id)
+            session.send(api_pb2.WatchResponse(instructions=reply))
+        except InvalidItem as exc:
+            metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
+            session.send(item_error(exc, request_id=instruction_id))
+        finally:
+            session.pending.discard(marker)
+
+    async def add_instruction(self, tenant: str, stream_id: str, text: str, instruction_id: str,
+                              session_id: str = "") -> api_pb2.InstructionList:
+        text = check_instruction(text, instruction_id, self.cfg.gateway)
+        self.sessions.admit_instruction(tenant)
+        instruction = pb.StandingInstruction(instruction_id=instruction_id, text=text, created_unix=time.time())
+        rec = await self.instruction_command(tenant, stream_id, session_id,
+                                             add_instruction=pb.AddInstructionCommand(instruction=instruction))
+        log.info("stream %s of tenant %s: instruction %s added: %s", stream_id, tenant, instruction_id, text)
+        return instruction_list(rec, added_id=instruction_id)
+
+    async def cancel_instruction(self, tenant: str, stream_id: str, instruction_id: str,
+                                 session_id: str = "") -> api_pb2.InstructionList:
+        check_instruction_id(instruction_id)
+        rec = await self.instruction_command(
+            tenant, stream_id, session_id,
+            cancel_instruction=pb.CancelInstructionCommand(instruction_id=instruction_id))
+        return instruction_list(rec, cancelled_id=instruction_id)
+
+    async def instruction_command(self, tenant: str, stream_id: str, session_id: str,
+                                  **command: Any) -> pb.ResponseRecord:
+        """An instruction command to the stream's owner in the LLM service (through any
+        gateway replica, as for `Ask`), and its reply: the stream's instructions."""
+        request_id = f"ins-{uuid.uuid4().hex[:12]}"
+        kind, body = next(iter(command.items()))
+        body.request_id = request_id
+        reply: asyncio.Future[pb.ResponseRecord] = asyncio.get_running_loop().create_future()
+
+        def arrived(rec: pb.ResponseRecord) -> None:
+            if not reply.done():
+                reply.set_result(rec)
+
+        self.handlers[(tenant, request_id)] = arrived
+        cmd = pb.CommandRecord(stream_id=stream_id, tenant=tenant, session_id=session_id,
+                               gateway_time_unix=time.time(), **{kind: body})
+        lk.publish(self.producer, self.cfg.kafka.commands_topic, cmd)
+        timeout = self.cfg.gateway.ask_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                rec = await reply
+        except TimeoutError:
+            raise InvalidItem(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"no reply from the stream's owner within {timeout:g}s (gateway.ask_timeout_s)") from None
+        finally:
+            self.handlers.pop((tenant, request_id), None)
+        if rec.error:
+            raise InvalidItem(response_status(rec), rec.error)
+        self.sessions.instructions[(tenant, stream_id)] = len(rec.instructions)
+        return rec
+
+    async def AddInstruction(self, request: api_pb2.AddInstructionRequest,
+                             context: grpc.aio.ServicerContext) -> api_pb2.InstructionList:
+        tenant = await self.tenant(context)
+        try:
+            check_stream_id(request.stream_id)
+            return await self.add_instruction(tenant, request.stream_id, request.text,
+                                              request.instruction_id or f"i-{uuid.uuid4().hex[:8]}")
+        except InvalidItem as exc:
+            metrics.REFUSED.labels(tenant, exc.code.name).inc()
+            await context.abort(exc.code, exc.message)
+            raise  # abort raised already
+
+    async def ListInstructions(self, request: api_pb2.ListInstructionsRequest,
+                               context: grpc.aio.ServicerContext) -> api_pb2.InstructionList:
+        tenant = await self.tenant(context)
+        try:
+            check_stream_id(request.stream_id)
+            return instruction_list(await self.instruction_command(
+                tenant, request.stream_id, "", list_instructions=pb.ListInstructionsCommand()))
+        except InvalidItem as exc:
+            await context.abort(exc.code, exc.message)
+            raise
+
+    async def CancelInstruction(self, request: api_pb2.CancelInstructionRequest,
+                                context: grpc.aio.ServicerContext) -> api_pb2.InstructionList:
+        tenant = await self.tenant(context)
+        try:
+            check_stream_id(request.stream_id)
+            return await self.cancel_instruction(tenant, request.stream_id, request.instruction_id)
+        except InvalidItem as exc:
+            await context.abort(exc.code, exc.message)
+            raise
 
     # --- Ask -------------------------------------------------------------------------
     async def Ask(self, request: api_pb2.AskRequest,

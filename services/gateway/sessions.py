@@ -72,6 +72,8 @@ class SessionRegistry:
         self.cfg = cfg
         self.sessions: dict[tuple[str, str], Session] = {}
         self.limits: dict[str, TenantLimits] = {}
+        # (tenant, stream id) -> its standing instructions, as the owner's last reply said
+        self.instructions: dict[tuple[str, str], int] = {}
 
     def open(self, session: Session) -> None:
         if (session.tenant, session.stream_id) in self.sessions:
@@ -84,9 +86,12 @@ class SessionRegistry:
                               f"(limit gateway.max_streams_per_tenant)")
         self.sessions[(session.tenant, session.stream_id)] = session
 
-    def close(self, session: Session) -> None:
+    def close(self, session: Session, ended: bool = False) -> None:
+        """The session's Watch is over; `ended`: so is the stream (its instructions too)."""
         if self.sessions.get((session.tenant, session.stream_id)) is session:
             del self.sessions[(session.tenant, session.stream_id)]
+        if ended:
+            self.instructions.pop((session.tenant, session.stream_id), None)
 
     def get(self, tenant: str, stream_id: str) -> Session | None:
         return self.sessions.get((tenant, stream_id))
@@ -111,3 +116,10 @@ class SessionRegistry:
             raise InvalidItem(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"tenant {tenant!r} asks more than {self.cfg.tenant_questions_per_minute} "
                               "questions a minute (limit gateway.tenant_questions_per_minute)")
+
+    def admit_instruction(self, tenant: str) -> None:
+        held = sum(n for (t, _), n in self.instructions.items() if t == tenant)
+        if held >= self.cfg.max_instructions_per_tenant:
+            raise InvalidItem(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"tenant {tenant!r} holds {held} standing instructions "
+                              "(limit gateway.max_instructions_per_tenant): cancel one first")

@@ -116,3 +116,23 @@ def check_question(text: str, cfg: GatewayConfig) -> str:
                           f"the question is {len(text)} characters, over "
                           f"gateway.max_question_chars ({cfg.max_question_chars})")
     return text
+
+
+def check_instruction(text: str, instruction_id: str, cfg: GatewayConfig) -> str:
+    """The instruction's text, stripped."""
+    text = " ".join(text.split())
+    if not text:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          "the instruction is empty: say what to watch for, e.g. \"a car appears\"")
+    if len(text) > cfg.max_instruction_chars:
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"the instruction is {len(text)} characters, over "
+                          f"gateway.max_instruction_chars ({cfg.max_instruction_chars})")
+    check_instruction_id(instruction_id)
+    return text
+
+
+def check_instruction_id(instruction_id: str) -> None:
+    if not NAME.match(instruction_id):
+        raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"instruction id {instruction_id[:40]!r} is invalid: use {NAME_RULE}")

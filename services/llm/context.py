@@ -161,18 +161,19 @@ class StreamContext:
             self.dialogue.popleft()
 
     def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
-                retrieved: Sequence[FrameSegment] = (), note: str = "") -> ComposedContext:
+                retrieved: Sequence[FrameSegment] = (), note: str = "", dialogue: bool = True) -> ComposedContext:
         """The model's chat layout (`self.chat`) around the frames. `retrieved` frames (in
         time order) go between the sink and the window; `window_limit` trims the oldest
         window frames when the whole context would not fit the engine's length; `note` (see
-        `recall_note`) opens the question's turn."""
+        `recall_note`) opens the question's turn; `dialogue`: the past turns before it."""
         window = list(self.window)
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
         frames = self.sink + list(retrieved) + window
         return ComposedContext([head_block(system_prompt, self.chat),
                                 *(frame_block(f, self.chat) for f in frames),
-                                tail_block(self.dialogue, question, note, self.chat, self.after_frames)],
+                                tail_block(self.dialogue if dialogue else (), question, note, self.chat,
+                                           self.after_frames)],
                                self.stream_id)
 
     def preceding(self) -> list[FrameSegment]:

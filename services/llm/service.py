@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import torch
 from kafka import TopicPartition
@@ -40,6 +41,7 @@ from services.llm import metrics
 from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
+from services.llm.instructions import InstructionChecker, InstructionError, YesNo
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries
 from services.llm.rebuild import RebuildEnd, RebuildStart, Replayed, rebuild_items
@@ -135,6 +137,8 @@ class LLMService:
         self.answering: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.unsaved: dict[str, int] = {}  # stream key -> frames added since its checkpoint
         self.handled: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset handled
+        # checks new frames against standing instructions (set up with the engine, in `run`)
+        self.checker: InstructionChecker | None = None
 
     # --- state -----------------------------------------------------------------------
     def stream(self, key: str, session_id: str = "", partition: int = -1) -> Stream:
@@ -156,6 +160,8 @@ class LLMService:
         stream = self.streams.pop(key, None)
         if stream is not None:
             stream.close(moved=moved)
+        if self.checker is not None:
+            self.checker.drop_stream(key)
         self.unsaved.pop(key, None)
         for (k, _), task in list(self.answering.items()):  # nobody is left to hear them
             if k == key:
@@ -189,6 +195,8 @@ class LLMService:
                 metrics.TENANT_FRAMES.labels(rec.tenant).inc()
                 if rec.gateway_time_unix:
                     metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - rec.gateway_time_unix))
+            if self.checker is not None and not stream.replaying:
+                self.checker.frame_added(stream, rec.seq, rec.pts_s)
             self.unsaved[key] = self.unsaved.get(key, 0) + 1
             # not mid-replay: the checkpoint being replayed says more (and names the KV)
             if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames and not stream.replaying:
@@ -215,6 +223,8 @@ class LLMService:
             task = self.answering.get((key, rec.cancel.request_id))
             if task is not None:
                 task.cancel()
+        elif kind in ("add_instruction", "cancel_instruction", "list_instructions"):
+            self.on_instruction_command(rec, kind)
         elif kind == "ask":
             self.stats.questions += 1
             metrics.TENANT_QUESTIONS.labels(rec.tenant).inc()
@@ -226,6 +236,28 @@ class LLMService:
             task = asyncio.get_running_loop().create_task(self.answer(rec))
             self.answering[(key, rec.ask.request_id)] = task
             task.add_done_callback(lambda t: self.answered(rec, t))
+
+    def on_instruction_command(self, rec: pb.CommandRecord, kind: str) -> None:
+        """Add, cancel or list a stream's standing instructions; the reply lists them."""
+        cmd = getattr(rec, kind)
+        reply = pb.ResponseRecord(stream_id=rec.stream_id, tenant=rec.tenant, request_id=cmd.request_id, final=True)
+        stream = self.streams.get(key_of(rec))
+        try:
+            if stream is None:
+                raise InstructionError(grpc.StatusCode.NOT_FOUND, f"no open stream {rec.stream_id!r}")
+            if kind == "add_instruction":
+                stream.instructions.add(cmd.instruction)
+                log.info("stream %s: instruction %s added: %s", stream.stream_id, cmd.instruction.instruction_id,
+                         cmd.instruction.text)
+            elif kind == "cancel_instruction":
+                stream.instructions.cancel(cmd.instruction_id)
+            if kind != "list_instructions":
+                self.save_checkpoint(stream)
+            reply.instructions.extend(stream.instructions.protos())
+        except InstructionError as exc:
+            reply.code, reply.error = exc.code.name, exc.message
+        lk.publish(self.producer, self.cfg.kafka.responses_topic, reply)
+        self.producer.flush()
 
     # --- rebuilds (a new owner of a partition) ---------------------------------------
     def on_rebuild(self, item: RebuildStart | Replayed | RebuildEnd) -> None:
@@ -262,6 +294,10 @@ class LLMService:
             self.drop(key, tombstone=True)
 
     # --- answering -------------------------------------------------------------------
+    def publish_alert(self, msg: pb.ResponseRecord) -> None:
+        lk.publish(self.producer, self.cfg.kafka.responses_topic, msg)
+        self.producer.flush()
+
     def respond(self, cmd: pb.CommandRecord, **fields: Any) -> None:
         msg = pb.ResponseRecord(stream_id=cmd.stream_id, tenant=cmd.tenant,
                                 request_id=cmd.ask.request_id, proactive=cmd.ask.proactive, **fields)
@@ -456,9 +492,11 @@ class LLMService:
             kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
         engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
         res = self.res
+        self.checker = InstructionChecker(cfg.llm, YesNo(res.embedder.text_ids), self.publish_alert)
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,
-                               "llm_kv": getattr(res.materializer, "stats", None)},
+                               "llm_kv": getattr(res.materializer, "stats", None),
+                               "llm_instructions": self.checker.stats if self.checker else None},
                       gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk"}))
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")

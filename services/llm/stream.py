@@ -26,6 +26,7 @@ import enum
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 from livelens.v1 import messages_pb2 as pb
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
+from services.llm.instructions import InstructionSet
 from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries, question_scores
@@ -130,6 +132,7 @@ class Stream:
     replay_base: tuple[int, int] = (0, -1)
     replayed_beyond: int = 0
     replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
+    instructions: InstructionSet = field(init=False)  # standing instructions, checked on each frame
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
 
     def __post_init__(self) -> None:
@@ -139,6 +142,7 @@ class Stream:
                                      after_frames=self.res.after_frames)
         self.kv = KVLedger(self.stream_id, retained_frames=c.retention_segments * c.chunk_frames,
                            retained_chunks=c.retention_segments)
+        self.instructions = InstructionSet(c)
 
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
@@ -194,7 +198,8 @@ class Stream:
             stream_id=stream_id, tenant=tenant, session_id=self.session_id, sink_offsets=sink,
             replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq, frames_seen=ctx.frames_seen,
             turns=[pb.StreamCheckpoint.Turn(question=t.question, answer=t.answer) for t in ctx.dialogue],
-            time_unix=time.time(), kv_tag=self.res.materializer.kv_tag(self.stream_id))
+            time_unix=time.time(), kv_tag=self.res.materializer.kv_tag(self.stream_id),
+            instructions=self.instructions.protos())
 
     def begin_replay(self, checkpoint: pb.StreamCheckpoint) -> None:
         """Rebuild from `checkpoint`: its sink frames and then the replayed ones come through
@@ -203,6 +208,7 @@ class Stream:
         self.session_id = checkpoint.session_id
         self.replay_base, self.replayed_beyond = (int(checkpoint.frames_seen), int(checkpoint.last_seq)), 0
         self.replay_kv_tag = checkpoint.kv_tag
+        self.instructions.restore(list(checkpoint.instructions))
         for turn in checkpoint.turns:
             self.context.add_turn(turn.question, turn.answer)
         # The sink frames come first and never leave; the replayed frames after them
@@ -331,15 +337,32 @@ class Stream:
         else:
             retrieved = self.retrieve(question, example, named)
         note = self.recall(question, retrieved, named)
-        composed = self.context.compose(c.system_prompt, question, retrieved=retrieved, note=note)
+        if method is ContextMethod.FULL:
+            tokens = embedder.count(self.context.compose(c.system_prompt, question, retrieved=retrieved, note=note))
+            if tokens + max_tokens > c.max_model_len:
+                raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
+                                   f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
+        composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note)
+        return Composed(composed, retrieved, materializer, tokens)
+
+    def compose_check(self, question: str, max_tokens: int) -> Composed:
+        """The context of a standing instruction's check or remark: the sink and the window,
+        on the service's own path (streaming KV: only this short tail is computed), no past
+        turns, and a note of what the newest frame showed (its tags)."""
+        frames = self.context.sink + list(self.context.window)
+        note = recall_note(frames[-1:]) if self.res.cfg.recall_notes else ""
+        composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False)
+        return Composed(composed, [], self.res.materializer, tokens)
+
+    def _fitted(self, question: str, max_tokens: int, **parts: Any) -> tuple[ComposedContext, int]:
+        """`context.compose(...)` with the oldest window frames left out until the prompt
+        plus the answer fits the engine; and its length in tokens."""
+        c, embedder = self.res.cfg, self.res.embedder
+        composed = self.context.compose(c.system_prompt, question, **parts)
         tokens = embedder.count(composed)
-        if method is ContextMethod.FULL and tokens + max_tokens > c.max_model_len:
-            raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
-                               f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
         limit = len(self.context.window)
         while tokens + max_tokens > c.max_model_len and limit > 0:
             limit -= 1
-            composed = self.context.compose(c.system_prompt, question, window_limit=limit, retrieved=retrieved,
-                                            note=note)
+            composed = self.context.compose(c.system_prompt, question, window_limit=limit, **parts)
             tokens = embedder.count(composed)
-        return Composed(composed, retrieved, materializer, tokens)
+        return composed, tokens

@@ -1,0 +1,241 @@
+"""Standing instructions and the decider that watches for them.
+
+A client registers "tell me when a car appears" on a stream; the stream's owner in the
+LLM service holds it (`InstructionSet`, also in the stream's checkpoint) and checks every
+new frame against it where the frame's KV already is: one forward pass of a yes/no
+question ("Does the newest frame show a car? Answer Yes or No.") after the stream's sink
+and window, read as P(yes) from the first answer token's log-probabilities, without
+generating (LiveStar's verification, MMDuet's per-frame relevance score). The checks of
+one frame, for all its stream's instructions, go to the engine at once, and those of
+other streams beside them: vLLM batches the one-token requests into its steps.
+
+An instruction fires when P(yes) reaches `llm.instruction_fire`; it fires again only
+after P(yes) fell under `llm.instruction_rearm` (hysteresis) and `llm.instruction_cooldown_s`
+of stream time passed. A firing generates a short remark, published as a proactive
+response with the instruction id and the score (the gateway turns it into an `Alert`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import grpc
+
+from livelens.config import LLMConfig
+from livelens.identity import split_key
+from livelens.v1 import messages_pb2 as pb
+
+if TYPE_CHECKING:
+    from services.llm.stream import Stream
+
+log = logging.getLogger("livelens.llm.instructions")
+
+# How people phrase an instruction before its subject: "tell me when a truck arrives".
+LEAD_INS = ("tell me when", "tell me if", "let me know when", "let me know if", "notify me when", "alert me when",
+            "say when", "say if", "warn me when", "watch for", "look out for", "when", "if")
+ANSWER_LOGPROBS = 20  # first-token alternatives read for P(yes)
+
+
+def subject(text: str) -> str:
+    """What an instruction watches for, to go into the check question: its text without
+    a lead-in and final punctuation ("Tell me when a car appears." -> "a car appears")."""
+    what = " ".join(text.split()).rstrip(".!?")
+    lower = what.lower()
+    for lead in LEAD_INS:
+        if lower.startswith(lead + " "):
+            return what[len(lead) + 1:]
+    return what
+
+
+class InstructionError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Watched:
+    """One instruction and where its decider stands."""
+
+    instruction: pb.StandingInstruction
+    what: str
+    armed: bool = True  # P(yes) was under the re-arm level since the last firing (or never fired)
+    fired_pts: float | None = None
+    score: float = 0.0  # the last P(yes)
+    checked_at: float = 0.0  # monotonic time of its last check: the least recently checked go first
+
+
+@dataclass
+class InstructionSet:
+    """A stream's standing instructions, oldest first, and its check budget."""
+
+    cfg: LLMConfig
+    items: OrderedDict[str, Watched] = field(default_factory=OrderedDict)
+    budget: float = 0.0  # checks available now (a token bucket of instruction_checks_per_s)
+    refilled: float = field(default_factory=time.monotonic)
+
+    def add(self, instruction: pb.StandingInstruction) -> None:
+        if instruction.instruction_id in self.items:
+            raise InstructionError(grpc.StatusCode.ALREADY_EXISTS,
+                                   f"instruction id {instruction.instruction_id!r} exists on this stream")
+        if len(self.items) >= self.cfg.max_instructions:
+            raise InstructionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                   f"the stream has {len(self.items)} instructions, the most llm.max_instructions "
+                                   "allows: cancel one first")
+        self.items[instruction.instruction_id] = Watched(instruction, subject(instruction.text))
+        self.budget = max(self.budget, 1.0)  # checked from the next frame on
+
+    def cancel(self, instruction_id: str) -> None:
+        if self.items.pop(instruction_id, None) is None:
+            raise InstructionError(grpc.StatusCode.NOT_FOUND, f"no instruction {instruction_id!r} on this stream")
+
+    def protos(self) -> list[pb.StandingInstruction]:
+        return [w.instruction for w in self.items.values()]
+
+    def restore(self, instructions: list[pb.StandingInstruction]) -> None:
+        self.items = OrderedDict((i.instruction_id, Watched(i, subject(i.text))) for i in instructions)
+
+    def due(self, now: float) -> list[Watched]:
+        """The instructions to check on a new frame, within the budget: the least recently
+        checked first (with more instructions than checks a second, they take turns)."""
+        rate = self.cfg.instruction_checks_per_s
+        self.budget = min(max(rate, len(self.items)), self.budget + (now - self.refilled) * rate)
+        self.refilled = now
+        n = min(len(self.items), math.floor(self.budget + 1e-9))
+        picked = sorted(self.items.values(), key=lambda w: w.checked_at)[:n]
+        self.budget -= n
+        for w in picked:
+            w.checked_at = now
+        return picked
+
+    def observe(self, w: Watched, score: float, pts_s: float) -> bool:
+        """The check of `w` on the frame at `pts_s` said P(yes) = `score`: fire?"""
+        c = self.cfg
+        w.score = score
+        if not w.armed:
+            w.armed = score < c.instruction_rearm
+            return False
+        cooling = w.fired_pts is not None and pts_s - w.fired_pts < c.instruction_cooldown_s
+        if score >= c.instruction_fire and not cooling:
+            w.armed, w.fired_pts = False, pts_s
+            return True
+        return False
+
+
+class YesNo:
+    """P(yes) of a yes/no answer from the first token's top log-probabilities: the mass of
+    the tokens spelling "Yes" against that of those spelling "No" (other tokens ignored)."""
+
+    def __init__(self, encode: Callable[[str], list[int]]) -> None:
+        self.yes = {encode(w)[0] for w in ("Yes", " Yes", "yes", " yes", "YES")}
+        self.no = {encode(w)[0] for w in ("No", " No", "no", " no", "NO")}
+
+    def p_yes(self, logprobs: dict[int, float]) -> float:
+        yes = sum(math.exp(lp) for t, lp in logprobs.items() if t in self.yes)
+        no = sum(math.exp(lp) for t, lp in logprobs.items() if t in self.no)
+        return yes / (yes + no) if yes + no > 0 else 0.0
+
+
+@dataclass
+class CheckStats:
+    frames: int = 0  # frames checked (each against all its due instructions at once)
+    checks: int = 0  # instruction checks
+    check_s: float = 0.0  # wall time of the frames' checks, all instructions of a frame together
+    skipped: int = 0  # new frames not checked: their stream's checks were still running (coalesced)
+    alerts: int = 0
+    errors: int = 0
+
+
+class InstructionChecker:
+    """Runs the checks of new frames and the remarks of firings, one task per stream: a
+    frame that arrives while its stream's checks run waits as the stream's next one (a
+    newer frame replaces it, counted as skipped), so checks never queue up behind video."""
+
+    def __init__(self, cfg: LLMConfig, yes_no: YesNo, publish: Callable[[pb.ResponseRecord], None]) -> None:
+        self.cfg = cfg
+        self.yes_no = yes_no
+        self.publish = publish
+        self.stats = CheckStats()
+        self.next_frame: dict[str, tuple[int, float]] = {}  # stream key -> (seq, pts) waiting
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.on_checked: Callable[[str, Watched, float, float], None] | None = None  # tests, benchmarks
+
+    def frame_added(self, stream: Stream, seq: int, pts_s: float) -> None:
+        if not stream.instructions.items:
+            return
+        key = stream.stream_id
+        if key in self.next_frame:
+            self.stats.skipped += 1
+        self.next_frame[key] = (seq, pts_s)
+        task = self.tasks.get(key)
+        if task is None or task.done():
+            self.tasks[key] = asyncio.get_running_loop().create_task(self._run(stream))
+
+    def drop_stream(self, key: str) -> None:
+        self.next_frame.pop(key, None)
+        task = self.tasks.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def _run(self, stream: Stream) -> None:
+        key = stream.stream_id
+        while (frame := self.next_frame.pop(key, None)) is not None:
+            try:
+                await self.check(stream, *frame)
+            except Exception:  # noqa: BLE001 - a failed check costs one frame's alert, not the stream
+                self.stats.errors += 1
+                log.exception("stream %s: the instruction checks of frame %d failed", key, frame[0])
+
+    async def check(self, stream: Stream, seq: int, pts_s: float) -> None:
+        deadline = time.monotonic() + self.cfg.frame_wait_s
+        while not stream.ready(seq) and time.monotonic() < deadline:  # its KV first (streaming KV)
+            await asyncio.sleep(0.01)
+        due = stream.instructions.due(time.monotonic())
+        if not due:
+            return
+        t0 = time.perf_counter()
+        scores = await asyncio.gather(*(self.p_yes(stream, w) for w in due))
+        self.stats.check_s += time.perf_counter() - t0
+        self.stats.frames += 1
+        self.stats.checks += len(due)
+        fired = []
+        for w, score in zip(due, scores, strict=True):
+            if self.on_checked is not None:
+                self.on_checked(stream.stream_id, w, score, pts_s)
+            if stream.instructions.observe(w, score, pts_s):
+                fired.append((w, score))
+        for w, score in fired:
+            await self.remark(stream, w, score, pts_s)
+
+    async def p_yes(self, stream: Stream, w: Watched) -> float:
+        composed = stream.compose_check(self.cfg.instruction_check_prompt.format(what=w.what), 1)
+        first: dict[int, float] = {}
+        async for delta in composed.materializer.generate(composed.context, f"check-{uuid.uuid4().hex[:12]}", 1,
+                                                          logprobs=ANSWER_LOGPROBS):
+            if delta.logprobs and not first:
+                first = delta.logprobs[0]
+        return self.yes_no.p_yes(first)
+
+    async def remark(self, stream: Stream, w: Watched, score: float, pts_s: float) -> None:
+        c = self.cfg
+        composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens)
+        request_id = f"alert-{uuid.uuid4().hex[:12]}"
+        text = []
+        async for delta in composed.materializer.generate(composed.context, request_id, c.instruction_remark_tokens):
+            text.append(delta.text)
+        tenant, stream_id = split_key(stream.stream_id)
+        self.stats.alerts += 1
+        log.info("stream %s: instruction %s (%s) fired at %.1fs, P(yes) %.2f", stream.stream_id,
+                 w.instruction.instruction_id, w.what, pts_s, score)
+        self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=request_id, proactive=True,
+                                       final=True, text_delta="".join(text).strip(), stream_time_s=pts_s,
+                                       instruction_id=w.instruction.instruction_id, score=score))
