@@ -25,6 +25,8 @@ def stack_config() -> LivelensConfig:
     cfg.gateway.max_question_chars = 200
     cfg.gateway.alert_cooldown_s = 2.0
     cfg.llm.max_answer_tokens = 16
+    cfg.llm.max_instructions = 3  # low limits, for the tests of refusals
+    cfg.gateway.max_instructions_per_tenant = 5
     cfg.llm.kv_store_dtype = "float32"  # stored KV bit-exact: streaming KV answers as recompute does
     return cfg
 

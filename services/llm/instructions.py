@@ -41,17 +41,23 @@ log = logging.getLogger("livelens.llm.instructions")
 # How people phrase an instruction before its subject: "tell me when a truck arrives".
 LEAD_INS = ("tell me when", "tell me if", "let me know when", "let me know if", "notify me when", "alert me when",
             "say when", "say if", "warn me when", "watch for", "look out for", "when", "if")
+# ... and after it: "a car appears" is checked as "Does the newest frame show a car?"
+ARRIVALS = ("appears", "arrives", "shows up", "turns up", "comes in", "comes into view", "enters",
+            "is visible", "is seen", "is there", "can be seen")
 ANSWER_LOGPROBS = 20  # first-token alternatives read for P(yes)
 
 
 def subject(text: str) -> str:
     """What an instruction watches for, to go into the check question: its text without
-    a lead-in and final punctuation ("Tell me when a car appears." -> "a car appears")."""
+    a lead-in, an arrival verb and final punctuation ("Tell me when a car appears." -> "a car")."""
     what = " ".join(text.split()).rstrip(".!?")
-    lower = what.lower()
     for lead in LEAD_INS:
-        if lower.startswith(lead + " "):
-            return what[len(lead) + 1:]
+        if what.lower().startswith(lead + " "):
+            what = what[len(lead) + 1:]
+            break
+    for arrival in ARRIVALS:
+        if what.lower().endswith(" " + arrival):
+            return what[:-len(arrival) - 1]
     return what
 
 
