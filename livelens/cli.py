@@ -146,6 +146,20 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         streams = args.streams[0] if args.streams else 4
         return run_soak(cfg, out, minutes=minutes, streams=streams, fps=args.fps or 0.5,
                         kill_every_s=args.kill_every_s)
+    if args.suite == "timing":  # its own defaults: 5 minutes of each held-out video at 2 fps
+        from livelens.bench.timing import METHODS, run_timing
+
+        if args.events and not args.video:
+            return _fail("--events needs --video (the footage the events describe)", 2)
+        if args.video and not args.events:
+            return _fail("--video needs --events FILE (onset,end,label per event) to be scored", 2)
+        videos = [args.video] if args.video else (args.videos or ["vtest.avi", "bikes.mp4"])
+        try:
+            return run_timing(cfg, out, videos, minutes=args.minutes[0] if args.minutes else 5.0,
+                              fps=args.fps or 2.0, events_file=args.events,
+                              methods=tuple(args.methods or METHODS))
+        except (FileNotFoundError, ValueError) as exc:
+            return _fail(str(exc))
     args.fps = args.fps or 2.0
     args.minutes = args.minutes or [1, 10, 30, 60]
     if args.suite == "context":
@@ -236,7 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak", "timing"])
+    bench.add_argument("--events", default=None,
+                       help="timing: events of --video (JSON [{onset, end, label}] or CSV onset,end,label)")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")
     bench.add_argument("--fps", type=float, default=None, help="frames per second (default 2; soak: 0.5)")
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
@@ -254,8 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="encoder: vit (vision_vit with partial recompute vs vision_vit_full) or mobilenet "
                             "(vision_encoder; levels 1, 2, 4)")
     bench.add_argument("--methods", nargs="+", default=None,
-                       choices=["full_context", "window_recompute", "recompute", "streaming_kv"],
-                       help="context: which methods (default: all four)")
+                       choices=["full_context", "window_recompute", "recompute", "streaming_kv",
+                                "decider", "novelty", "commentary", "poll"],
+                       help="context: which context methods; timing: which deciders (default: all four)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                        help="needle, quality: where the needle goes (0 = start, 1 = end)")
     bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")

@@ -148,7 +148,8 @@ async def settled(log_path, mark: int, timeout_s: float = 180) -> dict[str, tupl
 
 def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
     """Streams on four partitions; a second LLM replica joins (and takes some), then leaves.
-    Each stream answers the same greedy tokens before, while it is away, and after."""
+    Each stream answers the same greedy tokens before, while it is away, and after, and
+    keeps its standing instructions."""
     names = ["move-a", "move-b", "move-c", "move-d", "move-e", "move-f"]
     videos = {n: frames_of(v, 7.0) for n, v in zip(names, ["vtest.avi", "Megamind.avi"] * 3, strict=True)}
     tokens = {n: TOKEN if i < 3 else "beta-token" for i, n in enumerate(names)}  # 3 streams a tenant at most
@@ -177,23 +178,29 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
                 await acked(sessions[n], range(len(videos[n])))
             await asyncio.sleep(3)  # the last frames into the context
             before = await ask_all(clients)
+            for n in names:  # held with the context: they move with it
+                await clients[tokens[n]].add_instruction(n, f"a {n} appears", instruction_id=f"watch-{n}")
             first_log = stack.process("llm").log_path
             mark = len(first_log.read_text())
             second.start()
             await asyncio.to_thread(second.wait_ready, 240)
             taken = await settled(second.log_path, 0)
             moved = await ask_all(clients)
+            held = {n: [i.instruction_id for i in await clients[tokens[n]].list_instructions(n)] for n in names}
             await asyncio.to_thread(second.stop)  # SIGTERM: it leaves the group
             taken_back = await settled(first_log, mark)  # the first replica takes every partition back
             back = await ask_all(clients)
-            return before, moved, back, taken, taken_back
+            held_back = {n: [i.instruction_id for i in await clients[tokens[n]].list_instructions(n)]
+                         for n in names}
+            return before, moved, back, taken, taken_back, held, held_back
 
     try:
-        before, moved, back, taken, taken_back = asyncio.run(run())
+        before, moved, back, taken, taken_back, held, held_back = asyncio.run(run())
     finally:
         second.stop()
     print(f"KV (adopted, prefilled) per stream taken: {taken}; taken back: {taken_back}")
     assert moved == before and back == before
+    assert held == held_back == {n: [f"watch-{n}"] for n in names}
     # On the stack's shared KV directory, the KV of every frame held (2 sink + 8 window +
     # 4 stored: 14 frames, some unchanged and without KV) is adopted, none prefilled again.
     assert taken and taken_back
