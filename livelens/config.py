@@ -235,6 +235,12 @@ class LLMConfig:
     # and instruction_cooldown_s of stream time passed. At most instruction_checks_per_s
     # verifications a second per stream (the newest frames first; frames in between skipped).
     max_instructions: int = 8  # per stream
+    # What scores a check: "verify" (the LLM's P(yes), as above), "tags" (the vision
+    # model's classifier: the probability of its classes that the subject names, in the
+    # newest frame) or "auto" (tags where the subject names a class the classifier knows,
+    # else verify). SmolLM2-135M's P(yes) barely tells a cat frame from a street
+    # (docs/instructions.md): on it, "auto" is what finds the events.
+    instruction_scorer: str = "auto"
     instruction_fire: float = 0.6
     instruction_rearm: float = 0.4
     instruction_cooldown_s: float = 10.0
@@ -480,6 +486,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     if not 0 <= c.instruction_rearm <= c.instruction_fire <= 1:
         raise ConfigError(f"llm.instruction_rearm <= llm.instruction_fire must both be within [0, 1], got "
                           f"{c.instruction_rearm} and {c.instruction_fire}")
+    if c.instruction_scorer not in ("auto", "verify", "tags"):
+        raise ConfigError(f"llm.instruction_scorer must be auto, verify or tags, got {c.instruction_scorer!r}")
     for name in ("max_instructions", "instruction_checks_per_s", "instruction_remark_tokens"):
         if not getattr(c, name) > 0:
             raise ConfigError(f"llm.{name} must be > 0, got {getattr(c, name)}")

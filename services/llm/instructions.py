@@ -31,7 +31,9 @@ import grpc
 
 from livelens.config import LLMConfig
 from livelens.identity import split_key
+from livelens.labels import question_names_tag, words_naming_classes
 from livelens.v1 import messages_pb2 as pb
+from services.llm.context import FrameSegment
 
 if TYPE_CHECKING:
     from services.llm.stream import Stream
@@ -74,6 +76,7 @@ class Watched:
 
     instruction: pb.StandingInstruction
     what: str
+    by_tags: bool = False  # scored by the classifier's tags, not the LLM (llm.instruction_scorer)
     armed: bool = True  # P(yes) was under the re-arm level since the last firing (or never fired)
     fired_pts: float | None = None
     score: float = 0.0  # the last P(yes)
@@ -97,7 +100,7 @@ class InstructionSet:
             raise InstructionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                    f"the stream has {len(self.items)} instructions, the most llm.max_instructions "
                                    "allows: cancel one first")
-        self.items[instruction.instruction_id] = Watched(instruction, subject(instruction.text))
+        self.items[instruction.instruction_id] = self._watched(instruction)
         self.budget = max(self.budget, 1.0)  # checked from the next frame on
 
     def cancel(self, instruction_id: str) -> None:
@@ -108,7 +111,13 @@ class InstructionSet:
         return [w.instruction for w in self.items.values()]
 
     def restore(self, instructions: list[pb.StandingInstruction]) -> None:
-        self.items = OrderedDict((i.instruction_id, Watched(i, subject(i.text))) for i in instructions)
+        self.items = OrderedDict((i.instruction_id, self._watched(i)) for i in instructions)
+
+    def _watched(self, instruction: pb.StandingInstruction) -> Watched:
+        what = subject(instruction.text)
+        scorer = self.cfg.instruction_scorer
+        return Watched(instruction, what, by_tags=scorer == "tags" or (scorer == "auto" and
+                                                                       bool(words_naming_classes(what))))
 
     def due(self, now: float) -> list[Watched]:
         """The instructions to check on a new frame, within the budget: the least recently
@@ -135,6 +144,14 @@ class InstructionSet:
             w.armed, w.fired_pts = False, pts_s
             return True
         return False
+
+
+def tag_evidence(frame: FrameSegment | None, what: str) -> float:
+    """The classifier's probability that `frame` shows `what`: the summed probability of
+    its top classes that `what` names ("a cat": Egyptian cat, tabby cat, ...)."""
+    if frame is None:
+        return 0.0
+    return min(1.0, sum(p for tag, p in frame.scored_tags() if question_names_tag(what, tag)))
 
 
 class YesNo:
@@ -206,15 +223,20 @@ class InstructionChecker:
         while not stream.ready(seq) and time.monotonic() < deadline:  # its KV first (streaming KV)
             await asyncio.sleep(0.01)
         due = stream.instructions.due(time.monotonic())
-        if not due:
+        newest = stream.newest_frame()  # the frame checked: `seq`, or a newer one already in
+        if not due or newest is None:
             return
+        seq, pts_s = newest.seq, newest.pts_s
         t0 = time.perf_counter()
-        scores = await asyncio.gather(*(self.p_yes(stream, w) for w in due))
+        scores = await asyncio.gather(*(self.p_yes(stream, w) if not w.by_tags else
+                                        asyncio.sleep(0, tag_evidence(newest, w.what)) for w in due))
         self.stats.check_s += time.perf_counter() - t0
         self.stats.frames += 1
         self.stats.checks += len(due)
         fired = []
         for w, score in zip(due, scores, strict=True):
+            log.debug("stream %s frame %d (%.1fs): %s %s %.3f", stream.stream_id, seq, pts_s, w.what,
+                      "tags" if w.by_tags else "P(yes)", score)
             if self.on_checked is not None:
                 self.on_checked(stream.stream_id, w, score, pts_s)
             if stream.instructions.observe(w, score, pts_s):

@@ -345,12 +345,16 @@ class Stream:
         composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note)
         return Composed(composed, retrieved, materializer, tokens)
 
+    def newest_frame(self) -> FrameSegment | None:
+        frames = self.context.sink + list(self.context.window)
+        return frames[-1] if frames else None
+
     def compose_check(self, question: str, max_tokens: int) -> Composed:
         """The context of a standing instruction's check or remark: the sink and the window,
         on the service's own path (streaming KV: only this short tail is computed), no past
         turns, and a note of what the newest frame showed (its tags)."""
-        frames = self.context.sink + list(self.context.window)
-        note = recall_note(frames[-1:]) if self.res.cfg.recall_notes else ""
+        newest = self.newest_frame()
+        note = recall_note([newest]) if newest is not None and self.res.cfg.recall_notes else ""
         composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False)
         return Composed(composed, [], self.res.materializer, tokens)
 
