@@ -154,6 +154,8 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         if args.video and not args.events:
             return _fail("--video needs --events FILE (onset,end,label per event) to be scored", 2)
         videos = [args.video] if args.video else (args.videos or ["vtest.avi", "bikes.mp4"])
+        if args.scorer:
+            cfg.llm.instruction_scorer = args.scorer
         try:
             return run_timing(cfg, out, videos, minutes=args.minutes[0] if args.minutes else 5.0,
                               fps=args.fps or 2.0, events_file=args.events,
@@ -251,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak", "timing"])
+    bench.add_argument("--scorer", choices=["auto", "verify", "tags"], default=None,
+                       help="timing: how the decider scores its checks (default: llm.instruction_scorer)")
     bench.add_argument("--events", default=None,
                        help="timing: events of --video (JSON [{onset, end, label}] or CSV onset,end,label)")
     bench.add_argument("--seconds", type=float, default=60.0, help="seconds of video (default 60)")

@@ -280,6 +280,7 @@ def run_timing(cfg: LivelensConfig, out: Path, videos: list[str], minutes: float
                    [make_footage(v, minutes, fps, seed=i) for i, v in enumerate(videos)])
     runs = [m for m in ("decider", "commentary", "poll") if m in methods or (m == "decider" and "novelty" in methods)]
     result: dict[str, Any] = {"machine": machine(), "fps": fps, "minutes": minutes, "window_s": window_s,
+                              "scorer": cfg.llm.instruction_scorer,
                               "interval_s": interval_s, "videos": []}
     with tempfile.TemporaryDirectory(prefix="livelens-timing-") as tmp:
         stack = Stack(cfg, Path(tmp))
