@@ -126,8 +126,8 @@ def make_footage(video: str, minutes: float, fps: float, seed: int = 0) -> Foota
             break
         label = labels[len(events) % len(labels)]
         first, count = int(round(t * fps)), int(round(length * fps))
-        images = needle_frames(image_path(EVENT_IMAGES[label][0]), count)
-        frames[first:first + count] = images
+        zoom = needle_frames(image_path(EVENT_IMAGES[label][0]), 6)  # a slow zoom in and out again
+        frames[first:first + count] = [zoom[5 - abs(5 - i % 10)] for i in range(count)]
         events.append(Event(first / fps, (first + count) / fps, label))
         t += length + rng.uniform(30.0, 60.0)
     return Footage(video, [encode_jpeg(f) for f in frames], fps, events)
