@@ -49,6 +49,10 @@ CATEGORIES: dict[str, tuple[range, ...]] = {
 # shipped projector's run is reproducible with them as they were).
 QUESTION_WORDS: dict[str, tuple[int, ...]] = {
     "airplane": (404, 895, 908),  # airliner, military aircraft, airplane wing
+    # taxicab, minivan, sports car, convertible, jeep, limousine, station wagon, race car,
+    # police van, ambulance, pickup truck: what people call a car ("tell me when a car comes")
+    "car": (468, 656, 817, 511, 609, 627, 436, 751, 734, 407, 717),
+    "truck": (717, 675, 864, 569, 555),  # pickup, moving van, tow, garbage, fire truck
 }
 
 
