@@ -47,7 +47,7 @@ from typing import Any
 from livelens.bench.e2e import machine
 from livelens.client import Alert, Answer, Client
 from livelens.config import LivelensConfig
-from livelens.labels import names_label
+from livelens.labels import names_label, with_article
 from livelens.records import encode_jpeg
 from livelens.stack import Stack, use_free_ports
 from livelens.video import read_frames, sample_video
@@ -192,7 +192,7 @@ async def stream_footage(client: Client, name: str, footage: Footage, labels: li
         ids: dict[str, str] = {}
         if method == "decider":
             for label in labels:
-                ids[await session.add_instruction(f"a {label} appears")] = label
+                ids[await session.add_instruction(f"{with_article(label)} appears")] = label
         polls: dict[str, tuple[str, float]] = {}  # request id -> (label or "", asked at)
 
         async def listen() -> None:
@@ -224,7 +224,7 @@ async def stream_footage(client: Client, name: str, footage: Footage, labels: li
             if method in ("commentary", "poll") and pts >= next_poll:
                 next_poll += interval_s
                 questions = ([("", COMMENTARY_QUESTION)] if method == "commentary" else
-                             [(label, POLL_QUESTION.format(what=f"a {label}")) for label in labels])
+                             [(label, POLL_QUESTION.format(what=with_article(label))) for label in labels])
                 for label, question in questions:
                     rid = await session.ask(question, max_tokens=2 if method == "poll" else 16, timeout_s=60)
                     polls[rid] = (label, pts)

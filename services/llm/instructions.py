@@ -262,8 +262,8 @@ class InstructionChecker:
             text.append(delta.text)
         tenant, stream_id = split_key(stream.stream_id)
         self.stats.alerts += 1
-        log.info("stream %s: instruction %s (%s) fired at %.1fs, P(yes) %.2f", stream.stream_id,
-                 w.instruction.instruction_id, w.what, pts_s, score)
+        log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s)", stream.stream_id,
+                 w.instruction.instruction_id, w.what, pts_s, score, "tags" if w.by_tags else "P(yes)")
         self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=request_id, proactive=True,
                                        final=True, text_delta="".join(text).strip(), stream_time_s=pts_s,
                                        instruction_id=w.instruction.instruction_id, score=score))
