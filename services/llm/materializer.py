@@ -203,17 +203,19 @@ class StreamingKVMaterializer:
 
     def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
         """On a shared KV directory, adopt the segments the last owner wrote (`kv_tag`: its
-        ids). Prefill the sink and window frames without KV in order, each attending to
-        those before it; then, in the background, the newest `llm.backfill_frames` of the
-        `stored` ones without KV, after the sink (in batches: each also after those before
-        it in its batch). Until then a question that retrieves one computes it (`kv_misses`)."""
+        ids) for every frame the stream holds (the ledger's chunks: no segment is read).
+        Prefill the sink and window frames without KV in order, each attending to those
+        before it; then, in the background, the `stored` ones without KV (the newest
+        retained chunks), after the sink (in batches: each also after those before it in its
+        batch). Until then a question that retrieves one computes it (`kv_misses`)."""
         s = self._stream(ctx.stream_id)
         s.ledger = kv
         adopted = 0
         if self.shared and kv_tag:
             s.tag = kv_tag
-            for frame in [*ctx.sink, *stored, *ctx.window]:
-                seg_id = self.frame_id(ctx.stream_id, frame.seq)
+            held = [f.seq for f in ctx.sink] + [seq for seqs in kv.chunks.values() for seq in seqs]
+            for seq in held + [f.seq for f in ctx.window]:
+                seg_id = self.frame_id(ctx.stream_id, seq)
                 if seg_id not in self.saved and self.store.summary(seg_id) is not None:
                     self._saved(seg_id, s)
                     adopted += 1
@@ -226,8 +228,7 @@ class StreamingKVMaterializer:
         frames = ctx.sink + list(ctx.window)
         s.queue.extend(_Pending(frame, frames[:i]) for i, frame in enumerate(frames) if missing(frame))
         sink = list(ctx.sink)
-        newest = stored[max(0, len(stored) - self.cfg.backfill_frames):]
-        s.backfill.extend(_Pending(frame, sink) for frame in newest if missing(frame))
+        s.backfill.extend(_Pending(frame, sink) for frame in stored if missing(frame))
         s.rebuild = _Rebuild(asyncio.get_running_loop().time(), adopted, len(s.queue) + len(s.backfill))
         if s.queue or s.backfill:
             if s.task is None or s.task.done():

@@ -220,7 +220,10 @@ class Stream:
         those after it once."""
         self.replaying = False
         self.context.frames_seen = self.replay_base[0] + self.replayed_beyond
-        self.res.materializer.rebuilt(self.context, self.kv, self.stored_frames(), self.replay_kv_tag)
+        c = self.res.cfg
+        self.res.materializer.rebuilt(self.context, self.kv,
+                                      self.stored_frames(newest_chunks=c.backfill_frames // c.chunk_frames),
+                                      self.replay_kv_tag)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
