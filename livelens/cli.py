@@ -1,4 +1,4 @@
-"""`livelens` command line: up, watch, bench, health.
+"""`livelens` command line: up, watch, bench, health, status.
 
 Exit codes: 0 success, 1 a runtime failure (with a sentence saying what), 2 bad usage or
 configuration.
@@ -218,6 +218,21 @@ def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def cmd_status(cfg: LivelensConfig, args: argparse.Namespace) -> int:
+    from livelens.status import KubeTarget, StatusError, collect, in_cluster, render
+
+    kube = None
+    if args.kube or args.namespace or args.release or args.context or in_cluster():
+        kube = KubeTarget(args.release or "livelens", args.namespace, args.context)
+    try:
+        report = collect(cfg, streams=args.stream, kube=kube, supervised=None if kube else _supervised(),
+                         timeout_s=args.timeout)
+    except StatusError as exc:
+        return _fail(str(exc), 2)
+    print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
+    return 0 if report.healthy else 1
+
+
 def _supervised() -> dict[str, Any]:
     """What the supervisor of a running `livelens up` says of its processes (nothing when
     no `livelens up` runs)."""
@@ -305,6 +320,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     h = sub.add_parser("health", help="ask the services whether they are serving")
     h.add_argument("--service", choices=["gateway", "encoder", "llm"])
+
+    st = sub.add_parser("status", help="consumer groups, partitions and lag, services' health, the release's pods "
+                                       "(exit 0 healthy, 1 not, 2 could not ask)")
+    st.add_argument("--json", action="store_true", help="print the report as JSON")
+    st.add_argument("--stream", action="append", default=[], metavar="TENANT/STREAM_ID",
+                    help="also say which partition and LLM replica hold this stream (repeatable)")
+    st.add_argument("--kube", action="store_true",
+                    help="also ask the Kubernetes API for the release's pods (implied in a pod with a service account)")
+    st.add_argument("--namespace", help="the release's namespace (default: the kubeconfig's, else default)")
+    st.add_argument("--release", help="the Helm release (default: livelens)")
+    st.add_argument("--context", help="kubeconfig context (default: the current one)")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for Kafka and Kubernetes (default 10)")
     return parser
 
 
@@ -353,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as exc:
             return _fail(f"configuration: {exc}", 2)
         handlers = {"up": cmd_up, "watch": cmd_watch, "bench": cmd_bench, "health": cmd_health,
-                    "models": cmd_models}
+                    "models": cmd_models, "status": cmd_status}
         return handlers[args.command](cfg, args)
     except KeyboardInterrupt:
         print(f"livelens {args.command}: interrupted; what it started is stopped", file=sys.stderr, flush=True)
