@@ -198,6 +198,10 @@ class LLMConfig:
     dialogue_turns: int = 4
     # How long a question waits for the frames sent before it to reach the context.
     frame_wait_s: float = 5.0
+    # Frame prefill waits (at most this long) while a question, check or remark generates:
+    # an answer's decode steps would otherwise share every engine step with a prefill and
+    # run at the prefill's pace. 0: prefill never waits.
+    prefill_yield_s: float = 5.0
     # Segment store: frames leaving the window, in chunks, kept for retrieval.
     chunk_frames: int = 1
     store_ram_mb: float = 256.0
@@ -474,8 +478,8 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     if c.checkpoint_every_frames < 1 or not c.stream_idle_s > 0:
         raise ConfigError(f"llm.checkpoint_every_frames must be >= 1 and llm.stream_idle_s > 0, got "
                           f"{c.checkpoint_every_frames} and {c.stream_idle_s}")
-    for name in ("frame_wait_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb", "temperature",
-                 "frequency_penalty"):
+    for name in ("frame_wait_s", "prefill_yield_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb",
+                 "temperature", "frequency_penalty"):
         value = getattr(c, name)
         if not value >= 0:  # also NaN
             raise ConfigError(f"llm.{name} must be >= 0, got {value}")

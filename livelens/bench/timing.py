@@ -20,8 +20,11 @@ stream of its own, one after another:
 
 Scoring, as the anchors do: an alert is a hit when it names an event's label and comes
 within `window_s` (2 s, StreamingBench) after the event's onset; each event takes its
-first hit. Precision (hits over alerts), recall (events hit), F1; the delay of each hit
-from its event's onset (TimeDiff: median and mean); the other alerts per 10 minutes;
+first hit. An alert's time is when the client got it (the stream runs in real time, so
+that is what a user waits for). Precision (hits over alerts), recall (events hit), F1; the
+delay of each hit from its event's onset (TimeDiff: median and mean; also the delay of
+the frame it was decided on, which leaves out the remark's generation and the relay);
+the other alerts per 10 minutes;
 PAUC (ProactiveBench's area under the response curve): per event, the share of its span
 [onset, end] after its first correct alert (exact match of the label), averaged over events.
 
@@ -75,11 +78,14 @@ class Event:
 
 @dataclass(frozen=True)
 class Said:
-    """Something a method said, at a stream time, about these labels."""
+    """Something a method said about these labels: `t` is when the client got it, in
+    stream time (the seconds since the stream's first frame was sent, in real time);
+    `frame_t` the stream time of the frame it was decided on."""
 
     t: float
     labels: tuple[str, ...]
     text: str
+    frame_t: float
 
 
 @dataclass
@@ -163,6 +169,11 @@ def score(events: list[Event], said: list[Said], minutes: float, window_s: float
     recall = len(first_hit) / len(events) if events else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     delays = [first_hit[i] - events[i].onset_s for i in sorted(first_hit)]
+    decided: dict[int, float] = {}
+    for s in sorted(said, key=lambda s: s.t):
+        for i, e in enumerate(events):
+            if e.label in s.labels and e.onset_s <= s.t <= e.onset_s + window_s:
+                decided.setdefault(i, s.frame_t - e.onset_s)
     pauc = []
     for e in events:
         correct = [s.t for s in said if e.label in s.labels and e.onset_s <= s.t <= e.end_s]
@@ -171,6 +182,7 @@ def score(events: list[Event], said: list[Said], minutes: float, window_s: float
     return {"precision": precision, "recall": recall, "f1": f1,
             "delay_median_s": statistics.median(delays) if delays else None,
             "delay_mean_s": statistics.fmean(delays) if delays else None,
+            "decision_delay_median_s": statistics.median(decided.values()) if decided else None,
             "false_alerts_per_10min": (len(said) - hits) / minutes * 10 if minutes else None,
             "pauc": statistics.fmean(pauc) if pauc else 0.0, "alerts": len(said), "hits": hits}
 
@@ -195,13 +207,16 @@ async def stream_footage(client: Client, name: str, footage: Footage, labels: li
                 ids[await session.add_instruction(f"{with_article(label)} appears")] = label
         polls: dict[str, tuple[str, float]] = {}  # request id -> (label or "", asked at)
 
+        t0 = time.monotonic()  # reset when the first frame goes
+
         async def listen() -> None:
             texts: dict[str, str] = {}
             async for e in session.events():
+                now = time.monotonic() - t0
                 if isinstance(e, Alert) and e.reason == "instruction" and e.instruction_id in ids:
-                    run.said["decider"].append(Said(e.stream_time_s, (ids[e.instruction_id],), e.text))
+                    run.said["decider"].append(Said(now, (ids[e.instruction_id],), e.text, e.stream_time_s))
                 elif isinstance(e, Alert) and e.reason == "scene_change" and "novelty" in run.said:
-                    run.said["novelty"].append(Said(e.stream_time_s, named(e.text, labels), e.text))
+                    run.said["novelty"].append(Said(now, named(e.text, labels), e.text, e.stream_time_s))
                 elif isinstance(e, Answer) and e.request_id in polls:
                     texts[e.request_id] = texts.get(e.request_id, "") + e.text
                     if e.final:
@@ -209,9 +224,9 @@ async def stream_footage(client: Client, name: str, footage: Footage, labels: li
                         text = texts.pop(e.request_id).strip()
                         if method == "poll":
                             if text.lower().lstrip("\"'").startswith("yes"):
-                                run.said["poll"].append(Said(e.stream_time_s, (label,), text))
+                                run.said["poll"].append(Said(now, (label,), text, e.stream_time_s))
                         else:
-                            run.said["commentary"].append(Said(e.stream_time_s, named(text, labels), text))
+                            run.said["commentary"].append(Said(now, named(text, labels), text, e.stream_time_s))
 
         listener = asyncio.create_task(listen())
         t0 = time.monotonic()
@@ -332,7 +347,8 @@ def run_timing(cfg: LivelensConfig, out: Path, videos: list[str], minutes: float
     for footage, video in zip(all_footage, result["videos"], strict=True):
         events += [Event(e.onset_s + offset, e.end_s + offset, e.label) for e in footage.events]
         for m in methods:
-            pooled[m] += [Said(x["t"] + offset, tuple(x["labels"]), x["text"]) for x in video["said"].get(m, [])]
+            pooled[m] += [Said(x["t"] + offset, tuple(x["labels"]), x["text"], x["frame_t"] + offset)
+                          for x in video["said"].get(m, [])]
         offset += len(footage.frames) / fps + 1000.0
     total_minutes = sum(len(f.frames) / fps / 60 for f in all_footage)
     result["methods"] = [{"name": m, **score(events, pooled[m], total_minutes, window_s)} for m in methods]
@@ -344,12 +360,16 @@ def run_timing(cfg: LivelensConfig, out: Path, videos: list[str], minutes: float
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     plot(result, out.with_suffix(".png"))
-    print(f"\n{'method':10s} {'P':>5s} {'R':>5s} {'F1':>5s} {'delay p50':>9s} {'mean':>6s} {'false/10m':>9s} "
-          f"{'PAUC':>5s}")
+    print(f"\n{'method':10s} {'P':>5s} {'R':>5s} {'F1':>5s} {'delay p50':>9s} {'mean':>6s} {'decided p50':>11s} "
+          f"{'false/10m':>9s} {'PAUC':>5s}")
+
+    def secs(v: float | None) -> str:
+        return f"{v:.2f}" if v is not None else "-"
+
     for m in result["methods"]:
-        med = f"{m['delay_median_s']:.2f}" if m["delay_median_s"] is not None else "-"
-        mean = f"{m['delay_mean_s']:.2f}" if m["delay_mean_s"] is not None else "-"
-        print(f"{m['name']:10s} {m['precision']:5.2f} {m['recall']:5.2f} {m['f1']:5.2f} {med:>9s} {mean:>6s} "
+        print(f"{m['name']:10s} {m['precision']:5.2f} {m['recall']:5.2f} {m['f1']:5.2f} "
+              f"{secs(m['delay_median_s']):>9s} {secs(m['delay_mean_s']):>6s} "
+              f"{secs(m['decision_delay_median_s']):>11s} "
               f"{m['false_alerts_per_10min']:9.1f} {m['pauc']:5.2f}")
     if verify_ms is not None and prefill_ms is not None:
         print(f"\ndecider: {verify_ms:.1f} ms a check (per frame per instruction; {result['checks_per_frame']:.1f} "

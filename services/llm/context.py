@@ -161,12 +161,14 @@ class StreamContext:
             self.dialogue.popleft()
 
     def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
-                retrieved: Sequence[FrameSegment] = (), note: str = "", dialogue: bool = True) -> ComposedContext:
+                retrieved: Sequence[FrameSegment] = (), note: str = "", dialogue: bool = True,
+                through_seq: int | None = None) -> ComposedContext:
         """The model's chat layout (`self.chat`) around the frames. `retrieved` frames (in
         time order) go between the sink and the window; `window_limit` trims the oldest
         window frames when the whole context would not fit the engine's length; `note` (see
-        `recall_note`) opens the question's turn; `dialogue`: the past turns before it."""
-        window = list(self.window)
+        `recall_note`) opens the question's turn; `dialogue`: the past turns before it;
+        `through_seq`: window frames after it are left out."""
+        window = [f for f in self.window if through_seq is None or f.seq <= through_seq]
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
         frames = self.sink + list(retrieved) + window

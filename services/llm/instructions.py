@@ -175,6 +175,7 @@ class CheckStats:
     check_s: float = 0.0  # wall time of the frames' checks, all instructions of a frame together
     skipped: int = 0  # new frames not checked: their stream's checks were still running (coalesced)
     alerts: int = 0
+    remark_s: float = 0.0  # generating the firings' remarks
     errors: int = 0
 
 
@@ -219,9 +220,13 @@ class InstructionChecker:
                 log.exception("stream %s: the instruction checks of frame %d failed", key, frame[0])
 
     async def check(self, stream: Stream, seq: int, pts_s: float) -> None:
-        deadline = time.monotonic() + self.cfg.frame_wait_s
-        while not stream.ready(seq) and time.monotonic() < deadline:  # its KV first (streaming KV)
-            await asyncio.sleep(0.01)
+        # The LLM's P(yes) reads the frame's KV: wait for its prefill (streaming KV). The
+        # classifier's tags came with the frame: checked at once, so a firing is not held
+        # back by the prefill queue (the remark computes what it lacks).
+        if any(not w.by_tags for w in stream.instructions.items.values()):
+            deadline = time.monotonic() + self.cfg.frame_wait_s
+            while not stream.ready(seq) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         due = stream.instructions.due(time.monotonic())
         newest = stream.newest_frame()  # the frame checked: `seq`, or a newer one already in
         if not due or newest is None:
@@ -258,12 +263,16 @@ class InstructionChecker:
         composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens)
         request_id = f"alert-{uuid.uuid4().hex[:12]}"
         text = []
+        t0, tokens = time.perf_counter(), 0
         async for delta in composed.materializer.generate(composed.context, request_id, c.instruction_remark_tokens):
             text.append(delta.text)
+            tokens = delta.num_tokens
         tenant, stream_id = split_key(stream.stream_id)
         self.stats.alerts += 1
-        log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s)", stream.stream_id,
-                 w.instruction.instruction_id, w.what, pts_s, score, "tags" if w.by_tags else "P(yes)")
+        self.stats.remark_s += time.perf_counter() - t0
+        log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s); remark of %d tokens in %.2fs",
+                 stream.stream_id, w.instruction.instruction_id, w.what, pts_s, score,
+                 "tags" if w.by_tags else "P(yes)", tokens, time.perf_counter() - t0)
         self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=request_id, proactive=True,
                                        final=True, text_delta="".join(text).strip(), stream_time_s=pts_s,
                                        instruction_id=w.instruction.instruction_id, score=score))

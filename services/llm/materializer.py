@@ -21,6 +21,7 @@ stream's tag goes into its checkpoint: on a KV directory the replicas share
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -126,6 +127,8 @@ class KVStats:
     disk_bytes: int = 0
     deleted: int = 0
     adopted: int = 0  # segments a rebuild found on the shared KV directory
+    prefill_waits: int = 0  # ingest requests held back while answers generated
+    prefill_wait_s: float = 0.0
 
 
 @dataclass
@@ -178,6 +181,9 @@ class StreamingKVMaterializer:
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
         self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
         self.stats = KVStats()
+        self.answering = 0  # questions, checks and remarks generating now
+        self.no_answers = asyncio.Event()  # set while `answering` is 0
+        self.no_answers.set()
 
     # --- ids -------------------------------------------------------------------------
     def _stream(self, stream_id: str) -> _StreamKV:
@@ -252,6 +258,7 @@ class StreamingKVMaterializer:
             batch = [source.popleft()]
             while source and len(batch) < self.MAX_INGEST_BATCH:
                 batch.append(source.popleft())
+            await self._yield_to_answers()
             try:
                 await self._ingest(stream_id, batch)
             except Exception:  # noqa: BLE001 - a failed ingest costs speed, not answers
@@ -261,6 +268,20 @@ class StreamingKVMaterializer:
             if live:
                 s.ingested_seq = batch[-1].frame.seq
         self._rebuild_done(stream_id, s)
+
+    async def _yield_to_answers(self) -> None:
+        """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):
+        vLLM puts a prefill in the same step as the answers' decodes, so each of their
+        tokens would take as long as the prefill. The frames that arrive meanwhile go
+        together in the next request."""
+        if self.no_answers.is_set() or not self.cfg.prefill_yield_s:
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.no_answers.wait(), self.cfg.prefill_yield_s)
+        self.stats.prefill_waits += 1
+        self.stats.prefill_wait_s += loop.time() - t0
 
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],
@@ -360,10 +381,17 @@ class StreamingKVMaterializer:
         loaded = sum(self.embedder.block_tokens(b) for b in composed.blocks[:len(load)])
         self.stats.questions_loaded_tokens += loaded
         self.stats.questions_computed_tokens += int(embeds.shape[0]) - loaded
-        async for delta in self.engine.generate(embeds, request_id, max_tokens,
-                                                kv_transfer_params={"load": load} if load else None,
-                                                logprobs=logprobs):
-            yield delta
+        self.answering += 1
+        self.no_answers.clear()
+        try:
+            async for delta in self.engine.generate(embeds, request_id, max_tokens,
+                                                    kv_transfer_params={"load": load} if load else None,
+                                                    logprobs=logprobs):
+                yield delta
+        finally:
+            self.answering -= 1
+            if not self.answering:
+                self.no_answers.set()
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:
         """Its segments are deleted, but those of a stream that `moved` on a shared KV

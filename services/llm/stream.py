@@ -353,12 +353,14 @@ class Stream:
         return frames[-1] if frames else None
 
     def compose_check(self, question: str, max_tokens: int) -> Composed:
-        """The context of a standing instruction's check or remark: the sink and the window,
-        on the service's own path (streaming KV: only this short tail is computed), no past
-        turns, and a note of what the newest frame showed (its tags)."""
+        """The context of a standing instruction's check or remark: the sink and the window
+        frames already prefilled, on the service's own path (streaming KV: only this short
+        tail is computed, never the prefill backlog), no past turns, and a note of what the
+        newest frame showed (its tags, which came with it)."""
         newest = self.newest_frame()
         note = recall_note([newest]) if newest is not None and self.res.cfg.recall_notes else ""
-        composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False)
+        composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False,
+                                        through_seq=self.res.materializer.ready_seq(self.context))
         return Composed(composed, [], self.res.materializer, tokens)
 
     def _fitted(self, question: str, max_tokens: int, **parts: Any) -> tuple[ComposedContext, int]:
