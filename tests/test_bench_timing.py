@@ -6,25 +6,29 @@ import json
 
 import pytest
 
-from livelens.bench.timing import Event, Said, load_events, named, score
+from livelens.bench.timing import Event, Said, load_events, named, score, scores
 
 EVENTS = [Event(10.0, 16.0, "cat"), Event(40.0, 44.0, "orange")]
 
 
 def test_a_timely_alert_naming_the_label_hits_and_a_late_one_is_false() -> None:
-    said = [Said(11.0, ("cat",), "a cat", 10.5),  # hit, 1 s after the onset
+    said = [Said(11.0, ("cat",), "a cat", 10.5),  # decided 0.5 s after the onset, got 1 s after it
             Said(11.8, ("cat",), "a cat again", 11.5),  # the same event again: a hit, not its first
-            Said(43.0, ("orange",), "an orange", 42.5)]  # 3 s after the onset: outside the 2 s window
-    s = score(EVENTS, said, minutes=1.0)
-    assert s["hits"] == 2 and s["alerts"] == 3
-    assert s["precision"] == pytest.approx(2 / 3)
-    assert s["recall"] == pytest.approx(0.5)
-    assert s["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert s["delay_median_s"] == pytest.approx(1.0)
-    assert s["decision_delay_median_s"] == pytest.approx(0.5)
-    assert s["false_alerts_per_10min"] == pytest.approx(10.0)
-    # PAUC: the cat's span after its first correct alert (5 of 6 s); the orange's after 43 s (1 of 4)
-    assert s["pauc"] == pytest.approx((5 / 6 + 1 / 4) / 2)
+            Said(43.0, ("orange",), "an orange", 41.5)]  # decided 1.5 s after the onset, got 3 s after it
+    s = scores(EVENTS, said, minutes=1.0)
+    assert s["hits"] == 3 and s["alerts"] == 3 and s["recall"] == 1.0 and s["f1"] == 1.0
+    assert s["delay_median_s"] == pytest.approx(1.0)  # 0.5 and 1.5
+    assert s["false_alerts_per_10min"] == 0.0
+    # PAUC: the cat's span after its first correct alert (5.5 of 6 s), the orange's (2.5 of 4)
+    assert s["pauc"] == pytest.approx((5.5 / 6 + 2.5 / 4) / 2)
+
+    a = s["arrival"]  # by arrival the orange's alert came too late: a miss, and a false alert
+    assert a["hits"] == 2 and a["alerts"] == 3
+    assert a["precision"] == pytest.approx(2 / 3) and a["recall"] == pytest.approx(0.5)
+    assert a["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert a["delay_median_s"] == pytest.approx(1.0)
+    assert a["false_alerts_per_10min"] == pytest.approx(10.0)
+    assert a["pauc"] == pytest.approx((5 / 6 + 1 / 4) / 2)
 
 
 def test_an_alert_naming_another_label_is_no_hit() -> None:

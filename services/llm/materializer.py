@@ -161,8 +161,6 @@ class _StreamKV:
 
 
 class StreamingKVMaterializer:
-    MAX_INGEST_BATCH = 8  # frames prefilled together when ingest falls behind
-
     def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig,
                  chat: ChatLayout = DEFAULT_CHAT) -> None:
         if engine.kv_store_dir is None:
@@ -256,7 +254,7 @@ class StreamingKVMaterializer:
             live = bool(s.queue)
             source = s.queue if live else s.backfill
             batch = [source.popleft()]
-            while source and len(batch) < self.MAX_INGEST_BATCH:
+            while source and len(batch) < self.cfg.max_prefill_batch_frames:
                 batch.append(source.popleft())
             await self._yield_to_answers()
             try:
