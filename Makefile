@@ -11,7 +11,7 @@ LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
 VIT_ONNX := model_repo/vision_vit/1/model.onnx model_repo/vision_vit_full/1/model.onnx
 
-.PHONY: all venv protos models helm samples up test test-unit lint bench clean
+.PHONY: all venv protos models helm samples up test test-unit lint bench wheel clean
 
 all: venv protos models
 
@@ -41,11 +41,11 @@ endif
 
 # The shipped projector weights and the model code are inputs: a change reruns the build,
 # which rebuilds only what no longer matches (model_info.json says what each was built from).
-PROJECTOR := livelens/models/weights/projector-mobilenetv2-smollm2.safetensors
-MODEL_CODE := $(wildcard livelens/models/*.py)
+PROJECTOR := livelens/dev/models/weights/projector-mobilenetv2-smollm2.safetensors
+MODEL_CODE := $(wildcard livelens/models/*.py livelens/dev/models/*.py)
 
 $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed $(PROJECTOR) $(MODEL_CODE)
-	$(PY) -m livelens.models.build
+	$(PY) -m livelens.dev.models.build
 	@touch $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)  # up to date (the build skips what is), newer than its inputs
 
 helm: build/bin/helm
@@ -79,5 +79,10 @@ lint: venv protos
 bench: venv protos models samples
 	$(VENV)/bin/livelens bench e2e
 
+# The package with its generated code: `pip install dist/livelens-*.whl` is the client alone,
+# `pip install 'dist/livelens-...whl[server]'` adds the services (README: The client alone).
+wheel: venv protos
+	$(PIP) wheel --quiet --no-deps -w dist .
+
 clean:
-	rm -rf build livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX) $(VIT_ONNX)
+	rm -rf build dist livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX) $(VIT_ONNX)

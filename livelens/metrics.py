@@ -17,7 +17,7 @@ from prometheus_client import REGISTRY, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from livelens.infra.ports import ensure_free
+from livelens.ports import ensure_free
 
 # Seconds: from a frame's or a question's few milliseconds to a CPU answer's tens of seconds.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)

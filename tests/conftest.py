@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from livelens.config import LivelensConfig, load_config
-from livelens.stack import use_free_ports
+from livelens.dev.stack import use_free_ports
 
 TOKENS = {"test-token": "acme", "beta-token": "beta"}
 
@@ -33,7 +33,7 @@ def stack_config() -> LivelensConfig:
 
 @pytest.fixture(scope="session")
 def stack() -> Iterator:
-    from livelens.stack import Stack, check_prerequisites
+    from livelens.dev.stack import Stack, check_prerequisites
 
     cfg = stack_config()
     try:

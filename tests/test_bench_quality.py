@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from livelens.bench.quality import model_repository, says_yes, summary
+from livelens.dev.bench.quality import model_repository, says_yes, summary
 
 
 def test_says_yes() -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from livelens.config import REPO_ROOT
-from livelens.infra.ports import free_port, is_free
+from livelens.ports import free_port, is_free
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

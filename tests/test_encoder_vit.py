@@ -14,12 +14,12 @@ import pytest
 from kafka.structs import TopicPartition
 
 from livelens import kafka as lk
-from livelens.bench.encoder import frame, frame_records
 from livelens.config import FeatureCacheConfig, LivelensConfig
+from livelens.dev.bench.encoder import frame, frame_records
 from livelens.identity import stream_key
-from livelens.infra.malloc import tune_malloc
-from livelens.infra.ports import free_port
+from livelens.malloc import tune_malloc
 from livelens.models.preprocess import FramePreprocessing, preprocess
+from livelens.ports import free_port
 from livelens.records import decode_image, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb

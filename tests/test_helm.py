@@ -1044,10 +1044,10 @@ def _engine_builds(spec: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_triton_builds_its_tensorrt_engine_on_the_node(default_docs: list[dict[str, Any]]) -> None:
-    """The init container runs exactly the trtexec command of `python -m livelens.models.tensorrt`
+    """The init container runs exactly the trtexec command of `python -m livelens.dev.models.tensorrt`
     (profile from configs/gpu.pbtxt) for each model Triton loads, and Triton loads only those,
     in that configuration."""
-    from livelens.models.tensorrt import profile_for, read_config, trtexec_command
+    from livelens.dev.models.tensorrt import profile_for, read_config, trtexec_command
 
     def expected(model: str) -> list[str]:
         models = Path(f"/models/{model}/1")

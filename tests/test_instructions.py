@@ -12,9 +12,9 @@ import pytest
 
 from livelens.client import Alert, Client, Refused
 from livelens.config import load_config
+from livelens.dev.train.data import image_path, needle_frames
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
-from livelens.train.data import image_path, needle_frames
 from livelens.v1 import messages_pb2 as pb
 from services.llm.instructions import InstructionError, InstructionSet, YesNo, subject
 from tests.test_integration import TOKEN, collect, frames_of

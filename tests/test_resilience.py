@@ -20,8 +20,8 @@ import yaml
 from livelens import health
 from livelens.client import Ack, Answer, Client, ItemError
 from livelens.config import REPO_ROOT, to_dict
-from livelens.infra.ports import free_port
-from livelens.infra.process import ManagedProcess
+from livelens.dev.infra.process import ManagedProcess
+from livelens.ports import free_port
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb

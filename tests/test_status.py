@@ -29,7 +29,7 @@ import yaml
 from livelens import kafka as lk
 from livelens import status
 from livelens.config import REPO_ROOT
-from livelens.infra.ports import free_port
+from livelens.ports import free_port
 
 RELEASE = "livelens"
 NAMESPACE = "video"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from livelens.infra.process import ManagedProcess, ProcessFailed, describe_exit, wait_all_ready
-from livelens.infra.supervisor import Supervisor, read_status
+from livelens.dev.infra.process import ManagedProcess, ProcessFailed, describe_exit, wait_all_ready
+from livelens.dev.infra.supervisor import Supervisor, read_status
 
 
 def child(tmp: Path, name: str, code: str) -> ManagedProcess:

@@ -15,8 +15,8 @@ import yaml
 from livelens import health
 from livelens.client import Client
 from livelens.config import REPO_ROOT, to_dict
-from livelens.infra.ports import free_port
-from livelens.infra.process import ManagedProcess
+from livelens.dev.infra.process import ManagedProcess
+from livelens.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -25,8 +25,8 @@ from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
 from livelens.identity import key_of
-from livelens.infra.malloc import tune_malloc
 from livelens.labels import imagenet_names
+from livelens.malloc import tune_malloc
 from livelens.metrics import record_lag, serve_metrics
 from livelens.models.preprocess import FramePreprocessing
 from livelens.records import BadImage, decode_image, set_tokens

@@ -23,8 +23,8 @@ from grpc_reflection.v1alpha import reflection
 
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
-from livelens.infra.ports import ensure_free
 from livelens.metrics import serve_metrics
+from livelens.ports import ensure_free
 from livelens.v1 import api_pb2, api_pb2_grpc
 from livelens.v1 import messages_pb2 as pb
 from services.gateway import metrics

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from livelens.infra.process import ManagedProcess, describe_exit, log_tail
+from livelens.dev.infra.process import ManagedProcess, describe_exit, log_tail
 
 log = logging.getLogger("livelens.supervisor")
 

@@ -28,11 +28,11 @@ from typing import Any
 import psutil
 
 from livelens import health
-from livelens.bench.e2e import machine
 from livelens.client import Ack, Answer, Client, ItemError, WatchSession
 from livelens.config import LivelensConfig
+from livelens.dev.bench.e2e import machine
+from livelens.dev.stack import Stack, use_free_ports
 from livelens.records import encode_jpeg
-from livelens.stack import Stack, use_free_ports
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from livelens.config import REPO_ROOT, TritonConfig
-from livelens.infra.malloc import malloc_env
-from livelens.infra.ports import ensure_free
-from livelens.infra.process import ManagedProcess
+from livelens.dev.infra.process import ManagedProcess
+from livelens.malloc import malloc_env
+from livelens.ports import ensure_free
 
 STUB_NAME = "triton_python_backend_stub"
 STAMP_NAME = ".livelens-layout.json"

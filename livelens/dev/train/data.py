@@ -22,9 +22,9 @@ import cv2
 import numpy as np
 import torch
 
+from livelens.dev.models.vision import MobileNetV2, load_mobilenet_v2
 from livelens.labels import imagenet_names
 from livelens.models.preprocess import preprocess_batch
-from livelens.models.vision import MobileNetV2, load_mobilenet_v2
 from livelens.video import OPENCV_SAMPLES, read_frames, sample_video
 
 # Images are named "<origin>:<file>"; videos by file name (livelens.video.sample_video).

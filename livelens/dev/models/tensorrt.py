@@ -1,6 +1,6 @@
 """Build the TensorRT engine of a Triton model from its ONNX, on a GPU node.
 
-    python -m livelens.models.tensorrt model_repo/vision_encoder          # -> 1/model.plan
+    python -m livelens.dev.models.tensorrt model_repo/vision_encoder          # -> 1/model.plan
 
 The optimization profile comes from the model's GPU configuration (configs/gpu.pbtxt):
 batch 1 (min) .. max_batch_size (max), optimized for the largest preferred batch size of
@@ -101,7 +101,7 @@ def find_trtexec() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m livelens.models.tensorrt", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m livelens.dev.models.tensorrt", description=__doc__.split("\n")[0])
     ap.add_argument("model_dir", type=Path, help="a Triton model directory (with 1/model.onnx, configs/gpu.pbtxt)")
     ap.add_argument("--version", default="1")
     ap.add_argument("--fp32", action="store_true", help="no fp16 kernels")

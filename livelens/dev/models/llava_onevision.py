@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from livelens.models.checkpoint import TEXT_ARCHITECTURES, Checkpoint, CheckpointError
+from livelens.dev.models.checkpoint import TEXT_ARCHITECTURES, Checkpoint, CheckpointError
 
 # The processor defaults of transformers' LLaVA-OneVision video processor (used only where
 # the checkpoint has no processor config).

@@ -23,11 +23,11 @@ import yaml
 from livelens import health
 from livelens import kafka as lk
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict
-from livelens.infra.broker import TansuBroker
-from livelens.infra.ports import ensure_free, free_port
-from livelens.infra.process import ManagedProcess, wait_all_ready
-from livelens.infra.supervisor import Supervisor
-from livelens.infra.triton import TritonServer
+from livelens.dev.infra.broker import TansuBroker
+from livelens.dev.infra.process import ManagedProcess, wait_all_ready
+from livelens.dev.infra.supervisor import Supervisor
+from livelens.dev.infra.triton import TritonServer
+from livelens.ports import ensure_free, free_port
 
 Progress = Callable[[str], None]
 

@@ -47,9 +47,9 @@ from typing import Any
 import numpy as np
 import psutil
 
-from livelens.bench.e2e import machine, percentile
-from livelens.bench.needle import FPS, VisionModel
 from livelens.config import LivelensConfig
+from livelens.dev.bench.e2e import machine, percentile
+from livelens.dev.bench.needle import FPS, VisionModel
 from livelens.video import read_frames, sample_video
 from services.llm.engine import VllmEngine
 from services.llm.materializer import StreamingKVMaterializer

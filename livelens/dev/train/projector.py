@@ -1,13 +1,13 @@
 """Align the MobileNetV2 encoder's projector with SmolLM2 (LLaVA stage 1, on a CPU).
 
-    python -m livelens.train.projector [--steps N] [--out PATH] ...   (or `livelens train projector`)
+    python -m livelens.dev.train.projector [--steps N] [--out PATH] ...   (or `livelens train projector`)
 
 Only the projector (LLaVA-1.5's `mlp2x_gelu`) trains; MobileNetV2 and the LLM stay
 frozen. The teacher is MobileNetV2's own ImageNet classifier, so no caption data set is
 needed: each training frame's answer names the classes the classifier sees in it.
 
 1. Features: MobileNetV2 feature grids of the training images (SPLIT in
-   livelens.train.data: package-shipped videos and stills, augmented) are computed once
+   livelens.dev.train.data: package-shipped videos and stills, augmented) are computed once
    and cached under build/train/.
 2. Warm start (cheap, no LLM): each of a grid's 49 tokens regresses onto the LLM's own
    word embedding of what the classifier sees at that position (the class names' input
@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from livelens.config import REPO_ROOT, LLMConfig
-from livelens.labels import category, imagenet_names, is_animal, listing, names_label, with_article
-from livelens.models.vision import TRAINED_PROJECTOR, MLPProjector, rms_rescale, seeded_projector
-from livelens.train.data import (  # noqa: F401 - re-exported for the benchmark
+from livelens.dev.models.vision import TRAINED_PROJECTOR, MLPProjector, rms_rescale, seeded_projector
+from livelens.dev.train.data import (  # noqa: F401 - re-exported for the benchmark
     SPLIT,
     FeatureSet,
     HeldOut,
@@ -57,6 +56,7 @@ from livelens.train.data import (  # noqa: F401 - re-exported for the benchmark
     teacher_probs,
     training_features,
 )
+from livelens.labels import category, imagenet_names, is_animal, listing, names_label, with_article
 
 DESCRIBE = ("What objects do you see?", "What do you see?", "Describe the video.")
 GROUNDING_QUESTION = DESCRIBE[0]
@@ -452,8 +452,8 @@ def plot_losses(warm: list[float], align_log: list[float], path: Path, title: st
 def export_encoder_onnx(path: str | Path, projector: str, seed: int = 0) -> Path:
     """The encoder with the given projector ("trained": the shipped weights; "seeded": the
     chance baseline) as ONNX: the served interface, sized and scaled for the built LLM."""
-    from livelens.models import llm as llm_build
-    from livelens.models.vision import build_vision_encoder, export_onnx
+    from livelens.dev.models import llm as llm_build
+    from livelens.dev.models.vision import build_vision_encoder, export_onnx
 
     hidden, target_rms = llm_build.embedding_rms(LLMConfig().model_path)
     return export_onnx(build_vision_encoder(None, hidden, target_rms, seed, projector=projector), path)
@@ -505,7 +505,7 @@ def train(opts: Options) -> dict[str, Any]:
                 f"(seeded {seeded['top1']:.2f} / {seeded['top3']:.2f})")
     groups = sorted(fs.groups)
     summary = {
-        "command": "python -m livelens.train.projector " + " ".join(_argv_of(opts)),
+        "command": "python -m livelens.dev.train.projector " + " ".join(_argv_of(opts)),
         "seed": opts.seed, "views_per_image": opts.views, "warm_epochs": opts.warm_epochs,
         "frame_share": opts.frame_share, "name_embedding": opts.name_embedding, "anchor": opts.anchor,
         "warm_steps": len(warm_log), "align_steps": opts.steps, "batch": opts.batch, "lr": opts.lr,

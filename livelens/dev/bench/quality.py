@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from livelens.bench.e2e import machine, percentile
 from livelens.config import LivelensConfig
+from livelens.dev.bench.e2e import machine, percentile
 from livelens.identity import stream_key
 from livelens.records import encode_jpeg
 from livelens.v1 import messages_pb2 as pb
@@ -177,7 +177,7 @@ def video_frames(name: str, fps: float, max_seconds: float | None = None) -> lis
 
 async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any) -> dict[str, Any]:
     """Per sample: a stream of three frames (1 s at 2 fps) ending on the sampled frame."""
-    from livelens.train.projector import names_label
+    from livelens.dev.train.projector import names_label
 
     scores: dict[str, list[tuple[bool, bool]]] = {"trained": [], "seeded": [], "tags": [], "text_labels": []}
     samples: list[dict[str, Any]] = []
@@ -217,7 +217,7 @@ async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any
 async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle: list[np.ndarray], label: str, kind: str,
                      minutes: float, depth: float, fps: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]],
                                                                         float | None]:
-    from livelens.train.projector import names_label
+    from livelens.dev.train.projector import names_label
 
     n = max(len(needle) + 1, int(minutes * 60 * fps))
     at = int(depth * (n - len(needle)))
@@ -274,9 +274,9 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
                 haystack: str | None = None, needle: str | None = None, label: str | None = None,
                 kind: str = "animal", haystack_fps: float = 0.1, grounding_per_video: int = 10,
                 skip: tuple[str, ...] = ()) -> int:
-    from livelens.infra.ports import free_port
-    from livelens.infra.triton import TritonServer
-    from livelens.train import projector as proj
+    from livelens.dev.infra.triton import TritonServer
+    from livelens.dev.train import projector as proj
+    from livelens.ports import free_port
 
     t_start = time.perf_counter()
     cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv", temperature=0.0))

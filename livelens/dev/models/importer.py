@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from livelens.models.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+from livelens.dev.models.checkpoint import Checkpoint, CheckpointError, read_checkpoint
 from livelens.models.spec import ModelSpec, Preprocessing, SpecError, chat_layout
 
-BACKEND_FILE = Path(__file__).resolve().parents[2] / "model_repo" / "vision_encoder" / "1" / "model.py"
+BACKEND_FILE = Path(__file__).resolve().parents[3] / "model_repo" / "vision_encoder" / "1" / "model.py"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ONNX_TOLERANCE = 1e-3  # max |ONNX - PyTorch| over a random batch, relative to the tokens' max
 
@@ -38,7 +38,7 @@ def _config_pbtxt(name: str, prep: dict, tokens: int, hidden: int, dtype: str, g
     size = prep["size"]
     triton_dtype = {"float16": "TYPE_FP16", "float32": "TYPE_FP32"}[dtype]
     head = (f'# {name}: frames -> video tokens, imported by `livelens models import`.\n'
-            + ('# GPU nodes: a TensorRT plan built from 1/model.onnx (python -m livelens.models.tensorrt).\n'
+            + ('# GPU nodes: a TensorRT plan built from 1/model.onnx (python -m livelens.dev.models.tensorrt).\n'
                f'name: "{name}"\nplatform: "tensorrt_plan"\ndefault_model_filename: "model.plan"\n' if gpu else
                '# CPU: ONNX Runtime inside the Python backend (the tritonserver here ships no onnxruntime backend).\n'
                f'name: "{name}"\nbackend: "python"\n'))
@@ -105,7 +105,7 @@ def import_checkpoint(checkpoint: str | Path, name: str | None, model_repo: Path
                       progress: Callable[[str], None] = lambda m: print(f"[import] {m}", flush=True)) -> ModelSpec:
     import torch
 
-    from livelens.models import llava_onevision as family
+    from livelens.dev.models import llava_onevision as family
 
     t0 = time.monotonic()
     ckpt = read_checkpoint(checkpoint)

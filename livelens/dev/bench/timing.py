@@ -48,12 +48,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from livelens.bench.e2e import machine
 from livelens.client import Alert, Answer, Client
 from livelens.config import LivelensConfig
+from livelens.dev.bench.e2e import machine
+from livelens.dev.stack import Stack, use_free_ports
 from livelens.labels import names_label, with_article
 from livelens.records import encode_jpeg
-from livelens.stack import Stack, use_free_ports
 from livelens.video import read_frames, sample_video
 
 # Images whose class the vision model's classifier names (its top classes that the label
@@ -117,7 +117,7 @@ def load_events(path: str | Path) -> list[Event]:
 
 def make_footage(video: str, minutes: float, fps: float, seed: int = 0) -> Footage:
     """`video` looped to `minutes`, with an event image cut in every 30-60 s for 3-10 s."""
-    from livelens.train.data import image_path, needle_frames
+    from livelens.dev.train.data import image_path, needle_frames
 
     background = [f.rgb for f in read_frames(sample_video(video), fps)]
     n = int(minutes * 60 * fps)

@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from livelens.bench.e2e import machine
 from livelens.config import FeatureCacheConfig, LivelensConfig
+from livelens.dev.bench.e2e import machine
 from livelens.records import encode_jpeg, get_tokens
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
@@ -160,9 +160,9 @@ def _row(row: dict[str, Any]) -> str:
 
 def run_encoder(cfg: LivelensConfig, out: Path, seconds: float = 60.0, videos: list[str] | None = None,
                 streams: list[int] | None = None, fps: float = 2.0, backbone: str = "vit") -> int:
-    from livelens.infra.malloc import tune_malloc
-    from livelens.infra.ports import free_port
-    from livelens.infra.triton import TritonServer
+    from livelens.dev.infra.triton import TritonServer
+    from livelens.malloc import tune_malloc
+    from livelens.ports import free_port
 
     tune_malloc()  # as the encoder service does
     t_start = time.perf_counter()

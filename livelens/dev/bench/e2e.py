@@ -22,7 +22,7 @@ from typing import Any
 
 from livelens.client import Client
 from livelens.config import LivelensConfig
-from livelens.stack import Stack, use_free_ports
+from livelens.dev.stack import Stack, use_free_ports
 from livelens.subscriber import TopicSubscriber
 from livelens.video import sample_video
 from livelens.watcher import ScheduledQuestion, WatchReport, watch_video
