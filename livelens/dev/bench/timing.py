@@ -299,9 +299,11 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.text(e["onset_s"], len(METHODS) - 0.4, e["label"], fontsize=7)
         for row, method in enumerate(METHODS):
             said = video["said"].get(method, [])
-            ax.scatter([s["t"] for s in said], [row] * len(said), marker="|", s=120)
+            color = f"C{row}"
+            ax.scatter([s["frame_t"] for s in said], [row + 0.2] * len(said), marker="v", s=18, color=color)
+            ax.scatter([s["t"] for s in said], [row] * len(said), marker="|", s=120, color=color)
         ax.set_yticks(range(len(METHODS)), METHODS)
-        ax.set_xlabel("stream time (s)")
+        ax.set_xlabel("stream time (s): ▼ the frame it was decided on, | when the client got it")
         ax.set_title(f"{video['name']}: events (green) and what each method said")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
