@@ -269,10 +269,11 @@ class InstructionChecker:
             tokens = delta.num_tokens
         tenant, stream_id = split_key(stream.stream_id)
         self.stats.alerts += 1
-        self.stats.remark_s += time.perf_counter() - t0
+        took = time.perf_counter() - t0
+        self.stats.remark_s += took
         log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s); remark of %d tokens in %.2fs",
                  stream.stream_id, w.instruction.instruction_id, w.what, pts_s, score,
-                 "tags" if w.by_tags else "P(yes)", tokens, time.perf_counter() - t0)
+                 "tags" if w.by_tags else "P(yes)", tokens, took)
         self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=request_id, proactive=True,
                                        final=True, text_delta="".join(text).strip(), stream_time_s=pts_s,
                                        instruction_id=w.instruction.instruction_id, score=score))
