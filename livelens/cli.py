@@ -237,11 +237,9 @@ def cmd_health(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 
 def cmd_status(cfg: LivelensConfig, args: argparse.Namespace) -> int:
-    from livelens.status import KubeTarget, StatusError, collect, in_cluster, render
+    from livelens.status import KubeTarget, StatusError, collect, render
 
-    kube = None
-    if args.kube or args.namespace or args.release or args.context or in_cluster():
-        kube = KubeTarget(args.release or "livelens", args.namespace, args.context)
+    kube = KubeTarget(args.release or "livelens", args.namespace, args.context) if _wants_kube(args) else None
     try:
         report = collect(cfg, streams=args.stream, kube=kube, supervised=None if kube else _supervised(),
                          timeout_s=args.timeout)
@@ -249,6 +247,13 @@ def cmd_status(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         return _fail(str(exc), 2)
     print(json.dumps(report.to_dict(), indent=1) if args.json else render(report))
     return 0 if report.healthy else 1
+
+
+def _wants_kube(args: argparse.Namespace) -> bool:
+    """`livelens status` asks the Kubernetes API too: asked to, or running in a pod."""
+    from livelens.status import in_cluster
+
+    return bool(args.kube or args.namespace or args.release or args.context) or in_cluster()
 
 
 def _supervised() -> dict[str, Any]:
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     # started us with it ignored (background jobs).
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
-    extra = _missing_extra(args.command, kube=bool(getattr(args, "kube", False)))
+    extra = _missing_extra(args.command, kube=args.command == "status" and _wants_kube(args))
     if extra is not None:
         return _fail(f"livelens {args.command} needs the {extra} extra, which this install leaves out: "
                      f"pip install 'livelens[{extra}]'", 2)
