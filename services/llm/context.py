@@ -38,6 +38,7 @@ class FrameSegment:
     tags: tuple[str, ...] = ()
     tag_scores: tuple[float, ...] = ()  # each tag's probability (1.0 where not given)
     offset: int = field(default=-1, compare=False)  # its tokens record's offset (checkpoints)
+    sent_unix: float = field(default=0.0, compare=False)  # when the gateway took it (0: not known)
 
     @property
     def num_tokens(self) -> int:

@@ -24,9 +24,10 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -34,6 +35,7 @@ import numpy as np
 
 from livelens.config import LLMConfig
 from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from services.llm import metrics
 from services.llm.context import (
     Block,
     ComposedContext,
@@ -71,6 +73,15 @@ class Materializer(Protocol):
         """The newest frame a question can use at full speed."""
         ...
 
+    def behind_s(self, stream_id: str) -> float:
+        """How long the stream's oldest frame still waiting for its prefill has waited
+        since it reached the service (0: none waits)."""
+        ...
+
+    # Called with a stream's key when its prefill has caught up (nothing waits): the
+    # service then adds the frames it held back meanwhile (`Stream.take_coalesced`).
+    on_caught_up: Callable[[str], None] | None
+
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
         ...
@@ -88,6 +99,7 @@ class RecomputeMaterializer:
     # (computed with another context before them) are in vLLM's prefix cache under the
     # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
     cache_salt: str | None = None
+    on_caught_up: Callable[[str], None] | None = None  # never called: nothing waits for prefill
 
     def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
         return
@@ -103,6 +115,9 @@ class RecomputeMaterializer:
 
     def ready_seq(self, ctx: StreamContext) -> int:
         return ctx.last_seq
+
+    def behind_s(self, stream_id: str) -> float:
+        return 0.0
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -129,12 +144,16 @@ class KVStats:
     adopted: int = 0  # segments a rebuild found on the shared KV directory
     prefill_waits: int = 0  # ingest requests held back while answers generated
     prefill_wait_s: float = 0.0
+    # Over ingest requests: how many were in flight (itself included) when each started.
+    # Divided by ingest_requests: how many vLLM could batch into one step on average.
+    ingest_in_flight_sum: int = 0
 
 
 @dataclass
 class _Pending:
     frame: FrameSegment
     preceding: list[FrameSegment]  # sink + window before the frame, when it arrived
+    arrived: float = field(default_factory=time.time)  # when it reached this service
 
 
 @dataclass
@@ -158,6 +177,7 @@ class _StreamKV:
     rebuild: _Rebuild | None = None  # until the rebuild's prefills are done
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
+    in_flight: list[_Pending] = field(default_factory=list)  # live frames in the engine now
 
 
 class StreamingKVMaterializer:
@@ -182,6 +202,12 @@ class StreamingKVMaterializer:
         self.answering = 0  # questions, checks and remarks generating now
         self.no_answers = asyncio.Event()  # set while `answering` is 0
         self.no_answers.set()
+        # Prefill requests of all streams in flight at once: vLLM schedules the requests it
+        # holds into one engine step, so several streams' frames are prefilled together.
+        # The waiters are served in turn (asyncio's semaphore is FIFO): no stream starves.
+        self.prefill_slots = asyncio.Semaphore(cfg.prefill_concurrency) if cfg.prefill_concurrency > 0 else None
+        self.in_flight = 0  # ingest requests in the engine
+        self.on_caught_up: Callable[[str], None] | None = None
 
     # --- ids -------------------------------------------------------------------------
     def _stream(self, stream_id: str) -> _StreamKV:
@@ -251,21 +277,38 @@ class StreamingKVMaterializer:
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
         while s.queue or s.backfill:
-            live = bool(s.queue)
-            source = s.queue if live else s.backfill
-            batch = [source.popleft()]
-            while source and len(batch) < self.cfg.max_prefill_batch_frames:
-                batch.append(source.popleft())
-            await self._yield_to_answers()
-            try:
-                await self._ingest(stream_id, batch)
-            except Exception:  # noqa: BLE001 - a failed ingest costs speed, not answers
-                self.stats.ingest_errors += 1
-                log.exception("stream %s: prefill of frames %d..%d failed; questions will compute them",
-                              stream_id, batch[0].frame.seq, batch[-1].frame.seq)
+            async with self.prefill_slots or contextlib.nullcontext():
+                await self._yield_to_answers()
+                # taken only now: the frames that came while this stream waited go together
+                live = bool(s.queue)
+                source = s.queue if live else s.backfill
+                batch = [source.popleft()]
+                while source and len(batch) < self.cfg.max_prefill_batch_frames:
+                    batch.append(source.popleft())
+                s.in_flight = batch if live else []
+                try:
+                    await self._ingest(stream_id, batch)
+                except Exception:  # noqa: BLE001 - a failed ingest costs speed, not answers
+                    self.stats.ingest_errors += 1
+                    log.exception("stream %s: prefill of frames %d..%d failed; questions will compute them",
+                                  stream_id, batch[0].frame.seq, batch[-1].frame.seq)
+                finally:
+                    s.in_flight = []
             if live:
                 s.ingested_seq = batch[-1].frame.seq
+                now = time.time()
+                for p in batch:
+                    metrics.FRAME_TO_KV.observe(max(0.0, now - (p.frame.sent_unix or p.arrived)))
+                if not s.queue and self.on_caught_up is not None:
+                    self.on_caught_up(stream_id)  # may queue the frames held back meanwhile
         self._rebuild_done(stream_id, s)
+
+    def behind_s(self, stream_id: str) -> float:
+        s = self.streams.get(stream_id)
+        if s is None:
+            return 0.0
+        oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
     async def _yield_to_answers(self) -> None:
         """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):
@@ -290,9 +333,14 @@ class StreamingKVMaterializer:
         embeds = self.embedder.embed(ComposedContext(blocks))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        async for _ in self.engine.generate(embeds, f"ingest-{uuid.uuid4().hex[:12]}", 1,
-                                            kv_transfer_params={"load": load, "save": save}):
-            pass
+        self.in_flight += 1
+        self.stats.ingest_in_flight_sum += self.in_flight
+        try:
+            async for _ in self.engine.generate(embeds, f"ingest-{uuid.uuid4().hex[:12]}", 1,
+                                                kv_transfer_params={"load": load, "save": save}):
+                pass
+        finally:
+            self.in_flight -= 1
         self.stats.ingest_s += loop.time() - t0
         self.stats.ingest_requests += 1
         self.stats.frames_ingested += len(batch)

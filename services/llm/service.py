@@ -32,7 +32,7 @@ from kafka.structs import OffsetAndMetadata
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
-from livelens.identity import key_of
+from livelens.identity import key_of, split_key
 from livelens.metrics import record_lag, serve_metrics
 from livelens.models.spec import served_chat
 from livelens.records import get_tokens
@@ -56,6 +56,7 @@ class LLMStats:
     frames: int = 0
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
+    coalesced: int = 0  # frames held back while their stream's prefill was behind (llm.max_context_lag_s)
     questions: int = 0
     errors: int = 0
     cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
@@ -139,6 +140,8 @@ class LLMService:
         self.handled: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset handled
         # checks new frames against standing instructions (set up with the engine, in `run`)
         self.checker: InstructionChecker | None = None
+        if res is not None:
+            res.materializer.on_caught_up = self.take_coalesced
 
     # --- state -----------------------------------------------------------------------
     def stream(self, key: str, session_id: str = "", partition: int = -1) -> Stream:
@@ -188,23 +191,38 @@ class LLMService:
             stream.add_example(rec.query_request_id, tokens)
             return
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
-                           tag_scores=tuple(rec.tag_scores), offset=offset)
+                           tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix)
         if added is Added.FRAME:
-            self.stats.frames += 1
-            if not stream.replaying:
-                metrics.TENANT_FRAMES.labels(rec.tenant).inc()
-                if rec.gateway_time_unix:
-                    metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - rec.gateway_time_unix))
-            if self.checker is not None and not stream.replaying:
-                self.checker.frame_added(stream, rec.seq, rec.pts_s)
-            self.unsaved[key] = self.unsaved.get(key, 0) + 1
-            # not mid-replay: the checkpoint being replayed says more (and names the KV)
-            if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames and not stream.replaying:
-                self.save_checkpoint(stream)
+            self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
+        elif added is Added.COALESCED:
+            self.stats.coalesced += 1
+            metrics.FRAMES_COALESCED.labels(rec.tenant).inc()
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
         else:
             self.stats.duplicates += 1
+
+    def frame_taken(self, stream: Stream, seq: int, pts_s: float, sent_unix: float) -> None:
+        """A frame entered the stream's context (with those held back before it, if any)."""
+        self.stats.frames += 1
+        if not stream.replaying:
+            metrics.TENANT_FRAMES.labels(split_key(stream.stream_id)[0]).inc()
+            if sent_unix:
+                metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - sent_unix))
+        if self.checker is not None and not stream.replaying:
+            self.checker.frame_added(stream, seq, pts_s)
+        key = stream.stream_id
+        self.unsaved[key] = self.unsaved.get(key, 0) + 1
+        # not mid-replay: the checkpoint being replayed says more (and names the KV)
+        if self.unsaved[key] >= self.cfg.llm.checkpoint_every_frames and not stream.replaying:
+            self.save_checkpoint(stream)
+
+    def take_coalesced(self, key: str) -> None:
+        """The frames a stream held back go in now (its prefill caught up, or a question needs them)."""
+        stream = self.streams.get(key)
+        frame = stream.take_coalesced() if stream is not None and not stream.replaying else None
+        if stream is not None and frame is not None:
+            self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix)
 
     def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
         kind = rec.WhichOneof("command")
@@ -322,13 +340,15 @@ class LLMService:
         ask = cmd.ask
         example_id = ask.request_id if ask.has_example else None
         # The question overtakes the frames sent just before it and its example image
-        # (both go through the encoder first, and on the streaming-KV path through their
-        # prefill): wait, bounded, until they are here.
+        # (both go through the encoder first): wait, bounded, until they are here. Not for
+        # their prefill: the question computes what is not prefilled yet, so it does not
+        # queue behind other streams' frames.
         waited = time.monotonic()
         deadline = waited + c.frame_wait_s
-        while not stream.ready(ask.after_seq, example_id) and time.monotonic() < deadline:
+        while not stream.arrived(ask.after_seq, example_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
+        self.take_coalesced(stream.stream_id)  # held-back frames: the question sees them
         t0 = time.perf_counter()
         # the gateway checks it; a producer writing to the commands topic directly is capped here
         max_tokens = min(ask.max_tokens, c.max_answer_tokens) if ask.max_tokens > 0 else c.max_answer_tokens
@@ -345,7 +365,11 @@ class LLMService:
                                    context_tokens=composed.tokens, context_frames=len(composed.context.frames),
                                    context_seqs=[f.seq for f in composed.context.frames],
                                    frames_seen=stream.context.frames_seen, held_frames=stream.held_frames(),
-                                   context_method=method.value or c.materializer)
+                                   context_method=method.value or c.materializer,
+                                   frames_coalesced=stream.frames_coalesced)
+        newest = max(composed.context.frames, key=lambda f: f.seq, default=None)
+        if newest is not None and newest.sent_unix:
+            timings.context_lag_s = max(0.0, time.time() - newest.sent_unix)
         text: list[str] = []
         stream_time = composed.context.newest_pts_s
         # Past the asker's deadline nobody waits for the answer: stop it, in the engine too
@@ -492,6 +516,7 @@ class LLMService:
             kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
         engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
         res = self.res
+        res.materializer.on_caught_up = self.take_coalesced
         self.checker = InstructionChecker(cfg.llm, YesNo(res.embedder.text_ids), self.publish_alert)
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,

@@ -60,6 +60,38 @@ class Added(enum.Enum):
     FRAME = "frame"  # new visual tokens entered the context
     UNCHANGED = "unchanged"  # the encoder found the frame unchanged: seen, nothing new to add
     DUPLICATE = "duplicate"  # redelivered or stale: ignored
+    COALESCED = "coalesced"  # held back (the prefill is behind): it goes in with a later frame
+
+
+@dataclass
+class Coalesced:
+    """Frames held back while their stream's prefill was behind, folded into one: at each
+    grid position any of them changed, the newest token (the encoder sends only changed
+    positions, so nothing they showed is lost), their tags at their likeliest, and the
+    newest one's seq and time."""
+
+    seq: int
+    pts_s: float
+    sent_unix: float
+    offset: int  # the first one's: a checkpoint's replay must start there
+    tokens: np.ndarray  # [grid, hidden]
+    kept: np.ndarray  # bool [grid]
+    tags: dict[str, float] = field(default_factory=dict)
+    frames: int = 0
+
+    def fold(self, frame: FrameSegment) -> None:
+        self.tokens[frame.kept] = frame.tokens
+        self.kept |= frame.kept
+        self.seq, self.pts_s, self.sent_unix = frame.seq, frame.pts_s, frame.sent_unix or self.sent_unix
+        for tag, score in frame.scored_tags():
+            self.tags[tag] = max(score, self.tags.get(tag, 0.0))
+        self.frames += 1
+
+    def frame(self, pooled: np.ndarray | None) -> FrameSegment:
+        tags = sorted(self.tags.items(), key=lambda t: -t[1])
+        return FrameSegment(self.seq, self.pts_s, self.tokens[self.kept], self.kept.copy(), pooled=pooled,
+                            tags=tuple(t for t, _ in tags), tag_scores=tuple(p for _, p in tags),
+                            offset=self.offset, sent_unix=self.sent_unix)
 
 
 @dataclass
@@ -134,6 +166,9 @@ class Stream:
     replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
     instructions: InstructionSet = field(init=False)  # standing instructions, checked on each frame
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
+    # Backpressure (llm.max_context_lag_s): the frames held back while the prefill is behind.
+    coalesced: Coalesced | None = None
+    frames_coalesced: int = 0
 
     def __post_init__(self) -> None:
         c = self.res.cfg
@@ -146,32 +181,73 @@ class Stream:
 
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
-            tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = (), offset: int = -1) -> Added:
+            tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = (), offset: int = -1,
+            sent_unix: float = 0.0) -> Added:
         """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
-        their probabilities), in order; `offset`: its tokens record's."""
+        their probabilities), in order; `offset`: its tokens record's; `sent_unix`: when the
+        gateway took it.
+
+        Backpressure: while the stream's oldest frame waiting for prefill has waited more
+        than `llm.max_context_lag_s`, a new frame is held back (`Added.COALESCED`) and folded
+        into the next one that goes in (`Coalesced`), or goes in on its own when the prefill
+        has caught up (`take_coalesced`). So the context lags the stream by about that bound
+        plus one prefill, and takes fewer, fuller frames when the engine cannot keep up."""
         self.last_record_s = time.monotonic()
-        added = self._add(seq, pts_s, tokens, kept, unchanged, tags, tag_scores, offset)
+        added = self._add(seq, pts_s, tokens, kept, unchanged, tags, tag_scores, offset, sent_unix)
         if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
             self.replayed_beyond += 1
         return added
 
     def _add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool,
-             tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int) -> Added:
+             tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int, sent_unix: float) -> Added:
+        c = self.coalesced
         if unchanged or not tokens.shape[0]:
+            if c is not None and seq > c.seq:  # the same picture, later: the held frames stand for it
+                c.seq, c.pts_s, c.frames = seq, pts_s, c.frames + 1
+                return Added.UNCHANGED
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
-        if seq <= self.context.last_seq:
+        if seq <= max(self.context.last_seq, c.seq if c is not None else -1):
             return Added.DUPLICATE
         if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
-                             offset=offset)
+                             offset=offset, sent_unix=sent_unix)
+        lag = self.res.cfg.max_context_lag_s
+        if not self.replaying and lag > 0 and self.res.materializer.behind_s(self.stream_id) > lag:
+            self._hold(frame)
+            self.frames_coalesced += 1
+            return Added.COALESCED
+        if c is not None:  # this frame carries those held back before it
+            self._hold(frame)
+            self.take_coalesced()
+        else:
+            self._enter(frame)
+        return Added.FRAME
+
+    def _hold(self, frame: FrameSegment) -> None:
+        if self.coalesced is None:
+            self.coalesced = Coalesced(frame.seq, frame.pts_s, frame.sent_unix, frame.offset,
+                                       np.zeros((frame.kept.size, frame.tokens.shape[1]), frame.tokens.dtype),
+                                       np.zeros(frame.kept.size, bool))
+        self.coalesced.fold(frame)
+
+    def take_coalesced(self) -> FrameSegment | None:
+        """The frames held back go into the context, as one frame; None when none are held."""
+        c, self.coalesced = self.coalesced, None
+        if c is None:
+            return None
+        frame = c.frame(pooled=self.held.mean(0) if self.held is not None else None)
+        self._enter(frame)
+        self.context.frames_seen += c.frames - 1  # each frame it stands for is taken once
+        return frame
+
+    def _enter(self, frame: FrameSegment) -> None:
         self.context.add_frame(frame)
         if any(f is frame for f in self.context.sink):
-            self.kv.add_sink(seq)
+            self.kv.add_sink(frame.seq)
         if not self.replaying:
             self.res.materializer.frame_added(self.context, frame, self.kv)
-        return Added.FRAME
 
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
@@ -232,9 +308,15 @@ class Stream:
             self.examples.pop(next(iter(self.examples)))
 
     def ready(self, after_seq: int, example_request_id: str | None = None) -> bool:
-        """Whether a question asked after frame `after_seq` (with that example) can be answered."""
+        """Whether frame `after_seq` (and that example) is in the context with its KV."""
         return (self.res.materializer.ready_seq(self.context) >= after_seq
                 and (example_request_id is None or example_request_id in self.examples))
+
+    def arrived(self, after_seq: int, example_request_id: str | None = None) -> bool:
+        """Whether frame `after_seq` (and that example) reached the stream, held back or not:
+        a question need not wait for the prefill (it computes what is not prefilled yet)."""
+        seq = max(self.context.last_seq, self.coalesced.seq if self.coalesced is not None else -1)
+        return seq >= after_seq and (example_request_id is None or example_request_id in self.examples)
 
     def add_turn(self, question: str, answer: str) -> None:
         self.context.add_turn(question, answer)

@@ -1,0 +1,116 @@
+"""Backpressure in the LLM service (`llm.max_context_lag_s`): while a stream's prefill is
+behind, its new frames are held back and folded into the next frame that goes in, through
+the service's own handlers (`LLMService.on_tokens`, `take_coalesced`).
+
+How far the prefill is behind is the materializer's to say (`behind_s`); here a recompute
+materializer without an engine says what each test sets, so the policy is tested on its
+own. The running stack's figures (lag, frames coalesced, with a real engine behind) are
+`livelens bench streams`'s."""
+
+from pathlib import Path
+
+import numpy as np
+
+from livelens.config import load_config
+from livelens.records import set_tokens
+from livelens.v1 import messages_pb2 as pb
+from services.llm.embedder import ContextEmbedder
+from services.llm.materializer import RecomputeMaterializer
+from services.llm.service import LLMService, segment_store
+from services.llm.stream import Added, StreamResources
+
+KEY = "acme/cam"
+GRID, HIDDEN = 49, 576
+
+
+class BehindMaterializer(RecomputeMaterializer):
+    """A recompute materializer whose prefill is as far behind as `behind` says."""
+
+    behind = 0.0
+
+    def behind_s(self, stream_id: str) -> float:
+        return self.behind
+
+
+def record(seq: int, positions: list[int], value: float, tags: dict[str, float] | None = None,
+           unchanged: bool = False) -> pb.TokensRecord:
+    """A frame whose tokens changed at `positions` only (each set to `value`)."""
+    tags = tags or {}
+    rec = pb.TokensRecord(stream_id="cam", tenant="acme", session_id="s1", seq=seq, pts_s=seq * 0.5,
+                          grid_h=7, grid_w=7, tags=list(tags), tag_scores=list(tags.values()),
+                          gateway_time_unix=1000.0 + seq, unchanged=unchanged)
+    kept = np.zeros(GRID, bool)
+    kept[positions] = True
+    tokens = np.zeros((GRID, HIDDEN), np.float16)
+    tokens[positions] = value
+    set_tokens(rec, tokens, kept)
+    return rec
+
+
+def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMService, BehindMaterializer]:
+    cfg = load_config(None)
+    cfg.llm.store_disk_dir = str(tmp_path)
+    cfg.llm.max_context_lag_s = lag_s
+    materializer = BehindMaterializer(None, ContextEmbedder(cfg.llm.model_path))
+    res = StreamResources(cfg.llm, materializer.embedder, segment_store(cfg), materializer, materializer)
+    return LLMService(cfg, res), materializer
+
+
+def test_frames_held_back_while_behind_go_in_folded_into_the_next(tmp_path):
+    svc, m = service(tmp_path)
+    svc.on_tokens(record(0, list(range(GRID)), 0.0))  # the first frame: the whole grid
+    m.behind = 1.5  # over llm.max_context_lag_s (1.0)
+    svc.on_tokens(record(1, [1, 2], 1.0, {"cat": 0.4}))
+    svc.on_tokens(record(2, [2, 3], 2.0, {"cat": 0.7, "dog": 0.2}))
+    stream = svc.streams[KEY]
+    assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0]
+    assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2
+    assert stream.arrived(2) and not stream.arrived(3)  # a question after frame 2 need not wait
+    m.behind = 0.2
+    svc.on_tokens(record(3, [3], 3.0))
+    frames = stream.context.sink + list(stream.context.window)
+    assert [f.seq for f in frames] == [0, 3]  # frames 1 and 2 went in with frame 3
+    taken = frames[-1]
+    assert list(np.flatnonzero(taken.kept)) == [1, 2, 3]  # every position any of them changed
+    assert taken.tokens[:, 0].tolist() == [1.0, 2.0, 3.0]  # the newest token at each
+    tags = {t: round(p, 3) for t, p in taken.scored_tags()}
+    assert tags == {"cat": 0.7, "dog": 0.2} and taken.tags == ("cat", "dog")  # at their likeliest
+    assert taken.sent_unix == 1003.0
+    assert stream.context.frames_seen == 4  # each frame taken once
+    assert svc.stats.frames == 2 and stream.coalesced is None
+
+
+def test_held_frames_go_in_alone_when_the_prefill_catches_up(tmp_path):
+    svc, m = service(tmp_path)
+    svc.on_tokens(record(0, list(range(GRID)), 0.0))
+    m.behind = 5.0
+    svc.on_tokens(record(1, [4], 1.0, {"cat": 0.9}))
+    svc.on_tokens(record(1, [4], 1.0))  # redelivered while held: not taken twice
+    svc.on_tokens(record(2, [], 0.0, unchanged=True))  # the same picture, later
+    stream = svc.streams[KEY]
+    assert svc.stats.duplicates == 1 and stream.coalesced is not None and stream.coalesced.seq == 2
+    m.behind = 0.0
+    svc.take_coalesced(KEY)  # what the materializer calls once nothing waits for prefill
+    frames = stream.context.sink + list(stream.context.window)
+    assert [(f.seq, f.tags) for f in frames] == [(0, ()), (2, ("cat",))]
+    assert stream.context.frames_seen == 3 and stream.context.last_seq == 2
+    svc.on_tokens(record(2, [5], 2.0))
+    assert svc.stats.duplicates == 2  # still a redelivery after it went in
+    svc.take_coalesced(KEY)  # nothing held: nothing changes
+    assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0, 2]
+
+
+def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):
+    svc, m = service(tmp_path, lag_s=0.0)
+    m.behind = 60.0
+    for seq in range(3):
+        assert svc.streams.get(KEY) is None or svc.streams[KEY].coalesced is None
+        svc.on_tokens(record(seq, list(range(GRID)), float(seq)))
+    assert svc.stats.coalesced == 0 and svc.stats.frames == 3
+
+    svc, m = service(tmp_path / "replay")
+    m.behind = 60.0
+    stream = svc.stream(KEY, "s1")
+    stream.replaying = True  # a new owner rebuilding: every frame the last owner took is replayed
+    assert stream.add(0, 0.0, np.ones((GRID, HIDDEN), np.float16), np.ones(GRID, bool)) is Added.FRAME
+    assert stream.add(1, 0.5, np.ones((GRID, HIDDEN), np.float16), np.ones(GRID, bool)) is Added.FRAME
