@@ -164,6 +164,12 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
         streams = args.streams[0] if args.streams else 4
         return run_soak(cfg, out, minutes=minutes, streams=streams, fps=args.fps or 0.5,
                         kill_every_s=args.kill_every_s)
+    if args.suite == "streams":  # its own defaults: 1-16 streams at 2 fps, 60 s each
+        from livelens.dev.bench.streams import run_streams
+
+        return run_streams(cfg, out, counts=args.streams or [1, 2, 4, 8, 16], seconds=args.seconds,
+                           fps=args.fps or 2.0, batching_off="batching-off" not in args.skip,
+                           replicas="replicas" not in args.skip)
     if args.suite == "timing":  # its own defaults: 5 minutes of each held-out video at 2 fps
         from livelens.dev.bench.timing import METHODS, run_timing
 
@@ -290,7 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")
 
     bench = sub.add_parser("bench", help="benchmarks")
-    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak", "timing"])
+    bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak", "timing",
+                                          "streams"])
     bench.add_argument("--scorer", choices=["auto", "verify", "tags"], default=None,
                        help="timing: how the decider scores its checks (default: llm.instruction_scorer)")
     bench.add_argument("--events", default=None,
@@ -307,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--videos", nargs="+", default=None,
                        help="encoder: sample videos (default: vtest.avi tree.avi Megamind.avi bikes.mp4)")
     bench.add_argument("--streams", type=int, nargs="+", default=None,
-                       help="encoder: concurrent stream counts (default: 1 2 4 8); soak: streams (default 4)")
+                       help="encoder: concurrent stream counts (default: 1 2 4 8); soak: streams (default 4); "
+                            "streams: stream counts (default: 1 2 4 8 16)")
     bench.add_argument("--backbone", choices=["vit", "mobilenet"], default="vit",
                        help="encoder: vit (vision_vit with partial recompute vs vision_vit_full) or mobilenet "
                             "(vision_encoder; levels 1, 2, 4)")
@@ -325,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--haystack-fps", type=float, default=0.1,
                        help="quality: frames per second of the needle haystacks (default 0.1)")
     bench.add_argument("--grounding-samples", type=int, default=10, help="quality: samples per held-out video")
-    bench.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle"], help="quality: parts to skip")
+    bench.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle", "batching-off", "replicas"],
+                       help="quality: parts to skip (grounding, needle); streams: (batching-off, replicas)")
 
     train = sub.add_parser("train", help="train a model the project ships (projector: the vision projector)")
     train.add_argument("what", choices=["projector"])

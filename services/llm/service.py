@@ -63,6 +63,7 @@ class LLMStats:
     dead_letters: int = 0
     rebuilds: int = 0  # streams rebuilt from a checkpoint and a replay (a new owner)
     rebuild_s: float = 0.0  # the last one's duration
+    streams: int = 0  # held now
 
 
 def remove_stale_dirs(root: Path) -> None:
@@ -155,12 +156,14 @@ class LLMService:
             s = None
         if s is None:
             s = self.streams[key] = Stream(key, self.res, session_id=session_id, partition=partition)
+            self.stats.streams = len(self.streams)
         return s
 
     def drop(self, key: str, tombstone: bool, moved: bool = False) -> None:
         """Forget a stream: closed (`tombstone`: its checkpoint too), or (`moved`) its
         partition lost."""
         stream = self.streams.pop(key, None)
+        self.stats.streams = len(self.streams)
         if stream is not None:
             stream.close(moved=moved)
         if self.checker is not None:
@@ -522,7 +525,7 @@ class LLMService:
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,
                                "llm_kv": getattr(res.materializer, "stats", None),
                                "llm_instructions": self.checker.stats if self.checker else None},
-                      gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk"}))
+                      gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk", "streams"}))
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         warm = self.warmup_context()
