@@ -206,8 +206,11 @@ class LLMConfig:
     frame_wait_s: float = 5.0
     # Frame prefill waits (at most this long) while a question, check or remark generates:
     # an answer's decode steps would otherwise share every engine step with a prefill and
-    # run at the prefill's pace. 0: prefill never waits.
-    prefill_yield_s: float = 5.0
+    # run at the prefill's pace. It bounds how long answers hold the contexts back: with
+    # many streams answers overlap and prefill would wait this long for every request
+    # (5 s, the value issue 12's alert timings were measured with, let 16 streams' contexts
+    # fall 5 s and more behind). 0: prefill never waits.
+    prefill_yield_s: float = 1.0
     # Frames prefilled together when a stream's prefill falls behind: a remark or answer
     # that arrives meanwhile waits for the whole request. Measured on one 2 fps stream here
     # (docs/instructions.md): 8 frames, 0.49 s a frame, alerts 1.9-3.8 s after the onset;

@@ -14,6 +14,10 @@ FRAME_TO_KV = Histogram(
     "livelens_llm_frame_to_kv_seconds",
     "A frame accepted by the gateway -> its KV prefilled (streaming KV): how far the context lags the stream",
     buckets=LAG_BUCKETS)
+FRAME_ARRIVAL = Histogram(
+    "livelens_llm_frame_arrival_seconds",
+    "A frame accepted by the gateway -> its tokens reach the LLM service (the encoder and Kafka's part of the lag)",
+    buckets=LAG_BUCKETS)
 FRAMES_COALESCED = Counter(
     "livelens_llm_frames_coalesced", "Frames folded into a later one because their stream's prefill was behind "
     "(llm.max_context_lag_s), per tenant", ["tenant"])

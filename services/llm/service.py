@@ -193,6 +193,8 @@ class LLMService:
         if rec.query_request_id:  # a question's example image: the retrieval query
             stream.add_example(rec.query_request_id, tokens)
             return
+        if rec.gateway_time_unix and not stream.replaying:
+            metrics.FRAME_ARRIVAL.observe(max(0.0, time.time() - rec.gateway_time_unix))
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
                            tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix)
         if added is Added.FRAME:
