@@ -238,6 +238,9 @@ class Bench:
             "context_fps": round(ingested / self.seconds, 3),
             "lag_p50_s": round(histogram_quantile(before, after, lag, 0.50), 3),
             "lag_p99_s": round(histogram_quantile(before, after, lag, 0.99), 3),
+            # the encoder's and Kafka's part of the lag: gateway -> the LLM service has the tokens
+            "arrival_p50_s": round(histogram_quantile(before, after, "livelens_llm_frame_arrival_seconds", 0.50), 3),
+            "arrival_p99_s": round(histogram_quantile(before, after, "livelens_llm_frame_arrival_seconds", 0.99), 3),
             "ttft_p50_s": round(percentile(ttfts, 50), 3),
             "ttft_p99_s": round(percentile(ttfts, 99), 3),
             "engine_ttft_p50_s": round(percentile(engine, 50), 3),
@@ -262,6 +265,7 @@ def _llm_urls(cfgs: list[LivelensConfig]) -> list[str]:
 def _print_run(run: dict[str, Any]) -> None:
     print(f"  {run['streams']:>3} streams  replicas {run['replicas']}  batching {'on ' if run['batching'] else 'off'}"
           f"  context {run['context_fps']:5.2f} fps  lag p50/p99 {run['lag_p50_s']:5.2f}/{run['lag_p99_s']:5.2f} s"
+          f" (arrival {run['arrival_p50_s']:.2f}/{run['arrival_p99_s']:.2f})"
           f"  ttft p50/p99 {run['ttft_p50_s']:5.2f}/{run['ttft_p99_s']:5.2f} s (engine {run['engine_ttft_p50_s']:.2f})"
           f"  coalesced {run['dropped']}  answered {run['answered']}/{run['questions']}"
           f"  cpu {run['cpu_s_per_stream_s']:.2f} s/stream-s", flush=True)
