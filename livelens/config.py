@@ -165,6 +165,12 @@ class EncoderConfig:
     # frames stay in order).
     max_in_flight: int = 8
     poll_timeout_ms: int = 50
+    # Backpressure: a frame older than this when polled (since the gateway took it) is
+    # dropped unless it is its stream's newest in the poll, so an encoder that fell behind
+    # encodes one frame per stream per poll until it has caught up. Each drop is published
+    # (a tokens record marked dropped, no tokens) and counted (livelens_encoder_dropped_total,
+    # AnswerTimings.frames_dropped). 0: never.
+    max_frame_age_s: float = 1.0
     triton_retries: int = 5
     model_id: str = "mobilenet_v2-imagenet+proj576"
     # Tags: the names of the classes the vision model's classifier gives a frame (at most
@@ -221,12 +227,13 @@ class LLMConfig:
     # prefilled together (cross-stream batching). 1: one at a time. A question shares its
     # first engine step with at most this many prefill requests. 0: no limit.
     prefill_concurrency: int = 4
-    # Backpressure: while a stream's oldest frame waiting for prefill has waited longer
-    # than this, its new frames are held back and folded into the next frame that goes in
-    # (the changed grid positions and tags of each), counted per stream
-    # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). The context then
-    # lags the stream by about this plus one prefill. 0: never (the lag grows without bound
-    # when frames come faster than they are prefilled).
+    # Backpressure: while a stream's oldest frame not prefilled yet has waited longer than
+    # this, or a whole request's worth of its frames (max_prefill_batch_frames) waits for
+    # the engine already, its new frames are held back and folded into the next frame that
+    # goes in (the changed grid positions and tags of each), counted per stream
+    # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). A frame then waits
+    # for at most the request in the engine and one more. 0: never (the lag grows without
+    # bound when frames come faster than they are prefilled).
     max_context_lag_s: float = 1.0
     # Segment store: frames leaving the window, in chunks, kept for retrieval.
     chunk_frames: int = 1
@@ -444,6 +451,8 @@ def validate(cfg: LivelensConfig) -> None:
     if not 0 < cfg.gateway.ask_timeout_s <= cfg.gateway.max_ask_timeout_s:
         raise ConfigError(f"gateway.ask_timeout_s must be > 0 and at most gateway.max_ask_timeout_s, got "
                           f"{cfg.gateway.ask_timeout_s} and {cfg.gateway.max_ask_timeout_s}")
+    if cfg.encoder.max_frame_age_s < 0:
+        raise ConfigError(f"encoder.max_frame_age_s must be >= 0, got {cfg.encoder.max_frame_age_s}")
     if cfg.kafka.partitions < 1 or cfg.kafka.fetch_max_wait_ms < 0:
         raise ConfigError("kafka.partitions must be >= 1 and kafka.fetch_max_wait_ms >= 0")
     _validate_gateway(cfg.gateway)

@@ -28,6 +28,9 @@ def stack_config() -> LivelensConfig:
     cfg.llm.max_instructions = 3  # low limits, for the tests of refusals
     cfg.gateway.max_instructions_per_tenant = 5
     cfg.llm.kv_store_dtype = "float32"  # stored KV bit-exact: streaming KV answers as recompute does
+    # Tests send frames in bursts and check each one's tokens: the encoder drops only frames
+    # far behind (its drop policy: tests/test_encoder_plan.py; measured by bench streams).
+    cfg.encoder.max_frame_age_s = 30.0
     return cfg
 
 

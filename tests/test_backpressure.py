@@ -24,12 +24,14 @@ GRID, HIDDEN = 49, 576
 
 
 class BehindMaterializer(RecomputeMaterializer):
-    """A recompute materializer whose prefill is as far behind as `behind` says."""
+    """A recompute materializer whose prefill is as far behind as `behind` (seconds) and
+    `queued` (frames) say."""
 
     behind = 0.0
+    queued = 0
 
-    def behind_s(self, stream_id: str) -> float:
-        return self.behind
+    def backlog(self, stream_id: str) -> tuple[int, float]:
+        return self.queued, self.behind
 
 
 def record(seq: int, positions: list[int], value: float, tags: dict[str, float] | None = None,
@@ -78,6 +80,9 @@ def test_frames_held_back_while_behind_go_in_folded_into_the_next(tmp_path):
     assert taken.sent_unix == 1003.0
     assert stream.context.frames_seen == 4  # each frame taken once
     assert svc.stats.frames == 2 and stream.coalesced is None
+    m.queued = 2  # a whole request's worth (llm.max_prefill_batch_frames) waits already
+    svc.on_tokens(record(4, [4], 4.0))
+    assert stream.coalesced is not None and stream.coalesced.seq == 4
 
 
 def test_held_frames_go_in_alone_when_the_prefill_catches_up(tmp_path):
@@ -88,16 +93,29 @@ def test_held_frames_go_in_alone_when_the_prefill_catches_up(tmp_path):
     svc.on_tokens(record(1, [4], 1.0))  # redelivered while held: not taken twice
     svc.on_tokens(record(2, [], 0.0, unchanged=True))  # the same picture, later
     stream = svc.streams[KEY]
-    assert svc.stats.duplicates == 1 and stream.coalesced is not None and stream.coalesced.seq == 2
+    assert svc.stats.duplicates == 1 and stream.coalesced is not None and stream.coalesced.through_seq == 2
     m.behind = 0.0
     svc.take_coalesced(KEY)  # what the materializer calls once nothing waits for prefill
     frames = stream.context.sink + list(stream.context.window)
-    assert [(f.seq, f.tags) for f in frames] == [(0, ()), (2, ("cat",))]
+    assert [(f.seq, f.tags) for f in frames] == [(0, ()), (1, ("cat",))]  # labelled as the frame it showed
     assert stream.context.frames_seen == 3 and stream.context.last_seq == 2
     svc.on_tokens(record(2, [5], 2.0))
     assert svc.stats.duplicates == 2  # still a redelivery after it went in
     svc.take_coalesced(KEY)  # nothing held: nothing changes
+    assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0, 1]
+
+
+def test_frames_the_encoder_dropped_count_as_seen(tmp_path):
+    svc, _ = service(tmp_path)
+    svc.on_tokens(record(0, list(range(GRID)), 0.0))
+    dropped = pb.TokensRecord(stream_id="cam", tenant="acme", session_id="s1", seq=1, pts_s=0.5, grid_h=7,
+                              grid_w=7, gateway_time_unix=1001.0, dropped=True)
+    svc.on_tokens(dropped)
+    svc.on_tokens(dropped)  # redelivered
+    svc.on_tokens(record(2, [3], 2.0))
+    stream = svc.streams[KEY]
     assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0, 2]
+    assert stream.frames_dropped == 1 and svc.stats.dropped == 1 and stream.context.frames_seen == 3
 
 
 def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):

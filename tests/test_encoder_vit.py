@@ -24,6 +24,7 @@ from livelens.records import decode_image, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from services.encoder.feature_cache import patch_differences
+from services.encoder.grid import UNKNOWN
 from services.encoder.novelty import token_cosines
 from services.encoder.service import EncoderService
 from services.encoder.triton_client import VisionModelClient
@@ -106,7 +107,7 @@ def test_triton_batches_frames_of_several_streams(stack, models) -> None:  # typ
     assert inferences == svc.stats.batches and inferences >= len(streams)
     assert executions < inferences, (executions, inferences)  # requests of streams merged
     for s in streams:
-        assert svc.cache.streams[stream_key("t", s)].vit_state is not None
+        assert svc.streams[stream_key("t", s)].cache.vit_state is not None
 
 
 def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # type: ignore[no-untyped-def]
@@ -129,7 +130,7 @@ def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # t
         svc.pool.shutdown()
     assert [r.seq for r in out] == list(range(len(images)))
     assert inferences_after - inferences_before == len(images)  # the whole first frame, then one per frame
-    computed = {name: svc.cache.streams[stream_key("t", "backlog")].stats.patches_computed
+    computed = {name: svc.streams[stream_key("t", "backlog")].cache.stats.patches_computed
                 for name, svc in (("backlog", backlog), ("live", live))}
     assert computed["live"] < computed["backlog"] < len(images) * 196, computed
     truth = full.encode(np.stack([pixels_of(image) for image in images])).tokens
@@ -140,13 +141,11 @@ def test_backlog_of_one_stream_recomputed_in_flight(stack, models) -> None:  # t
 
 def test_revoked_partitions_drop_only_their_streams_caches(stack) -> None:  # type: ignore[no-untyped-def]
     svc = EncoderService(vit_config(stack.cfg))
-    for stream_id in ("a", "b"):
-        svc.cache.stream(stream_id)
-        svc.last_seq[stream_id] = 3
-    svc.stream_partitions = {"a": ("frames", 0), "b": ("frames", 1)}
+    for stream_id, partition in (("a", 0), ("b", 1)):
+        svc.streams.admit(pb.FrameRecord(tenant="t", stream_id=stream_id, seq=3), UNKNOWN, ("frames", partition))
     svc.forget_partitions({TopicPartition("frames", 1)})
-    assert set(svc.cache.streams) == {"a"} and set(svc.last_seq) == {"a"} and svc.stream_partitions == {
-        "a": ("frames", 0)}
+    a = svc.streams[stream_key("t", "a")]
+    assert set(svc.streams) == {stream_key("t", "a")} and a.last_seq == 3 and a.partition == ("frames", 0)
     svc.pool.shutdown()
 
 
@@ -189,14 +188,14 @@ def test_rebalance_rebuilds_a_streams_cache_on_its_new_owner(stack, models) -> N
     try:
         with TopicSubscriber(kafka, ["tokens"]) as sub:
             send_and_wait(sub, range(0, 3))
-            assert a.cache.streams[stream_key("t", "s")].vit_state is not None and a.stats.frames_encoded >= 1
+            assert a.streams[stream_key("t", "s")].cache.vit_state is not None and a.stats.frames_encoded >= 1
             b, thread_b = encoder()
             time.sleep(8)  # B joins the group (Tansu settles a join in ~3 s)
             a.stop_event.set()
             thread_a.join(timeout=30)
             assert not thread_a.is_alive()
             send_and_wait(sub, range(3, 5))
-            assert stream_key("t", "s") in b.cache.streams and b.stats.frames_encoded >= 1  # B holds the stream now
+            assert stream_key("t", "s") in b.streams and b.stats.frames_encoded >= 1  # B holds the stream now
     finally:
         a.stop_event.set()
         if b is not None and thread_b is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from livelens.config import FeatureCacheConfig
-from services.encoder.feature_cache import FeatureCache, patch_differences
+from services.encoder.feature_cache import StreamCache, patch_differences
 
 GRID, SIZE, HID = 7, 224, 16
 
@@ -29,7 +29,7 @@ def test_patch_differences_locate_the_change() -> None:
 
 
 def test_identical_frame_skipped_one_patch_dropped_scene_cut_encoded() -> None:
-    cache = FeatureCache(FeatureCacheConfig(max_tokens_per_frame=0, refresh_frames=100)).stream("cam")
+    cache = StreamCache(FeatureCacheConfig(max_tokens_per_frame=0, refresh_frames=100))
     first = image(0)
     d = cache.decide(first)
     assert (d.encode, d.reason) == (True, "first")
@@ -57,7 +57,7 @@ def test_identical_frame_skipped_one_patch_dropped_scene_cut_encoded() -> None:
 
 
 def test_token_budget_keeps_the_most_novel() -> None:
-    cache = FeatureCache(FeatureCacheConfig(max_tokens_per_frame=5, refresh_frames=100)).stream("cam")
+    cache = StreamCache(FeatureCacheConfig(max_tokens_per_frame=5, refresh_frames=100))
     d = cache.decide(image(0))
     t0 = tokens(0)
     cache.kept(d, t0)
@@ -80,7 +80,7 @@ def test_token_budget_keeps_the_most_novel() -> None:
 
 
 def test_refresh_encodes_and_publishes_whole() -> None:
-    cache = FeatureCache(FeatureCacheConfig(refresh_frames=4)).stream("cam")
+    cache = StreamCache(FeatureCacheConfig(refresh_frames=4))
     frame = image(0)
     reasons = []
     for _ in range(9):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from livelens.labels import imagenet_names, question_names_tag
-from services.encoder.service import frame_tags
+from services.encoder.records import frame_tags
 
 
 def test_tags_are_the_likeliest_classes_above_the_floor():

@@ -314,8 +314,13 @@ def test_kill_9_of_each_service_with_two_replicas_loses_no_frame(stack):
         full = next(r for r in records if isinstance(r, pb.ResponseRecord) and r.request_id == f"full-{n}"
                     and r.final)
         assert not full.error, full.error
-        assert list(full.timings.context_seqs) == [s for s in range(30) if not first[s]], n
-        assert full.timings.frames_seen == 30 and full.timings.held_frames == len(full.timings.context_seqs), n
+        # Every frame with tokens is in the context once, or (backpressure: the frames come in
+        # bursts here) folded into a later one, and counted so; every frame is seen once.
+        changed = [s for s in range(30) if not first[s]]
+        seqs = list(full.timings.context_seqs)
+        assert seqs == sorted(set(seqs)) and set(seqs) <= set(changed), n
+        assert len(seqs) + full.timings.frames_coalesced == len(changed), (n, seqs, changed)
+        assert full.timings.frames_seen == 30 and full.timings.held_frames == len(seqs), n
     history = finals(after["chaos-1"])["history"]
     assert len({p for p in history.retrieved_pts_s if p < 3.0}) >= 2, history.retrieved_pts_s  # Megamind, pre-crash
     assert recovery[victim] < 300 and recovery["encoder"] < 120 and recovery["gateway"] < 60

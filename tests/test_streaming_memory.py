@@ -43,8 +43,10 @@ SCRIPT = textwrap.dedent('''
     async def main():
         frames_total = int(sys.argv[3])
         kv_dir = Path(sys.argv[2]) / "kv"
+        # frames fed 50 at a time, faster than real time: backpressure off, every frame goes in
         cfg = LivelensConfig(llm=LLMConfig(dtype="float32", window_frames=4, kv_disk_mb=24, kv_ram_mb=8,
-                                           store_ram_mb=4, store_disk_dir=str(Path(sys.argv[2]) / "segments")))
+                                           store_ram_mb=4, store_disk_dir=str(Path(sys.argv[2]) / "segments"),
+                                           max_context_lag_s=0.0))
         engine, res = build_resources(cfg, kv_dir)  # as the service builds them
         m = res.materializer
         rms = float(res.embedder.table.float().pow(2).mean().sqrt())

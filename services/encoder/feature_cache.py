@@ -21,6 +21,9 @@ The cache holds, per grid position, the token the LLM last received there, so wh
 LLM sees at a position is always the cache. Every `refresh_frames`-th frame is encoded
 and published whole, so the cache never drifts for long. Numpy only: the encoder service
 does not import torch.
+
+A `StreamCache` is one stream's; it lives in the stream's state (`streams.EncoderStream`),
+with the replica that owns the stream's partition.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from livelens.config import FeatureCacheConfig
+from services.encoder.grid import UNKNOWN, Grid
 from services.encoder.novelty import token_cosines
 
 
@@ -91,8 +95,7 @@ def patch_differences(a: np.ndarray, b: np.ndarray, grid_h: int, grid_w: int) ->
 @dataclass
 class StreamCache:
     cfg: FeatureCacheConfig
-    grid_h: int = 0  # learned from the first encoded frame
-    grid_w: int = 0
+    grid: Grid = UNKNOWN  # the served model's; else learned from the first encoded frame
     pixels: np.ndarray | None = None  # the last encoded frame, [C, H, W] in 0..1
     tokens: np.ndarray | None = None  # what the LLM last received per position [T, H] (float32)
     vit_state: ViTState | None = None  # level 3: the ViT's cache after the last encoded frame
@@ -136,8 +139,7 @@ class StreamCache:
     def _grid(self) -> tuple[int, int]:
         """The token grid; before the first frame's tokens are back (and the model did not
         say), the usual 7x7."""
-        h = self.grid_h or 7
-        return h, self.grid_w or h
+        return (self.grid.h, self.grid.w) if self.grid.known else (7, 7)
 
     def _blend(self, pixels01: np.ndarray, index: np.ndarray) -> np.ndarray:
         assert self.pixels is not None
@@ -157,16 +159,19 @@ class StreamCache:
 
     def unchanged(self) -> int:
         """Account for a skipped frame once the grid is known; returns the grid size."""
-        self.stats.tokens_total += self.grid_h * self.grid_w
-        return self.grid_h * self.grid_w
+        self.stats.tokens_total += self.grid.size
+        return self.grid.size
+
+    @property
+    def hidden(self) -> int:
+        """The tokens' width, once a frame's are back (else 0)."""
+        return self.tokens.shape[1] if self.tokens is not None else 0
 
     def kept(self, decision: FrameDecision, tokens: np.ndarray) -> np.ndarray:
         """Levels 2 and 4 for an encoded frame: the kept mask [T]; updates the cache."""
         t = tokens.astype(np.float32)
-        if not self.grid_h:
-            side = int(round(t.shape[0] ** 0.5))
-            self.grid_h, self.grid_w = (side, t.shape[0] // side) if side * (t.shape[0] // side) == t.shape[0] \
-                else (1, t.shape[0])
+        if not self.grid.known:
+            self.grid = Grid.of(t.shape[0])
         whole = decision.reason in ("first", "refresh")
         if whole or self.tokens is None:
             kept = np.ones(t.shape[0], bool)
@@ -186,35 +191,3 @@ class StreamCache:
         self.stats.tokens_published += int(kept.sum())
         self.stats.patches_computed += int(kept.size) if decision.recompute is None else int(decision.recompute.size)
         return kept
-
-
-class FeatureCache:
-    """The stream caches of one encoder replica. A stream's cache lives with the replica that
-    owns its partition; after a rebalance the new owner starts it empty (one full encode)."""
-
-    def __init__(self, cfg: FeatureCacheConfig) -> None:
-        self.cfg = cfg
-        self.streams: dict[str, StreamCache] = {}
-        self.grid: tuple[int, int] = (0, 0)  # the model's token grid, when known up front
-
-    def stream(self, stream_id: str) -> StreamCache:
-        cache = self.streams.get(stream_id)
-        if cache is None:
-            cache = self.streams[stream_id] = StreamCache(self.cfg, *self.grid)
-        return cache
-
-    def snapshot(self) -> dict[str, StreamCache]:
-        return {sid: c.snapshot() for sid, c in self.streams.items()}
-
-    def forget(self, stream_id: str) -> None:
-        self.streams.pop(stream_id, None)
-
-    def total(self) -> CacheStats:
-        out = CacheStats()
-        for c in self.streams.values():
-            out.frames += c.stats.frames
-            out.skipped += c.stats.skipped
-            out.tokens_total += c.stats.tokens_total
-            out.tokens_published += c.stats.tokens_published
-            out.patches_computed += c.stats.patches_computed
-        return out

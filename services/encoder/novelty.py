@@ -7,6 +7,8 @@ most positions (novelty near 1), a still camera almost none (near 0).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import numpy as np
 
 
@@ -17,17 +19,18 @@ def token_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(num / den)
 
 
-class NoveltyTracker:
-    def __init__(self) -> None:
-        self._last: dict[str, np.ndarray] = {}
+@dataclass
+class Novelty:
+    """One stream's novelty state: the tokens of its last encoded frame."""
 
-    def update(self, stream_id: str, tokens: np.ndarray) -> float:
+    last: np.ndarray | None = None  # replaced whole, never mutated
+
+    def update(self, tokens: np.ndarray) -> float:
         """Novelty of `tokens` [T, H] against the stream's previous frame (1.0 for the first)."""
-        prev = self._last.get(stream_id)
-        self._last[stream_id] = tokens
+        prev, self.last = self.last, tokens
         if prev is None or prev.shape != tokens.shape:
             return 1.0
         return float(1.0 - token_cosines(tokens, prev).mean())
 
-    def forget(self, stream_id: str) -> None:
-        self._last.pop(stream_id, None)
+    def snapshot(self) -> Novelty:
+        return replace(self)

@@ -1,13 +1,20 @@
 """The frame encoder: frames topic -> Triton vision model -> tokens topic.
 
-Frames of many streams are decoded and batched into one Triton request; each frame's
-tokens go out keyed by its stream with a novelty score. A frame redelivered by Kafka
-(same stream, seq not above the last one seen) is dropped, so it is never counted twice.
+Frames of many streams are decoded and batched into Triton requests; each frame's tokens
+go out keyed by its stream with a novelty score. A frame redelivered by Kafka (same
+stream, seq not above the last one seen) is dropped, so it is never counted twice.
 
-The per-stream feature cache (`feature_cache.py`) decides before the vision model whether
-a frame is worth encoding, and after it which tokens are worth publishing. It lives with
-the replica that owns the stream's partition; partitions lost in a rebalance drop their
-streams' caches (the new owner starts with one full encode).
+A poll goes through:
+- `streams.py`: each stream's state (session, last seq, partition, feature cache, novelty,
+  grid) in one `EncoderStream`. It lives with the replica that owns the stream's
+  partition; partitions lost in a rebalance drop their streams (the new owner starts
+  each with one full encode);
+- `plan.py`: the poll split by stream, each with its share of the requests in flight;
+  then, in the stream's worker thread, its frames decided by its feature cache
+  (`feature_cache.py`: is a frame worth encoding, and after it which tokens are worth
+  publishing) and planned as steps, with no I/O;
+- `execute.py`: the steps run against Triton (`triton_client.py`), into tokens records
+  (`records.py`).
 """
 
 from __future__ import annotations
@@ -18,22 +25,21 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-
-import numpy as np
+from typing import NamedTuple
 
 from livelens import kafka as lk
 from livelens.config import LivelensConfig
 from livelens.health import HealthServer
-from livelens.identity import key_of
-from livelens.labels import imagenet_names
 from livelens.malloc import tune_malloc
 from livelens.metrics import record_lag, serve_metrics
 from livelens.models.preprocess import FramePreprocessing
-from livelens.records import BadImage, decode_image, set_tokens
+from livelens.records import BadImage, decode_image
 from livelens.v1 import messages_pb2 as pb
 from services.encoder import metrics
-from services.encoder.feature_cache import FeatureCache, FrameDecision
-from services.encoder.novelty import NoveltyTracker
+from services.encoder.execute import Frame, Records, run_queries, run_stream
+from services.encoder.plan import Polled, StreamWork, plan_poll, plan_stream
+from services.encoder.records import dropped_record
+from services.encoder.streams import Partition, StreamTable
 from services.encoder.triton_client import VisionModelClient
 
 log = logging.getLogger("livelens.encoder")
@@ -48,19 +54,15 @@ class EncoderStats:
     dead_letters: int = 0
     batches: int = 0
     skipped: int = 0  # unchanged: not encoded
+    dropped: int = 0  # too old when polled (encoder.max_frame_age_s): not encoded
 
 
-@dataclass
-class _Frame:
-    """A frame of the poll being encoded: its place in the poll, record and pixels."""
+class Outcome(NamedTuple):
+    """What one worker did with its frames of a poll."""
 
-    index: int
-    record: pb.FrameRecord
-    pixels: np.ndarray  # preprocessed [3, S, S]
-
-
-# (poll index, record) pairs, Triton calls, frames not decodable
-_Encoded = tuple[list[tuple[int, pb.TokensRecord]], int, list[tuple[int, str]]]  # records, calls, rejected
+    records: Records
+    calls: int  # Triton requests
+    rejected: list[tuple[int, str]]  # frames not decodable: poll index, reason
 
 
 class EncoderService:
@@ -68,50 +70,32 @@ class EncoderService:
         self.cfg = cfg
         self._preprocessing: dict[str, FramePreprocessing] = {}  # per served model
         self.stats = EncoderStats()
-        self.novelty = NoveltyTracker()
-        self.cache = FeatureCache(cfg.encoder.cache)
-        # Per stream key ("tenant/stream_id"):
-        self.last_seq: dict[str, int] = {}
-        self.stream_partitions: dict[str, tuple[str, int]] = {}  # where each stream's frames come from
-        self.sessions: dict[str, str] = {}  # the session of the stream's state
+        self.streams = StreamTable(cfg.encoder.cache)
         self.rejected: list[tuple[int, str]] = []  # the last `process`'s frames that could not be encoded
         self.stop_event = threading.Event()
         # Streams are encoded concurrently, so several Triton requests are in flight and
         # its dynamic batcher can merge them; a stream's own frames stay in order.
         self.pool = ThreadPoolExecutor(max(1, cfg.encoder.max_in_flight), thread_name_prefix="encode")
 
-    def process(self, frames: list[pb.FrameRecord], model: VisionModelClient) -> list[pb.TokensRecord]:
-        """Encode one poll's worth of frames; returns the token records in input order
-        (the frames that could not be decoded are left out, in `rejected`)."""
-        if model.grid[0] and not self.cache.grid[0]:
-            self.cache.grid = model.grid
-        streams: dict[str, list[tuple[int, pb.FrameRecord]]] = {}
-        queries: list[tuple[int, pb.FrameRecord]] = []
+    def process(self, frames: list[pb.FrameRecord], model: VisionModelClient,
+                partitions: list[Partition] | None = None) -> list[pb.TokensRecord]:
+        """Encode one poll's worth of frames (`partitions`: where each came from, for a
+        rebalance to drop their streams); returns the token records in input order (the
+        frames that could not be decoded are left out, in `rejected`)."""
         self.rejected = []
-        for i, frame in enumerate(frames):
-            self.stats.frames_in += 1
-            is_query = bool(frame.query_request_id)  # a question's example image: no seq, no cache
-            key = key_of(frame)
-            if not is_query and frame.session_id != self.sessions.setdefault(key, frame.session_id):
-                self.forget(key)  # the stream id was opened anew: its state starts afresh
-                self.sessions[key] = frame.session_id
-            if not is_query and frame.seq <= self.last_seq.get(key, -1):
-                self.stats.duplicates += 1
-                continue
-            if is_query:
-                queries.append((i, frame))
-            else:
-                self.last_seq[key] = frame.seq
-                self.cache.stream(key)  # created here, not in the worker threads
-                streams.setdefault(key, []).append((i, frame))
-        # Each stream's share of the requests in flight: a lone stream's backlog of partial
-        # recomputes goes out together; with many streams, Triton is fed by the streams.
-        share = max(1, self.cfg.encoder.max_in_flight // max(1, len(streams)))
-        futures = [self.pool.submit(self._encode_stream, items, model, share) for items in streams.values()]
-        if queries:
-            futures.append(self.pool.submit(self._encode_queries, queries, model))
-        wait(futures)  # all of them, even when one failed: no thread may touch a cache after
+        self.stats.frames_in += len(frames)
+        poll = plan_poll(frames, self.streams, model.grid, self.cfg.encoder.max_in_flight, partitions,
+                         max_age_s=self.cfg.encoder.max_frame_age_s)
+        self.stats.duplicates += poll.duplicates
         out: dict[int, pb.TokensRecord] = {}
+        for work in poll.streams:
+            for i, frame in work.dropped:
+                out[i] = dropped_record(self.cfg.encoder, frame, work.stream.grid)
+                self.stats.dropped += 1
+        futures = [self.pool.submit(self._encode_stream, work, model) for work in poll.streams]
+        if poll.queries:
+            futures.append(self.pool.submit(self._encode_queries, poll.queries, model))
+        wait(futures)  # all of them, even when one failed: no thread may touch a stream after
         for future in futures:
             records, calls, bad = future.result()  # raises the first failure
             self.stats.batches += calls
@@ -133,12 +117,11 @@ class EncoderService:
                 model.preprocessing, self.cfg.encoder.image_size)
         return prep
 
-    def _prepare(self, frames: list[tuple[int, pb.FrameRecord]],
-                 model: VisionModelClient) -> tuple[list[_Frame], list[tuple[int, str]]]:
+    def _prepare(self, frames: list[Polled], model: VisionModelClient) -> tuple[list[Frame], list[tuple[int, str]]]:
         """Decode and preprocess (in the worker threads: OpenCV releases the GIL, so one
         stream's frames are prepared while another's are in Triton). Returns the frames
         and those that were not decodable, with the reason."""
-        out: list[_Frame] = []
+        out: list[Frame] = []
         bad: list[tuple[int, str]] = []
         prep = self.preprocessing(model)
         size = prep.size
@@ -148,153 +131,51 @@ class EncoderService:
             except BadImage as exc:  # the gateway validates, so this is a foreign producer
                 bad.append((i, f"frame {frame.seq} cannot be decoded: {exc}"))
                 continue
-            out.append(_Frame(i, frame, prep(rgb)))
+            out.append(Frame(i, frame, prep(rgb)))
         return out, bad
 
-    def _encode_stream(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient,
-                       in_flight: int) -> _Encoded:
-        """One stream's frames of the poll, in order, through its feature cache. Every frame
-        is decided first (the reference is the last frame sent to the model); then runs of
-        whole frames go to the model in one request each, and up to `in_flight` partial
-        recomputes at a time on the cache the frame before them left."""
-        items, bad = self._prepare(frames, model)
-        if not items:
-            return [], 0, bad
-        cache = self.cache.stream(key_of(items[0].record))
+    def _encode_stream(self, work: StreamWork, model: VisionModelClient) -> Outcome:
+        """One stream's frames of the poll, in order, through its feature cache: every frame
+        is decided first (the reference is the last frame sent to the model), then planned
+        and run."""
+        frames, bad = self._prepare(work.frames, model)
+        if not frames:
+            return Outcome([], 0, bad)
+        cache = work.stream.cache
         unit = self.preprocessing(model).to_unit_range
-        decided = [(item, cache.decide(unit(item.pixels), partial=model.partial)) for item in items]
-        out: list[tuple[int, pb.TokensRecord]] = []
-        calls = 0
-        i = 0
-        while i < len(decided):
-            item, decision = decided[i]
-            if not decision.encode:
-                out.append((item.index, self.unchanged_record(item.record, decision)))
-                i += 1
-            elif decision.recompute is not None and cache.vit_state is not None:
-                # Up to `in_flight` partial recomputes before the next whole frame, all on the
-                # cache before the first: each recomputes every patch changed since then, so
-                # they do not wait for each other (one request each, in flight together).
-                j, changed = i, np.zeros(0, np.int64)
-                batch: list[tuple[int, np.ndarray]] = []
-                while j < len(decided) and len(batch) < in_flight and \
-                        (decided[j][1].recompute is not None or not decided[j][1].encode):
-                    later = decided[j][1]
-                    if later.recompute is not None:
-                        changed = later.recompute = np.union1d(changed, later.recompute)
-                        batch.append((j, changed))
-                    j += 1
-                tokens_list, cache.vit_state = model.encode_partial(
-                    [(decided[k][0].pixels, index) for k, index in batch], cache.vit_state)
-                calls += len(batch)
-                out += self._records(decided[i:j], {decided[k][0].index: t
-                                                    for (k, _), t in zip(batch, tokens_list, strict=True)})
-                i = j
-            else:  # whole frames up to the next partial recompute: one request
-                run = [i]
-                while run[-1] + 1 < len(decided) and len(run) < self.cfg.encoder.max_batch and \
-                        decided[run[-1] + 1][1].recompute is None:
-                    run.append(run[-1] + 1)
-                run_items = [decided[j] for j in run]
-                encoded = [it for it, d in run_items if d.encode]
-                # Only the run's last frame leaves a cache that a later frame can use.
-                head, last = (encoded[:-1], encoded[-1:]) if model.partial else (encoded, [])
-                by_index: dict[int, np.ndarray] = {}
-                probs: dict[int, np.ndarray] = {}
-                for part, with_cache in ((head, False), (last, True)):
-                    if part:
-                        enc = model.encode(np.stack([it.pixels for it in part]), with_cache)
-                        calls += 1
-                        by_index.update({it.index: t for it, t in zip(part, enc.tokens, strict=True)})
-                        if enc.class_probs is not None:
-                            probs.update({it.index: p for it, p in zip(part, enc.class_probs, strict=True)})
-                        if enc.states:
-                            cache.vit_state = enc.states[-1]
-                out += self._records(run_items, by_index, probs)
-                i = run[-1] + 1
-        return out, calls, bad
+        decisions = [cache.decide(unit(f.pixels), partial=model.partial) for f in frames]
+        steps = plan_stream(decisions, max_batch=self.cfg.encoder.max_batch, in_flight=work.in_flight,
+                            partial=model.partial, has_cache=cache.vit_state is not None)
+        records, calls = run_stream(self.cfg.encoder, work.stream, frames, decisions, steps, model)
+        return Outcome(records, calls, bad)
 
-    def _records(self, decided: list[tuple[_Frame, FrameDecision]], tokens: dict[int, np.ndarray],
-                 probs: dict[int, np.ndarray] | None = None) -> list[tuple[int, pb.TokensRecord]]:
-        """Records of decided frames in order (the first frame's tokens teach the grid):
-        the encoded ones with their `tokens` and class `probs` (by poll index), the others unchanged."""
-        probs = probs or {}
-        return [(it.index, self.tokens_record(it, tokens[it.index], d, probs.get(it.index)) if d.encode
-                 else self.unchanged_record(it.record, d)) for it, d in decided]
-
-    def _encode_queries(self, frames: list[tuple[int, pb.FrameRecord]], model: VisionModelClient) -> _Encoded:
-        """Example images of questions: encoded whole, no cache, no novelty."""
+    def _encode_queries(self, frames: list[Polled], model: VisionModelClient) -> Outcome:
         items, bad = self._prepare(frames, model)
         if not items:
-            return [], 0, bad
-        enc = model.encode(np.stack([item.pixels for item in items]))
-        probs = enc.class_probs if enc.class_probs is not None else [None] * len(items)
-        return [(item.index, self.tokens_record(item, t, None, p))
-                for item, t, p in zip(items, enc.tokens, probs, strict=True)], 1, bad
-
-    def tokens_record(self, item: _Frame, tokens: np.ndarray, decision: FrameDecision | None,
-                      class_probs: np.ndarray | None = None) -> pb.TokensRecord:
-        frame = item.record
-        grid = int(round(tokens.shape[0] ** 0.5))
-        rec = pb.TokensRecord(
-            stream_id=frame.stream_id, tenant=frame.tenant, session_id=frame.session_id, seq=frame.seq,
-            pts_s=frame.pts_s, grid_h=grid, grid_w=tokens.shape[0] // grid,
-            novelty=0.0 if decision is None else self.novelty.update(key_of(frame), tokens),
-            encoder_model=self.cfg.encoder.model_id,
-            gateway_time_unix=frame.gateway_time_unix, encoded_time_unix=time.time(),
-            query_request_id=frame.query_request_id,
-        )
-        kept = None if decision is None else \
-            self.cache.stream(key_of(frame)).kept(decision, tokens)
-        set_tokens(rec, tokens, kept)
-        if class_probs is not None:
-            for name, p in frame_tags(class_probs, self.cfg.encoder.frame_tags, self.cfg.encoder.tag_min_prob):
-                rec.tags.append(name)
-                rec.tag_scores.append(p)
-        return rec
-
-    def unchanged_record(self, frame: pb.FrameRecord, decision: FrameDecision) -> pb.TokensRecord:
-        cache = self.cache.stream(key_of(frame))
-        grid = cache.unchanged()
-        rec = pb.TokensRecord(
-            stream_id=frame.stream_id, tenant=frame.tenant, session_id=frame.session_id, seq=frame.seq,
-            pts_s=frame.pts_s, grid_h=cache.grid_h, grid_w=cache.grid_w, novelty=decision.changed_fraction,
-            encoder_model=self.cfg.encoder.model_id, gateway_time_unix=frame.gateway_time_unix,
-            encoded_time_unix=time.time(), unchanged=True)
-        hidden = cache.tokens.shape[1] if cache.tokens is not None else 0
-        set_tokens(rec, np.zeros((grid, hidden), np.float16), np.zeros(grid, bool))
-        return rec
-
-    def forget(self, key: str) -> None:
-        self.cache.forget(key)
-        self.novelty.forget(key)
-        self.last_seq.pop(key, None)
-        self.stream_partitions.pop(key, None)
-        self.sessions.pop(key, None)
+            return Outcome([], 0, bad)
+        records, calls = run_queries(self.cfg.encoder, items, model)
+        return Outcome(records, calls, bad)
 
     def forget_partitions(self, partitions: set) -> None:
-        """A rebalance took partitions away: their streams' caches are no longer ours (the
+        """A rebalance took partitions away: their streams' state is no longer ours (the
         new owner starts each with one full encode). Called in the polling thread, between
         two `process` calls; a closing consumer loses nothing (its caches go with it)."""
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        for key in [s for s, tp in self.stream_partitions.items() if tp in lost]:
-            self.forget(key)
+        self.streams.forget_partitions(lost)
         if lost:
             log.info("partitions %s lost: caches of their streams dropped", sorted(lost))
 
-    def process_with_retry(self, frames: list[pb.FrameRecord],
-                           model: VisionModelClient) -> list[pb.TokensRecord]:
+    def process_with_retry(self, frames: list[pb.FrameRecord], model: VisionModelClient,
+                           partitions: list[Partition] | None = None) -> list[pb.TokensRecord]:
         """Triton may be restarting: retry with backoff, then give up (the process exits,
         its offsets uncommitted, and the frames are encoded again after the restart)."""
-        seqs, sessions = dict(self.last_seq), dict(self.sessions)
-        caches = self.cache.snapshot()
+        before = self.streams.snapshot()
         for attempt in range(self.cfg.encoder.triton_retries + 1):
             try:
-                return self.process(frames, model)
+                return self.process(frames, model, partitions)
             except Exception as exc:  # noqa: BLE001 - tritonclient raises many kinds
                 # the frames were not encoded: not seen either, and not the cache's reference
-                self.last_seq, self.sessions = dict(seqs), dict(sessions)
-                self.cache.streams = {sid: c.snapshot() for sid, c in caches.items()}
+                self.streams.restore(before)
                 if attempt == self.cfg.encoder.triton_retries:
                     raise
                 log.warning("Triton call failed (%s); retry %d", exc, attempt + 1)
@@ -306,7 +187,7 @@ class EncoderService:
         health = HealthServer(cfg.encoder.health_host, cfg.encoder.health_port,
                               "encoder.health_port", "livelens.encoder").start()
         serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port",
-                      lambda: {"encoder": self.stats, "encoder_cache": self.cache.total()})
+                      lambda: {"encoder": self.stats, "encoder_cache": self.streams.cache_stats()})
         model = VisionModelClient(cfg.triton_url, cfg.encoder.model_name)
         model.wait_ready()
         lk.ensure_topics(cfg.kafka)
@@ -326,7 +207,8 @@ class EncoderService:
             while not self.stop_event.is_set():
                 polled = pending or consumer.poll(timeout_ms=cfg.encoder.poll_timeout_ms)
                 pending = {}
-                frames, sources = [], []
+                frames: list[pb.FrameRecord] = []
+                sources, partitions = [], []
                 for records in polled.values():
                     for r in records:
                         frame = pb.FrameRecord()
@@ -341,11 +223,10 @@ class EncoderService:
                             continue
                         frames.append(frame)
                         sources.append(r)
-                        if not frame.query_request_id:
-                            self.stream_partitions[key_of(frame)] = (r.topic, r.partition)
+                        partitions.append((r.topic, r.partition))
                 if not frames:
                     continue
-                for rec in self.process_with_retry(frames, model):
+                for rec in self.process_with_retry(frames, model, partitions):
                     lk.publish(producer, cfg.kafka.tokens_topic, rec)
                     if not rec.query_request_id:
                         metrics.TENANT_FRAMES.labels(rec.tenant).inc()
@@ -364,16 +245,6 @@ class EncoderService:
             model.close()
             self.pool.shutdown()
             health.stop()
-
-
-def frame_tags(class_probs: np.ndarray, most: int, min_prob: float) -> list[tuple[str, float]]:
-    """The names of the `most` likeliest ImageNet classes at least `min_prob` likely."""
-    if most <= 0:
-        return []
-    names = imagenet_names()
-    p = class_probs.astype(np.float32)
-    top = np.argsort(-p)[:most]
-    return [(names[int(c)], round(float(p[c]), 4)) for c in top if p[c] >= min_prob]
 
 
 def main(cfg: LivelensConfig) -> None:

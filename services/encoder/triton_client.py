@@ -9,6 +9,9 @@ Two kinds, told apart by the model's metadata:
   plain twin (`plain_model`, the same weights without a cache) for whole frames whose
   cache no later frame needs.
 
+The client knows the served model's token grid (`grid`, from its metadata); the tokens
+records take it from there.
+
 One client is shared by the encoder's worker threads (gRPC channels are thread-safe).
 """
 
@@ -23,6 +26,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 
 from services.encoder.feature_cache import ViTState
+from services.encoder.grid import UNKNOWN, Grid
 
 STATE_INPUTS = ("keys_others", "values_others")
 CLASS_PROBS = "class_probs"
@@ -42,7 +46,7 @@ class VisionModelClient:
         self.model_name = model_name
         self.client = grpcclient.InferenceServerClient(url=url)
         self.partial = False  # set from the metadata by wait_ready()
-        self.grid: tuple[int, int] = (0, 0)
+        self.grid: Grid = UNKNOWN  # set from the metadata by wait_ready()
         self.cache_shape: tuple[int, int, int] = (0, 0, 0)  # a cached ViT's [layers, patches, width]
         self.plain: VisionModelClient | None = None  # a cached ViT's twin without a cache
         self.classifies = False  # the model also returns class_probs (the frames' tags)
@@ -95,8 +99,12 @@ class VisionModelClient:
         else:
             patches = tokens[-2]
             self.classifies = CLASS_PROBS in outputs
-        side = int(round(patches ** 0.5))
-        self.grid = (side, side) if side * side == patches else (0, 0)
+        self.grid = Grid.of(patches)
+
+    def grid_of(self, tokens: np.ndarray) -> Grid:
+        """The grid of a frame's tokens [T, H]: the served model's (worked out from T where
+        its metadata did not say)."""
+        return self.grid if self.grid.known else Grid.of(tokens.shape[0])
 
     def encode(self, pixels: np.ndarray, with_cache: bool = True) -> Encoded:
         """Frames [B,3,S,S] whole, in one request: tokens [B, T, H]; for a cached ViT with

@@ -73,9 +73,10 @@ class Materializer(Protocol):
         """The newest frame a question can use at full speed."""
         ...
 
-    def behind_s(self, stream_id: str) -> float:
-        """How long the stream's oldest frame still waiting for its prefill has waited
-        since it reached the service (0: none waits)."""
+    def backlog(self, stream_id: str) -> tuple[int, float]:
+        """The stream's frames waiting for prefill and not in the engine yet, and how long
+        the oldest frame not prefilled yet (in the engine or not) has waited since it
+        reached the service (0: none waits)."""
         ...
 
     # Called with a stream's key when its prefill has caught up (nothing waits): the
@@ -116,8 +117,8 @@ class RecomputeMaterializer:
     def ready_seq(self, ctx: StreamContext) -> int:
         return ctx.last_seq
 
-    def behind_s(self, stream_id: str) -> float:
-        return 0.0
+    def backlog(self, stream_id: str) -> tuple[int, float]:
+        return 0, 0.0
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -303,12 +304,12 @@ class StreamingKVMaterializer:
                     self.on_caught_up(stream_id)  # may queue the frames held back meanwhile
         self._rebuild_done(stream_id, s)
 
-    def behind_s(self, stream_id: str) -> float:
+    def backlog(self, stream_id: str) -> tuple[int, float]:
         s = self.streams.get(stream_id)
         if s is None:
-            return 0.0
+            return 0, 0.0
         oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
+        return len(s.queue), 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
     async def _yield_to_answers(self) -> None:
         """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):

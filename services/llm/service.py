@@ -57,6 +57,7 @@ class LLMStats:
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
     coalesced: int = 0  # frames held back while their stream's prefill was behind (llm.max_context_lag_s)
+    dropped: int = 0  # frames the encoder dropped unencoded (it was behind: encoder.max_frame_age_s)
     questions: int = 0
     errors: int = 0
     cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
@@ -182,8 +183,11 @@ class LLMService:
                                value=stream.checkpoint().SerializeToString())
 
     def on_tokens(self, rec: pb.TokensRecord, offset: int = -1, partition: int = -1) -> None:
-        tokens, kept = get_tokens(rec)
         assert self.res is not None
+        if rec.dropped:  # the encoder dropped it unencoded: no tokens
+            tokens, kept = np.zeros((0, self.res.embedder.hidden_size), np.float16), np.zeros(0, bool)
+        else:
+            tokens, kept = get_tokens(rec)
         if tokens.shape[0] and tokens.shape[1] != self.res.embedder.hidden_size:
             raise ValueError(f"tokens of width {tokens.shape[1]}: the model takes {self.res.embedder.hidden_size}")
         if not np.isfinite(tokens).all():
@@ -196,7 +200,8 @@ class LLMService:
         if rec.gateway_time_unix and not stream.replaying:
             metrics.FRAME_ARRIVAL.observe(max(0.0, time.time() - rec.gateway_time_unix))
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
-                           tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix)
+                           tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix,
+                           dropped=rec.dropped)
         if added is Added.FRAME:
             self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
         elif added is Added.COALESCED:
@@ -204,6 +209,7 @@ class LLMService:
             metrics.FRAMES_COALESCED.labels(rec.tenant).inc()
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
+            self.stats.dropped += int(rec.dropped)
         else:
             self.stats.duplicates += 1
 
@@ -371,7 +377,7 @@ class LLMService:
                                    context_seqs=[f.seq for f in composed.context.frames],
                                    frames_seen=stream.context.frames_seen, held_frames=stream.held_frames(),
                                    context_method=method.value or c.materializer,
-                                   frames_coalesced=stream.frames_coalesced)
+                                   frames_coalesced=stream.frames_coalesced, frames_dropped=stream.frames_dropped)
         newest = max(composed.context.frames, key=lambda f: f.seq, default=None)
         if newest is not None and newest.sent_unix:
             timings.context_lag_s = max(0.0, time.time() - newest.sent_unix)

@@ -77,7 +77,8 @@ class Coalesced:
     tokens: np.ndarray  # [grid, hidden]
     kept: np.ndarray  # bool [grid]
     tags: dict[str, float] = field(default_factory=dict)
-    frames: int = 0
+    frames: int = 0  # the frames it stands for, those without tokens after it included
+    through_seq: int = -1  # the newest of them
 
     def fold(self, frame: FrameSegment) -> None:
         self.tokens[frame.kept] = frame.tokens
@@ -85,7 +86,12 @@ class Coalesced:
         self.seq, self.pts_s, self.sent_unix = frame.seq, frame.pts_s, frame.sent_unix or self.sent_unix
         for tag, score in frame.scored_tags():
             self.tags[tag] = max(score, self.tags.get(tag, 0.0))
+        self.note(frame.seq)
+
+    def note(self, seq: int) -> None:
+        """A frame it stands for: one folded in, or one without tokens after them."""
         self.frames += 1
+        self.through_seq = seq
 
     def frame(self, pooled: np.ndarray | None) -> FrameSegment:
         tags = sorted(self.tags.items(), key=lambda t: -t[1])
@@ -169,6 +175,7 @@ class Stream:
     # Backpressure (llm.max_context_lag_s): the frames held back while the prefill is behind.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
+    frames_dropped: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s)
 
     def __post_init__(self) -> None:
         c = self.res.cfg
@@ -182,18 +189,21 @@ class Stream:
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
             tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = (), offset: int = -1,
-            sent_unix: float = 0.0) -> Added:
+            sent_unix: float = 0.0, dropped: bool = False) -> Added:
         """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
         their probabilities), in order; `offset`: its tokens record's; `sent_unix`: when the
-        gateway took it.
+        gateway took it. `unchanged` (the encoder found nothing new) and `dropped` (the encoder
+        was behind and dropped it) frames have no tokens: they count as seen.
 
-        Backpressure: while the stream's oldest frame waiting for prefill has waited more
-        than `llm.max_context_lag_s`, a new frame is held back (`Added.COALESCED`) and folded
-        into the next one that goes in (`Coalesced`), or goes in on its own when the prefill
-        has caught up (`take_coalesced`). So the context lags the stream by about that bound
-        plus one prefill, and takes fewer, fuller frames when the engine cannot keep up."""
+        Backpressure: while the stream's prefill is behind (`_behind`), a new frame is held
+        back (`Added.COALESCED`) and folded into the next one that goes in (`Coalesced`), or
+        goes in on its own when the prefill has caught up (`take_coalesced`). So a frame
+        waits for at most the request in the engine and one more, and the context takes
+        fewer, fuller frames when the engine cannot keep up."""
         self.last_record_s = time.monotonic()
-        added = self._add(seq, pts_s, tokens, kept, unchanged, tags, tag_scores, offset, sent_unix)
+        added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix)
+        if dropped and added is not Added.DUPLICATE:
+            self.frames_dropped += 1
         if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
             self.replayed_beyond += 1
         return added
@@ -202,19 +212,18 @@ class Stream:
              tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int, sent_unix: float) -> Added:
         c = self.coalesced
         if unchanged or not tokens.shape[0]:
-            if c is not None and seq > c.seq:  # the same picture, later: the held frames stand for it
-                c.seq, c.pts_s, c.frames = seq, pts_s, c.frames + 1
+            if c is not None and seq > c.through_seq:  # no tokens: the held frames stand for it
+                c.note(seq)
                 return Added.UNCHANGED
             return Added.UNCHANGED if self.context.note_unchanged(seq) else Added.DUPLICATE
-        if seq <= max(self.context.last_seq, c.seq if c is not None else -1):
+        if seq <= max(self.context.last_seq, c.through_seq if c is not None else -1):
             return Added.DUPLICATE
         if self.held is None or self.held.shape != (kept.size, tokens.shape[1]):
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
                              offset=offset, sent_unix=sent_unix)
-        lag = self.res.cfg.max_context_lag_s
-        if not self.replaying and lag > 0 and self.res.materializer.behind_s(self.stream_id) > lag:
+        if not self.replaying and self._behind():
             self._hold(frame)
             self.frames_coalesced += 1
             return Added.COALESCED
@@ -224,6 +233,16 @@ class Stream:
         else:
             self._enter(frame)
         return Added.FRAME
+
+    def _behind(self) -> bool:
+        """Whether a new frame would wait too long for its prefill: a whole request's worth
+        of the stream's frames waits for the engine already, or its oldest frame not
+        prefilled yet has waited longer than `llm.max_context_lag_s`."""
+        c = self.res.cfg
+        if not c.max_context_lag_s:
+            return False
+        queued, waited = self.res.materializer.backlog(self.stream_id)
+        return queued >= c.max_prefill_batch_frames or waited > c.max_context_lag_s
 
     def _hold(self, frame: FrameSegment) -> None:
         if self.coalesced is None:
@@ -240,6 +259,7 @@ class Stream:
         frame = c.frame(pooled=self.held.mean(0) if self.held is not None else None)
         self._enter(frame)
         self.context.frames_seen += c.frames - 1  # each frame it stands for is taken once
+        self.context.last_seq = max(self.context.last_seq, c.through_seq)
         return frame
 
     def _enter(self, frame: FrameSegment) -> None:
@@ -315,7 +335,7 @@ class Stream:
     def arrived(self, after_seq: int, example_request_id: str | None = None) -> bool:
         """Whether frame `after_seq` (and that example) reached the stream, held back or not:
         a question need not wait for the prefill (it computes what is not prefilled yet)."""
-        seq = max(self.context.last_seq, self.coalesced.seq if self.coalesced is not None else -1)
+        seq = max(self.context.last_seq, self.coalesced.through_seq if self.coalesced is not None else -1)
         return seq >= after_seq and (example_request_id is None or example_request_id in self.examples)
 
     def add_turn(self, question: str, answer: str) -> None:

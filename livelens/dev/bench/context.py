@@ -214,7 +214,9 @@ async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, token
     with tempfile.TemporaryDirectory(prefix="livelens-context-") as tmp:
         # The service's resources, with the streaming-KV materializer (one engine for every
         # method) and the segment store's disk tier in this run's directory.
-        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv",
+        # (frames are fed faster than real time, each after the one before is prefilled:
+        # no backpressure, so every method sees every frame)
+        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv", max_context_lag_s=0.0,
                                            store_disk_dir=str(Path(tmp) / "segments")))
         engine, res = build_resources(run_cfg, Path(tmp) / "kv")
         try:

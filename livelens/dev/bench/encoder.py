@@ -102,7 +102,7 @@ def fidelity(cfg: LivelensConfig, model: VisionModelClient, images: list[Image],
                 held[kept] = tokens
             cosines.append(float(token_cosines(held, truth[out.seq]).mean()))
     svc.pool.shutdown()
-    stats = svc.cache.total()
+    stats = svc.streams.cache_stats()
     return {"fidelity_cosine": float(np.mean(cosines)), "fidelity_cosine_min": float(np.min(cosines)),
             "frames_skipped": stats.skipped / max(1, stats.frames), "tokens_dropped": stats.tokens_dropped,
             "vision_compute_saved": stats.compute_saved}
@@ -123,7 +123,7 @@ def speed(cfg: LivelensConfig, model: VisionModelClient, images: list[Image], st
         svc.process(records[start:start + poll], model)
     seconds = time.perf_counter() - t0
     svc.pool.shutdown()
-    stats = svc.cache.total()
+    stats = svc.streams.cache_stats()
     return {"fps_total": len(records) / seconds, "fps_per_stream": len(records) / seconds / streams,
             "frames": len(records), "seconds": seconds, "triton_requests": svc.stats.batches,
             "frames_skipped": stats.skipped / max(1, stats.frames), "tokens_dropped": stats.tokens_dropped,

@@ -71,6 +71,9 @@ class Pipeline:
         from services.encoder.triton_client import VisionModelClient
         from services.llm.service import LLMService, build_resources
 
+        # The haystack is fed faster than real time, its backlog bounded by the feeder: no
+        # frame may be folded into another (backpressure is for live streams).
+        cfg.llm.max_context_lag_s = 0.0
         self.cfg = cfg
         self.service_encoder = f"vision_encoder_{cfg.vision.projector}"  # the served model the service runs
         self.encoder = EncoderService(cfg)

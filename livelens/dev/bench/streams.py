@@ -297,28 +297,31 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
         _, llm2 = await asyncio.to_thread(stack.add_replica, "llm")
         bench.llm_urls = _llm_urls([cfg, llm2])
         await asyncio.sleep(10)  # the groups settle
-        run, _ = await bench.run(n, "two")
+
+        async def sample(t0: float) -> None:  # while every stream is open
+            await asyncio.sleep(seconds * 0.8)
+            spread["streams_per_llm_replica"] = await asyncio.to_thread(per_replica, bench.llm_urls)
+
+        run, _ = await bench.run(n, "two", during=sample)
         run.update(replicas=2, batching=batching)
         runs.append(run)
         _print_run(run)
-        spread["streams_per_llm_replica"] = per_replica(bench.llm_urls)
 
         async def leave(t0: float) -> None:  # one LLM replica leaves mid-run
             await asyncio.sleep(seconds / 2)
-            spread["before_leave"] = per_replica(bench.llm_urls)
+            spread["before_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls)
             spread["left_at_s"] = round(time.monotonic() - t0, 1)
             await asyncio.to_thread(stack.remove_replica, "llm-2")
-            spread["after_leave"] = per_replica(bench.llm_urls[:1])
+            await asyncio.sleep(max(0.0, seconds * 0.9 - (time.monotonic() - t0)))
+            spread["after_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls[:1])
 
-        bench.llm_urls = _llm_urls([cfg, llm2])
         left_unix = time.time() + seconds / 2
         run, loads = await bench.run(n, "leave", during=leave)
-        spread["after_leave_end"] = per_replica(bench.llm_urls[:1])
         spread["answered_after_leave"] = sum(1 for ld in loads for r in ld.answered_after if ld.asked[r] > left_unix)
         spread["asked_after_leave"] = sum(1 for ld in loads for t in ld.asked.values() if t > left_unix)
         spread["leave_run"] = run
         print(f"==> replica left at {spread['left_at_s']}s: streams per LLM replica {spread['before_leave']} -> "
-              f"{spread['after_leave_end']}; questions asked after it {spread['asked_after_leave']}, "
+              f"{spread['after_leave']}; questions asked after it {spread['asked_after_leave']}, "
               f"answered {spread['answered_after_leave']}", flush=True)
     finally:
         timings.close()
