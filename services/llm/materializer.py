@@ -73,15 +73,15 @@ class Materializer(Protocol):
         """The newest frame a question can use at full speed."""
         ...
 
-    def backlog(self, stream_id: str) -> tuple[int, float]:
-        """The stream's frames waiting for prefill and not in the engine yet, and how long
-        the oldest frame not prefilled yet (in the engine or not) has waited since it
-        reached the service (0: none waits)."""
+    def busy(self, stream_id: str) -> bool:
+        """Whether the stream's prefill is busy: frames of it wait for the engine or are in it."""
         ...
 
-    # Called with a stream's key when its prefill has caught up (nothing waits): the
-    # service then adds the frames it held back meanwhile (`Stream.take_coalesced`).
-    on_caught_up: Callable[[str], None] | None
+    def hold(self, stream_id: str) -> None:
+        """The stream holds frames back while its prefill is busy: call `on_take` with its
+        key when its next prefill request starts, so they go in then (folded into one)."""
+
+    on_take: Callable[[str], None] | None
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -100,7 +100,7 @@ class RecomputeMaterializer:
     # (computed with another context before them) are in vLLM's prefix cache under the
     # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
     cache_salt: str | None = None
-    on_caught_up: Callable[[str], None] | None = None  # never called: nothing waits for prefill
+    on_take: Callable[[str], None] | None = None  # never called: nothing waits for prefill
 
     def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
         return
@@ -117,8 +117,11 @@ class RecomputeMaterializer:
     def ready_seq(self, ctx: StreamContext) -> int:
         return ctx.last_seq
 
-    def backlog(self, stream_id: str) -> tuple[int, float]:
-        return 0, 0.0
+    def busy(self, stream_id: str) -> bool:
+        return False
+
+    def hold(self, stream_id: str) -> None:
+        return
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -144,6 +147,8 @@ class KVStats:
     deleted: int = 0
     adopted: int = 0  # segments a rebuild found on the shared KV directory
     prefill_waits: int = 0  # ingest requests held back while answers generated
+    # prefill requests that went without a slot: their stream had waited llm.max_context_lag_s
+    prefill_slot_timeouts: int = 0
     prefill_wait_s: float = 0.0
     # Over ingest requests: how many were in flight (itself included) when each started.
     # Divided by ingest_requests: how many vLLM could batch into one step on average.
@@ -179,6 +184,7 @@ class _StreamKV:
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
     in_flight: list[_Pending] = field(default_factory=list)  # live frames in the engine now
+    held: bool = False  # its stream holds frames for its next request (`hold`)
 
 
 class StreamingKVMaterializer:
@@ -208,7 +214,7 @@ class StreamingKVMaterializer:
         # The waiters are served in turn (asyncio's semaphore is FIFO): no stream starves.
         self.prefill_slots = asyncio.Semaphore(cfg.prefill_concurrency) if cfg.prefill_concurrency > 0 else None
         self.in_flight = 0  # ingest requests in the engine
-        self.on_caught_up: Callable[[str], None] | None = None
+        self.on_take: Callable[[str], None] | None = None
 
     # --- ids -------------------------------------------------------------------------
     def _stream(self, stream_id: str) -> _StreamKV:
@@ -229,8 +235,7 @@ class StreamingKVMaterializer:
         s = self._stream(ctx.stream_id)
         s.ledger = kv
         s.queue.append(_Pending(frame, ctx.preceding()))
-        if s.task is None or s.task.done():
-            s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
+        self._run(ctx.stream_id, s)
 
     def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
         """On a shared KV directory, adopt the segments the last owner wrote (`kv_tag`: its
@@ -262,8 +267,7 @@ class StreamingKVMaterializer:
         s.backfill.extend(_Pending(frame, sink) for frame in stored if missing(frame))
         s.rebuild = _Rebuild(asyncio.get_running_loop().time(), adopted, len(s.queue) + len(s.backfill))
         if s.queue or s.backfill:
-            if s.task is None or s.task.done():
-                s.task = asyncio.get_running_loop().create_task(self._ingest_loop(ctx.stream_id, s))
+            self._run(ctx.stream_id, s)
         else:
             self._rebuild_done(ctx.stream_id, s)
 
@@ -276,10 +280,30 @@ class StreamingKVMaterializer:
     def kv_tag(self, stream_id: str) -> str:
         return self._stream(stream_id).tag  # fixed before the first frame's KV is saved
 
+    def _run(self, stream_id: str, s: _StreamKV) -> None:
+        if s.task is None or s.task.done():
+            s.task = asyncio.get_running_loop().create_task(self._ingest_loop(stream_id, s))
+
+    def busy(self, stream_id: str) -> bool:
+        s = self.streams.get(stream_id)
+        return s is not None and bool(s.queue or s.in_flight or s.held)
+
+    def hold(self, stream_id: str) -> None:
+        s = self._stream(stream_id)
+        s.held = True
+        self._run(stream_id, s)
+
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
-        while s.queue or s.backfill:
-            async with self.prefill_slots or contextlib.nullcontext():
+        while s.queue or s.backfill or s.held:
+            slot = await self._slot()
+            try:
                 await self._yield_to_answers()
+                if s.held:  # what the stream held back meanwhile goes in now
+                    s.held = False
+                    if self.on_take is not None:
+                        self.on_take(stream_id)
+                if not (s.queue or s.backfill):
+                    continue
                 # taken only now: the frames that came while this stream waited go together
                 live = bool(s.queue)
                 source = s.queue if live else s.backfill
@@ -295,21 +319,29 @@ class StreamingKVMaterializer:
                                   stream_id, batch[0].frame.seq, batch[-1].frame.seq)
                 finally:
                     s.in_flight = []
+            finally:
+                if slot and self.prefill_slots is not None:
+                    self.prefill_slots.release()
             if live:
                 s.ingested_seq = batch[-1].frame.seq
                 now = time.time()
                 for p in batch:
                     metrics.FRAME_TO_KV.observe(max(0.0, now - (p.frame.sent_unix or p.arrived)))
-                if not s.queue and self.on_caught_up is not None:
-                    self.on_caught_up(stream_id)  # may queue the frames held back meanwhile
         self._rebuild_done(stream_id, s)
 
-    def backlog(self, stream_id: str) -> tuple[int, float]:
-        s = self.streams.get(stream_id)
-        if s is None:
-            return 0, 0.0
-        oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
-        return len(s.queue), 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
+    async def _slot(self) -> bool:
+        """One of `llm.prefill_concurrency` slots (whether one was taken). A stream that
+        waited `llm.max_context_lag_s` for one goes without: the lag stays bounded, and the
+        engine step takes one more request."""
+        if self.prefill_slots is None:
+            return False
+        limit = self.cfg.max_context_lag_s or None
+        try:
+            await asyncio.wait_for(self.prefill_slots.acquire(), limit)
+        except TimeoutError:
+            self.stats.prefill_slot_timeouts += 1
+            return False
+        return True
 
     async def _yield_to_answers(self) -> None:
         """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):

@@ -56,7 +56,7 @@ class LLMStats:
     frames: int = 0
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
-    coalesced: int = 0  # frames held back while their stream's prefill was behind (llm.max_context_lag_s)
+    coalesced: int = 0  # frames folded into a later one while their stream's prefill was busy (llm.coalesce_frames)
     dropped: int = 0  # frames the encoder dropped unencoded (it was behind: encoder.max_frame_age_s)
     questions: int = 0
     errors: int = 0
@@ -143,7 +143,7 @@ class LLMService:
         # checks new frames against standing instructions (set up with the engine, in `run`)
         self.checker: InstructionChecker | None = None
         if res is not None:
-            res.materializer.on_caught_up = self.take_coalesced
+            res.materializer.on_take = self.take_coalesced
 
     # --- state -----------------------------------------------------------------------
     def stream(self, key: str, session_id: str = "", partition: int = -1) -> Stream:
@@ -204,13 +204,10 @@ class LLMService:
                            dropped=rec.dropped)
         if added is Added.FRAME:
             self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
-        elif added is Added.COALESCED:
-            self.stats.coalesced += 1
-            metrics.FRAMES_COALESCED.labels(rec.tenant).inc()
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
             self.stats.dropped += int(rec.dropped)
-        else:
+        elif added is Added.DUPLICATE:
             self.stats.duplicates += 1
 
     def frame_taken(self, stream: Stream, seq: int, pts_s: float, sent_unix: float) -> None:
@@ -229,10 +226,16 @@ class LLMService:
             self.save_checkpoint(stream)
 
     def take_coalesced(self, key: str) -> None:
-        """The frames a stream held back go in now (its prefill caught up, or a question needs them)."""
+        """The frames a stream held back go in now (its next prefill request starts, or a
+        question needs them)."""
         stream = self.streams.get(key)
-        frame = stream.take_coalesced() if stream is not None and not stream.replaying else None
-        if stream is not None and frame is not None:
+        if stream is None or stream.replaying:
+            return
+        before = stream.frames_coalesced
+        frame = stream.take_coalesced()
+        if frame is not None:
+            self.stats.coalesced += stream.frames_coalesced - before
+            metrics.FRAMES_COALESCED.labels(split_key(key)[0]).inc(stream.frames_coalesced - before)
             self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix)
 
     def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
@@ -527,7 +530,7 @@ class LLMService:
             kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
         engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
         res = self.res
-        res.materializer.on_caught_up = self.take_coalesced
+        res.materializer.on_take = self.take_coalesced
         self.checker = InstructionChecker(cfg.llm, YesNo(res.embedder.text_ids), self.publish_alert)
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,

@@ -60,12 +60,12 @@ class Added(enum.Enum):
     FRAME = "frame"  # new visual tokens entered the context
     UNCHANGED = "unchanged"  # the encoder found the frame unchanged: seen, nothing new to add
     DUPLICATE = "duplicate"  # redelivered or stale: ignored
-    COALESCED = "coalesced"  # held back (the prefill is behind): it goes in with a later frame
+    HELD = "held"  # held back while the stream's prefill is busy: it goes in with its next request
 
 
 @dataclass
 class Coalesced:
-    """Frames held back while their stream's prefill was behind, folded into one: at each
+    """Frames held back while their stream's prefill was busy, folded into one: at each
     grid position any of them changed, the newest token (the encoder sends only changed
     positions, so nothing they showed is lost), their tags at their likeliest, and the
     newest one's seq and time."""
@@ -78,6 +78,7 @@ class Coalesced:
     kept: np.ndarray  # bool [grid]
     tags: dict[str, float] = field(default_factory=dict)
     frames: int = 0  # the frames it stands for, those without tokens after it included
+    folded: int = 0  # those of them with tokens
     through_seq: int = -1  # the newest of them
 
     def fold(self, frame: FrameSegment) -> None:
@@ -86,6 +87,7 @@ class Coalesced:
         self.seq, self.pts_s, self.sent_unix = frame.seq, frame.pts_s, frame.sent_unix or self.sent_unix
         for tag, score in frame.scored_tags():
             self.tags[tag] = max(score, self.tags.get(tag, 0.0))
+        self.folded += 1
         self.note(frame.seq)
 
     def note(self, seq: int) -> None:
@@ -172,7 +174,8 @@ class Stream:
     replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
     instructions: InstructionSet = field(init=False)  # standing instructions, checked on each frame
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
-    # Backpressure (llm.max_context_lag_s): the frames held back while the prefill is behind.
+    # Backpressure (llm.coalesce_frames): the frames held back while its prefill is busy,
+    # and how many were folded into another so far.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
     frames_dropped: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s)
@@ -195,11 +198,11 @@ class Stream:
         gateway took it. `unchanged` (the encoder found nothing new) and `dropped` (the encoder
         was behind and dropped it) frames have no tokens: they count as seen.
 
-        Backpressure: while the stream's prefill is behind (`_behind`), a new frame is held
-        back (`Added.COALESCED`) and folded into the next one that goes in (`Coalesced`), or
-        goes in on its own when the prefill has caught up (`take_coalesced`). So a frame
-        waits for at most the request in the engine and one more, and the context takes
-        fewer, fuller frames when the engine cannot keep up."""
+        Backpressure (`llm.coalesce_frames`): while the stream's prefill is busy (a frame of
+        it waits for the engine or is in it), a new frame is held back (`Added.HELD`); the
+        frames held go in when the stream's next prefill request starts, folded into one
+        (`Coalesced`, `take_coalesced`). So what enters the context is the newest the stream
+        showed, and the context takes fewer, fuller frames when the engine cannot keep up."""
         self.last_record_s = time.monotonic()
         added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix)
         if dropped and added is not Added.DUPLICATE:
@@ -223,26 +226,16 @@ class Stream:
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
                              offset=offset, sent_unix=sent_unix)
-        if not self.replaying and self._behind():
+        if not self.replaying and self.res.cfg.coalesce_frames and self.res.materializer.busy(self.stream_id):
             self._hold(frame)
-            self.frames_coalesced += 1
-            return Added.COALESCED
+            self.res.materializer.hold(self.stream_id)
+            return Added.HELD
         if c is not None:  # this frame carries those held back before it
             self._hold(frame)
             self.take_coalesced()
         else:
             self._enter(frame)
         return Added.FRAME
-
-    def _behind(self) -> bool:
-        """Whether a new frame would wait too long for its prefill: a whole request's worth
-        of the stream's frames waits for the engine already, or its oldest frame not
-        prefilled yet has waited longer than `llm.max_context_lag_s`."""
-        c = self.res.cfg
-        if not c.max_context_lag_s:
-            return False
-        queued, waited = self.res.materializer.backlog(self.stream_id)
-        return queued >= c.max_prefill_batch_frames or waited > c.max_context_lag_s
 
     def _hold(self, frame: FrameSegment) -> None:
         if self.coalesced is None:
@@ -260,6 +253,7 @@ class Stream:
         self._enter(frame)
         self.context.frames_seen += c.frames - 1  # each frame it stands for is taken once
         self.context.last_seq = max(self.context.last_seq, c.through_seq)
+        self.frames_coalesced += c.folded - 1
         return frame
 
     def _enter(self, frame: FrameSegment) -> None:

@@ -11,7 +11,8 @@ every `question_every_s`, through the gateway, as a client would. Measured per r
 - time to first token p50/p99 as the client sees it (question sent -> first text), next
   to the engine's own (submit -> first token) and the rest of the service's part (queue,
   frame wait) from the answers' timings;
-- frames coalesced by the backpressure (`llm.max_context_lag_s`);
+- frames coalesced by the LLM's backpressure (`llm.coalesce_frames`) and dropped by the
+  encoder's (`encoder.max_frame_age_s`);
 - CPU seconds of the stack's processes (broker, Triton, services, vLLM's engine core) per
   stream-second.
 
@@ -393,7 +394,8 @@ def summarize(cfg: LivelensConfig, runs: list[dict[str, Any]], spread: dict[str,
         "replicas": spread,
         "settings": {"seconds": seconds, "fps": fps, "question_every_s": every_s, "answer_tokens": ANSWER_TOKENS,
                      "partitions": cfg.kafka.partitions, "prefill_concurrency": cfg.llm.prefill_concurrency,
-                     "max_context_lag_s": cfg.llm.max_context_lag_s,
+                     "max_context_lag_s": cfg.llm.max_context_lag_s, "coalesce_frames": cfg.llm.coalesce_frames,
+                     "max_frame_age_s": cfg.encoder.max_frame_age_s, "prefill_yield_s": cfg.llm.prefill_yield_s,
                      "max_prefill_batch_frames": cfg.llm.max_prefill_batch_frames,
                      "fetch_max_wait_ms": cfg.kafka.fetch_max_wait_ms, "window_frames": cfg.llm.window_frames,
                      "llm": Path(cfg.llm.model_path).name, "vision": cfg.encoder.model_id},
