@@ -138,7 +138,7 @@ class SlowEngine:
         self.peak = 0
         self.saved: list[list[str]] = []  # per request, the segment ids it saves
 
-    async def generate(self, embeds, request_id, max_tokens, kv_transfer_params=None, **kw):  # noqa: ANN001
+    async def generate(self, embeds, request_id, max_tokens, kv_transfer_params=None, priority=0):  # noqa: ANN001
         self.in_flight += 1
         self.peak = max(self.peak, self.in_flight)
         self.saved.append([spec["id"] for spec in (kv_transfer_params or {}).get("save", [])])

@@ -79,8 +79,14 @@ def engine_args(cfg: LLMConfig, kv_store_dir: str | Path | None = None):  # -> A
         enforce_eager=cfg.enforce_eager,
         disable_log_stats=True,
         max_num_seqs=16,
+        # Requests carry a priority: a question, check or remark (0) is scheduled before the
+        # frame prefill waiting in the engine (PREFILL_PRIORITY).
+        scheduling_policy="priority",
         **extra,  # type: ignore[arg-type]  # vLLM parses the dict into KVTransferConfig
     )
+
+
+PREFILL_PRIORITY = 1  # frame prefill: after every answer waiting in the engine
 
 
 class VllmEngine:
@@ -102,9 +108,9 @@ class VllmEngine:
 
     async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int,
                        kv_transfer_params: dict | None = None, logprobs: int | None = None,
-                       cache_salt: str | None = None) -> AsyncIterator[Delta]:
+                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[Delta]:
         """`cache_salt`: a namespace of vLLM's prefix cache (requests only hit blocks computed
-        under the same salt)."""
+        under the same salt). `priority`: lower is scheduled first."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -124,7 +130,7 @@ class VllmEngine:
         prompt = EmbedsPrompt(prompt_embeds=embeds.to(self.dtype))
         if cache_salt:
             prompt["cache_salt"] = cache_salt
-        async for out in self.llm.generate(prompt, params, request_id):
+        async for out in self.llm.generate(prompt, params, request_id, priority=priority):
             completion = out.outputs[0]
             total += len(completion.token_ids)
             ttft = None

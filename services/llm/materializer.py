@@ -46,7 +46,7 @@ from services.llm.context import (
     head_block,
 )
 from services.llm.embedder import ContextEmbedder
-from services.llm.engine import Delta, VllmEngine
+from services.llm.engine import PREFILL_PRIORITY, Delta, VllmEngine
 from services.llm.kv.store import SegmentStore
 from services.llm.kv_ledger import KVDiskBudget, KVLedger
 
@@ -370,7 +370,8 @@ class StreamingKVMaterializer:
         self.stats.ingest_in_flight_sum += self.in_flight
         try:
             async for _ in self.engine.generate(embeds, f"ingest-{uuid.uuid4().hex[:12]}", 1,
-                                                kv_transfer_params={"load": load, "save": save}):
+                                                kv_transfer_params={"load": load, "save": save},
+                                                priority=PREFILL_PRIORITY):
                 pass
         finally:
             self.in_flight -= 1
