@@ -76,6 +76,8 @@ def test_frames_held_back_while_busy_go_in_folded_into_one(tmp_path):
     assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0]
     assert m.holding == [KEY] * 3  # each asked the materializer to take them with the next request
     assert stream.arrived(3) and not stream.arrived(4)  # a question after frame 3 need not wait
+    newest = stream.newest_frame()  # what instruction checks read: the held frames, by their tags
+    assert newest is not None and newest.seq == 3 and newest.tags == ("cat", "dog")
     svc.take_coalesced(KEY)  # what the materializer calls when the stream's next request starts
     frames = stream.context.sink + list(stream.context.window)
     assert [f.seq for f in frames] == [0, 3]  # frames 1-3 went in as one, the newest's

@@ -204,20 +204,24 @@ class LLMService:
                            dropped=rec.dropped)
         if added is Added.FRAME:
             self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
+        elif added is Added.HELD:  # its tags came with it: checked now, not when it goes in
+            if self.checker is not None:
+                self.checker.frame_added(stream, rec.seq, rec.pts_s)
         elif added is Added.UNCHANGED:
             self.stats.unchanged += 1
             self.stats.dropped += int(rec.dropped)
         elif added is Added.DUPLICATE:
             self.stats.duplicates += 1
 
-    def frame_taken(self, stream: Stream, seq: int, pts_s: float, sent_unix: float) -> None:
-        """A frame entered the stream's context (with those held back before it, if any)."""
+    def frame_taken(self, stream: Stream, seq: int, pts_s: float, sent_unix: float, checked: bool = False) -> None:
+        """A frame entered the stream's context (with those held back before it, if any;
+        `checked`: against the stream's instructions already, when it was held)."""
         self.stats.frames += 1
         if not stream.replaying:
             metrics.TENANT_FRAMES.labels(split_key(stream.stream_id)[0]).inc()
             if sent_unix:
                 metrics.FRAME_TO_CONTEXT.observe(max(0.0, time.time() - sent_unix))
-        if self.checker is not None and not stream.replaying:
+        if self.checker is not None and not stream.replaying and not checked:
             self.checker.frame_added(stream, seq, pts_s)
         key = stream.stream_id
         self.unsaved[key] = self.unsaved.get(key, 0) + 1
@@ -236,7 +240,7 @@ class LLMService:
         if frame is not None:
             self.stats.coalesced += stream.frames_coalesced - before
             metrics.FRAMES_COALESCED.labels(split_key(key)[0]).inc(stream.frames_coalesced - before)
-            self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix)
+            self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix, checked=True)
 
     def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
         kind = rec.WhichOneof("command")

@@ -445,6 +445,10 @@ class Stream:
         return Composed(composed, retrieved, materializer, tokens)
 
     def newest_frame(self) -> FrameSegment | None:
+        """What the stream shows now: the frames held back (folded, not in the context yet),
+        else the context's newest."""
+        if self.coalesced is not None:
+            return self.coalesced.frame(pooled=None)
         frames = self.context.sink + list(self.context.window)
         return frames[-1] if frames else None
 
