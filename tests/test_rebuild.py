@@ -100,3 +100,18 @@ def test_a_new_session_of_a_stream_id_starts_afresh(tmp_path):
     other.tenant = "beta"
     svc.on_tokens(other, offset=13)
     assert svc.streams["beta/cam"].context.last_seq == 5 and svc.streams[KEY].context.last_seq == 0
+
+
+def test_frames_still_in_flight_when_a_stream_closes_do_not_open_it_again(tmp_path):
+    cfg = load_config(env={})
+    svc = service(cfg, tmp_path)
+    rng = np.random.default_rng(2)
+    for seq in range(3):
+        svc.on_tokens(frame(seq, rng), offset=seq)
+    close = pb.CommandRecord(stream_id="cam", tenant="acme", session_id="s1", close=pb.CloseStream())
+    svc.on_command(close)
+    assert KEY not in svc.streams
+    svc.on_tokens(frame(3, rng), offset=3)  # encoded after the close
+    assert KEY not in svc.streams and svc.stats.after_close == 1
+    svc.on_tokens(frame(0, rng, session="s2"), offset=4)  # the stream id opened anew
+    assert svc.streams[KEY].session_id == "s2"

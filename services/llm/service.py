@@ -18,6 +18,7 @@ import signal
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,8 @@ from services.llm.stream import Added, ContextError, ContextMethod, Stream, Stre
 
 log = logging.getLogger("livelens.llm")
 
+MAX_CLOSED = 4096  # closed sessions remembered, so their late frames are ignored
+
 
 @dataclass
 class LLMStats:
@@ -58,6 +61,7 @@ class LLMStats:
     unchanged: int = 0  # frames the encoder did not re-encode
     coalesced: int = 0  # frames folded into a later one while their stream's prefill was busy (llm.coalesce_frames)
     dropped: int = 0  # frames the encoder dropped unencoded (it was behind: encoder.max_frame_age_s)
+    after_close: int = 0  # tokens records of a stream's session that had closed: ignored
     questions: int = 0
     errors: int = 0
     cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
@@ -139,6 +143,7 @@ class LLMService:
         # (stream key, request id) -> its answer's task
         self.answering: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.unsaved: dict[str, int] = {}  # stream key -> frames added since its checkpoint
+        self.closed: OrderedDict[str, str] = OrderedDict()  # stream key -> its last session closed
         self.handled: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset handled
         # checks new frames against standing instructions (set up with the engine, in `run`)
         self.checker: InstructionChecker | None = None
@@ -193,6 +198,10 @@ class LLMService:
         if not np.isfinite(tokens).all():
             raise ValueError("tokens that are not finite")
         key = key_of(rec)
+        if rec.session_id and self.closed.get(key) == rec.session_id:
+            # its frames still in the encoder when the stream closed: they must not open it again
+            self.stats.after_close += 1
+            return
         stream = self.stream(key, rec.session_id, partition)
         if rec.query_request_id:  # a question's example image: the retrieval query
             stream.add_example(rec.query_request_id, tokens)
@@ -255,6 +264,10 @@ class LLMService:
             held = self.streams.get(key)
             if held is not None and held.session_id in ("", rec.session_id):  # not a newer session's
                 self.drop(key, tombstone=True)
+            if rec.session_id:
+                self.closed[key] = rec.session_id
+                while len(self.closed) > MAX_CLOSED:
+                    self.closed.popitem(last=False)
         elif kind == "cancel":
             task = self.answering.get((key, rec.cancel.request_id))
             if task is not None:
