@@ -17,8 +17,8 @@ every `question_every_s`, through the gateway, as a client would. Measured per r
   stream-second.
 
 The same stream counts run again with cross-stream batching off (`llm.prefill_concurrency`
-1: one prefill request at a time) on a fresh stack, in the same command; the ratio of
-context frames/s is the figure. Then two replicas of the encoder and of the LLM service
+1 and `llm.max_context_lag_s` 0: one prefill request at a time) on a fresh stack, in the
+same command; the ratio of context frames/s is the figure. Then two replicas of the encoder and of the LLM service
 (8 partitions) against one at the same load, and one LLM replica leaving mid-run: its
 streams move to the other and are answered there.
 
@@ -358,8 +358,8 @@ def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: floa
     for batching, with_replicas in sessions:
         c = copy.deepcopy(cfg)
         use_free_ports(c)
-        if not batching:
-            c.llm.prefill_concurrency = 1
+        if not batching:  # one prefill request at a time, whatever waits
+            c.llm.prefill_concurrency, c.llm.max_context_lag_s = 1, 0.0
         print(f"==> cross-stream batching {'on' if batching else 'off'} "
               f"(llm.prefill_concurrency {c.llm.prefill_concurrency})", flush=True)
         stack = _start(c, progress)
