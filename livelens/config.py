@@ -227,18 +227,14 @@ class LLMConfig:
     # prefilled together (cross-stream batching). 1: one at a time. A question shares its
     # first engine step with at most this many prefill requests. 0: no limit.
     prefill_concurrency: int = 4
-    # Backpressure: while a stream's prefill is busy (a frame of it waits for the engine or
-    # is in it), its new frames are held back; when its next prefill request starts they
-    # go in folded into one (at each grid position the newest token, their tags), so the
-    # newest the stream showed enters the context, and slower than it was sent when the
-    # engine cannot keep up. Folded frames are counted per stream
-    # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). False: every frame
-    # waits its turn (the lag grows without bound when frames come faster than they are
-    # prefilled).
-    coalesce_frames: bool = True
-    # A stream that waited this long for one of the prefill_concurrency slots is prefilled
-    # without one (in the same engine step as the others): a bound on how far a context
-    # falls behind when many streams share the engine. 0: wait for a slot however long.
+    # Backpressure: while a stream's oldest frame not prefilled yet has waited longer than
+    # this, its new frames are held back; when its next prefill request starts they go in
+    # folded into one (at each grid position the newest token, their tags). A burst is
+    # prefilled frame by frame; when the engine cannot keep up, the newest the stream showed
+    # enters the context, in fewer, fuller frames. Folded frames are counted per stream
+    # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). 0: never (every
+    # frame waits its turn: the lag grows without bound when frames come faster than they
+    # are prefilled).
     max_context_lag_s: float = 1.0
     # Segment store: frames leaving the window, in chunks, kept for retrieval.
     chunk_frames: int = 1

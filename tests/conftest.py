@@ -31,6 +31,7 @@ def stack_config() -> LivelensConfig:
     # Tests send frames in bursts and check each one's tokens: the encoder drops only frames
     # far behind (its drop policy: tests/test_encoder_plan.py; measured by bench streams).
     cfg.encoder.max_frame_age_s = 30.0
+    cfg.llm.max_context_lag_s = 30.0  # likewise for the LLM's (tests/test_backpressure.py)
     return cfg
 
 

@@ -1,9 +1,9 @@
-"""Backpressure in the LLM service (`llm.coalesce_frames`): while a stream's prefill is
-busy, its new frames are held back, and go in folded into one when its next prefill
+"""Backpressure in the LLM service (`llm.max_context_lag_s`): while a stream's prefill is
+behind, its new frames are held back, and go in folded into one when its next prefill
 request starts; through the service's own handlers (`LLMService.on_tokens`,
 `take_coalesced`, which the materializer calls as `on_take`).
 
-Whether the prefill is busy is the materializer's to say (`busy`); here a recompute
+How far behind the prefill is is the materializer's to say (`backlog_s`); here a recompute
 materializer without an engine says what each test sets, so the policy is tested on its
 own. The streaming-KV materializer's side (when it takes held frames, the slots) is in
 tests/test_materializer.py; the running stack's figures (lag, frames coalesced, with a
@@ -27,15 +27,15 @@ GRID, HIDDEN = 49, 576
 
 
 @dataclass
-class BusyMaterializer(RecomputeMaterializer):
-    """A recompute materializer whose prefill is busy when `busy_now` says, and that
-    records which streams asked to be taken (`hold`)."""
+class BehindMaterializer(RecomputeMaterializer):
+    """A recompute materializer whose prefill is `behind` seconds behind, and that records
+    which streams asked to be taken (`hold`)."""
 
-    busy_now: bool = False
+    behind: float = 0.0
     holding: list[str] = field(default_factory=list)
 
-    def busy(self, stream_id: str) -> bool:
-        return self.busy_now
+    def backlog_s(self, stream_id: str) -> float:
+        return self.behind
 
     def hold(self, stream_id: str) -> None:
         self.holding.append(stream_id)
@@ -56,26 +56,25 @@ def record(seq: int, positions: list[int], value: float, tags: dict[str, float] 
     return rec
 
 
-def service(tmp_path: Path, coalesce: bool = True) -> tuple[LLMService, BusyMaterializer]:
+def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMService, BehindMaterializer]:
     cfg = load_config(None)
     cfg.llm.store_disk_dir = str(tmp_path)
-    cfg.llm.coalesce_frames = coalesce
-    materializer = BusyMaterializer(None, ContextEmbedder(cfg.llm.model_path))
+    cfg.llm.max_context_lag_s = lag_s
+    materializer = BehindMaterializer(None, ContextEmbedder(cfg.llm.model_path))
     res = StreamResources(cfg.llm, materializer.embedder, segment_store(cfg), materializer, materializer)
     return LLMService(cfg, res), materializer
 
 
-def test_frames_held_back_while_busy_go_in_folded_into_one(tmp_path):
+def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))  # the first frame: the whole grid
-    m.busy_now = True
+    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
     svc.on_tokens(record(1, [1, 2], 1.0, {"cat": 0.4}))
     svc.on_tokens(record(2, [2, 3], 2.0, {"cat": 0.7, "dog": 0.2}))
     svc.on_tokens(record(3, [3], 3.0))
     stream = svc.streams[KEY]
     assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0]
     assert m.holding == [KEY] * 3  # each asked the materializer to take them with the next request
-    assert stream.arrived(3) and not stream.arrived(4)  # a question after frame 3 need not wait
     newest = stream.newest_frame()  # what instruction checks read: the held frames, by their tags
     assert newest is not None and newest.seq == 3 and newest.tags == ("cat", "dog")
     svc.take_coalesced(KEY)  # what the materializer calls when the stream's next request starts
@@ -90,21 +89,21 @@ def test_frames_held_back_while_busy_go_in_folded_into_one(tmp_path):
     assert stream.context.frames_seen == 4  # each frame taken once
     assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2  # two folded into the third
     assert svc.stats.frames == 2 and stream.coalesced is None
-    m.busy_now = False
-    svc.on_tokens(record(4, [4], 4.0))  # not busy: straight in
+    m.behind = 0.3
+    svc.on_tokens(record(4, [4], 4.0))  # within the bound: straight in
     assert [f.seq for f in stream.context.window][-1] == 4 and stream.coalesced is None
 
 
 def test_a_held_frame_stands_for_the_unchanged_ones_after_it(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))
-    m.busy_now = True
+    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
     svc.on_tokens(record(1, [4], 1.0, {"cat": 0.9}))
     svc.on_tokens(record(1, [4], 1.0))  # redelivered while held: not taken twice
     svc.on_tokens(record(2, [], 0.0, unchanged=True))  # the same picture, later
     stream = svc.streams[KEY]
     assert svc.stats.duplicates == 1 and stream.coalesced is not None and stream.coalesced.through_seq == 2
-    m.busy_now = False
+    m.behind = 0.3
     svc.take_coalesced(KEY)
     frames = stream.context.sink + list(stream.context.window)
     assert [(f.seq, f.tags) for f in frames] == [(0, ()), (1, ("cat",))]  # labelled as the frame it showed
@@ -129,16 +128,16 @@ def test_frames_the_encoder_dropped_count_as_seen(tmp_path):
     assert stream.frames_dropped == 1 and svc.stats.dropped == 1 and stream.context.frames_seen == 3
 
 
-def test_no_frame_is_held_back_when_coalescing_is_off_or_on_a_replay(tmp_path):
-    svc, m = service(tmp_path, coalesce=False)
-    m.busy_now = True
+def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):
+    svc, m = service(tmp_path, lag_s=0.0)
+    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
     for seq in range(3):
         assert svc.streams.get(KEY) is None or svc.streams[KEY].coalesced is None
         svc.on_tokens(record(seq, list(range(GRID)), float(seq)))
     assert svc.stats.coalesced == 0 and svc.stats.frames == 3
 
     svc, m = service(tmp_path / "replay")
-    m.busy_now = True
+    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
     stream = svc.stream(KEY, "s1")
     stream.replaying = True  # a new owner rebuilding: every frame the last owner took is replayed
     assert stream.add(0, 0.0, np.ones((GRID, HIDDEN), np.float16), np.ones(GRID, bool)) is Added.FRAME

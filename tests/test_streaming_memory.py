@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
         # frames fed 50 at a time, faster than real time: backpressure off, every frame goes in
         cfg = LivelensConfig(llm=LLMConfig(dtype="float32", window_frames=4, kv_disk_mb=24, kv_ram_mb=8,
                                            store_ram_mb=4, store_disk_dir=str(Path(sys.argv[2]) / "segments"),
-                                           coalesce_frames=False))
+                                           max_context_lag_s=0.0))
         engine, res = build_resources(cfg, kv_dir)  # as the service builds them
         m = res.materializer
         rms = float(res.embedder.table.float().pow(2).mean().sqrt())

@@ -73,13 +73,14 @@ class Materializer(Protocol):
         """The newest frame a question can use at full speed."""
         ...
 
-    def busy(self, stream_id: str) -> bool:
-        """Whether the stream's prefill is busy: frames of it wait for the engine or are in it."""
+    def backlog_s(self, stream_id: str) -> float:
+        """How long the stream's oldest frame not prefilled yet has waited since it reached
+        the service (0: none waits)."""
         ...
 
     def hold(self, stream_id: str) -> None:
-        """The stream holds frames back while its prefill is busy: call `on_take` with its
-        key when its next prefill request starts, so they go in then (folded into one)."""
+        """The stream holds frames back (its prefill is behind): call `on_take` with its key
+        when its next prefill request starts, so they go in then (folded into one)."""
 
     on_take: Callable[[str], None] | None
 
@@ -117,8 +118,8 @@ class RecomputeMaterializer:
     def ready_seq(self, ctx: StreamContext) -> int:
         return ctx.last_seq
 
-    def busy(self, stream_id: str) -> bool:
-        return False
+    def backlog_s(self, stream_id: str) -> float:
+        return 0.0
 
     def hold(self, stream_id: str) -> None:
         return
@@ -147,8 +148,6 @@ class KVStats:
     deleted: int = 0
     adopted: int = 0  # segments a rebuild found on the shared KV directory
     prefill_waits: int = 0  # ingest requests held back while answers generated
-    # prefill requests that went without a slot: their stream had waited llm.max_context_lag_s
-    prefill_slot_timeouts: int = 0
     prefill_wait_s: float = 0.0
     # Over ingest requests: how many were in flight (itself included) when each started.
     # Divided by ingest_requests: how many vLLM could batch into one step on average.
@@ -284,9 +283,12 @@ class StreamingKVMaterializer:
         if s.task is None or s.task.done():
             s.task = asyncio.get_running_loop().create_task(self._ingest_loop(stream_id, s))
 
-    def busy(self, stream_id: str) -> bool:
+    def backlog_s(self, stream_id: str) -> float:
         s = self.streams.get(stream_id)
-        return s is not None and bool(s.queue or s.in_flight or s.held)
+        if s is None:
+            return 0.0
+        oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
     def hold(self, stream_id: str) -> None:
         s = self._stream(stream_id)
@@ -295,8 +297,7 @@ class StreamingKVMaterializer:
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
         while s.queue or s.backfill or s.held:
-            slot = await self._slot()
-            try:
+            async with self.prefill_slots or contextlib.nullcontext():
                 await self._yield_to_answers()
                 if s.held:  # what the stream held back meanwhile goes in now
                     s.held = False
@@ -319,29 +320,12 @@ class StreamingKVMaterializer:
                                   stream_id, batch[0].frame.seq, batch[-1].frame.seq)
                 finally:
                     s.in_flight = []
-            finally:
-                if slot and self.prefill_slots is not None:
-                    self.prefill_slots.release()
             if live:
                 s.ingested_seq = batch[-1].frame.seq
                 now = time.time()
                 for p in batch:
                     metrics.FRAME_TO_KV.observe(max(0.0, now - (p.frame.sent_unix or p.arrived)))
         self._rebuild_done(stream_id, s)
-
-    async def _slot(self) -> bool:
-        """One of `llm.prefill_concurrency` slots (whether one was taken). A stream that
-        waited `llm.max_context_lag_s` for one goes without: the lag stays bounded, and the
-        engine step takes one more request."""
-        if self.prefill_slots is None:
-            return False
-        limit = self.cfg.max_context_lag_s or None
-        try:
-            await asyncio.wait_for(self.prefill_slots.acquire(), limit)
-        except TimeoutError:
-            self.stats.prefill_slot_timeouts += 1
-            return False
-        return True
 
     async def _yield_to_answers(self) -> None:
         """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):

@@ -19,8 +19,8 @@ FRAME_ARRIVAL = Histogram(
     "A frame accepted by the gateway -> its tokens reach the LLM service (the encoder and Kafka's part of the lag)",
     buckets=LAG_BUCKETS)
 FRAMES_COALESCED = Counter(
-    "livelens_llm_frames_coalesced", "Frames folded into a later one because their stream's prefill was busy "
-    "(llm.coalesce_frames), per tenant", ["tenant"])
+    "livelens_llm_frames_coalesced", "Frames folded into a later one because their stream's prefill was behind "
+    "(llm.max_context_lag_s), per tenant", ["tenant"])
 TIME_TO_FIRST_TOKEN = Histogram(
     "livelens_llm_time_to_first_token_seconds", "Engine submit -> the answer's first token", buckets=LATENCY_BUCKETS)
 E2E_ANSWER = Histogram(

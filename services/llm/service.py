@@ -59,7 +59,7 @@ class LLMStats:
     frames: int = 0
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
-    coalesced: int = 0  # frames folded into a later one while their stream's prefill was busy (llm.coalesce_frames)
+    coalesced: int = 0  # frames folded into a later one while their stream's prefill was behind (llm.max_context_lag_s)
     dropped: int = 0  # frames the encoder dropped unencoded (it was behind: encoder.max_frame_age_s)
     after_close: int = 0  # tokens records of a stream's session that had closed: ignored
     questions: int = 0
@@ -371,15 +371,15 @@ class LLMService:
         ask = cmd.ask
         example_id = ask.request_id if ask.has_example else None
         # The question overtakes the frames sent just before it and its example image
-        # (both go through the encoder first): wait, bounded, until they are here. Not for
-        # their prefill: the question computes what is not prefilled yet, so it does not
-        # queue behind other streams' frames.
+        # (both go through the encoder first, and on the streaming-KV path through their
+        # prefill): wait, bounded, until they are here. The stream's own backlog is bounded
+        # (llm.max_context_lag_s); other streams' frames do not come before it (priority).
+        self.take_coalesced(stream.stream_id)  # held-back frames: the question sees them
         waited = time.monotonic()
         deadline = waited + c.frame_wait_s
-        while not stream.arrived(ask.after_seq, example_id) and time.monotonic() < deadline:
+        while not stream.ready(ask.after_seq, example_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
-        self.take_coalesced(stream.stream_id)  # held-back frames: the question sees them
         t0 = time.perf_counter()
         # the gateway checks it; a producer writing to the commands topic directly is capped here
         max_tokens = min(ask.max_tokens, c.max_answer_tokens) if ask.max_tokens > 0 else c.max_answer_tokens

@@ -60,12 +60,12 @@ class Added(enum.Enum):
     FRAME = "frame"  # new visual tokens entered the context
     UNCHANGED = "unchanged"  # the encoder found the frame unchanged: seen, nothing new to add
     DUPLICATE = "duplicate"  # redelivered or stale: ignored
-    HELD = "held"  # held back while the stream's prefill is busy: it goes in with its next request
+    HELD = "held"  # held back while the stream's prefill is behind: it goes in with its next request
 
 
 @dataclass
 class Coalesced:
-    """Frames held back while their stream's prefill was busy, folded into one: at each
+    """Frames held back while their stream's prefill was behind, folded into one: at each
     grid position any of them changed, the newest token (the encoder sends only changed
     positions, so nothing they showed is lost), their tags at their likeliest, and the
     newest one's seq and time."""
@@ -174,7 +174,7 @@ class Stream:
     replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
     instructions: InstructionSet = field(init=False)  # standing instructions, checked on each frame
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
-    # Backpressure (llm.coalesce_frames): the frames held back while its prefill is busy,
+    # Backpressure (llm.max_context_lag_s): the frames held back while its prefill is behind,
     # and how many were folded into another so far.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
@@ -198,11 +198,12 @@ class Stream:
         gateway took it. `unchanged` (the encoder found nothing new) and `dropped` (the encoder
         was behind and dropped it) frames have no tokens: they count as seen.
 
-        Backpressure (`llm.coalesce_frames`): while the stream's prefill is busy (a frame of
-        it waits for the engine or is in it), a new frame is held back (`Added.HELD`); the
-        frames held go in when the stream's next prefill request starts, folded into one
-        (`Coalesced`, `take_coalesced`). So what enters the context is the newest the stream
-        showed, and the context takes fewer, fuller frames when the engine cannot keep up."""
+        Backpressure (`llm.max_context_lag_s`): while the stream's oldest frame not prefilled
+        yet has waited longer than that, a new frame is held back (`Added.HELD`); the frames
+        held go in when the stream's next prefill request starts, folded into one
+        (`Coalesced`, `take_coalesced`). So a burst is prefilled frame by frame, and when the
+        engine cannot keep up what enters the context is the newest the stream showed, in
+        fewer, fuller frames."""
         self.last_record_s = time.monotonic()
         added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix)
         if dropped and added is not Added.DUPLICATE:
@@ -226,7 +227,8 @@ class Stream:
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
                              offset=offset, sent_unix=sent_unix)
-        if not self.replaying and self.res.cfg.coalesce_frames and self.res.materializer.busy(self.stream_id):
+        lag = self.res.cfg.max_context_lag_s
+        if not self.replaying and lag > 0 and self.res.materializer.backlog_s(self.stream_id) > lag:
             self._hold(frame)
             self.res.materializer.hold(self.stream_id)
             return Added.HELD
@@ -325,12 +327,6 @@ class Stream:
         """Whether frame `after_seq` (and that example) is in the context with its KV."""
         return (self.res.materializer.ready_seq(self.context) >= after_seq
                 and (example_request_id is None or example_request_id in self.examples))
-
-    def arrived(self, after_seq: int, example_request_id: str | None = None) -> bool:
-        """Whether frame `after_seq` (and that example) reached the stream, held back or not:
-        a question need not wait for the prefill (it computes what is not prefilled yet)."""
-        seq = max(self.context.last_seq, self.coalesced.through_seq if self.coalesced is not None else -1)
-        return seq >= after_seq and (example_request_id is None or example_request_id in self.examples)
 
     def add_turn(self, question: str, answer: str) -> None:
         self.context.add_turn(question, answer)

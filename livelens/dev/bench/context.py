@@ -216,7 +216,7 @@ async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, token
         # method) and the segment store's disk tier in this run's directory.
         # (frames are fed faster than real time, each after the one before is prefilled:
         # no backpressure, so every method sees every frame)
-        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv", coalesce_frames=False,
+        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv", max_context_lag_s=0.0,
                                            store_disk_dir=str(Path(tmp) / "segments")))
         engine, res = build_resources(run_cfg, Path(tmp) / "kv")
         try:

@@ -73,7 +73,7 @@ class Pipeline:
 
         # The haystack is fed faster than real time, its backlog bounded by the feeder: no
         # frame may be folded into another (backpressure is for live streams).
-        cfg.llm.coalesce_frames = False
+        cfg.llm.max_context_lag_s = 0.0
         self.cfg = cfg
         self.service_encoder = f"vision_encoder_{cfg.vision.projector}"  # the served model the service runs
         self.encoder = EncoderService(cfg)

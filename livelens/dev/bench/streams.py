@@ -11,13 +11,13 @@ every `question_every_s`, through the gateway, as a client would. Measured per r
 - time to first token p50/p99 as the client sees it (question sent -> first text), next
   to the engine's own (submit -> first token) and the rest of the service's part (queue,
   frame wait) from the answers' timings;
-- frames coalesced by the LLM's backpressure (`llm.coalesce_frames`) and dropped by the
+- frames coalesced by the LLM's backpressure (`llm.max_context_lag_s`) and dropped by the
   encoder's (`encoder.max_frame_age_s`);
 - CPU seconds of the stack's processes (broker, Triton, services, vLLM's engine core) per
   stream-second.
 
 The same stream counts run again with cross-stream batching off (`llm.prefill_concurrency`
-1 and `llm.max_context_lag_s` 0: one prefill request at a time) on a fresh stack, in the
+1: one prefill request at a time) on a fresh stack, in the
 same command; the ratio of context frames/s is the figure. Then two replicas of the encoder and of the LLM service
 (8 partitions) against one at the same load, and one LLM replica leaving mid-run: its
 streams move to the other and are answered there.
@@ -358,8 +358,8 @@ def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: floa
     for batching, with_replicas in sessions:
         c = copy.deepcopy(cfg)
         use_free_ports(c)
-        if not batching:  # one prefill request at a time, whatever waits
-            c.llm.prefill_concurrency, c.llm.max_context_lag_s = 1, 0.0
+        if not batching:  # one prefill request at a time
+            c.llm.prefill_concurrency = 1
         print(f"==> cross-stream batching {'on' if batching else 'off'} "
               f"(llm.prefill_concurrency {c.llm.prefill_concurrency})", flush=True)
         stack = _start(c, progress)
@@ -403,7 +403,7 @@ def summarize(cfg: LivelensConfig, runs: list[dict[str, Any]], spread: dict[str,
         "replicas": spread,
         "settings": {"seconds": seconds, "fps": fps, "question_every_s": every_s, "answer_tokens": ANSWER_TOKENS,
                      "partitions": cfg.kafka.partitions, "prefill_concurrency": cfg.llm.prefill_concurrency,
-                     "max_context_lag_s": cfg.llm.max_context_lag_s, "coalesce_frames": cfg.llm.coalesce_frames,
+                     "max_context_lag_s": cfg.llm.max_context_lag_s,
                      "max_frame_age_s": cfg.encoder.max_frame_age_s, "prefill_yield_s": cfg.llm.prefill_yield_s,
                      "max_prefill_batch_frames": cfg.llm.max_prefill_batch_frames,
                      "fetch_max_wait_ms": cfg.kafka.fetch_max_wait_ms, "window_frames": cfg.llm.window_frames,
