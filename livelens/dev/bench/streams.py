@@ -255,7 +255,10 @@ class Bench:
             "questions": sum(len(ld.asked) for ld in loads),
             "answered": len(ttfts),
             "errors": dict(errors),
-            "dropped": int(delta(before, after, "livelens_llm_coalesced_total")),
+            # frames folded into others by the LLM's backpressure, and dropped by the encoder's
+            "dropped": int(delta(before, after, "livelens_llm_coalesced_total")
+                           + delta(before, after, "livelens_llm_dropped_total")),
+            "encoder_dropped": int(delta(before, after, "livelens_llm_dropped_total")),
             "prefill_s_per_frame": round(delta(before, after, "livelens_llm_kv_ingest_s") / ingested, 3)
             if ingested else None,
             "prefill_requests_in_flight": round(delta(before, after, "livelens_llm_kv_ingest_in_flight_sum_total")
