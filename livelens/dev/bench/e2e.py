@@ -43,25 +43,38 @@ def machine() -> str:
     return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
 
-class TokenArrivals:
-    """Records when each (stream, seq)'s tokens reach a subscriber."""
+class TopicWatcher:
+    """Reads topics in a thread while a benchmark runs, handing each record to `seen`."""
 
-    def __init__(self, cfg: LivelensConfig) -> None:
-        self.sub = TopicSubscriber(cfg.kafka, ["tokens"])
-        self.arrivals: dict[tuple[str, int], float] = {}
+    def __init__(self, cfg: LivelensConfig, topics: list[str], tenant: str | None = None) -> None:
+        self.sub = TopicSubscriber(cfg.kafka, topics, tenant=tenant)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
+    def seen(self, rec: Any) -> None:
+        raise NotImplementedError
+
     def _run(self) -> None:
         while not self.stop.is_set():
             for rec in self.sub.records(timeout_s=0.2):
-                self.arrivals.setdefault((rec.stream_id, rec.seq), time.time())
+                self.seen(rec)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(5)
         self.sub.close()
+
+
+class TokenArrivals(TopicWatcher):
+    """Records when each (stream, seq)'s tokens reach a subscriber."""
+
+    def __init__(self, cfg: LivelensConfig) -> None:
+        self.arrivals: dict[tuple[str, int], float] = {}
+        super().__init__(cfg, ["tokens"])
+
+    def seen(self, rec: Any) -> None:
+        self.arrivals.setdefault((rec.stream_id, rec.seq), time.time())
 
 
 @dataclass

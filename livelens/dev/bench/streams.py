@@ -31,7 +31,6 @@ import asyncio
 import copy
 import json
 import tempfile
-import threading
 import time
 import urllib.request
 from collections import Counter
@@ -44,10 +43,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from livelens.client import Answer, Client, ItemError
 from livelens.config import LivelensConfig
-from livelens.dev.bench.e2e import machine, percentile
+from livelens.dev.bench.e2e import TopicWatcher, machine, percentile
 from livelens.dev.stack import Stack, use_free_ports
 from livelens.records import encode_jpeg
-from livelens.subscriber import TopicSubscriber
 from livelens.video import read_frames, sample_video
 
 VIDEOS = ("vtest.avi", "bikes.mp4", "Megamind.avi", "bigbuckbunny.mp4", "tree.avi")
@@ -175,26 +173,16 @@ def stack_cpu_s(stack: Stack) -> float:
     return total
 
 
-class Timings:
+class Timings(TopicWatcher):
     """The answers' timings (`AnswerTimings`, on their final records in livelens.responses)."""
 
     def __init__(self, stack: Stack, tenant: str) -> None:
-        self.sub = TopicSubscriber(stack.cfg.kafka, ["responses"], tenant=tenant)
         self.by_request: dict[str, Any] = {}
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
+        super().__init__(stack.cfg, ["responses"], tenant=tenant)
 
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            for rec in self.sub.records(timeout_s=0.2):
-                if rec.final and rec.HasField("timings"):
-                    self.by_request[rec.request_id] = rec.timings
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(5)
-        self.sub.close()
+    def seen(self, rec: Any) -> None:
+        if rec.final and rec.HasField("timings"):
+            self.by_request[rec.request_id] = rec.timings
 
 
 @dataclass
