@@ -146,20 +146,40 @@ async def settled(log_path, mark: int, timeout_s: float = 180) -> dict[str, tupl
     raise AssertionError(f"no rebuild settled within {timeout_s}s: {log_path.read_text()[mark:][-3000:]}")
 
 
+def same_words(a: str, b: str) -> bool:
+    """The same words, case aside, up to the last word of the shorter (a budget of tokens
+    can end either answer mid-word)."""
+    wa, wb = re.findall(r"[a-z0-9]+", a.lower()), re.findall(r"[a-z0-9]+", b.lower())
+    n = min(len(wa), len(wb)) - 1
+    return n >= 3 and wa[:n] == wb[:n]
+
+
 def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
     """Streams on four partitions; a second LLM replica joins (and takes some), then leaves.
-    Each stream answers the same greedy tokens before, while it is away, and after, and
-    keeps its standing instructions."""
+    Each stream retrieves the same frames and answers the same words before, while it is
+    away, and after, and keeps its standing instructions."""
     names = ["move-a", "move-b", "move-c", "move-d", "move-e", "move-f"]
-    videos = {n: frames_of(v, 7.0) for n, v in zip(names, ["vtest.avi", "Megamind.avi"] * 3, strict=True)}
+    # 7 s of two videos, each stream from a different start: streams that showed the same
+    # frames would share blocks in vLLM's prefix cache, and which of them computed a block
+    # (in which batch) would then decide the KV another one's answer reads.
+    full = {v: frames_of(v, 9.0) for v in ("vtest.avi", "Megamind.avi")}
+    videos = {n: full[v][2 * (i // 2):][:14]
+              for i, (n, v) in enumerate(zip(names, ["vtest.avi", "Megamind.avi"] * 3, strict=True))}
     tokens = {n: TOKEN if i < 3 else "beta-token" for i, n in enumerate(names)}  # 3 streams a tenant at most
 
-    async def ask_all(clients: dict[str, Client]) -> dict[str, str]:
+    async def ask_all(clients: dict[str, Client]) -> dict[str, tuple[str, tuple[float, ...]]]:
+        # The default method, streaming KV: a replica that takes a stream adopts its frames'
+        # KV as stored (float32, bit-exact), so the same greedy tokens are expected, as long
+        # as each answer's prompt is computed the same way. A bfloat16 prefill that finds the
+        # question's blocks in vLLM's prefix cache and one that computes them afresh differ
+        # by ~0.05 in a token's logprob, enough to flip a near-tie of greedy decoding. So each
+        # replica is asked twice and the second answers are compared: their prompts then hit
+        # the cache up to the same block everywhere.
         out = {}
-        for n in names:  # one at a time: nothing else in the engine's batch
-            r = await clients[tokens[n]].ask(n, "What do you see?", max_tokens=12, context_method="recompute",
-                                             timeout_s=300)
-            out[n] = r.text
+        for _ in range(2):
+            for n in names:  # one at a time: nothing else in the engine's batch
+                r = await clients[tokens[n]].ask(n, "What do you see?", max_tokens=12, timeout_s=300)
+                out[n] = (r.text, r.retrieved_pts_s)
         return out
 
     second = replica(stack, tmp_path, "llm-2", "services.llm",
@@ -203,7 +223,12 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
     taken_back = {m[0]: (int(m[1]), int(m[2])) for m in
                   KV_READY.findall(stack.process("llm").log_path.read_text()[mark:])}
     print(f"KV (adopted, prefilled) per stream taken: {taken}; taken back: {taken_back}")
-    assert moved == before and back == before
+    # Same context: the same frames retrieved, and the same answer word for word. (Case and
+    # a last word cut by the token budget aside: the test stack's engine runs in bfloat16,
+    # where which blocks came from the prefix cache still flips "band-Aid" / "band-aid.")
+    for phase in (moved, back):
+        assert {n: pts for n, (_, pts) in phase.items()} == {n: pts for n, (_, pts) in before.items()}
+        assert all(same_words(phase[n][0], before[n][0]) for n in names), (before, moved, back)
     assert held == held_back == {n: [f"watch-{n}"] for n in names}
     # On the stack's shared KV directory, the KV of every frame held (2 sink + 8 window +
     # 4 stored: 14 frames, some unchanged and without KV) is adopted, none prefilled again.
