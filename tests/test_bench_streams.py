@@ -31,3 +31,33 @@ def test_beyond_the_last_bound_only_the_bound_is_known_and_no_observation_is_nan
     after = scrape({1.0: 5, 60.0: 8, math.inf: 10})
     assert histogram_quantile(before, after, NAME, 0.99) == 60.0
     assert math.isnan(histogram_quantile(before, before, NAME, 0.5))
+
+
+def test_a_replica_that_leaves_keeps_its_last_counters_so_no_delta_goes_negative():
+    import http.server
+    import threading
+
+    from livelens.dev.bench import streams
+
+    count = {"n": 3.0}
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            body = f"# TYPE livelens_llm_coalesced_total counter\nlivelens_llm_coalesced_total {count['n']}\n"
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+    before = streams.scrape([url])
+    count["n"] = 10.0
+    streams.scrape([url])  # as it leaves
+    server.shutdown()
+    server.server_close()
+    after = streams.scrape([url])  # it is gone
+    assert delta(before, after, "livelens_llm_coalesced_total") == 7.0

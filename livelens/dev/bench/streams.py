@@ -120,18 +120,25 @@ async def drive(target: str, token: str, load: StreamLoad, frames: list[bytes], 
         listener.cancel()
 
 
-def scrape(urls: list[str]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of the LLM replicas' /metrics, summed over the replicas that answer."""
-    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+_last_seen: dict[str, Samples] = {}  # url -> its last scrape
+
+
+def scrape(urls: list[str]) -> Samples:
+    """Every sample of the LLM replicas' /metrics, summed over the replicas. A replica that
+    left counts with its last scrape: its counters stop there rather than drop to zero (a
+    run's deltas would go negative)."""
+    out: Samples = {}
     for url in urls:
         try:
             text = urllib.request.urlopen(url, timeout=5).read().decode()
         except OSError:
-            continue  # a replica that left
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                key = (s.name, tuple(sorted(s.labels.items())))
-                out[key] = out.get(key, 0.0) + s.value
+            text = None
+        if text is not None:
+            _last_seen[url] = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                               for family in text_string_to_metric_families(text) for s in family.samples}
+        for key, value in _last_seen.get(url, {}).items():
+            out[key] = out.get(key, 0.0) + value
     return out
 
 
@@ -312,6 +319,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
             await asyncio.sleep(seconds / 2)
             spread["before_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls)
             spread["left_at_s"] = round(time.monotonic() - t0, 1)
+            await asyncio.to_thread(scrape, bench.llm_urls)  # its counters as it leaves
             await asyncio.to_thread(stack.remove_replica, "llm-2")
             await asyncio.sleep(max(0.0, seconds * 0.9 - (time.monotonic() - t0)))
             spread["after_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls[:1])
