@@ -133,8 +133,8 @@ def scrape(urls: list[str]) -> Samples:
         try:
             text = urllib.request.urlopen(url, timeout=5).read().decode()
         except OSError:
-            text = None
-        if text is not None:
+            pass  # a replica that left
+        else:
             _last_seen[url] = {(s.name, tuple(sorted(s.labels.items()))): s.value
                                for family in text_string_to_metric_families(text) for s in family.samples}
         for key, value in _last_seen.get(url, {}).items():
