@@ -317,9 +317,9 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
 
         async def leave(t0: float) -> None:  # one LLM replica leaves mid-run
             await asyncio.sleep(seconds / 2)
+            # (this scrape is also the leaving replica's last: its counters as it leaves)
             spread["before_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls)
             spread["left_at_s"] = round(time.monotonic() - t0, 1)
-            await asyncio.to_thread(scrape, bench.llm_urls)  # its counters as it leaves
             await asyncio.to_thread(stack.remove_replica, "llm-2")
             await asyncio.sleep(max(0.0, seconds * 0.9 - (time.monotonic() - t0)))
             spread["after_leave"] = await asyncio.to_thread(per_replica, bench.llm_urls[:1])
