@@ -189,7 +189,7 @@ class WatchSession:
                   example_image: bytes = b"", context_method: str = "", timeout_s: float = 0.0) -> str:
         """Ask about the stream; with `example_image` (JPEG/PNG) the moments that look like
         it are brought back into the context ("when did this appear?"). `context_method`
-        (evaluation): "recompute", "streaming_kv", "window" or "full" instead of the
+        (evaluation): "recompute", "streaming_kv", "engine_cache", "window" or "full" instead of the
         service's own context. `timeout_s`: how long the answer may take (0: the gateway's
         default); past it, an ItemError DEADLINE_EXCEEDED ends the answer."""
         request_id = request_id or f"q-{uuid.uuid4().hex[:12]}"

@@ -253,9 +253,18 @@ class LLMConfig:
     # LLM misses a few frames' labels among many; next to the question it reads them. 0: off.
     recall_notes: int = 3
     # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
-    # the composed context) or "streaming_kv" (frames prefilled once on arrival; their KV
-    # stored per frame and loaded, re-rotated, for questions).
+    # the composed context), "streaming_kv" (frames prefilled once on arrival; their KV
+    # stored per frame by our connector and loaded, re-rotated, for questions: vLLM's CPU
+    # backend only) or "engine_cache" (frames prefilled once on arrival; their KV kept in
+    # vLLM's own prefix cache: any vLLM, GPU included). docs/context.md compares them.
     materializer: str = "streaming_kv"
+    # Frames that leave the window together once it is full. 0: the materializer's own
+    # (engine_cache: 3/4 of llm.window_frames, so the one recompute of the window after a
+    # slide is shared by many frames; the others: 1).
+    window_slide_frames: int = 0
+    # engine_cache: a frame's prefill request stops one token past its last whole KV block,
+    # so the tokens of a partial block are computed once (by the next request), not twice.
+    align_prefill_to_blocks: bool = True
     kv_store_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "kv"))
     # A directory every LLM replica mounts (in a cluster a ReadWriteMany volume): stored KV
     # lives there, so a replica that takes a stream over loads the KV its last owner wrote
@@ -439,7 +448,18 @@ def apply_model_spec(cfg: LivelensConfig) -> None:
     rope_type = spec.rope.get("rope_type", "default")
     if cfg.llm.materializer == "streaming_kv" and rope_type != "default":
         raise ConfigError(f"model.spec {cfg.model.spec}: the model's RoPE is {rope_type!r}; the streaming-KV "
-                          "connector re-rotates plain RoPE only: set llm.materializer: recompute")
+                          "connector re-rotates plain RoPE only: set llm.materializer: engine_cache")
+
+
+MATERIALIZERS = ("recompute", "streaming_kv", "engine_cache")
+
+
+def window_slide(c: LLMConfig) -> int:
+    """How many frames leave the window together (`llm.window_slide_frames`, 0: the
+    materializer's own)."""
+    if c.window_slide_frames:
+        return c.window_slide_frames
+    return max(1, c.window_frames * 3 // 4) if c.materializer == "engine_cache" else 1
 
 
 def validate(cfg: LivelensConfig) -> None:
@@ -498,8 +518,11 @@ def _validate_llm(cfg: LivelensConfig) -> None:
     if c.prefill_concurrency < 0 or c.max_context_lag_s < 0:
         raise ConfigError(f"llm.prefill_concurrency and llm.max_context_lag_s must be >= 0, got "
                           f"{c.prefill_concurrency} and {c.max_context_lag_s}")
-    if c.materializer not in ("recompute", "streaming_kv"):
-        raise ConfigError(f"llm.materializer must be recompute or streaming_kv, got {c.materializer!r}")
+    if c.materializer not in MATERIALIZERS:
+        raise ConfigError(f"llm.materializer must be one of {', '.join(MATERIALIZERS)}, got {c.materializer!r}")
+    if not 0 <= c.window_slide_frames <= c.window_frames:
+        raise ConfigError(f"llm.window_slide_frames must be within [0, llm.window_frames ({c.window_frames})], "
+                          f"got {c.window_slide_frames}")
     if c.kv_store_dtype not in ("float16", "bfloat16", "float32"):
         raise ConfigError(f"llm.kv_store_dtype must be float16, bfloat16 or float32, got {c.kv_store_dtype!r}")
     if c.dtype not in ("auto", "bfloat16", "float16", "float32"):

@@ -46,6 +46,6 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     # a question cannot be answered without an engine: said clearly, not an AttributeError
     composed = service.streams["t/long"].compose("What now?", 8)
     with pytest.raises(RuntimeError, match="has no engine: frames only"):
-        composed.materializer.generate(composed.context, "q", 8)
+        composed.generate("q", 8)
     store.close()
     assert not list(tmp_path.rglob("*.seg"))

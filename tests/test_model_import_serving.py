@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent('''
             for method in (ContextMethod.STREAMING_KV, ContextMethod.RECOMPUTE):
                 composed = stream.compose(env["QUESTION"], 8, method)
                 ids, top = [], None
-                async for d in composed.materializer.generate(composed.context, f"q-{method}", 8, logprobs=5):
+                async for d in composed.generate(f"q-{method}", 8, logprobs=5):
                     ids += d.token_ids
                     if top is None and d.logprobs:
                         top = {str(k): float(v) for k, v in d.logprobs[0].items()}

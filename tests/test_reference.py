@@ -46,7 +46,7 @@ SCRIPT = textwrap.dedent('''
             stream.add_example(request_id, example)
         composed = stream.compose(question, 12, method, request_id if example is not None else None)
         tokens, first, cached = [], None, 0
-        async for d in composed.materializer.generate(composed.context, request_id, 12, logprobs=5):
+        async for d in composed.generate(request_id, 12, logprobs=5):
             tokens += d.token_ids
             cached = max(cached, d.cached_tokens)
             if first is None and d.logprobs:

@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent('''
         retrieved = [f.seq for f in composed.retrieved]
         stored = [s for s in retrieved if m.frame_id("long", s) in m.saved]
         text = []
-        async for d in composed.materializer.generate(composed.context, "after", 8):
+        async for d in composed.generate("after", 8):
             text += d.token_ids
         Path(sys.argv[1]).write_text(json.dumps({
             "samples": samples, "stats": m.stats.__dict__, "answer_tokens": len(text),

@@ -74,7 +74,7 @@ def check_image(data: bytes, cfg: GatewayConfig, what: str) -> tuple[pb.FrameRec
     return encoding, rgb
 
 
-CONTEXT_METHODS = ("", "recompute", "streaming_kv", "window", "full")
+CONTEXT_METHODS = ("", "recompute", "streaming_kv", "engine_cache", "window", "full")
 
 
 def check_context_method(method: str) -> str:

@@ -2,6 +2,11 @@
 
     [system][sink: first frames][retrieved segments][window: recent frames][dialogue][question]
 
+or, where the engine's own prefix cache holds the context (the engine-cache path), with the
+retrieved segments after the window, so that nothing in front of the window changes:
+
+    [system][sink][window][retrieved segments][dialogue][question]
+
 The sink is kept for good (attention sinks keep a windowed model stable, StreamingLLM);
 the window holds the most recent frames; frames leaving the window are handed to
 `on_evict` in chunks (the LLM service stores them as segments in the tiered store, from
@@ -123,6 +128,10 @@ class StreamContext:
     last_seq: int = -1
     frames_seen: int = 0
     chunk_frames: int = 1
+    # Frames that leave the window together once it holds more than `window_frames`: with
+    # more than 1, the window's front stays put between slides (the engine-cache path keeps
+    # its KV in the engine's prefix cache, which a one-frame slide would break every frame).
+    window_slide: int = 1
     on_evict: Callable[[str, int, list[FrameSegment]], None] | None = None
     evicted: list[FrameSegment] = field(default_factory=list)
     chunks_evicted: int = 0
@@ -139,14 +148,18 @@ class StreamContext:
             self.sink.append(segment)
             return True
         self.window.append(segment)
-        while len(self.window) > self.window_frames:
-            self.evicted.append(self.window.popleft())
-            if len(self.evicted) >= self.chunk_frames:
-                if self.on_evict is not None:
-                    self.on_evict(self.stream_id, self.chunks_evicted, self.evicted)
-                self.chunks_evicted += 1
-                self.evicted = []
+        if len(self.window) > self.window_frames:
+            for _ in range(min(self.window_slide, len(self.window) - 1)):
+                self._evict_oldest()
         return True
+
+    def _evict_oldest(self) -> None:
+        self.evicted.append(self.window.popleft())
+        if len(self.evicted) >= self.chunk_frames:
+            if self.on_evict is not None:
+                self.on_evict(self.stream_id, self.chunks_evicted, self.evicted)
+            self.chunks_evicted += 1
+            self.evicted = []
 
     def note_unchanged(self, seq: int) -> bool:
         """A frame the encoder found unchanged (no tokens): seen, nothing enters the context."""
@@ -163,16 +176,18 @@ class StreamContext:
 
     def compose(self, system_prompt: str, question: str, window_limit: int | None = None,
                 retrieved: Sequence[FrameSegment] = (), note: str = "", dialogue: bool = True,
-                through_seq: int | None = None) -> ComposedContext:
+                through_seq: int | None = None, retrieved_after_window: bool = False) -> ComposedContext:
         """The model's chat layout (`self.chat`) around the frames. `retrieved` frames (in
-        time order) go between the sink and the window; `window_limit` trims the oldest
+        time order) go between the sink and the window, or after it (`retrieved_after_window`:
+        what is in front of the window never changes); `window_limit` trims the oldest
         window frames when the whole context would not fit the engine's length; `note` (see
         `recall_note`) opens the question's turn; `dialogue`: the past turns before it;
         `through_seq`: window frames after it are left out."""
         window = [f for f in self.window if through_seq is None or f.seq <= through_seq]
         if window_limit is not None:
             window = window[len(window) - window_limit:] if window_limit > 0 else []
-        frames = self.sink + list(retrieved) + window
+        before, after = ([], list(retrieved)) if retrieved_after_window else (list(retrieved), [])
+        frames = self.sink + before + window + after
         return ComposedContext([head_block(system_prompt, self.chat),
                                 *(frame_block(f, self.chat) for f in frames),
                                 tail_block(self.dialogue if dialogue else (), question, note, self.chat,

@@ -252,19 +252,19 @@ class InstructionChecker:
     async def p_yes(self, stream: Stream, w: Watched) -> float:
         composed = stream.compose_check(self.cfg.instruction_check_prompt.format(what=w.what), 1)
         first: dict[int, float] = {}
-        async for delta in composed.materializer.generate(composed.context, f"check-{uuid.uuid4().hex[:12]}", 1,
-                                                          logprobs=ANSWER_LOGPROBS):
+        async for delta in composed.generate(f"check-{uuid.uuid4().hex[:12]}", 1, logprobs=ANSWER_LOGPROBS):
             if delta.logprobs and not first:
                 first = delta.logprobs[0]
         return self.yes_no.p_yes(first)
 
     async def remark(self, stream: Stream, w: Watched, score: float, pts_s: float) -> None:
         c = self.cfg
-        composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens)
+        composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens,
+                                        purpose="remark")
         request_id = f"alert-{uuid.uuid4().hex[:12]}"
         text = []
         t0, tokens = time.perf_counter(), 0
-        async for delta in composed.materializer.generate(composed.context, request_id, c.instruction_remark_tokens):
+        async for delta in composed.generate(request_id, c.instruction_remark_tokens):
             text.append(delta.text)
             tokens = delta.num_tokens
         tenant, stream_id = split_key(stream.stream_id)

@@ -21,7 +21,6 @@ stream's tag goes into its checkpoint: on a KV directory the replicas share
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import logging
 import time
@@ -49,18 +48,27 @@ from services.llm.embedder import ContextEmbedder
 from services.llm.engine import PREFILL_PRIORITY, Delta, VllmEngine
 from services.llm.kv.store import SegmentStore
 from services.llm.kv_ledger import KVDiskBudget, KVLedger
+from services.llm.prefill_gate import PrefillGate, PrefillStats
+from services.llm.prompt_compute import PromptCompute
 
 log = logging.getLogger("livelens.llm.materializer")
 
 
 class Materializer(Protocol):
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
-        """A frame entered `ctx` (after `ctx.add_frame`); `kv` is its stream's KV ledger."""
+    # Where retrieved frames go: between the sink and the window (False), or after the
+    # window (True: the window's prefix stays the same whatever a question retrieves).
+    retrieved_after_window: bool
+
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger,
+                    compute: PromptCompute | None = None) -> None:
+        """A frame entered `ctx` (after `ctx.add_frame`); `kv` is its stream's KV ledger,
+        `compute` its account of what the engine computed (a prefill is recorded there)."""
 
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         """Frames left the window as stored segment `index`."""
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "",
+                compute: PromptCompute | None = None) -> None:
         """`ctx` was rebuilt from a replay of its tokens without this materializer (a new
         owner of the stream): make its sink and window ready for questions, and then its
         `stored` frames (the retained chunks). `kv_tag`: the last owner's (checkpoint)."""
@@ -102,14 +110,17 @@ class RecomputeMaterializer:
     # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
     cache_salt: str | None = None
     on_take: Callable[[str], None] | None = None  # never called: nothing waits for prefill
+    retrieved_after_window = False
 
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger,
+                    compute: PromptCompute | None = None) -> None:
         return
 
     def frames_evicted(self, kv: KVLedger, index: int, frames: list[FrameSegment]) -> None:
         return
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "",
+                compute: PromptCompute | None = None) -> None:
         return
 
     def kv_tag(self, stream_id: str) -> str:
@@ -136,22 +147,13 @@ class RecomputeMaterializer:
 
 
 @dataclass
-class KVStats:
-    frames_ingested: int = 0
-    ingest_requests: int = 0
-    ingest_errors: int = 0
-    ingest_s: float = 0.0
+class KVStats(PrefillStats):
     questions_loaded_tokens: int = 0
     questions_computed_tokens: int = 0
     kv_misses: int = 0  # a question or ingest found a block without stored KV (computed instead)
     disk_bytes: int = 0
     deleted: int = 0
     adopted: int = 0  # segments a rebuild found on the shared KV directory
-    prefill_waits: int = 0  # ingest requests held back while answers generated
-    prefill_wait_s: float = 0.0
-    # Over ingest requests: how many were in flight (itself included) when each started.
-    # Divided by ingest_requests: how many vLLM could batch into one step on average.
-    ingest_in_flight_sum: int = 0
 
 
 @dataclass
@@ -175,6 +177,7 @@ class _StreamKV:
 
     tag: str
     ledger: KVLedger | None = None
+    compute: PromptCompute | None = None  # its stream's account of what the engine computed
     queue: deque[_Pending] = field(default_factory=deque)
     # After a rebuild: the retained stored frames, prefilled (for their keys, which rank
     # them for questions) only while no new frame waits.
@@ -187,8 +190,10 @@ class _StreamKV:
 
 
 class StreamingKVMaterializer:
+    retrieved_after_window = False
+
     def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig,
-                 chat: ChatLayout = DEFAULT_CHAT) -> None:
+                 chat: ChatLayout = DEFAULT_CHAT, on_take: Callable[[str], None] | None = None) -> None:
         if engine.kv_store_dir is None:
             raise ValueError("the streaming-KV materializer needs an engine started with the KV connector")
         self.engine = engine
@@ -205,15 +210,12 @@ class StreamingKVMaterializer:
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
         self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
         self.stats = KVStats()
-        self.answering = 0  # questions, checks and remarks generating now
-        self.no_answers = asyncio.Event()  # set while `answering` is 0
-        self.no_answers.set()
-        # Prefill requests of all streams in flight at once: vLLM schedules the requests it
-        # holds into one engine step, so several streams' frames are prefilled together.
-        # The waiters are served in turn (asyncio's semaphore is FIFO): no stream starves.
-        self.prefill_slots = asyncio.Semaphore(cfg.prefill_concurrency) if cfg.prefill_concurrency > 0 else None
-        self.in_flight = 0  # ingest requests in the engine
-        self.on_take: Callable[[str], None] | None = None
+        self.gate = PrefillGate(cfg, self.stats)
+        self.on_take = on_take
+
+    @property
+    def in_flight(self) -> int:
+        return self.gate.in_flight
 
     # --- ids -------------------------------------------------------------------------
     def _stream(self, stream_id: str) -> _StreamKV:
@@ -230,13 +232,15 @@ class StreamingKVMaterializer:
         return self.head_id if block.frame is None else self.frame_id(stream_id, block.frame.seq)
 
     # --- ingest ----------------------------------------------------------------------
-    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger) -> None:
+    def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger,
+                    compute: PromptCompute | None = None) -> None:
         s = self._stream(ctx.stream_id)
-        s.ledger = kv
+        s.ledger, s.compute = kv, compute
         s.queue.append(_Pending(frame, ctx.preceding()))
         self._run(ctx.stream_id, s)
 
-    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "") -> None:
+    def rebuilt(self, ctx: StreamContext, kv: KVLedger, stored: list[FrameSegment], kv_tag: str = "",
+                compute: PromptCompute | None = None) -> None:
         """On a shared KV directory, adopt the segments the last owner wrote (`kv_tag`: its
         ids) for every frame the stream holds (the ledger's chunks: no segment is read).
         Prefill the sink and window frames without KV in order, each attending to those
@@ -244,7 +248,7 @@ class StreamingKVMaterializer:
         retained chunks), after the sink (in batches: each also after those before it in its
         batch). Until then a question that retrieves one computes it (`kv_misses`)."""
         s = self._stream(ctx.stream_id)
-        s.ledger = kv
+        s.ledger, s.compute = kv, compute
         adopted = 0
         if self.shared and kv_tag:
             s.tag = kv_tag
@@ -297,8 +301,7 @@ class StreamingKVMaterializer:
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
         while s.queue or s.backfill or s.held:
-            async with self.prefill_slots or contextlib.nullcontext():
-                await self._yield_to_answers()
+            async with self.gate.slot():
                 if s.held:  # what the stream held back meanwhile goes in now
                     s.held = False
                     if self.on_take is not None:
@@ -327,20 +330,6 @@ class StreamingKVMaterializer:
                     metrics.FRAME_TO_KV.observe(max(0.0, now - (p.frame.sent_unix or p.arrived)))
         self._rebuild_done(stream_id, s)
 
-    async def _yield_to_answers(self) -> None:
-        """Hold the next prefill while answers generate (at most `llm.prefill_yield_s`):
-        vLLM puts a prefill in the same step as the answers' decodes, so each of their
-        tokens would take as long as the prefill. The frames that arrive meanwhile go
-        together in the next request."""
-        if self.no_answers.is_set() or not self.cfg.prefill_yield_s:
-            return
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_answers.wait(), self.cfg.prefill_yield_s)
-        self.stats.prefill_waits += 1
-        self.stats.prefill_wait_s += loop.time() - t0
-
     async def _ingest(self, stream_id: str, batch: list[_Pending]) -> None:
         """One engine request: [head][frames the first one attended to][the new frames],
         loading what is stored and saving every block that is not."""
@@ -350,19 +339,18 @@ class StreamingKVMaterializer:
         embeds = self.embedder.embed(ComposedContext(blocks))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        self.in_flight += 1
-        self.stats.ingest_in_flight_sum += self.in_flight
-        try:
-            async for _ in self.engine.generate(embeds, f"ingest-{uuid.uuid4().hex[:12]}", 1,
-                                                kv_transfer_params={"load": load, "save": save},
-                                                priority=PREFILL_PRIORITY):
-                pass
-        finally:
-            self.in_flight -= 1
+        cached = 0
+        with self.gate.request():
+            async for delta in self.engine.generate(embeds, f"ingest-{uuid.uuid4().hex[:12]}", 1,
+                                                    kv_transfer_params={"load": load, "save": save},
+                                                    priority=PREFILL_PRIORITY):
+                cached = max(cached, delta.cached_tokens)
         self.stats.ingest_s += loop.time() - t0
         self.stats.ingest_requests += 1
         self.stats.frames_ingested += len(batch)
         s = self._stream(stream_id)
+        if s.compute is not None:
+            s.compute.record("frame", int(embeds.shape[0]), cached, items=len(batch))
         for spec in save:
             self._saved(spec["id"], s)
         self._enforce_budget(s)
@@ -445,17 +433,11 @@ class StreamingKVMaterializer:
         loaded = sum(self.embedder.block_tokens(b) for b in composed.blocks[:len(load)])
         self.stats.questions_loaded_tokens += loaded
         self.stats.questions_computed_tokens += int(embeds.shape[0]) - loaded
-        self.answering += 1
-        self.no_answers.clear()
-        try:
+        with self.gate.answer():
             async for delta in self.engine.generate(embeds, request_id, max_tokens,
                                                     kv_transfer_params={"load": load} if load else None,
                                                     logprobs=logprobs):
                 yield delta
-        finally:
-            self.answering -= 1
-            if not self.answering:
-                self.no_answers.set()
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:
         """Its segments are deleted, but those of a stream that `moved` on a shared KV

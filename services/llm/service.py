@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from services.llm import metrics
 from services.llm.context import FrameSegment, StreamContext
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
+from services.llm.engine_cache import EngineCacheMaterializer
 from services.llm.instructions import InstructionChecker, InstructionError, YesNo
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
 from services.llm.question_retrieval import QuestionQueries
@@ -94,9 +96,11 @@ def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
         disk_budget_bytes=int(c.store_disk_mb * 2**20), retention_segments=c.retention_segments)
 
 
-def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngine, StreamResources]:
+def build_resources(cfg: LivelensConfig, kv_dir: Path | None,
+                    on_take: Callable[[str], None] | None = None) -> tuple[VllmEngine, StreamResources]:
     """The engine and what every stream shares, as `llm.materializer` says (the service,
-    the benchmarks and the tests all build them here)."""
+    the benchmarks and the tests all build them here). `on_take(stream key)`: a stream's
+    held-back frames go in now (its next prefill request starts)."""
     c = cfg.llm
     chat, after_frames = served_chat(cfg.model.spec)
     embedder = ContextEmbedder(c.model_path)
@@ -106,9 +110,15 @@ def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngin
         if kv_dir is None:
             raise ValueError("llm.materializer streaming_kv needs a KV store directory")
         engine = VllmEngine(c, kv_dir)
-        materializer = StreamingKVMaterializer(engine, embedder, c, chat)
+        materializer = StreamingKVMaterializer(engine, embedder, c, chat, on_take=on_take)
         recompute = RecomputeMaterializer(engine, embedder, cache_salt="recompute")
         queries: QuestionQueries | None = QuestionQueries(c.model_path, c.retrieve_layers)
+    elif c.materializer == "engine_cache":
+        # Recompute requests share its cache: both compute every block with its own positions.
+        engine = VllmEngine(c)
+        materializer = EngineCacheMaterializer(engine, embedder, c, chat, on_take=on_take)
+        recompute = RecomputeMaterializer(engine, embedder)
+        queries = None
     else:
         engine = VllmEngine(c)
         materializer = recompute = RecomputeMaterializer(engine, embedder)
@@ -408,14 +418,19 @@ class LLMService:
         remaining = max(0.0, ask.deadline_unix - time.time()) if ask.deadline_unix else None
         try:
             async with asyncio.timeout(remaining):
-                async for delta in composed.materializer.generate(
-                        composed.context, f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
+                async for delta in composed.generate(f"{ask.request_id}-{uuid.uuid4().hex[:6]}", max_tokens):
                     if delta.first_token_s is not None:
                         timings.ttft_s = delta.first_token_s
                         metrics.TIME_TO_FIRST_TOKEN.observe(delta.first_token_s)
                     text.append(delta.text)
                     if delta.finished:
                         timings.total_s = time.perf_counter() - t0
+                        spent = stream.compute
+                        timings.prompt_tokens_computed = composed.computed_tokens
+                        timings.stream_tokens_computed_per_frame = spent.per("frame")
+                        timings.stream_tokens_computed_per_question = spent.per("question")
+                        timings.stream_tokens_computed_per_check = spent.per("check")
+                        timings.stream_prefix_misses = spent.prefix_misses
                         if cmd.gateway_time_unix:
                             metrics.E2E_ANSWER.observe(max(0.0, time.time() - cmd.gateway_time_unix))
                         self.respond(cmd, text_delta=delta.text, final=True, stream_time_s=stream_time,
@@ -545,9 +560,9 @@ class LLMService:
         kv_dir = None  # this process's own: removed when it ends
         if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
             kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
-        engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
+        engine, self.res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir,
+                                           on_take=self.take_coalesced)
         res = self.res
-        res.materializer.on_take = self.take_coalesced
         self.checker = InstructionChecker(cfg.llm, YesNo(res.embedder.text_ids), self.publish_alert)
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
                       lambda: {"llm": self.stats, "llm_store": res.store.stats,

@@ -15,9 +15,10 @@ The LLM service, the benchmarks and the tests all build this same object, so a f
 or an assertion about a context is about the one the service composes.
 
 Context methods (`ContextMethod`): the service's own materializer with retrieval
-(`default`), or, for evaluation, an explicit one: `recompute` and `streaming_kv` (with
-retrieval), `window` (sink + window only, recomputed) and `full` (every frame the stream
-still holds, recomputed; only where it fits the engine's length).
+(`default`), or, for evaluation, an explicit one: `recompute`, `streaming_kv` and
+`engine_cache` (with retrieval; the last two only on a service started with them),
+`window` (sink + window only, recomputed) and `full` (every frame the stream still holds,
+recomputed; only where it fits the engine's length).
 """
 
 from __future__ import annotations
@@ -25,21 +26,24 @@ from __future__ import annotations
 import enum
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from livelens.config import LLMConfig
+from livelens.config import LLMConfig, window_slide
 from livelens.identity import split_key
 from livelens.labels import question_names_tag, words_naming_classes
 from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 from livelens.v1 import messages_pb2 as pb
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
+from services.llm.engine import Delta
 from services.llm.instructions import InstructionSet
 from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
+from services.llm.prompt_compute import PromptCompute, Purpose
 from services.llm.question_retrieval import QuestionQueries, question_scores
 from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores, then_unscored
 
@@ -48,6 +52,7 @@ class ContextMethod(enum.StrEnum):
     DEFAULT = ""
     RECOMPUTE = "recompute"
     STREAMING_KV = "streaming_kv"
+    ENGINE_CACHE = "engine_cache"
     WINDOW = "window"
     FULL = "full"
 
@@ -118,22 +123,36 @@ class StreamResources:
     def materializer_for(self, method: ContextMethod) -> Materializer:
         if method is ContextMethod.DEFAULT:
             return self.materializer
-        if method is ContextMethod.STREAMING_KV:
-            if not isinstance(self.materializer, StreamingKVMaterializer):
-                raise ContextError("context method streaming_kv needs a service started with "
-                                   "llm.materializer: streaming_kv")
+        if method in (ContextMethod.STREAMING_KV, ContextMethod.ENGINE_CACHE):
+            if self.cfg.materializer != method.value:
+                raise ContextError(f"context method {method.value} needs a service started with "
+                                   f"llm.materializer: {method.value}")
             return self.materializer
         return self.recompute
 
 
 @dataclass
 class Composed:
-    """A question's context, ready for `materializer.generate`."""
+    """A question's (or check's, or remark's) context, on the materializer that answers it."""
 
     context: ComposedContext
     retrieved: list[FrameSegment]
     materializer: Materializer
     tokens: int  # the composed context's length in tokens
+    purpose: Purpose = "question"
+    compute: PromptCompute | None = None  # its stream's account: what the engine computed is recorded there
+    computed_tokens: int = 0  # of the prompt, once generating (the rest came from the engine's cache)
+
+    async def generate(self, request_id: str, max_tokens: int, logprobs: int | None = None) -> AsyncIterator[Delta]:
+        recorded = False
+        async for delta in self.materializer.generate(self.context, request_id, max_tokens, logprobs=logprobs):
+            if not recorded and (delta.num_tokens or delta.finished):  # the prompt is done: its cache hits are known
+                recorded = True
+                cached = delta.cached_tokens
+                self.computed_tokens = max(0, self.tokens - cached)
+                if self.compute is not None:
+                    self.compute.record(self.purpose, self.tokens, cached)
+            yield delta
 
 
 class _TagMatcher:
@@ -179,12 +198,14 @@ class Stream:
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
     frames_dropped: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s)
+    compute: PromptCompute = field(init=False)  # what the engine computed for it, by purpose
 
     def __post_init__(self) -> None:
         c = self.res.cfg
         self.context = StreamContext(self.stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
-                                     chunk_frames=c.chunk_frames, on_evict=self._evicted, chat=self.res.chat,
-                                     after_frames=self.res.after_frames)
+                                     chunk_frames=c.chunk_frames, window_slide=window_slide(c),
+                                     on_evict=self._evicted, chat=self.res.chat, after_frames=self.res.after_frames)
+        self.compute = PromptCompute(tenant=split_key(self.stream_id)[0] if "/" in self.stream_id else "")
         self.kv = KVLedger(self.stream_id, retained_frames=c.retention_segments * c.chunk_frames,
                            retained_chunks=c.retention_segments)
         self.instructions = InstructionSet(c)
@@ -263,7 +284,7 @@ class Stream:
         if any(f is frame for f in self.context.sink):
             self.kv.add_sink(frame.seq)
         if not self.replaying:
-            self.res.materializer.frame_added(self.context, frame, self.kv)
+            self.res.materializer.frame_added(self.context, frame, self.kv, compute=self.compute)
 
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
@@ -315,7 +336,7 @@ class Stream:
         c = self.res.cfg
         self.res.materializer.rebuilt(self.context, self.kv,
                                       self.stored_frames(newest_chunks=c.backfill_frames // c.chunk_frames),
-                                      self.replay_kv_tag)
+                                      self.replay_kv_tag, compute=self.compute)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
         """A question's example image (its tokens): the retrieval query of that question."""
@@ -437,8 +458,9 @@ class Stream:
             if tokens + max_tokens > c.max_model_len:
                 raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
                                    f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
-        composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note)
-        return Composed(composed, retrieved, materializer, tokens)
+        composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note,
+                                        retrieved_after_window=materializer.retrieved_after_window)
+        return Composed(composed, retrieved, materializer, tokens, "question", self.compute)
 
     def newest_frame(self) -> FrameSegment | None:
         """What the stream shows now: the frames held back (folded, not in the context yet),
@@ -448,7 +470,7 @@ class Stream:
         frames = self.context.sink + list(self.context.window)
         return frames[-1] if frames else None
 
-    def compose_check(self, question: str, max_tokens: int) -> Composed:
+    def compose_check(self, question: str, max_tokens: int, purpose: Purpose = "check") -> Composed:
         """The context of a standing instruction's check or remark: the sink and the window
         frames already prefilled, on the service's own path (streaming KV: only this short
         tail is computed, never the prefill backlog), no past turns, and a note of what the
@@ -457,7 +479,7 @@ class Stream:
         note = recall_note([newest]) if newest is not None and self.res.cfg.recall_notes else ""
         composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False,
                                         through_seq=self.res.materializer.ready_seq(self.context))
-        return Composed(composed, [], self.res.materializer, tokens)
+        return Composed(composed, [], self.res.materializer, tokens, purpose, self.compute)
 
     def _fitted(self, question: str, max_tokens: int, **parts: Any) -> tuple[ComposedContext, int]:
         """`context.compose(...)` with the oldest window frames left out until the prompt

@@ -116,7 +116,7 @@ async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.n
         if context_method is ContextMethod.WINDOW:
             await engine.llm.reset_prefix_cache()  # nothing reused between questions
         ttft = None
-        async for delta in composed.materializer.generate(composed.context, request_id, ANSWER_TOKENS):
+        async for delta in composed.generate(request_id, ANSWER_TOKENS):
             ttft = delta.first_token_s if delta.first_token_s is not None else ttft
         if ttft is not None:
             ttfts.append(ttft)
@@ -180,7 +180,7 @@ async def run_streaming_kv(engine: VllmEngine, res: StreamResources, tokens: lis
             row["context_tokens"] = composed.tokens
             ttft = None
             cached = 0
-            async for delta in composed.materializer.generate(composed.context, request_id, ANSWER_TOKENS):
+            async for delta in composed.generate(request_id, ANSWER_TOKENS):
                 ttft = delta.first_token_s if delta.first_token_s is not None else ttft
                 cached = max(cached, delta.cached_tokens)
             if not warmed:  # the process's first long forward pays one-time kernel set-up

@@ -124,7 +124,7 @@ class Pipeline:
         ids: list[int] = []
         top5: set[int] = set()
         ttft: float | None = None
-        async for d in composed.materializer.generate(composed.context, f"q-{time.monotonic_ns()}", max_tokens,
+        async for d in composed.generate(f"q-{time.monotonic_ns()}", max_tokens,
                                                       logprobs=5):
             text.append(d.text)
             ids += d.token_ids
