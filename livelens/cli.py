@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="encoder: vit (vision_vit with partial recompute vs vision_vit_full) or mobilenet "
                             "(vision_encoder; levels 1, 2, 4)")
     bench.add_argument("--methods", nargs="+", default=None,
-                       choices=["full_context", "window_recompute", "recompute", "streaming_kv",
+                       choices=["full_context", "window_recompute", "recompute", "streaming_kv", "engine_cache",
                                 "decider", "novelty", "commentary", "poll"],
                        help="context: which context methods; timing: which deciders (default: all four)")
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],

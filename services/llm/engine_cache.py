@@ -224,7 +224,7 @@ class EngineCacheMaterializer:
                 break
             common += mine[1]
         b = self.cfg.block_size
-        expected = min(common, s.last_cached_through, (sent - 1) // b * b)
+        expected = min(common // b * b, s.last_cached_through, (sent - 1) // b * b)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         cached = 0

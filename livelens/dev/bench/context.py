@@ -22,7 +22,17 @@ side by side:
   its own tokens. One stream grows through all the lengths (that is what a live stream
   does); questions are asked when it reaches each length. Its first minute is fed one frame
   at a time (the live pace when prefill keeps up), the rest as fast as the engine ingests
-  (the materializer then prefills up to 8 frames per request).
+  (the materializer then prefills up to `llm.max_prefill_batch_frames` per request).
+- engine_cache (`ContextMethod.ENGINE_CACHE`, the path for any vLLM): every frame prefilled
+  once as it arrives into vLLM's own prefix cache ([head][sink][window], the window sliding
+  several frames at a time); a question sends the whole context with the retrieved frames
+  after the window and computes those and its own tokens. Grown like streaming_kv, after it,
+  on the same engine (salted: it never hits blocks the streaming path loaded).
+
+Every row also says what the engine computed, by vLLM's own counts (prompt tokens not taken
+from its cache): per frame (in the first, live-paced minute), per question and per
+instruction check (one after each question, as the service checks a frame). Those figures
+do not depend on the hardware.
 
 One engine (with our KV connector loaded) serves every method, as in a service started with
 `llm.materializer: streaming_kv`; its recompute requests are salted, so they never hit
@@ -51,15 +61,20 @@ from livelens.config import LivelensConfig
 from livelens.dev.bench.e2e import machine, percentile
 from livelens.dev.bench.needle import FPS, VisionModel
 from livelens.video import read_frames, sample_video
+from services.llm.context import frame_block
 from services.llm.engine import VllmEngine
+from services.llm.engine_cache import EngineCacheMaterializer
 from services.llm.materializer import StreamingKVMaterializer
 from services.llm.service import build_resources
 from services.llm.stream import ContextError, ContextMethod, Stream, StreamResources
 
-METHODS = ["full_context", "window_recompute", "recompute", "streaming_kv"]
+METHODS = ["full_context", "window_recompute", "recompute", "streaming_kv", "engine_cache"]
+GROWING = ("streaming_kv", "engine_cache")  # frames prefilled on arrival: one stream grows through the lengths
 CONTEXT_METHODS = {"full_context": ContextMethod.FULL, "window_recompute": ContextMethod.WINDOW,
-                   "recompute": ContextMethod.RECOMPUTE, "streaming_kv": ContextMethod.STREAMING_KV}
+                   "recompute": ContextMethod.RECOMPUTE, "streaming_kv": ContextMethod.STREAMING_KV,
+                   "engine_cache": ContextMethod.ENGINE_CACHE}
 QUESTION = "What is happening now?"
+CHECK = "Does the newest frame show a cat? Answer Yes or No."
 ANSWER_TOKENS = 4
 
 
@@ -100,6 +115,8 @@ async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.n
     row["ingest_s_per_frame"] = ingest_s / n
     example = tokens[n // 3 % len(tokens)]  # "when did this appear?"
     ttfts: list[float] = []
+    asked: list[int] = []  # tokens computed (vLLM), per question and per check
+    checked: list[int] = []
     # A full-context prefill is minutes long here: two questions show its cost.
     for q in range(2 if method == "full_context" else questions):
         add(2)
@@ -120,8 +137,13 @@ async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.n
             ttft = delta.first_token_s if delta.first_token_s is not None else ttft
         if ttft is not None:
             ttfts.append(ttft)
+            asked.append(composed.computed_tokens)
+            checked.append(await check_cost(stream))
     if ttfts:
-        row.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99), questions=len(ttfts))
+        row.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99), questions=len(ttfts),
+                   tokens_computed_per_frame=0.0,  # frames are not prefilled on arrival: questions compute them
+                   tokens_computed_per_question=float(np.median(asked)),
+                   tokens_computed_per_check=float(np.median(checked)))
     row["host_context_mb"] = host_context_mb(stream)
     row["disk_mb"] = res.store.stats.disk_bytes / 2**20
     row["peak_memory_mb"] = process_tree_rss_mb()
@@ -129,12 +151,41 @@ async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.n
     return row
 
 
-async def run_streaming_kv(engine: VllmEngine, res: StreamResources, tokens: list[np.ndarray],
-                           minutes: list[float], questions: int, report: Any) -> None:
-    """One stream grows to the longest length; at each length, `questions` questions."""
+async def check_cost(stream: Stream) -> int:
+    """One instruction check as the service runs it (`compose_check`, 1 token): tokens computed."""
+    composed = stream.compose_check(CHECK, 1)
+    async for _ in composed.generate(f"check-{uuid.uuid4().hex[:8]}", 1):
+        pass
+    return composed.computed_tokens
+
+
+def compute_figures(stream: Stream) -> dict[str, float]:
+    """vLLM's own counts over the stream (prompt tokens computed, not taken from its cache)."""
+    spent = stream.compute
+    return {"tokens_computed_per_frame": round(spent.per("frame"), 1),
+            "tokens_computed_per_question": round(spent.per("question"), 1),
+            "tokens_computed_per_check": round(spent.per("check"), 1),
+            "prefix_misses": spent.prefix_misses}
+
+
+def growing_resources(engine: VllmEngine, res: StreamResources, method: str) -> StreamResources:
+    """The resources of a service started with `method` as its materializer, on the run's
+    one engine: streaming_kv's are the run's own; engine_cache's get their own materializer,
+    salted (the streaming path's loaded blocks sit in the same prefix cache)."""
+    if method == "streaming_kv":
+        return res
+    cfg = replace(res.cfg, materializer="engine_cache")
+    return replace(res, cfg=cfg, queries=None,
+                   materializer=EngineCacheMaterializer(engine, res.embedder, cfg, res.chat, cache_salt=method))
+
+
+async def run_growing(engine: VllmEngine, res: StreamResources, tokens: list[np.ndarray], method: str,
+                      minutes: list[float], questions: int, report: Any) -> None:
+    """A materializer that prefills frames on arrival (streaming_kv, engine_cache): one stream
+    grows to the longest length; at each length, `questions` questions and a check."""
+    res = growing_resources(engine, res, method)
     materializer = res.materializer
-    assert isinstance(materializer, StreamingKVMaterializer)
-    stream = Stream(f"streaming_kv-{uuid.uuid4().hex[:6]}", res)
+    stream = Stream(f"{method}-{uuid.uuid4().hex[:6]}", res)
     kept = np.ones(tokens[0].shape[0], bool)
     seq = 0
 
@@ -154,48 +205,64 @@ async def run_streaming_kv(engine: VllmEngine, res: StreamResources, tokens: lis
         while not stream.ready(seq - 1):
             await asyncio.sleep(0.005)
 
+    # The first minute at the live pace (one frame after the other): its figures per frame
+    # are what a live stream costs; the rest is fed as fast as the engine takes it.
     live_frames = int(1 * 60 * FPS)
     ingest_live_s = await add(min(live_frames, int(min(minutes) * 60 * FPS)), one_by_one=True)
     ingest_live_per_frame = ingest_live_s / max(1, seq)
+    live = compute_figures(stream)
     warmed = False
     for m in sorted(minutes):
         n = int(m * 60 * FPS)
         started, t0 = seq, time.perf_counter()
         if n > seq:
-            print(f"  streaming_kv: prefilling frames {seq}..{n - 1}", flush=True)
+            print(f"  {method}: prefilling frames {seq}..{n - 1}", flush=True)
             await add(n - seq, one_by_one=False)
-        row: dict[str, Any] = {"method": "streaming_kv", "stream_minutes": m,
-                               "ingest_live_s_per_frame": ingest_live_per_frame}
+        row: dict[str, Any] = {"method": method, "stream_minutes": m, "ingest_live_s_per_frame": ingest_live_per_frame}
         row["ingest_s_per_frame"] = (time.perf_counter() - t0) / (seq - started) if seq > started \
             else ingest_live_per_frame
         example = tokens[n // 3 % len(tokens)]
-        await engine.llm.reset_prefix_cache()
+        if method == "streaming_kv":  # its questions load stored KV; the engine cache is the other's KV
+            await engine.llm.reset_prefix_cache()
         ttfts: list[float] = []
-        loaded: list[int] = []
+        cached_p: list[int] = []
+        asked: list[int] = []
+        checked: list[int] = []
         for q in range(questions + (0 if warmed else 1)):
             await add(2, one_by_one=True)
             request_id = f"{stream.stream_id}-{m:g}-{q}"
             stream.add_example(request_id, example)
-            composed = stream.compose(QUESTION, ANSWER_TOKENS, ContextMethod.STREAMING_KV, request_id)
+            composed = stream.compose(QUESTION, ANSWER_TOKENS, CONTEXT_METHODS[method], request_id)
             row["context_tokens"] = composed.tokens
             ttft = None
             cached = 0
             async for delta in composed.generate(request_id, ANSWER_TOKENS):
                 ttft = delta.first_token_s if delta.first_token_s is not None else ttft
                 cached = max(cached, delta.cached_tokens)
+            check = await check_cost(stream)
             if not warmed:  # the process's first long forward pays one-time kernel set-up
                 warmed = True
                 row["warmup_ttft_s"] = ttft
                 continue
             if ttft is not None:
                 ttfts.append(ttft)
-                loaded.append(cached)
+                cached_p.append(cached)
+                asked.append(composed.computed_tokens)
+                checked.append(check)
         row.update(ttft_p50_s=percentile(ttfts, 50), ttft_p99_s=percentile(ttfts, 99), questions=len(ttfts),
-                   tokens_from_stored_kv_p50=int(np.median(loaded)) if loaded else 0)
+                   tokens_cached_per_question_p50=int(np.median(cached_p)) if cached_p else 0,
+                   tokens_computed_per_frame=live["tokens_computed_per_frame"],
+                   tokens_computed_per_question=float(np.median(asked)) if asked else None,
+                   tokens_computed_per_check=float(np.median(checked)) if checked else None,
+                   retrieved_tokens=sum(f.num_tokens for f in composed.retrieved),
+                   frame_tokens=res.embedder.block_tokens(frame_block(stream.context.window[-1], res.chat)),
+                   prefix_misses=stream.compute.prefix_misses)
         row["host_context_mb"] = host_context_mb(stream)
         row["disk_mb"] = res.store.stats.disk_bytes / 2**20
-        row["kv_disk_mb"] = materializer.stats.disk_bytes / 2**20
-        row["kv_misses"] = materializer.stats.kv_misses
+        if isinstance(materializer, StreamingKVMaterializer):
+            row["kv_disk_mb"] = materializer.stats.disk_bytes / 2**20
+            row["kv_misses"] = materializer.stats.kv_misses
+        assert isinstance(materializer, StreamingKVMaterializer | EngineCacheMaterializer)
         row["ingest_errors"] = materializer.stats.ingest_errors
         row["peak_memory_mb"] = process_tree_rss_mb()
         report(row)
@@ -222,10 +289,11 @@ async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, token
         try:
             for m in minutes:
                 for method in methods:
-                    if method != "streaming_kv":
+                    if method not in GROWING:
                         report(await run_method(engine, res, tokens, method, m, questions))
-            if "streaming_kv" in methods:
-                await run_streaming_kv(engine, res, tokens, minutes, questions, report)
+            for method in GROWING:
+                if method in methods:
+                    await run_growing(engine, res, tokens, method, minutes, questions, report)
         finally:
             res.store.close()
             engine.shutdown()
@@ -269,8 +337,14 @@ def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if lengths:
         first, last = lengths[0], lengths[-1]
-        a, b = ttft("streaming_kv", first), ttft("streaming_kv", last)
-        out[f"streaming_kv_ttft_{last:g}min_over_{first:g}min"] = b / a if a and b else None
+        for method in GROWING:
+            a, b = ttft(method, first), ttft(method, last)
+            out[f"{method}_ttft_{last:g}min_over_{first:g}min"] = b / a if a and b else None
+            per_frame = [r for r in runs if r["method"] == method and r.get("frame_tokens")]
+            if per_frame:
+                r = per_frame[0]
+                out[f"{method}_tokens_computed_per_frame_over_frame_tokens"] = \
+                    r["tokens_computed_per_frame"] / r["frame_tokens"]
         for m in lengths:
             full, kv = ttft("full_context", m), ttft("streaming_kv", m)
             out[f"full_context_over_streaming_kv_at_{m:g}min"] = full / kv if full and kv else None
