@@ -35,11 +35,9 @@ def stack_config() -> LivelensConfig:
     return cfg
 
 
-@pytest.fixture(scope="session")
-def stack() -> Iterator:
+def started_stack(cfg: LivelensConfig) -> Iterator:
     from livelens.dev.stack import Stack, check_prerequisites
 
-    cfg = stack_config()
     try:
         check_prerequisites(cfg)
     except FileNotFoundError as exc:
@@ -51,3 +49,20 @@ def stack() -> Iterator:
     s.start(progress=lambda m: print(f"[stack] {m}", flush=True))
     yield s
     s.stop()
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator:
+    yield from started_stack(stack_config())
+
+
+@pytest.fixture(scope="session")
+def engine_cache_stack(stack) -> Iterator:
+    """A stack whose LLM service runs llm.materializer engine_cache: the session's own where
+    that is the default, else a second one (its own broker, Triton and engine)."""
+    if stack.cfg.llm.materializer == "engine_cache":
+        yield stack
+        return
+    cfg = stack_config()
+    cfg.llm.materializer = "engine_cache"
+    yield from started_stack(cfg)

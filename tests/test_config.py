@@ -71,7 +71,9 @@ def test_missing_file_is_an_error(tmp_path):
         ({"LIVELENS_LLM__KV_CACHE_GB": "0"}, "llm.kv_cache_gb must be > 0"),
         ({"LIVELENS_LLM__BLOCK_SIZE": "0"}, "llm.block_size must be a positive multiple of 32"),
         ({"LIVELENS_LLM__DTYPE": "fp8"}, "llm.dtype must be auto"),
-        ({"LIVELENS_LLM__MATERIALIZER": "paged"}, "llm.materializer must be recompute or streaming_kv"),
+        ({"LIVELENS_LLM__MATERIALIZER": "paged"}, "llm.materializer must be one of recompute, streaming_kv, "
+                                                  "engine_cache"),
+        ({"LIVELENS_LLM__WINDOW_SLIDE_FRAMES": "9"}, r"llm.window_slide_frames must be within \[0, llm.window_frames"),
     ],
 )
 def test_nonsensical_llm_values_are_refused(env, message):

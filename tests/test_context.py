@@ -36,6 +36,24 @@ def test_sink_window_and_dedupe():
     assert ctx.frames_seen == 10
 
 
+def test_the_window_slides_in_steps_and_retrieved_frames_can_follow_it():
+    evicted = []
+    ctx = StreamContext("s", sink_frames=1, window_frames=4, dialogue_turns=1, window_slide=3,
+                        on_evict=lambda stream, index, frames: evicted.extend(f.seq for f in frames))
+    sizes = []
+    for i in range(12):
+        ctx.add_frame(seg(i))
+        sizes.append(len(ctx.window))
+    # a full window (4) takes one more frame and drops its oldest 3: its front stays put in between
+    assert sizes == [0, 1, 2, 3, 4, 2, 3, 4, 2, 3, 4, 2]
+    assert evicted == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert [f.seq for f in ctx.window] == [10, 11]
+    after = ctx.compose("SYS", "q", retrieved=[seg(3)], retrieved_after_window=True)
+    assert [f.seq for f in after.frames] == [0, 10, 11, 3]
+    before = ctx.compose("SYS", "q", retrieved=[seg(3)])
+    assert [f.seq for f in before.frames] == [0, 3, 10, 11]
+
+
 def test_composition_order_and_window_limit():
     ctx = StreamContext("s", sink_frames=1, window_frames=3, dialogue_turns=1)
     for i in range(5):

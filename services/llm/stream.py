@@ -40,6 +40,7 @@ from livelens.v1 import messages_pb2 as pb
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import Delta
+from services.llm.engine_cache import EngineCacheMaterializer
 from services.llm.instructions import InstructionSet
 from services.llm.kv_ledger import KVLedger
 from services.llm.materializer import Materializer, RecomputeMaterializer, StreamingKVMaterializer
@@ -124,7 +125,8 @@ class StreamResources:
         if method is ContextMethod.DEFAULT:
             return self.materializer
         if method in (ContextMethod.STREAMING_KV, ContextMethod.ENGINE_CACHE):
-            if self.cfg.materializer != method.value:
+            wanted = StreamingKVMaterializer if method is ContextMethod.STREAMING_KV else EngineCacheMaterializer
+            if not isinstance(self.materializer, wanted):
                 raise ContextError(f"context method {method.value} needs a service started with "
                                    f"llm.materializer: {method.value}")
             return self.materializer
