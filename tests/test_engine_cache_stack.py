@@ -77,10 +77,10 @@ def test_engine_cache_answers_as_recompute_and_computes_each_frame_about_once(en
     assert 0 < own.stream_tokens_computed_per_frame <= 1.5 * FRAME_TOKENS_MAX, own
     assert own.stream_prefix_misses == 0
     # The question computed its tail (the note, the past turns, the question) and at most
-    # the window's partial last block; nothing was retrieved by this question's words.
-    # A recompute of the same stream computes the whole window again.
-    recomputed = timings[(questions[-1], "recompute")]
-    assert own.prompt_tokens_computed < recomputed.prompt_tokens_computed - cfg.window_frames * 40, (own, recomputed)
+    # the window's partial last block: every frame of its context (each at least its label,
+    # ~20 tokens, and its kept visual tokens) came from the engine's cache.
+    assert own.context_frames >= cfg.sink_frames + 1
+    assert own.prompt_tokens_computed <= own.context_tokens - 20 * own.context_frames, own
     with urllib.request.urlopen(f"http://{cfg.health_host}:{cfg.metrics_port}/metrics", timeout=10) as r:
         metrics = r.read().decode()
     frame_lines = [line for line in metrics.splitlines()
