@@ -55,6 +55,9 @@ class Alert:
     score: float
     text: str
     instruction_id: str = ""  # the standing instruction it answers
+    # What matched: tags with their probabilities, P(yes), or a scene change's tags before -> after.
+    # The model's remark about the alert follows as `Answer` deltas with its request_id.
+    matched: str = ""
 
 
 @dataclass(frozen=True)
@@ -115,7 +118,7 @@ def _event(resp: api_pb2.WatchResponse) -> Event | None:
         return Answer(a.request_id, a.text, a.final, a.stream_time_s, a.ttft_s, tuple(a.retrieved_pts_s))
     if kind == "alert":
         al = resp.alert
-        return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text, al.instruction_id)
+        return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text, al.instruction_id, al.matched)
     if kind == "instructions":
         return _instructions(resp.instructions)
     if kind == "error":

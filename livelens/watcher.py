@@ -55,6 +55,7 @@ class WatchReport:
     wall_s: float = 0.0
     answers: dict[str, AnswerRecord] = field(default_factory=dict)
     alerts: list[Alert] = field(default_factory=list)
+    remarks: dict[str, str] = field(default_factory=dict)  # alert request id -> the model's remark about it
     errors: list[ItemError] = field(default_factory=list)
     instructions: dict[str, str] = field(default_factory=dict)  # id -> text, registered before the first frame
     send_unix: dict[int, float] = field(default_factory=dict)
@@ -94,6 +95,10 @@ class ConsolePrinter:
         self._line(f"[{q.asked_at_s:6.1f}s] Q: {q.question}\n")
 
     def event(self, event: Event, report: WatchReport) -> None:
+        if isinstance(event, Answer) and event.request_id in report.remarks:  # what the model says of an alert
+            if event.final:
+                self._line(f"[{event.stream_time_s:6.1f}s]   ...  {report.remarks[event.request_id].strip()}\n")
+            return
         if isinstance(event, Answer):
             rec = report.answers.get(event.request_id)
             if rec is None:
@@ -158,7 +163,9 @@ async def watch_video(
         async def consume() -> None:
             async for event in events:
                 now = time.time()
-                if isinstance(event, Answer):
+                if isinstance(event, Answer) and event.request_id in report.remarks:
+                    report.remarks[event.request_id] += event.text
+                elif isinstance(event, Answer):
                     rec = report.answers.get(event.request_id)
                     if rec is not None:
                         if not rec.text and not rec.ttft_s:
@@ -170,6 +177,7 @@ async def watch_video(
                             rec.server_ttft_s = event.ttft_s
                 elif isinstance(event, Alert):
                     report.alerts.append(event)
+                    report.remarks.setdefault(event.request_id, "")
                 elif isinstance(event, ItemError):
                     report.errors.append(event)
                     if event.request_id in report.answers:

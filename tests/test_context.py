@@ -37,7 +37,7 @@ def test_sink_window_and_dedupe():
 
 
 def test_the_window_slides_in_steps_and_retrieved_frames_can_follow_it():
-    evicted = []
+    evicted: list[int] = []
     ctx = StreamContext("s", sink_frames=1, window_frames=4, dialogue_turns=1, window_slide=3,
                         on_evict=lambda stream, index, frames: evicted.extend(f.seq for f in frames))
     sizes = []

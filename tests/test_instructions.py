@@ -10,7 +10,7 @@ import time
 import grpc
 import pytest
 
-from livelens.client import Alert, Client, Refused
+from livelens.client import Alert, Answer, Client, Refused
 from livelens.config import load_config
 from livelens.dev.train.data import image_path, needle_frames
 from livelens.records import encode_jpeg
@@ -187,8 +187,14 @@ def test_an_alert_when_the_event_is_certain_and_none_on_a_static_stream(stack):
                 await asyncio.sleep(max(0.0, t0 + i * 0.5 - time.monotonic()))
                 await s.send_frame(i, i * 0.5, image)
             await asyncio.sleep(8)  # the last frames' checks
-            return [e for e in await collect(s, lambda ev: False, 0.5)
-                    if isinstance(e, Alert) and e.reason == "instruction"]  # not the scene-change ones
+            events = await collect(s, lambda ev: False, 0.5)
+            alerts = [e for e in events if isinstance(e, Alert) and e.reason == "instruction"]  # not scene changes
+            for a in alerts:  # the remark streams after its alert, under the alert's id
+                at = events.index(a)
+                deltas = [e for e in events if isinstance(e, Answer) and e.request_id == a.request_id]
+                assert deltas and deltas[-1].final and "".join(d.text for d in deltas).strip(), (a, deltas)
+                assert all(events.index(d) > at for d in deltas)
+            return alerts
 
     async def run():
         async with Client(stack.gateway_target, TOKEN) as client:
@@ -197,10 +203,12 @@ def test_an_alert_when_the_event_is_certain_and_none_on_a_static_stream(stack):
 
     with TopicSubscriber(stack.cfg.kafka, ["responses"], tenant="acme") as sub:
         on_cut, on_still = asyncio.run(run())
-        published = [r for r in sub.records(timeout_s=3) if isinstance(r, pb.ResponseRecord) and r.instruction_id]
+        published = [r for r in sub.records(timeout_s=3)
+                     if isinstance(r, pb.ResponseRecord) and r.instruction_id and not r.remark]
     print("alerts:", [(a.stream_time_s, round(a.score, 2), a.text) for a in on_cut + on_still])
     assert len(on_cut) == 1 and not on_still, (on_cut, on_still)
     alert = on_cut[0]
     assert alert.reason == "instruction" and alert.instruction_id == "cat" and alert.text
+    assert "cat" in alert.matched and alert.matched in alert.text  # what matched: a cat tag and its probability
     assert onset <= alert.stream_time_s <= onset + 2.0 and alert.score >= stack.cfg.llm.instruction_fire
     assert [(r.stream_id, r.instruction_id) for r in published] == [("cat-cut", "cat")]  # topic subscribers too

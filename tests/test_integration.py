@@ -283,7 +283,11 @@ def test_tokens_carry_novelty_and_shape(stack):
         async with Client(stack.gateway_target, TOKEN) as client, client.watch("cut") as s:
             for i, image in enumerate(frames):
                 await s.send_frame(i, i * 0.5, image)
-            return await collect(s, lambda ev: any(isinstance(e, Alert) for e in ev), 90)
+            def remark_done(ev: list) -> bool:  # the alert, then the model's remark about it
+                ids = {e.request_id for e in ev if isinstance(e, Alert)}
+                return any(isinstance(e, Answer) and e.final and e.request_id in ids for e in ev)
+
+            return await collect(s, remark_done, 90)
 
     with TopicSubscriber(stack.cfg.kafka, ["tokens"]) as sub:
         events = asyncio.run(run())
@@ -299,7 +303,10 @@ def test_tokens_carry_novelty_and_shape(stack):
     alerts = [e for e in events if isinstance(e, Alert)]
     assert alerts and alerts[0].reason == "scene_change"
     assert alerts[0].stream_time_s == pytest.approx(len(a) * 0.5)
-    assert alerts[0].text.strip()
+    # sent when the decider decided, saying what changed; the remark came after it
+    assert alerts[0].text.startswith(f"The scene changed at {len(a) * 0.5:.1f}s") and "->" in alerts[0].matched
+    remark = [e for e in events if isinstance(e, Answer) and e.request_id == alerts[0].request_id]
+    assert remark and remark[-1].final and events.index(remark[0]) > events.index(alerts[0])
 
 
 def test_question_with_example_image_brings_back_older_moments(stack):

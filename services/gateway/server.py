@@ -84,6 +84,12 @@ def item_error(exc: InvalidItem, seq: int = 0, request_id: str = "") -> api_pb2.
         request_id=request_id))
 
 
+def remark_delta(rec: pb.ResponseRecord) -> api_pb2.WatchResponse:
+    """An alert's remark (what the model says about it), as answer deltas under its id."""
+    return api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
+        request_id=rec.request_id, text=rec.text_delta, final=rec.final, stream_time_s=rec.stream_time_s))
+
+
 class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
     def __init__(self, cfg: LivelensConfig, producer: Any) -> None:
         self.cfg = cfg
@@ -99,36 +105,51 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             handler(rec)
             if rec.final:
                 self.handlers.pop((rec.tenant, rec.request_id), None)
-        elif rec.instruction_id:  # a standing instruction fired: to the stream's Watch, if here
+        elif rec.instruction_id:  # a standing instruction fired, or its remark: to the stream's Watch, if here
             session = self.sessions.get(rec.tenant, rec.stream_id)
-            if session is not None:
-                metrics.ALERTS.labels("instruction").inc()
-                session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
-                    request_id=rec.request_id, stream_time_s=rec.stream_time_s, reason="instruction",
-                    score=rec.score, text=rec.text_delta, instruction_id=rec.instruction_id)))
+            if session is None:
+                return
+            if rec.remark:
+                session.send(remark_delta(rec))
+                return
+            metrics.ALERTS.labels("instruction").inc()
+            session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
+                request_id=rec.request_id, stream_time_s=rec.stream_time_s, reason="instruction",
+                score=rec.score, text=rec.text_delta, instruction_id=rec.instruction_id, matched=rec.matched)))
 
     def on_tokens(self, rec: pb.TokensRecord) -> None:
         session = self.sessions.get(rec.tenant, rec.stream_id)
         if session is None or rec.query_request_id or not self.cfg.gateway.proactive_alerts:
             return
+        before = session.tags
+        if rec.tags:
+            session.tags = tuple(rec.tags)
         decision = session.decider.observe(rec.pts_s, rec.novelty)
         if decision is not None:
-            self.raise_alert(session, decision.reason, decision.score, decision.pts_s)
+            self.raise_alert(session, decision.reason, decision.score, decision.pts_s, before, session.tags)
 
-    def raise_alert(self, session: Session, reason: str, score: float, pts_s: float) -> None:
+    def raise_alert(self, session: Session, reason: str, score: float, pts_s: float,
+                    before: tuple[str, ...] = (), after: tuple[str, ...] = ()) -> None:
+        """The alert goes out now, saying what changed (the classifier's tags before and
+        after, where the frames have tags); the model's remark follows as AnswerDeltas with
+        the alert's request id."""
         request_id = f"alert-{uuid.uuid4().hex[:12]}"
-        parts: list[str] = []
+        matched = f"{', '.join(before[:2]) or 'nothing named'} -> {', '.join(after[:2]) or 'nothing named'}"
+        text = f"The scene changed at {pts_s:.1f}s" + (f": {matched}" if before or after else ".")
+        session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
+            request_id=request_id, stream_time_s=pts_s, reason=reason, score=score, text=text,
+            matched=matched if before or after else "")))
 
-        def collect(rec: pb.ResponseRecord) -> None:
-            parts.append(rec.text_delta)
+        def relay(rec: pb.ResponseRecord) -> None:
             if rec.final:
                 session.pending.discard(request_id)
-                text = "".join(parts).strip() if not rec.error else ""
-                session.send(api_pb2.WatchResponse(alert=api_pb2.Alert(
-                    request_id=request_id, stream_time_s=pts_s, reason=reason, score=score,
-                    text=text)))
+            if not rec.error:
+                session.send(remark_delta(rec))
+            elif rec.final:  # the remark failed: its end still reaches the client
+                session.send(remark_delta(pb.ResponseRecord(request_id=request_id, final=True,
+                                                            stream_time_s=rec.stream_time_s)))
 
-        self.handlers[(session.tenant, request_id)] = collect
+        self.handlers[(session.tenant, request_id)] = relay
         session.pending.add(request_id)
         metrics.ALERTS.labels(reason).inc()
         self.publish_ask(session.tenant, session.stream_id, session.last_seq, request_id,

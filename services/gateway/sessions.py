@@ -31,6 +31,7 @@ class Session:
     last_pts: float = 0.0
     newest_pts: float = 0.0
     pending: set[str] = field(default_factory=set)  # request ids still being answered
+    tags: tuple[str, ...] = ()  # what the classifier saw in the newest frame with tokens (scene-change alerts)
 
     @property
     def key(self) -> str:

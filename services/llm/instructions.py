@@ -11,8 +11,10 @@ other streams beside them: vLLM batches the one-token requests into its steps.
 
 An instruction fires when P(yes) reaches `llm.instruction_fire`; it fires again only
 after P(yes) fell under `llm.instruction_rearm` (hysteresis) and `llm.instruction_cooldown_s`
-of stream time passed. A firing generates a short remark, published as a proactive
-response with the instruction id and the score (the gateway turns it into an `Alert`).
+of stream time passed. A firing is published at once as a proactive response with the
+instruction id, the score and what matched (the gateway turns it into an `Alert`); the
+model's short remark about it streams after it under the same request id (`remark`), so
+the alert never waits for generation.
 """
 
 from __future__ import annotations
@@ -246,8 +248,9 @@ class InstructionChecker:
                 self.on_checked(stream.stream_id, w, score, pts_s)
             if stream.instructions.observe(w, score, pts_s):
                 fired.append((w, score))
-        for w, score in fired:
-            await self.remark(stream, w, score, pts_s)
+        alerts = [(w, score, self.alert(stream, w, score, newest)) for w, score in fired]  # sent now
+        for w, score, alert_id in alerts:
+            await self.remark(stream, w, score, pts_s, alert_id)
 
     async def p_yes(self, stream: Stream, w: Watched) -> float:
         composed = stream.compose_check(self.cfg.instruction_check_prompt.format(what=w.what), 1)
@@ -257,23 +260,45 @@ class InstructionChecker:
                 first = delta.logprobs[0]
         return self.yes_no.p_yes(first)
 
-    async def remark(self, stream: Stream, w: Watched, score: float, pts_s: float) -> None:
+    def alert(self, stream: Stream, w: Watched, score: float, frame: FrameSegment) -> str:
+        """Publish the alert the moment its check fires, saying what matched; returns its id
+        (its remark follows under it)."""
+        alert_id = f"alert-{uuid.uuid4().hex[:12]}"
+        if w.by_tags:
+            matched = ", ".join(f"{t} {p:.2f}" for t, p in frame.scored_tags() if question_names_tag(w.what, t))
+        else:
+            matched = f"P(yes) {score:.2f}"
+        tenant, stream_id = split_key(stream.stream_id)
+        self.stats.alerts += 1
+        self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=alert_id, proactive=True,
+                                       final=True, text_delta=f"{w.what} at {frame.pts_s:.1f}s: {matched}",
+                                       stream_time_s=frame.pts_s, instruction_id=w.instruction.instruction_id,
+                                       score=score, matched=matched))
+        log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s: %s)", stream.stream_id,
+                 w.instruction.instruction_id, w.what, frame.pts_s, score, "tags" if w.by_tags else "P(yes)", matched)
+        return alert_id
+
+    async def remark(self, stream: Stream, w: Watched, score: float, pts_s: float, alert_id: str) -> None:
+        """What the model says about a firing, streamed after its alert (same request id)."""
         c = self.cfg
         composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens,
                                         purpose="remark")
-        request_id = f"alert-{uuid.uuid4().hex[:12]}"
-        text = []
-        t0, tokens = time.perf_counter(), 0
-        async for delta in composed.generate(request_id, c.instruction_remark_tokens):
-            text.append(delta.text)
-            tokens = delta.num_tokens
         tenant, stream_id = split_key(stream.stream_id)
-        self.stats.alerts += 1
+        t0, tokens = time.perf_counter(), 0
+
+        def send(text: str, final: bool, error: str = "") -> None:
+            self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=alert_id, proactive=True,
+                                           remark=True, final=final, text_delta=text, stream_time_s=pts_s,
+                                           instruction_id=w.instruction.instruction_id, score=score, error=error))
+
+        try:
+            async for delta in composed.generate(f"{alert_id}-remark", c.instruction_remark_tokens):
+                tokens = delta.num_tokens
+                if delta.text or delta.finished:
+                    send(delta.text, delta.finished)
+        except Exception as exc:  # the alert is out: its remark ends, saying why
+            send("", True, f"the remark could not be generated: {exc}")
+            raise
         took = time.perf_counter() - t0
         self.stats.remark_s += took
-        log.info("stream %s: instruction %s (%s) fired at %.1fs, score %.2f (%s); remark of %d tokens in %.2fs",
-                 stream.stream_id, w.instruction.instruction_id, w.what, pts_s, score,
-                 "tags" if w.by_tags else "P(yes)", tokens, took)
-        self.publish(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, request_id=request_id, proactive=True,
-                                       final=True, text_delta="".join(text).strip(), stream_time_s=pts_s,
-                                       instruction_id=w.instruction.instruction_id, score=score))
+        log.info("stream %s: the remark of %s: %d tokens in %.2fs", stream.stream_id, alert_id, tokens, took)
