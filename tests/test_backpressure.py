@@ -1,7 +1,7 @@
 """Backpressure in the LLM service (`llm.max_context_lag_s`): while a stream's prefill is
 behind, its new frames are held back, and go in folded into one when its next prefill
-request starts; through the service's own handlers (`LLMService.on_tokens`,
-`take_coalesced`, which the materializer calls as `on_take`).
+request starts; through the service's own handlers (`LLMCore.on_tokens`, and
+`take_coalesced`, which the materializer calls back as the `take` it was given in `hold`).
 
 How far behind the prefill is is the materializer's to say (`backlog_s`); here a recompute
 materializer without an engine says what each test sets, so the policy is tested on its
@@ -9,7 +9,8 @@ own. The streaming-KV materializer's side (when it takes held frames, the slots)
 tests/test_materializer.py; the running stack's figures (lag, frames coalesced, with a
 real engine behind) are `livelens bench streams`'s."""
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +18,10 @@ import numpy as np
 from livelens.config import load_config
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
-from services.llm.embedder import ContextEmbedder
+from services.llm.core import LLMCore
 from services.llm.materializer import RecomputeMaterializer
-from services.llm.service import LLMService, segment_store
-from services.llm.stream import Added, StreamResources
+from services.llm.resources import frames_only_resources
+from services.llm.stream import Added
 
 KEY = "acme/cam"
 GRID, HIDDEN = 49, 576
@@ -37,7 +38,7 @@ class BehindMaterializer(RecomputeMaterializer):
     def backlog_s(self, stream_id: str) -> float:
         return self.behind
 
-    def hold(self, stream_id: str) -> None:
+    def hold(self, stream_id: str, take: Callable[[], None]) -> None:
         self.holding.append(stream_id)
 
 
@@ -56,13 +57,13 @@ def record(seq: int, positions: list[int], value: float, tags: dict[str, float] 
     return rec
 
 
-def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMService, BehindMaterializer]:
+def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMCore, BehindMaterializer]:
     cfg = load_config(None)
     cfg.llm.store_disk_dir = str(tmp_path)
     cfg.llm.max_context_lag_s = lag_s
-    materializer = BehindMaterializer(None, ContextEmbedder(cfg.llm.model_path))
-    res = StreamResources(cfg.llm, materializer.embedder, segment_store(cfg), materializer, materializer)
-    return LLMService(cfg, res), materializer
+    res = frames_only_resources(cfg)  # as the service builds them, with a materializer that is behind
+    materializer = BehindMaterializer(None, res.embedder)
+    return LLMCore(cfg, replace(res, materializer=materializer, recompute=materializer)), materializer
 
 
 def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):

@@ -3,22 +3,20 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from livelens.config import LLMConfig
+from livelens.config import LivelensConfig, LLMConfig
 from services.llm.context import FrameSegment, StreamContext, TextPart, VisualPart
-from services.llm.embedder import ContextEmbedder
-from services.llm.materializer import RecomputeMaterializer
+from services.llm.resources import frames_only_resources
 from services.llm.segments import TieredSegmentStore
-from services.llm.stream import Added, ContextError, ContextMethod, Stream, StreamResources
+from services.llm.stream import Added, ContextError, ContextMethod, Stream
 
 
 def frames_only_stream(cfg: LLMConfig, store: TieredSegmentStore) -> Stream:
-    """A `Stream` as the service builds it, with a recompute materializer without an engine."""
+    """A `Stream` as the service builds it, without an engine, on the given segment store."""
     try:
-        embedder = ContextEmbedder(cfg.model_path)
+        res = frames_only_resources(LivelensConfig(llm=cfg))
     except FileNotFoundError:
         pytest.skip("LLM not built (make models)")
-    recompute = RecomputeMaterializer(None, embedder)
-    return Stream("s", StreamResources(cfg, embedder, store, recompute, recompute))
+    return Stream("s", replace(res, store=store))
 
 
 def seg(seq, tokens=4, hidden=8):

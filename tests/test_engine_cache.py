@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np, torch
     from livelens.config import LivelensConfig, LLMConfig
     from services.llm.context import ComposedContext, FrameSegment, frame_block
-    from services.llm.service import build_resources
+    from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod, Stream
     from tests.reference import ReferenceLM
 

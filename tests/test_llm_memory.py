@@ -1,15 +1,15 @@
 """The LLM service's host memory stays flat while a stream grows to thousands of frames."""
 
+import asyncio
+
 import numpy as np
 import pytest
 
 from livelens.config import load_config
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
-from services.llm.embedder import ContextEmbedder
-from services.llm.materializer import RecomputeMaterializer
-from services.llm.service import LLMService, segment_store
-from services.llm.stream import StreamResources
+from services.llm.core import LLMCore
+from services.llm.resources import frames_only_resources
 
 
 def tokens_record(seq: int, rng: np.random.Generator) -> pb.TokensRecord:
@@ -24,9 +24,9 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     cfg.llm.store_ram_mb = 8
     cfg.llm.store_disk_mb = 32
     # Frames only, no question: a recompute materializer without an engine.
-    recompute = RecomputeMaterializer(None, ContextEmbedder(cfg.llm.model_path))
-    store = segment_store(cfg)
-    service = LLMService(cfg, StreamResources(cfg.llm, recompute.embedder, store, recompute, recompute))
+    res = frames_only_resources(cfg)
+    store = res.store
+    service = LLMCore(cfg, res)
     rng = np.random.default_rng(0)
     ram, disk = [], []
     for seq in range(4000):
@@ -45,7 +45,12 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
     assert service.stats.duplicates == 1
     # a question cannot be answered without an engine: said clearly, not an AttributeError
     composed = service.streams["t/long"].compose("What now?", 8)
+
+    async def answer() -> None:
+        async for _ in composed.generate("q", 8):
+            pass
+
     with pytest.raises(RuntimeError, match="has no engine: frames only"):
-        composed.generate("q", 8)
+        asyncio.run(answer())
     store.close()
     assert not list(tmp_path.rglob("*.seg"))

@@ -187,23 +187,22 @@ def test_prefill_of_several_streams_is_in_the_engine_together_up_to_the_slots(tm
 
 
 def test_held_frames_go_in_when_the_streams_next_request_starts(tmp_path: Path) -> None:
-    """`hold` while behind: `on_take` is called as the stream's next request starts, and what
-    it adds goes in that request."""
+    """`hold` while behind: the `take` it was given is called as the stream's next request
+    starts, and what it adds goes in that request."""
     async def run() -> tuple[list[str], SlowEngine, StreamingKVMaterializer]:
         m, engine = ingesting(tmp_path, 0.05, 1)
         ctx = StreamContext("s", 1, 2, 0)
         taken: list[str] = []
 
-        def take(stream_id: str) -> None:  # what the service does: the held frame enters the context
-            taken.append(stream_id)
+        def take() -> None:  # what the service does: the held frame enters the context
+            taken.append("s")
             add_frames(m, ctx, range(9, 10))
 
-        m.on_take = take
         add_frames(m, ctx, range(1))
         await asyncio.sleep(0)  # its request is in the engine
         assert m.backlog_s("s") > 0
-        m.hold("s")
-        while m.backlog_s("s") or m.streams["s"].held:
+        m.hold("s", take)
+        while m.backlog_s("s") or m.streams["s"].take is not None:
             await asyncio.sleep(0.01)
         return taken, engine, m
 

@@ -48,7 +48,8 @@ SCRIPT = textwrap.dedent('''
     from livelens.v1 import messages_pb2 as pb
     from services.encoder.service import EncoderService
     from services.encoder.triton_client import VisionModelClient
-    from services.llm.service import LLMService, build_resources
+    from services.llm.core import LLMCore
+    from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod
 
     async def main():
@@ -71,7 +72,7 @@ SCRIPT = textwrap.dedent('''
             np.save(work / "pixels.npy", np.stack([prep(decode_image(f.data, f.encoding)) for f in frames]))
             records = encoder.process(frames, model)
             engine, res = build_resources(cfg, work / "kv")
-            service = LLMService(cfg, res)
+            service = LLMCore(cfg, res)
             for rec in records:
                 service.on_tokens(rec)
             stream = service.stream("t/cam")

@@ -9,11 +9,10 @@ import numpy as np
 from livelens.config import LivelensConfig, load_config
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
-from services.llm.embedder import ContextEmbedder
-from services.llm.materializer import RecomputeMaterializer
+from services.llm.core import LLMCore
 from services.llm.rebuild import RebuildEnd, RebuildStart, Replayed
-from services.llm.service import LLMService, segment_store
-from services.llm.stream import Stream, StreamResources
+from services.llm.resources import frames_only_resources
+from services.llm.stream import Stream
 
 KEY = "acme/cam"
 
@@ -25,10 +24,9 @@ def frame(seq: int, rng: np.random.Generator, session: str = "s1") -> pb.TokensR
     return rec
 
 
-def service(cfg: LivelensConfig, store_dir: Path) -> LLMService:
+def service(cfg: LivelensConfig, store_dir: Path) -> LLMCore:
     cfg.llm.store_disk_dir = str(store_dir)
-    recompute = RecomputeMaterializer(None, ContextEmbedder(cfg.llm.model_path))
-    return LLMService(cfg, StreamResources(cfg.llm, recompute.embedder, segment_store(cfg), recompute, recompute))
+    return LLMCore(cfg, frames_only_resources(cfg))
 
 
 def state(s: Stream) -> dict:

@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     from livelens.config import LivelensConfig, LLMConfig
     from services.llm.context import ComposedContext, FrameSegment, frame_block, head_block
     from services.llm.kv.rope import model_rope_theta
-    from services.llm.service import build_resources
+    from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod, Stream
     from tests.reference import ReferenceLM, StreamingReference
 

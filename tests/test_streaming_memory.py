@@ -30,7 +30,7 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import numpy as np, psutil
     from livelens.config import LivelensConfig, LLMConfig
-    from services.llm.service import build_resources
+    from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod, Stream
 
     def rss_mb():

@@ -74,7 +74,7 @@ class _CachedStream:
     in_flight: list[_Waiting] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     prefilled_seq: int = -1
-    held: bool = False  # its stream holds frames for its next request (`hold`)
+    take: Callable[[], None] | None = None  # its stream holds frames for its next request (`hold`)
     # The last request's blocks (None: the head, else the frame's seq) with their token
     # counts, and the tokens it left cached (whole blocks): what the next one should find.
     last_blocks: list[tuple[int | None, int]] = field(default_factory=list)
@@ -85,8 +85,7 @@ class EngineCacheMaterializer:
     retrieved_after_window = True
 
     def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig,
-                 chat: ChatLayout = DEFAULT_CHAT, on_take: Callable[[str], None] | None = None,
-                 cache_salt: str | None = None) -> None:
+                 chat: ChatLayout = DEFAULT_CHAT, cache_salt: str | None = None) -> None:
         self.engine = engine
         self.embedder = embedder
         self.cfg = cfg
@@ -95,7 +94,6 @@ class EngineCacheMaterializer:
         # On an engine shared with the streaming-KV path (benchmarks): blocks its connector
         # loaded are in the prefix cache under this layout's hashes too; a salt keeps apart.
         self.cache_salt = cache_salt
-        self.on_take = on_take
         self.streams: dict[str, _CachedStream] = {}
         self.stats = EngineCacheStats()
         self.gate = PrefillGate(cfg, self.stats)
@@ -135,11 +133,13 @@ class EngineCacheMaterializer:
         oldest = s.in_flight[0] if s.in_flight else (s.waiting[0] if s.waiting else None)
         return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
-    def hold(self, stream_id: str) -> None:
+    def hold(self, stream_id: str, take: Callable[[], None]) -> None:
         s = self.streams.get(stream_id)
-        if s is not None:
-            s.held = True
-            self._run(stream_id, s)
+        if s is None:
+            take()
+            return
+        s.take = take
+        self._run(stream_id, s)
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:
         s = self.streams.pop(stream_id, None)
@@ -160,12 +160,11 @@ class EngineCacheMaterializer:
             s.task = asyncio.get_running_loop().create_task(self._prefill_loop(stream_id, s))
 
     async def _prefill_loop(self, stream_id: str, s: _CachedStream) -> None:
-        while s.waiting or s.held:
+        while s.waiting or s.take:
             async with self.gate.slot():
-                if s.held:  # what the stream held back meanwhile goes in now
-                    s.held = False
-                    if self.on_take is not None:
-                        self.on_take(stream_id)
+                if s.take is not None:  # what the stream held back meanwhile goes in now
+                    take, s.take = s.take, None
+                    take()
                 batch = self._take(s)
                 if not batch:
                     continue

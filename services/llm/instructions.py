@@ -182,7 +182,8 @@ class CheckStats:
 
 
 class InstructionChecker:
-    """Runs the checks of new frames and the remarks of firings, one task per stream: a
+    """Runs the checks of new frames and the remarks of firings, one task per stream (the
+    stream holds it: `Stream.check_task`, `Stream.check_next`): a
     frame that arrives while its stream's checks run waits as the stream's next one (a
     newer frame replaces it, counted as skipped), so checks never queue up behind video."""
 
@@ -191,30 +192,21 @@ class InstructionChecker:
         self.yes_no = yes_no
         self.publish = publish
         self.stats = CheckStats()
-        self.next_frame: dict[str, tuple[int, float]] = {}  # stream key -> (seq, pts) waiting
-        self.tasks: dict[str, asyncio.Task[None]] = {}
         self.on_checked: Callable[[str, Watched, float, float], None] | None = None  # tests, benchmarks
 
     def frame_added(self, stream: Stream, seq: int, pts_s: float) -> None:
         if not stream.instructions.items:
             return
-        key = stream.stream_id
-        if key in self.next_frame:
+        if stream.check_next is not None:
             self.stats.skipped += 1
-        self.next_frame[key] = (seq, pts_s)
-        task = self.tasks.get(key)
-        if task is None or task.done():
-            self.tasks[key] = asyncio.get_running_loop().create_task(self._run(stream))
-
-    def drop_stream(self, key: str) -> None:
-        self.next_frame.pop(key, None)
-        task = self.tasks.pop(key, None)
-        if task is not None:
-            task.cancel()
+        stream.check_next = (seq, pts_s)
+        if stream.check_task is None or stream.check_task.done():
+            stream.check_task = asyncio.get_running_loop().create_task(self._run(stream))
 
     async def _run(self, stream: Stream) -> None:
         key = stream.stream_id
-        while (frame := self.next_frame.pop(key, None)) is not None:
+        while (frame := stream.check_next) is not None:
+            stream.check_next = None
             try:
                 await self.check(stream, *frame)
             except Exception:  # noqa: BLE001 - a failed check costs one frame's alert, not the stream

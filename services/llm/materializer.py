@@ -86,11 +86,9 @@ class Materializer(Protocol):
         the service (0: none waits)."""
         ...
 
-    def hold(self, stream_id: str) -> None:
-        """The stream holds frames back (its prefill is behind): call `on_take` with its key
-        when its next prefill request starts, so they go in then (folded into one)."""
-
-    on_take: Callable[[str], None] | None
+    def hold(self, stream_id: str, take: Callable[[], None]) -> None:
+        """The stream holds frames back (its prefill is behind): call `take` when its next
+        prefill request starts, so they go in then (folded into one)."""
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -109,7 +107,6 @@ class RecomputeMaterializer:
     # (computed with another context before them) are in vLLM's prefix cache under the
     # hash of this context's embeddings; a salt keeps recompute from ever hitting them.
     cache_salt: str | None = None
-    on_take: Callable[[str], None] | None = None  # never called: nothing waits for prefill
     retrieved_after_window = False
 
     def frame_added(self, ctx: StreamContext, frame: FrameSegment, kv: KVLedger,
@@ -132,8 +129,8 @@ class RecomputeMaterializer:
     def backlog_s(self, stream_id: str) -> float:
         return 0.0
 
-    def hold(self, stream_id: str) -> None:
-        return
+    def hold(self, stream_id: str, take: Callable[[], None]) -> None:
+        take()  # nothing waits for prefill
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
                  logprobs: int | None = None) -> AsyncIterator[Delta]:
@@ -186,14 +183,14 @@ class _StreamKV:
     task: asyncio.Task[None] | None = None
     ingested_seq: int = -1
     in_flight: list[_Pending] = field(default_factory=list)  # live frames in the engine now
-    held: bool = False  # its stream holds frames for its next request (`hold`)
+    take: Callable[[], None] | None = None  # its stream holds frames for its next request (`hold`)
 
 
 class StreamingKVMaterializer:
     retrieved_after_window = False
 
     def __init__(self, engine: VllmEngine, embedder: ContextEmbedder, cfg: LLMConfig,
-                 chat: ChatLayout = DEFAULT_CHAT, on_take: Callable[[str], None] | None = None) -> None:
+                 chat: ChatLayout = DEFAULT_CHAT) -> None:
         if engine.kv_store_dir is None:
             raise ValueError("the streaming-KV materializer needs an engine started with the KV connector")
         self.engine = engine
@@ -211,7 +208,6 @@ class StreamingKVMaterializer:
         self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
         self.stats = KVStats()
         self.gate = PrefillGate(cfg, self.stats)
-        self.on_take = on_take
 
     @property
     def in_flight(self) -> int:
@@ -294,18 +290,17 @@ class StreamingKVMaterializer:
         oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
         return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
-    def hold(self, stream_id: str) -> None:
+    def hold(self, stream_id: str, take: Callable[[], None]) -> None:
         s = self._stream(stream_id)
-        s.held = True
+        s.take = take
         self._run(stream_id, s)
 
     async def _ingest_loop(self, stream_id: str, s: _StreamKV) -> None:
-        while s.queue or s.backfill or s.held:
+        while s.queue or s.backfill or s.take:
             async with self.gate.slot():
-                if s.held:  # what the stream held back meanwhile goes in now
-                    s.held = False
-                    if self.on_take is not None:
-                        self.on_take(stream_id)
+                if s.take is not None:  # what the stream held back meanwhile goes in now
+                    take, s.take = s.take, None
+                    take()
                 if not (s.queue or s.backfill):
                     continue
                 # taken only now: the frames that came while this stream waited go together

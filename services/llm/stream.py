@@ -23,6 +23,7 @@ recomputed; only where it fits the engine's length).
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import time
 from collections import OrderedDict
@@ -201,6 +202,12 @@ class Stream:
     frames_coalesced: int = 0
     frames_dropped: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s)
     compute: PromptCompute = field(init=False)  # what the engine computed for it, by purpose
+    unsaved_frames: int = 0  # frames taken since its last checkpoint
+    answering: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # request id -> its answer
+    # Instruction checks (`InstructionChecker`): the frame waiting for its stream's checks
+    # (seq, pts; a newer one replaces it) and the task running them.
+    check_next: tuple[int, float] | None = None
+    check_task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         c = self.res.cfg
@@ -252,8 +259,7 @@ class Stream:
                              offset=offset, sent_unix=sent_unix)
         lag = self.res.cfg.max_context_lag_s
         if not self.replaying and lag > 0 and self.res.materializer.backlog_s(self.stream_id) > lag:
-            self._hold(frame)
-            self.res.materializer.hold(self.stream_id)
+            self._hold(frame)  # its owner asks the materializer to take it with the next request
             return Added.HELD
         if c is not None:  # this frame carries those held back before it
             self._hold(frame)
@@ -355,7 +361,12 @@ class Stream:
         self.context.add_turn(question, answer)
 
     def close(self, moved: bool = False) -> None:
-        """Closed, or (`moved`) another replica owns the stream now."""
+        """Closed, or (`moved`) another replica owns the stream now: everything it holds goes,
+        its answers and checks stop."""
+        for task in [*self.answering.values(), self.check_task]:
+            if task is not None:
+                task.cancel()
+        self.check_next = None
         self.res.store.drop_stream(self.stream_id)
         self.res.materializer.drop_stream(self.stream_id, moved=moved)
 

@@ -65,7 +65,7 @@ from services.llm.context import frame_block
 from services.llm.engine import VllmEngine
 from services.llm.engine_cache import EngineCacheMaterializer
 from services.llm.materializer import StreamingKVMaterializer
-from services.llm.service import build_resources
+from services.llm.resources import build_resources
 from services.llm.stream import ContextError, ContextMethod, Stream, StreamResources
 
 METHODS = ["full_context", "window_recompute", "recompute", "streaming_kv", "engine_cache"]

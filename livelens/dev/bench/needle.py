@@ -29,9 +29,8 @@ from livelens.config import LivelensConfig
 from livelens.models.preprocess import preprocess
 from livelens.video import read_frames, sample_video
 from services.llm.embedder import ContextEmbedder
-from services.llm.materializer import RecomputeMaterializer
-from services.llm.service import segment_store
-from services.llm.stream import Stream, StreamResources
+from services.llm.resources import frames_only_resources
+from services.llm.stream import Stream
 
 FPS = 2.0
 NEEDLE_START_S, NEEDLE_SECONDS = 2.0, 3.0
@@ -52,13 +51,6 @@ class VisionModel:
             pixels = np.stack([preprocess(f) for f in frames[i:i + batch]])
             out.extend(self.session.run(["tokens"], {"pixels": pixels})[0])
         return out
-
-
-def frames_only_resources(cfg: LivelensConfig, embedder: ContextEmbedder | None = None) -> StreamResources:
-    """What the LLM service's streams share, as the service builds it, but without an engine:
-    frames and retrieval only (no question is answered)."""
-    recompute = RecomputeMaterializer(None, embedder or ContextEmbedder(cfg.llm.model_path))
-    return StreamResources(cfg.llm, recompute.embedder, segment_store(cfg), recompute, recompute)
 
 
 def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.ndarray], query: np.ndarray,

@@ -76,7 +76,8 @@ class Pipeline:
     def __init__(self, cfg: LivelensConfig, grpc_url: str, work: Path) -> None:
         from services.encoder.service import EncoderService
         from services.encoder.triton_client import VisionModelClient
-        from services.llm.service import LLMService, build_resources
+        from services.llm.core import LLMCore
+        from services.llm.resources import build_resources
 
         # The haystack is fed faster than real time, its backlog bounded by the feeder: no
         # frame may be folded into another (backpressure is for live streams).
@@ -87,7 +88,7 @@ class Pipeline:
         self.models: dict[str, VisionModelClient] = {}
         self.grpc_url = grpc_url
         self.engine, res = build_resources(cfg, work / "kv")
-        self.service = LLMService(cfg, res)
+        self.service = LLMCore(cfg, res)
 
     def stream(self, stream_id: str) -> Any:
         """The LLM service's stream (its `services.llm.stream.Stream`)."""
