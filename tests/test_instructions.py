@@ -187,7 +187,16 @@ def test_an_alert_when_the_event_is_certain_and_none_on_a_static_stream(stack):
                 await asyncio.sleep(max(0.0, t0 + i * 0.5 - time.monotonic()))
                 await s.send_frame(i, i * 0.5, image)
             await asyncio.sleep(8)  # the last frames' checks
-            events = await collect(s, lambda ev: False, 0.5)
+
+            def remarks_done(ev: list) -> bool:  # every alert's remark has ended
+                ids = {e.request_id for e in ev if isinstance(e, Alert) and e.reason == "instruction"}
+                return ids <= {e.request_id for e in ev if isinstance(e, Answer) and e.final}
+
+            deadline = time.monotonic() + 60
+            events = await collect(s, lambda ev: False, 0.5)  # all so far (replayed)
+            while not remarks_done(events) and time.monotonic() < deadline:
+                await asyncio.sleep(1)
+                events = await collect(s, lambda ev: False, 0.5)
             alerts = [e for e in events if isinstance(e, Alert) and e.reason == "instruction"]  # not scene changes
             for a in alerts:  # the remark streams after its alert, under the alert's id
                 at = events.index(a)
