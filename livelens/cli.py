@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from livelens.config import ConfigError, LivelensConfig, build_dir, load_config
+from livelens.config import MATERIALIZERS, ConfigError, LivelensConfig, build_dir, load_config
 
 # Where a running `livelens up` says where its supervisor's status file is (for `health`).
 UP_POINTER = Path(build_dir()) / "up.json"
@@ -169,7 +169,8 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
         return run_streams(cfg, out, counts=args.streams or [1, 2, 4, 8, 16], seconds=args.seconds,
                            fps=args.fps or 2.0, batching_off="batching-off" not in args.skip,
-                           replicas="replicas" not in args.skip)
+                           replicas="replicas" not in args.skip,
+                           materializers=tuple(args.materializers or MATERIALIZERS))
     if args.suite == "timing":  # its own defaults: 5 minutes of each held-out video at 2 fps
         from livelens.dev.bench.timing import METHODS, run_timing
 
@@ -333,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--haystack-fps", type=float, default=0.1,
                        help="quality: frames per second of the needle haystacks (default 0.1)")
     bench.add_argument("--grounding-samples", type=int, default=10, help="quality: samples per held-out video")
+    bench.add_argument("--materializers", nargs="+", default=None, choices=list(MATERIALIZERS),
+                       help="streams: the stream counts again on a stack running each of these "
+                            "(default: all three; the configured llm.materializer's runs come first)")
     bench.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle", "batching-off", "replicas"],
                        help="quality: parts to skip (grounding, needle); streams: (batching-off, replicas)")
 

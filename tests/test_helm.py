@@ -488,13 +488,14 @@ def _rendered_llm_config(docs: list[dict[str, Any]], tmp_path: Path) -> Any:
     return lconfig.load_config(config_file, env=env)
 
 
-def test_llm_materializer_is_recompute_by_default(default_docs: list[dict[str, Any]], tmp_path: Path) -> None:
+def test_llm_materializer_is_engine_cache_by_default(default_docs: list[dict[str, Any]], tmp_path: Path) -> None:
     """GPU nodes: the streaming-KV connector only handles vLLM's CPU attention backend, so
-    the chart's default is recompute, written into the rendered config (the embedded
-    default, streaming_kv, is for `make up` on a CPU)."""
+    the chart's default is engine_cache (frames kept in vLLM's own prefix cache, any vLLM),
+    written into the rendered config (the embedded default, streaming_kv, is for `make up`
+    on a CPU)."""
     configmap = find(default_docs, "ConfigMap", component("config"))
-    assert yaml.safe_load(configmap["data"]["livelens.yaml"])["llm"]["materializer"] == "recompute"
-    assert _rendered_llm_config(default_docs, tmp_path).llm.materializer == "recompute"
+    assert yaml.safe_load(configmap["data"]["livelens.yaml"])["llm"]["materializer"] == "engine_cache"
+    assert _rendered_llm_config(default_docs, tmp_path).llm.materializer == "engine_cache"
 
 
 def test_llm_materializer_streaming_kv_when_set(tmp_path: Path) -> None:
@@ -510,7 +511,7 @@ def test_schema_rejects_an_unknown_materializer() -> None:
     proc = run_helm("template", RELEASE, str(CHART), "--set", "config.llm.materializer=paged", check=False)
     assert proc.returncode != 0
     assert "/config/llm/materializer" in proc.stderr
-    assert "recompute" in proc.stderr and "streaming_kv" in proc.stderr
+    assert "recompute" in proc.stderr and "streaming_kv" in proc.stderr and "engine_cache" in proc.stderr
 
 
 def test_encoder_and_llm_serve_grpc_health_probes(default_docs: list[dict[str, Any]]) -> None:

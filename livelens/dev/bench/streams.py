@@ -142,8 +142,28 @@ def scrape(urls: list[str]) -> Samples:
     return out
 
 
-def delta(before: dict, after: dict, name: str) -> float:
-    return sum(v - before.get(k, 0.0) for k, v in after.items() if k[0] == name)
+def delta(before: dict, after: dict, name: str, **labels: str) -> float:
+    return sum(v - before.get(k, 0.0) for k, v in after.items()
+               if k[0] == name and all(dict(k[1]).get(n) == want for n, want in labels.items()))
+
+
+def computed_per(before: dict, after: dict, purpose: str) -> float | None:
+    """Prompt tokens the engine computed per frame (purpose "frame") or per request, in the
+    run: vLLM's own counts (prompt minus what it took from its cache), as the service exports them."""
+    items = delta(before, after, "livelens_llm_prompt_items_total", purpose=purpose)
+    computed = delta(before, after, "livelens_llm_prompt_tokens_computed_total", purpose=purpose)
+    return round(computed / items, 1) if items else None
+
+
+def kv_bytes_per_token(cfg: LivelensConfig) -> int:
+    """Bytes of KV a token holds in the engine: keys and values of every layer, in its dtype."""
+    from services.llm.engine import resolve_dtype
+
+    model = json.loads((Path(cfg.llm.model_path) / "config.json").read_text())
+    heads = model.get("num_key_value_heads", model["num_attention_heads"])
+    head_dim = model.get("head_dim", model["hidden_size"] // model["num_attention_heads"])
+    width = 4 if resolve_dtype(cfg.llm.dtype) == "float32" else 2
+    return 2 * model["num_hidden_layers"] * heads * head_dim * width
 
 
 def histogram_quantile(before: dict, after: dict, name: str, q: float) -> float:
@@ -202,6 +222,7 @@ class Bench:
     every_s: float
     frames: list[list[bytes]]
     timings: Timings
+    kv_bytes_per_token: int = 0
 
     async def run(self, streams: int, label: str, during: Any = None) -> tuple[dict[str, Any], list[StreamLoad]]:
         """`streams` streams for `seconds`; `during(t0)`: a coroutine run alongside (a replica leaving)."""
@@ -259,6 +280,17 @@ class Bench:
             "prefill_requests_in_flight": round(delta(before, after, "livelens_llm_kv_ingest_in_flight_sum_total")
                                                 / requests, 2) if requests else None,
             "cpu_s_per_stream_s": round(cpu_s / (streams * elapsed), 3),
+            # vLLM's counts; prefix misses: frame prefills that found less of their stream's
+            # prefix cached than the request before left (engine_cache: the LRU took its pages)
+            "tokens_computed_per_frame": computed_per(before, after, "frame"),
+            "tokens_computed_per_question": computed_per(before, after, "question"),
+            "tokens_computed_per_check": computed_per(before, after, "check"),
+            "prefix_misses": int(delta(before, after, "livelens_llm_prefix_misses_total")),
+            # what the streams' contexts hold in the engine's KV pages: streams x a question's
+            # context tokens (head, sink, window, retrieved, tail) x bytes of KV a token
+            "context_tokens_p50": int(percentile([t.context_tokens for t in timed], 50)) if timed else None,
+            "kv_budget_mb": round(streams * percentile([t.context_tokens for t in timed], 50)
+                                  * self.kv_bytes_per_token / 2**20, 1) if timed else None,
         }
 
 
@@ -267,12 +299,14 @@ def _llm_urls(cfgs: list[LivelensConfig]) -> list[str]:
 
 
 def _print_run(run: dict[str, Any]) -> None:
-    print(f"  {run['streams']:>3} streams  replicas {run['replicas']}  batching {'on ' if run['batching'] else 'off'}"
+    print(f"  {run.get('materializer', ''):>12} {run['streams']:>3} streams  replicas {run['replicas']}"
+          f"  batching {'on ' if run['batching'] else 'off'}"
           f"  context {run['context_fps']:5.2f} fps  lag p50/p99 {run['lag_p50_s']:5.2f}/{run['lag_p99_s']:5.2f} s"
           f" (arrival {run['arrival_p50_s']:.2f}/{run['arrival_p99_s']:.2f})"
           f"  ttft p50/p99 {run['ttft_p50_s']:5.2f}/{run['ttft_p99_s']:5.2f} s (engine {run['engine_ttft_p50_s']:.2f})"
           f"  coalesced {run['dropped']}  answered {run['answered']}/{run['questions']}"
-          f"  cpu {run['cpu_s_per_stream_s']:.2f} s/stream-s", flush=True)
+          f"  cpu {run['cpu_s_per_stream_s']:.2f} s/stream-s  computed/frame {run['tokens_computed_per_frame']}"
+          f" /question {run['tokens_computed_per_question']}  prefix misses {run['prefix_misses']}", flush=True)
 
 
 def _start(cfg: LivelensConfig, progress: Any) -> Stack:
@@ -286,7 +320,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
                    runs: list[dict[str, Any]], spread: dict[str, Any]) -> None:
     token = next(iter(cfg.gateway.tokens))
     timings = Timings(stack, cfg.gateway.tokens[token])
-    bench = Bench(stack, token, _llm_urls([cfg]), seconds, fps, every_s, frames, timings)
+    bench = Bench(stack, token, _llm_urls([cfg]), seconds, fps, every_s, frames, timings, kv_bytes_per_token(cfg))
     try:
         # Not measured: one stream's first frames and questions (first-call set-up in the
         # engine and the services), so the 1-stream run is not the one that pays it.
@@ -294,7 +328,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
         await warm.run(1, "warm-up")
         for n in counts:
             run, _ = await bench.run(n, "on" if batching else "off")
-            run.update(replicas=1, batching=batching)
+            run.update(replicas=1, batching=batching, materializer=cfg.llm.materializer)
             runs.append(run)
             _print_run(run)
         if not replicas:
@@ -311,7 +345,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
             spread["streams_per_llm_replica"] = await asyncio.to_thread(per_replica, bench.llm_urls)
 
         run, _ = await bench.run(n, "two", during=sample)
-        run.update(replicas=2, batching=batching)
+        run.update(replicas=2, batching=batching, materializer=cfg.llm.materializer)
         runs.append(run)
         _print_run(run)
 
@@ -342,7 +376,10 @@ def per_replica(urls: list[str]) -> list[int]:
 
 
 def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: float = 60.0, fps: float = 2.0,
-                question_every_s: float = 10.0, batching_off: bool = True, replicas: bool = True) -> int:
+                question_every_s: float = 10.0, batching_off: bool = True, replicas: bool = True,
+                materializers: tuple[str, ...] = ()) -> int:
+    """`materializers`: after the configured one's runs (batching on, the replicas, batching
+    off), the same stream counts on a stack running each of these (batching on)."""
     cfg.kafka.partitions = max(cfg.kafka.partitions, 8)  # room for two replicas to share the streams
     cfg.gateway.proactive_alerts = False  # the questions asked are the load
     cfg.gateway.max_streams_per_tenant = max(cfg.gateway.max_streams_per_tenant, max(counts))
@@ -353,13 +390,16 @@ def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: floa
     runs: list[dict[str, Any]] = []
     spread: dict[str, Any] = {}
     progress = lambda m: print(f"==> {m}", flush=True)  # noqa: E731
-    sessions = [(True, replicas)] + ([(False, False)] if batching_off else [])
-    for batching, with_replicas in sessions:
+    own = cfg.llm.materializer
+    sessions = [(own, True, replicas)] + ([(own, False, False)] if batching_off else [])
+    sessions += [(m, True, False) for m in materializers if m != own]
+    for materializer, batching, with_replicas in sessions:
         c = copy.deepcopy(cfg)
         use_free_ports(c)
+        c.llm.materializer = materializer
         if not batching:  # one prefill request at a time
             c.llm.prefill_concurrency = 1
-        print(f"==> cross-stream batching {'on' if batching else 'off'} "
+        print(f"==> {materializer}, cross-stream batching {'on' if batching else 'off'} "
               f"(llm.prefill_concurrency {c.llm.prefill_concurrency})", flush=True)
         stack = _start(c, progress)
         try:
@@ -386,16 +426,23 @@ def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: floa
 
 def summarize(cfg: LivelensConfig, runs: list[dict[str, Any]], spread: dict[str, Any], counts: list[int],
               seconds: float, fps: float, every_s: float) -> dict[str, Any]:
-    def run_of(streams: int, batching: bool, replicas: int = 1) -> dict[str, Any] | None:
-        return next((r for r in runs if (r["streams"], r["batching"], r["replicas"]) == (streams, batching, replicas)),
-                    None)
+    own = cfg.llm.materializer
 
-    held = [r["streams"] for r in runs if r["batching"] and r["replicas"] == 1
-            and r["lag_p99_s"] <= LAG_LIMIT_S and r["ttft_p99_s"] <= TTFT_LIMIT_S]
+    def run_of(streams: int, batching: bool, replicas: int = 1) -> dict[str, Any] | None:
+        return next((r for r in runs if (r["streams"], r["batching"], r["replicas"], r["materializer"])
+                     == (streams, batching, replicas, own)), None)
+
+    def held_by(materializer: str) -> int:
+        return max((r["streams"] for r in runs if r["batching"] and r["replicas"] == 1
+                    and r["materializer"] == materializer
+                    and r["lag_p99_s"] <= LAG_LIMIT_S and r["ttft_p99_s"] <= TTFT_LIMIT_S), default=0)
+
     on8, off8, one = run_of(8, True), run_of(8, False), run_of(1, True)
     return {
         "runs": runs,
-        "max_streams": max(held, default=0),
+        "max_streams": held_by(own),
+        "max_streams_by_materializer": {m: held_by(m) for m in dict.fromkeys(r["materializer"] for r in runs)},
+        "kv_bytes_per_token": kv_bytes_per_token(cfg),
         "batching_ratio_at_8": round(on8["context_fps"] / off8["context_fps"], 2)
         if on8 and off8 and off8["context_fps"] else None,
         "ttft_p99_ratio_8_to_1": round(on8["ttft_p99_s"] / one["ttft_p99_s"], 2) if on8 and one else None,
