@@ -7,9 +7,32 @@ recompute today, streaming KV next) is tested against.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
+
+from livelens.config import REPO_ROOT, LLMConfig
+
+
+def run_engine_script(script: str, tmp: Path) -> Any:
+    """Run `script` in a fresh interpreter (vLLM's engine spawns processes: it needs a
+    `__main__` of its own) as `script RESULT_PATH TMP`; returns the JSON it wrote there.
+    Skipped where the LLM is not built."""
+    if not (Path(LLMConfig().model_path) / "config.json").is_file():
+        pytest.skip("LLM not built (make models)")
+    path, result_path = tmp / "check.py", tmp / "result.json"
+    path.write_text(script)
+    out = subprocess.run([sys.executable, str(path), str(result_path), str(tmp)], capture_output=True, text=True,
+                         timeout=900, cwd=REPO_ROOT,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(result_path.read_text())
 
 
 class ReferenceLM:

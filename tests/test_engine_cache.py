@@ -12,17 +12,12 @@ tokens it computed vs took from its prefix cache), which hold on any hardware:
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from livelens.config import REPO_ROOT, LLMConfig
+from tests.reference import run_engine_script
 
 pytestmark = pytest.mark.integration
 
@@ -100,17 +95,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    if not (Path(LLMConfig().model_path) / "config.json").is_file():
-        pytest.skip("LLM not built (make models)")
-    tmp = tmp_path_factory.mktemp("engine_cache")
-    script = tmp / "check.py"
-    script.write_text(SCRIPT)
-    result_path = tmp / "result.json"
-    out = subprocess.run([sys.executable, str(script), str(result_path), str(tmp)], capture_output=True, text=True,
-                         timeout=900, cwd=REPO_ROOT,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    result: dict[str, Any] = json.loads(result_path.read_text())
+    result: dict[str, Any] = run_engine_script(SCRIPT, tmp_path_factory.mktemp("engine_cache"))
     return result
 
 

@@ -4,16 +4,14 @@ as the service reports them (`AnswerTimings` on the responses topic, Prometheus)
 
 from __future__ import annotations
 
-import asyncio
 import time
 import urllib.request
 
 import pytest
 
-from livelens.client import Ack, Client
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
-from tests.test_integration import TOKEN, agreement, collect, frames_of
+from tests.test_integration import agreement, answers_before_and_after_evictions
 
 pytestmark = pytest.mark.integration
 
@@ -26,34 +24,9 @@ def test_engine_cache_answers_as_recompute_and_computes_each_frame_about_once(en
 
     stack = engine_cache_stack
     cfg = stack.cfg.llm
-    held = cfg.sink_frames + cfg.window_frames
-    frames = frames_of("vtest.avi", 30.0)[:held + 14]
     questions = ["What is the capital of France?", "What do you see in the video?"]
-    methods = ["", "recompute", "full"]
-    sub = TopicSubscriber(stack.cfg.kafka, [stack.cfg.kafka.responses_topic], from_beginning=False)
-
-    async def answers(client) -> dict[tuple[str, ...], str]:
-        out: dict[tuple[str, ...], str] = {}
-        for q in questions:
-            for m in methods:
-                r = await client.ask("ec-stream", q, context_method=m, timeout_s=180)
-                out[(q, m)] = r.text
-                out[(q, m, "id")] = r.request_id
-        return out
-
-    async def run():
-        async with Client(stack.gateway_target, TOKEN) as client, client.watch("ec-stream") as s:
-            for i, image in enumerate(frames[:held]):
-                await s.send_frame(i, i * 0.5, image)
-            await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == held)
-            exact = await answers(client)
-            for i, image in enumerate(frames[held:], start=held):
-                await s.send_frame(i, i * 0.5, image)
-            await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == len(frames))
-            return exact, await answers(client)
-
-    try:
-        exact, evicted = asyncio.run(run())
+    with TopicSubscriber(stack.cfg.kafka, [stack.cfg.kafka.responses_topic], from_beginning=False) as sub:
+        exact, evicted = answers_before_and_after_evictions(stack, "ec-stream", questions, ["", "recompute", "full"])
         wanted = {request_id: key[:2] for key, request_id in evicted.items() if len(key) == 3}
         timings: dict[tuple[str, ...], pb.AnswerTimings] = {}
         deadline = time.monotonic() + 60
@@ -61,9 +34,7 @@ def test_engine_cache_answers_as_recompute_and_computes_each_frame_about_once(en
             for rec in sub.records(timeout_s=1):
                 if isinstance(rec, pb.ResponseRecord) and rec.final and rec.request_id in wanted:
                     timings[wanted[rec.request_id]] = rec.timings
-        assert len(timings) == len(wanted), (timings, wanted)
-    finally:
-        sub.close()
+    assert len(timings) == len(wanted), (timings, wanted)
     # Nothing evicted yet: the same context three ways, the same greedy text.
     for q in questions:
         assert exact[(q, "")] == exact[(q, "recompute")] == exact[(q, "full")], (q, exact)

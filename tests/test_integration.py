@@ -349,30 +349,26 @@ def agreement(tokenizer, answer: str, reference: str, n: int = 16) -> float:
     return sum(x == y for x, y in zip(a, r, strict=False)) / max(1, len(r))
 
 
-def test_streaming_kv_answers_as_recompute_through_the_stack(stack):
-    """The service's own context path (streaming KV: frames prefilled on arrival, their KV
-    saved and loaded by our connector) against recomputing the same context, through the
-    whole running stack (gateway -> Kafka -> encoder -> Triton -> LLM service), greedy,
-    KV stored in float32. Nothing evicted yet (sink + window hold every frame): the same
-    text, word for word. After evictions: both close to the full context's answer."""
-    from transformers import AutoTokenizer
-
+def answers_before_and_after_evictions(stack, stream_id: str, questions: list[str], methods: list[str],
+                                       evicted_frames: int = 14) -> tuple[dict, dict]:
+    """Each question by each context method ("" : the service's own) on a stream of real
+    frames: once while sink + window hold every frame, once after `evicted_frames` more.
+    Answers by (question, method); with the request id under (question, method, "id")."""
     cfg = stack.cfg.llm
     held = cfg.sink_frames + cfg.window_frames
-    frames = frames_of("vtest.avi", 30.0)[:held + 14]
-    questions = ["What is the capital of France?", "What do you see in the video?", "Describe the scene."]
-    methods = ["streaming_kv", "recompute", "full"]
+    frames = frames_of("vtest.avi", 30.0)[:held + evicted_frames]
 
-    async def answers(client) -> dict[tuple[str, str], str]:
-        out = {}
+    async def answers(client) -> dict[tuple[str, ...], str]:
+        out: dict[tuple[str, ...], str] = {}
         for q in questions:
             for m in methods:
-                r = await client.ask("kv-vs-recompute", q, context_method=m, timeout_s=180)
+                r = await client.ask(stream_id, q, context_method=m, timeout_s=180)
                 out[(q, m)] = r.text
+                out[(q, m, "id")] = r.request_id
         return out
 
-    async def run():
-        async with Client(stack.gateway_target, TOKEN) as client, client.watch("kv-vs-recompute") as s:
+    async def run() -> tuple[dict, dict]:
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch(stream_id) as s:
             for i, image in enumerate(frames[:held]):
                 await s.send_frame(i, i * 0.5, image)
             await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == held)
@@ -382,7 +378,21 @@ def test_streaming_kv_answers_as_recompute_through_the_stack(stack):
             await collect(s, lambda ev: sum(isinstance(e, Ack) for e in ev) == len(frames))
             return exact, await answers(client)
 
-    exact, evicted = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def test_streaming_kv_answers_as_recompute_through_the_stack(stack):
+    """The service's own context path (streaming KV: frames prefilled on arrival, their KV
+    saved and loaded by our connector) against recomputing the same context, through the
+    whole running stack (gateway -> Kafka -> encoder -> Triton -> LLM service), greedy,
+    KV stored in float32. Nothing evicted yet (sink + window hold every frame): the same
+    text, word for word. After evictions: both close to the full context's answer."""
+    from transformers import AutoTokenizer
+
+    cfg = stack.cfg.llm
+    questions = ["What is the capital of France?", "What do you see in the video?", "Describe the scene."]
+    exact, evicted = answers_before_and_after_evictions(stack, "kv-vs-recompute", questions,
+                                                        ["streaming_kv", "recompute", "full"])
     for q in questions:
         assert exact[(q, "streaming_kv")] == exact[(q, "recompute")] == exact[(q, "full")], (q, exact)
         assert len(exact[(q, "streaming_kv")].split()) >= 3, exact

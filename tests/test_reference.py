@@ -15,17 +15,12 @@ Each: the same greedy tokens, first-token top-5 logprobs within 2e-2 (fp32 kerne
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from livelens.config import REPO_ROOT, LLMConfig
+from tests.reference import run_engine_script
 
 pytestmark = pytest.mark.integration
 
@@ -128,17 +123,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]]:
-    if not (Path(LLMConfig().model_path) / "config.json").is_file():
-        pytest.skip("LLM not built (make models)")
-    tmp = tmp_path_factory.mktemp("reference")
-    script = tmp / "check.py"
-    script.write_text(SCRIPT)
-    result_path = tmp / "result.json"
-    out = subprocess.run([sys.executable, str(script), str(result_path), str(tmp)], capture_output=True, text=True,
-                         timeout=900, cwd=REPO_ROOT,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert out.returncode == 0, out.stderr[-3000:]
-    return {r["name"]: r for r in json.loads(result_path.read_text())}
+    return {r["name"]: r for r in run_engine_script(SCRIPT, tmp_path_factory.mktemp("reference"))}
 
 
 def assert_matches(r: dict[str, Any]) -> None:

@@ -192,7 +192,6 @@ class InstructionChecker:
         self.yes_no = yes_no
         self.publish = publish
         self.stats = CheckStats()
-        self.on_checked: Callable[[str, Watched, float, float], None] | None = None  # tests, benchmarks
 
     def frame_added(self, stream: Stream, seq: int, pts_s: float) -> None:
         if not stream.instructions.items:
@@ -236,8 +235,6 @@ class InstructionChecker:
         for w, score in zip(due, scores, strict=True):
             log.debug("stream %s frame %d (%.1fs): %s %s %.3f", stream.stream_id, seq, pts_s, w.what,
                       "tags" if w.by_tags else "P(yes)", score)
-            if self.on_checked is not None:
-                self.on_checked(stream.stream_id, w, score, pts_s)
             if stream.instructions.observe(w, score, pts_s):
                 fired.append((w, score))
         alerts = [(w, score, self.alert(stream, w, score, newest)) for w, score in fired]  # sent now
