@@ -127,8 +127,9 @@ def test_poison_records_go_to_the_dead_letter_topic(stack, sent: list[tuple[str,
                 for i, image in enumerate(GOOD[:3]):
                     await s.send_frame(i, i * 0.5, image)
                 await s.ask("What do you see?", request_id="after")
-                events = await collect(s, lambda ev: any(isinstance(e, Answer) and e.final for e in ev))
-                return "".join(e.text for e in events if isinstance(e, Answer))
+                events = await collect(s, lambda ev: any(isinstance(e, Answer) and e.final and e.request_id == "after"
+                                                         for e in ev))
+                return "".join(e.text for e in events if isinstance(e, Answer) and e.request_id == "after")
 
         assert asyncio.run(still_answers()).strip()
         letters = [r for r in sub.records(timeout_s=5) if r.key == key.encode() or r.stream_id == "fuzz-kafka"]
