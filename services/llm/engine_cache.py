@@ -42,7 +42,7 @@ from services.llm.context import ComposedContext, FrameSegment, StreamContext, f
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import PREFILL_PRIORITY, Delta, VllmEngine
 from services.llm.kv_ledger import KVLedger
-from services.llm.prefill_gate import PrefillGate, PrefillStats
+from services.llm.prefill_gate import PrefillGate, PrefillStats, waited_s
 from services.llm.prompt_compute import PromptCompute
 
 log = logging.getLogger("livelens.llm.engine_cache")
@@ -52,8 +52,6 @@ log = logging.getLogger("livelens.llm.engine_cache")
 class EngineCacheStats(PrefillStats):
     frames_skipped: int = 0  # left the window before their prefill (retrieval computes them if asked)
     prefix_misses: int = 0  # over all streams (see PromptCompute.prefix_misses)
-    ingest_tokens_computed: int = 0
-    ingest_tokens_cached: int = 0
 
 
 @dataclass
@@ -130,8 +128,7 @@ class EngineCacheMaterializer:
         s = self.streams.get(stream_id)
         if s is None:
             return 0.0
-        oldest = s.in_flight[0] if s.in_flight else (s.waiting[0] if s.waiting else None)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
+        return waited_s(s.in_flight, s.waiting)
 
     def hold(self, stream_id: str, take: Callable[[], None]) -> None:
         s = self.streams.get(stream_id)
@@ -234,8 +231,6 @@ class EngineCacheMaterializer:
         self.stats.ingest_s += loop.time() - t0
         self.stats.ingest_requests += 1
         self.stats.frames_ingested += frames
-        self.stats.ingest_tokens_cached += cached
-        self.stats.ingest_tokens_computed += sent - cached
         if cached < expected:
             self.stats.prefix_misses += 1
             if s.compute is not None:

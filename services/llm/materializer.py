@@ -48,7 +48,7 @@ from services.llm.embedder import ContextEmbedder
 from services.llm.engine import PREFILL_PRIORITY, Delta, VllmEngine
 from services.llm.kv.store import SegmentStore
 from services.llm.kv_ledger import KVDiskBudget, KVLedger
-from services.llm.prefill_gate import PrefillGate, PrefillStats
+from services.llm.prefill_gate import PrefillGate, PrefillStats, waited_s
 from services.llm.prompt_compute import PromptCompute
 
 log = logging.getLogger("livelens.llm.materializer")
@@ -287,8 +287,7 @@ class StreamingKVMaterializer:
         s = self.streams.get(stream_id)
         if s is None:
             return 0.0
-        oldest = s.in_flight[0] if s.in_flight else (s.queue[0] if s.queue else None)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
+        return waited_s(s.in_flight, s.queue)
 
     def hold(self, stream_id: str, take: Callable[[], None]) -> None:
         s = self._stream(stream_id)

@@ -15,10 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from livelens.config import LLMConfig
+
+
+class Arrived(Protocol):
+    arrived: float  # when the frame reached the service (unix time)
+
+
+def waited_s(in_flight: Sequence[Arrived], waiting: Sequence[Arrived]) -> float:
+    """How long a stream's oldest frame not prefilled yet has waited: the first of those in
+    the engine now, else the first waiting (0: none)."""
+    oldest = in_flight[0] if in_flight else (waiting[0] if waiting else None)
+    return 0.0 if oldest is None else max(0.0, time.time() - oldest.arrived)
 
 
 @dataclass
