@@ -146,10 +146,9 @@ class Pipeline:
 
     async def check_cost(self, stream_id: str) -> int:
         """One instruction check on the service's own path: the tokens it computed."""
-        composed = self.stream(stream_id).compose_check("Does the newest frame show a cat? Answer Yes or No.", 1)
-        async for _ in composed.generate(f"check-{time.monotonic_ns()}", 1):
-            pass
-        return composed.computed_tokens
+        from livelens.dev.bench.context import check_cost
+
+        return await check_cost(self.stream(stream_id))
 
     def fits_full(self, stream_id: str, max_tokens: int = 24) -> bool:
         from services.llm.stream import ContextError, ContextMethod
