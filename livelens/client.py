@@ -93,6 +93,20 @@ class ItemError:
 
 
 @dataclass(frozen=True)
+class Folded:
+    """Acknowledged frames from_seq..to_seq went into the model's context folded into one
+    (the stream fell behind): `reason` "encoder_behind" or "context_behind"."""
+
+    from_seq: int
+    to_seq: int
+    from_pts_s: float
+    to_pts_s: float
+    frames: int
+    encoded: int
+    reason: str
+
+
+@dataclass(frozen=True)
 class AskResult:
     request_id: str
     text: str
@@ -101,7 +115,7 @@ class AskResult:
     retrieved_pts_s: tuple[float, ...] = ()
 
 
-Event = Ack | Answer | Alert | ItemError | Instructions
+Event = Ack | Answer | Alert | ItemError | Instructions | Folded
 
 
 def _instructions(msg: api_pb2.InstructionList) -> Instructions:
@@ -121,6 +135,9 @@ def _event(resp: api_pb2.WatchResponse) -> Event | None:
         return Alert(al.request_id, al.stream_time_s, al.reason, al.score, al.text, al.instruction_id, al.matched)
     if kind == "instructions":
         return _instructions(resp.instructions)
+    if kind == "folded":
+        f = resp.folded
+        return Folded(f.from_seq, f.to_seq, f.from_pts_s, f.to_pts_s, f.frames, f.encoded, f.reason)
     if kind == "error":
         e = resp.error
         return ItemError(e.status, e.message, e.seq, e.request_id)
@@ -137,6 +154,7 @@ class WatchSession:
                  metadata: tuple[tuple[str, str], ...], resume_session_id: str = "") -> None:
         self.stream_id = stream_id
         self.session_id = resume_session_id  # the gateway's, once opened: resume with it
+        self.last_seq = -1  # once resumed: the last frame acknowledged before the break (send above it)
         self._outgoing: asyncio.Queue[Any] = asyncio.Queue()
         self._subscribers: list[asyncio.Queue[Any]] = []
         self._history: list[Event] = []
@@ -157,7 +175,7 @@ class WatchSession:
         try:
             async for resp in self._call:
                 if resp.WhichOneof("item") == "opened" and not self._opened.done():
-                    self.session_id = resp.opened.session_id
+                    self.session_id, self.last_seq = resp.opened.session_id, resp.opened.last_seq
                     self._opened.set_result(resp.opened.tenant)
                     continue
                 event = _event(resp)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from livelens.identity import NAME, NAME_RULE
+from livelens.identity import NAME_RULE, is_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,6 +114,11 @@ class GatewayConfig:
     max_frame_bytes: int = 4 * 1024 * 1024
     max_frame_pixels: int = 4096 * 4096
     max_question_chars: int = 1000
+    max_question_bytes: int = 2000  # in UTF-8: 1000 emoji are 4000 bytes and many more tokens
+    # How far one frame may move a stream on: a frame past these is refused and the
+    # stream goes on, so no single frame (a pts of 1e308, a seq of 2^63-1) blocks it.
+    max_seq_step: int = 1_000_000
+    max_pts_step_s: float = 86400.0
     ask_timeout_s: float = 60.0  # an Ask's deadline when the client sets none
     max_ask_timeout_s: float = 600.0  # the longest deadline a client may set
     # Response-timing decider: an alert when the encoder's novelty score crosses the
@@ -165,12 +170,14 @@ class EncoderConfig:
     # frames stay in order).
     max_in_flight: int = 8
     poll_timeout_ms: int = 50
-    # Backpressure: a frame older than this when polled (since the gateway took it) is
-    # dropped unless it is its stream's newest in the poll, so an encoder that fell behind
-    # encodes one frame per stream per poll until it has caught up. Each drop is published
-    # (a tokens record marked dropped, no tokens) and counted (livelens_encoder_dropped_total,
-    # AnswerTimings.frames_dropped). 0: never.
+    # Backpressure: the frames older than this when polled (since the gateway took it),
+    # never a stream's newest in the poll, are folded into one record (after an outage,
+    # the whole backlog): fold_encoded_frames of them, evenly spaced, are encoded, and the
+    # fold keeps each grid position's newest token and each tag at its likeliest. Each fold
+    # names its frames (TokensRecord.folded), reaches the client (WatchResponse.folded) and
+    # is counted (livelens_encoder_frames_folded_total{tenant}). 0: never.
     max_frame_age_s: float = 1.0
+    fold_encoded_frames: int = 4
     triton_retries: int = 5
     model_id: str = "mobilenet_v2-imagenet+proj576"
     # Tags: the names of the classes the vision model's classifier gives a frame (at most
@@ -472,8 +479,9 @@ def validate(cfg: LivelensConfig) -> None:
     if not 0 < cfg.gateway.ask_timeout_s <= cfg.gateway.max_ask_timeout_s:
         raise ConfigError(f"gateway.ask_timeout_s must be > 0 and at most gateway.max_ask_timeout_s, got "
                           f"{cfg.gateway.ask_timeout_s} and {cfg.gateway.max_ask_timeout_s}")
-    if cfg.encoder.max_frame_age_s < 0:
-        raise ConfigError(f"encoder.max_frame_age_s must be >= 0, got {cfg.encoder.max_frame_age_s}")
+    if cfg.encoder.max_frame_age_s < 0 or cfg.encoder.fold_encoded_frames < 1:
+        raise ConfigError(f"encoder.max_frame_age_s must be >= 0 and encoder.fold_encoded_frames >= 1, got "
+                          f"{cfg.encoder.max_frame_age_s} and {cfg.encoder.fold_encoded_frames}")
     if cfg.kafka.partitions < 1 or cfg.kafka.fetch_max_wait_ms < 0:
         raise ConfigError("kafka.partitions must be >= 1 and kafka.fetch_max_wait_ms >= 0")
     _validate_gateway(cfg.gateway)
@@ -487,12 +495,16 @@ def _validate_gateway(g: GatewayConfig) -> None:
         raise ConfigError("gateway.tls_client_ca (mTLS) needs gateway.tls_cert and gateway.tls_key")
     for setting, tenants in (("gateway.tokens", g.tokens), ("gateway.cert_tenants", g.cert_tenants)):
         for tenant in tenants.values():
-            if not NAME.match(str(tenant)):
+            if not is_name(str(tenant)):
                 raise ConfigError(f"{setting}: tenant name {str(tenant)[:40]!r} is invalid: use {NAME_RULE}")
     if g.max_streams_per_tenant < 1 or g.tenant_max_fps <= 0 or g.tenant_questions_per_minute < 1:
         raise ConfigError(f"gateway.max_streams_per_tenant, gateway.tenant_max_fps and "
                           f"gateway.tenant_questions_per_minute must be positive, got {g.max_streams_per_tenant}, "
                           f"{g.tenant_max_fps} and {g.tenant_questions_per_minute}")
+    if g.max_question_bytes < g.max_question_chars or g.max_seq_step < 1 or not g.max_pts_step_s > 0:
+        raise ConfigError(f"gateway.max_question_bytes must be >= gateway.max_question_chars, and "
+                          f"gateway.max_seq_step and gateway.max_pts_step_s positive, got {g.max_question_bytes}, "
+                          f"{g.max_seq_step} and {g.max_pts_step_s}")
 
 
 KAFKA_SECURITY = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")

@@ -11,10 +11,18 @@ gateway), so the key splits back unambiguously and makes a two-level path.
 from __future__ import annotations
 
 import re
+from pathlib import PurePath
 from typing import Protocol
+from urllib.parse import quote
 
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,128}$")  # a tenant name or a stream id
-NAME_RULE = "1-128 of A-Z a-z 0-9 . _ -"
+_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+NAME_RULE = "1-128 of A-Z a-z 0-9 . _ -, not only dots"
+
+
+def is_name(text: str) -> bool:
+    """A tenant name, stream id, session id or instruction id: matched whole (a trailing
+    newline is not allowed) and never "." or ".." (or other dots alone)."""
+    return _NAME.fullmatch(text) is not None and text.strip(".") != ""
 
 
 class Keyed(Protocol):
@@ -34,3 +42,9 @@ def key_of(record: Keyed) -> str:
 def split_key(key: str) -> tuple[str, str]:
     tenant, _, stream_id = key.partition("/")
     return tenant, stream_id
+
+
+def key_path(key: str) -> PurePath:
+    """A stream key as a relative two-level path: each part percent-encoded, dots too, so
+    no key (checked or not) names a path outside the folder it is joined to."""
+    return PurePath(*(quote(part, safe="").replace(".", "%2E") or "%00" for part in split_key(key)))

@@ -46,6 +46,41 @@ def image_encoding(data: bytes) -> pb.FrameRecord.Encoding:
     return pb.FrameRecord.ENCODING_UNSPECIFIED
 
 
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from a JPEG's or PNG's header, without decoding a pixel: how big
+    the decoded frame would be is known before any memory is spent on it."""
+    encoding = image_encoding(data)
+    if encoding == pb.FrameRecord.PNG:
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            raise BadImage("PNG without an IHDR header")
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    if encoding == pb.FrameRecord.JPEG:
+        at = 2
+        while at + 4 <= len(data):
+            if data[at] != 0xFF:
+                raise BadImage("JPEG with a broken marker before its frame header")
+            marker = data[at + 1]
+            if marker == 0xFF:  # a fill byte
+                at += 1
+                continue
+            if marker in (0x01, *range(0xD0, 0xD8)):  # markers without a length
+                at += 2
+                continue
+            length = int.from_bytes(data[at + 2:at + 4], "big")
+            if marker in _JPEG_SOF:
+                if at + 9 > len(data):
+                    break
+                return int.from_bytes(data[at + 7:at + 9], "big"), int.from_bytes(data[at + 5:at + 7], "big")
+            if marker == 0xDA or length < 2:  # scan data before any frame header
+                break
+            at += 2 + length
+        raise BadImage("JPEG without a frame header (SOF)")
+    raise BadImage("not a JPEG or PNG image")
+
+
 def encode_jpeg(rgb: np.ndarray, quality: int = 85) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, quality])

@@ -320,14 +320,14 @@ def stream_partition(key: str, partitions: int) -> int:
 
 
 def streams_status(keys: Iterable[str], groups: list[GroupStatus], cfg: LivelensConfig) -> list[StreamPartition]:
-    from livelens.identity import NAME
+    from livelens.identity import is_name
 
     llm = next((g for g in groups if g.service == "llm"), None)
     tokens = [r for r in (llm.partitions if llm else []) if r.topic == cfg.kafka.tokens_topic]
     out = []
     for key in keys:
         tenant, _, stream_id = key.partition("/")
-        if not (NAME.match(tenant) and NAME.match(stream_id)):
+        if not (is_name(tenant) and is_name(stream_id)):
             raise StatusError(f"--stream {key!r}: a stream is TENANT/STREAM_ID (e.g. acme/cam-1)")
         if not tokens:
             raise StatusError(f"--stream {key}: topic {cfg.kafka.tokens_topic} has no partitions")

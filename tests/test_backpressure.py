@@ -18,7 +18,8 @@ import numpy as np
 from livelens.config import load_config
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
-from services.llm.core import LLMCore
+from services.llm.context import TextPart, frame_block
+from services.llm.core import LLMCore, NoSink
 from services.llm.materializer import RecomputeMaterializer
 from services.llm.resources import frames_only_resources
 from services.llm.stream import Added
@@ -57,13 +58,23 @@ def record(seq: int, positions: list[int], value: float, tags: dict[str, float] 
     return rec
 
 
+class Published(NoSink):
+    """What the core published (a Kafka sink's place)."""
+
+    def __init__(self) -> None:
+        self.responses: list[pb.ResponseRecord] = []
+
+    def response(self, msg: pb.ResponseRecord, flush: bool = False) -> None:
+        self.responses.append(msg)
+
+
 def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMCore, BehindMaterializer]:
     cfg = load_config(None)
     cfg.llm.store_disk_dir = str(tmp_path)
     cfg.llm.max_context_lag_s = lag_s
     res = frames_only_resources(cfg)  # as the service builds them, with a materializer that is behind
     materializer = BehindMaterializer(None, res.embedder)
-    return LLMCore(cfg, replace(res, materializer=materializer, recompute=materializer)), materializer
+    return LLMCore(cfg, replace(res, materializer=materializer, recompute=materializer), Published()), materializer
 
 
 def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
@@ -90,6 +101,11 @@ def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
     assert stream.context.frames_seen == 4  # each frame taken once
     assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2  # two folded into the third
     assert svc.stats.frames == 2 and stream.coalesced is None
+    (told,) = [r for r in svc.sink.responses if r.HasField("folded")]  # the client hears of it
+    f = told.folded
+    assert (told.tenant, told.stream_id, f.from_seq, f.to_seq, f.from_pts_s, f.to_pts_s, f.frames, f.reason) == \
+        ("acme", "cam", 1, 3, 0.5, 1.5, 3, "context_behind")
+    assert taken.folded_from_s == 0.5  # and the context's label says which span it stands for
     m.behind = 0.3
     svc.on_tokens(record(4, [4], 4.0))  # within the bound: straight in
     assert [f.seq for f in stream.context.window][-1] == 4 and stream.coalesced is None
@@ -127,6 +143,25 @@ def test_frames_the_encoder_dropped_count_as_seen(tmp_path):
     stream = svc.streams[KEY]
     assert [f.seq for f in stream.context.sink + list(stream.context.window)] == [0, 2]
     assert stream.frames_dropped == 1 and svc.stats.dropped == 1 and stream.context.frames_seen == 3
+
+
+def test_a_record_the_encoder_folded_counts_each_frame_it_stands_for(tmp_path):
+    """After an outage the encoder folds its backlog into one record (`TokensRecord.folded`):
+    each acknowledged frame it stands for counts as seen, once, and its label names the span."""
+    svc, _ = service(tmp_path)
+    svc.on_tokens(record(0, list(range(GRID)), 0.0))
+    folded = record(24, [1, 2], 5.0, {"tabby": 0.8})
+    folded.folded.CopyFrom(pb.FoldNotice(from_seq=1, to_seq=24, from_pts_s=0.5, to_pts_s=12.0, frames=24, encoded=4,
+                                         reason="encoder_behind"))
+    svc.on_tokens(folded)
+    svc.on_tokens(folded)  # redelivered
+    svc.on_tokens(record(25, [3], 2.0))
+    stream = svc.streams[KEY]
+    frames = stream.context.sink + list(stream.context.window)
+    assert [f.seq for f in frames] == [0, 24, 25] and frames[1].folded_from_s == 0.5
+    assert stream.context.frames_seen == 26 and stream.frames_folded == 23 and stream.newest == (25, 12.5)
+    label = frame_block(frames[1]).parts[0]
+    assert isinstance(label, TextPart) and label.text == '<frame t=12.0s seen="tabby" folded="0.5-12.0s">'
 
 
 def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):

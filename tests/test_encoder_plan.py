@@ -12,12 +12,14 @@ from typing import Any, cast
 import numpy as np
 import pytest
 
-from livelens.config import FeatureCacheConfig, LivelensConfig
+from livelens.config import EncoderConfig, FeatureCacheConfig, LivelensConfig
 from livelens.identity import stream_key
+from livelens.records import get_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.encoder.feature_cache import FrameDecision, ViTState
 from services.encoder.grid import UNKNOWN, Grid
 from services.encoder.plan import Partial, Step, Unchanged, Whole, plan_poll, plan_stream
+from services.encoder.records import fold_records, tokens_record, unchanged_record
 from services.encoder.service import EncoderService
 from services.encoder.streams import StreamTable
 from services.encoder.triton_client import Encoded, VisionModelClient
@@ -152,9 +154,10 @@ def test_each_stream_of_a_poll_gets_its_share_a_backlog_crowds_out_no_one() -> N
     assert len(many.streams) == 12 and {w.in_flight for w in many.streams} == {1}
 
 
-def test_an_encoder_behind_takes_each_streams_newest_frame_and_drops_the_stale() -> None:
-    """Backpressure (encoder.max_frame_age_s): frames older than the bound are dropped, but
-    never a stream's newest in the poll, so every stream moves on; fresh frames all stay."""
+def test_an_encoder_behind_folds_the_stale_frames_and_encodes_a_few_of_them() -> None:
+    """Backpressure (encoder.max_frame_age_s): a stream's frames older than the bound (never
+    its newest in the poll), when there are several, are folded into one record; a few of
+    them, evenly spaced and the last among them, are encoded for it. Fresh frames all stay."""
     table = StreamTable(FeatureCacheConfig())
     now = 1000.0
 
@@ -166,13 +169,45 @@ def test_an_encoder_behind_takes_each_streams_newest_frame_and_drops_the_stale()
     frames = [sent("a", 0, 3.0), sent("a", 1, 2.5), sent("b", 0, 2.9), sent("a", 2, 0.2), sent("a", 3, 0.1),
               sent("b", 1, 2.4), sent("c", 0, 5.0)]
     poll = plan_poll(frames, table, GRID, 8, max_age_s=1.0, now=now)
-    kept = {w.stream.key: [f.seq for _, f in w.frames] for w in poll.streams}
-    dropped = {w.stream.key: [f.seq for _, f in w.dropped] for w in poll.streams}
-    assert kept == {stream_key("t", "a"): [2, 3], stream_key("t", "b"): [1], stream_key("t", "c"): [0]}
-    assert dropped == {stream_key("t", "a"): [0, 1], stream_key("t", "b"): [0], stream_key("t", "c"): []}
-    assert table[stream_key("t", "a")].last_seq == 3  # a dropped frame counts as taken: never encoded later
-    unbounded = plan_poll([sent("d", 0, 9.0), sent("d", 1, 9.0)], table, GRID, 8, max_age_s=0.0, now=now)
-    assert [len(w.frames) for w in unbounded.streams] == [2] and not unbounded.streams[0].dropped
+    encoded = {w.stream.key: [f.seq for _, f in w.frames] for w in poll.streams}
+    folded = {w.stream.key: [f.seq for _, f in w.fold] for w in poll.streams}
+    assert encoded == {stream_key("t", "a"): [0, 1, 2, 3], stream_key("t", "b"): [0, 1], stream_key("t", "c"): [0]}
+    # one stale frame is encoded as it is; a stream's newest is never folded
+    assert folded == {stream_key("t", "a"): [0, 1], stream_key("t", "b"): [], stream_key("t", "c"): []}
+    backlog = plan_poll([sent("d", i, 20.0 - i) for i in range(20)] + [sent("d", 20, 0.0)], table, GRID, 8,
+                        max_age_s=1.0, fold_encoded=4, now=now)
+    (work,) = backlog.streams
+    assert [f.seq for _, f in work.fold] == list(range(19))  # the 20th is 1 s old: not stale
+    assert [f.seq for _, f in work.frames] == [0, 6, 12, 18, 19, 20]
+    assert table[stream_key("t", "d")].last_seq == 20  # a folded frame counts as taken: never encoded later
+    unbounded = plan_poll([sent("e", 0, 9.0), sent("e", 1, 9.0), sent("e", 2, 9.0)], table, GRID, 8, max_age_s=0.0,
+                          now=now)
+    assert [len(w.frames) for w in unbounded.streams] == [3] and not unbounded.streams[0].fold
+
+
+def test_a_fold_keeps_each_positions_newest_token_and_each_tag_at_its_likeliest() -> None:
+    cfg = EncoderConfig(frame_tags=3)
+    stale = [frame("s", seq) for seq in range(5)]
+    for i, f in enumerate(stale):
+        f.pts_s = 10.0 + i
+    grid = Grid(2, 2)
+    first = tokens_record(cfg, stale[0], np.full((4, 3), 1.0, np.float32), grid, novelty=0.2)
+    first.tags[:], first.tag_scores[:] = ["tabby", "tiger cat"], [0.6, 0.3]
+    partial = np.zeros(4, bool)
+    partial[2] = True
+    later = tokens_record(cfg, stale[2], np.full((4, 3), 2.0, np.float32), grid, novelty=0.5, kept=partial)
+    later.tags[:], later.tag_scores[:] = ["tiger cat", "lynx"], [0.7, 0.2]
+    unchanged = unchanged_record(cfg, stale[4], grid, 3, novelty=0.0)
+    rec = fold_records(cfg, stale, [first, later, unchanged])
+    tokens, kept = get_tokens(rec)
+    assert (rec.seq, rec.pts_s, rec.novelty) == (4, 14.0, pytest.approx(0.5)) and kept.all()
+    assert tokens[:, 0].tolist() == [1.0, 1.0, 2.0, 1.0]
+    assert list(rec.tags) == ["tiger cat", "tabby", "lynx"] and list(rec.tag_scores) == pytest.approx([0.7, 0.6, 0.2])
+    f = rec.folded
+    assert (f.from_seq, f.to_seq, f.from_pts_s, f.to_pts_s, f.frames, f.encoded, f.reason) == \
+        (0, 4, 10.0, 14.0, 5, 3, "encoder_behind")
+    nothing = fold_records(cfg, stale, [])  # none of them decoded: still told, with no tokens
+    assert nothing.unchanged and nothing.folded.frames == 5 and nothing.folded.encoded == 0
 
 
 def test_a_poll_drops_redeliveries_and_starts_a_reopened_stream_afresh() -> None:

@@ -122,6 +122,8 @@ class Stack:
         for host, port, setting in port_settings(cfg):
             ensure_free(host, port, setting)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.broker.enabled:  # the services talk to the broker started here, wherever its port was moved
+            cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
         if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
             # Every replica here shares this machine's disk: one that takes a stream over
             # (after a crash, or a second one) loads its stored KV. It lives as long as

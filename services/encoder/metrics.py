@@ -9,3 +9,5 @@ FRAME_TO_TOKENS = Histogram(
     buckets=LATENCY_BUCKETS)
 TENANT_FRAMES = Counter("livelens_encoder_tenant_frames", "Frames encoded or found unchanged, per tenant",
                         ["tenant"])
+FRAMES_FOLDED = Counter("livelens_encoder_frames_folded", "Frames folded into a later one because the encoder was "
+                        "behind (encoder.max_frame_age_s), per tenant", ["tenant"])

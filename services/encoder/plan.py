@@ -38,7 +38,9 @@ class StreamWork:
     stream: EncoderStream
     frames: list[Polled] = field(default_factory=list)
     in_flight: int = 1
-    dropped: list[Polled] = field(default_factory=list)  # too old to encode (backpressure)
+    # Backpressure: the frames too old to encode one by one, folded into one record (the
+    # last of them); those of them in `frames` are encoded for the fold.
+    fold: list[Polled] = field(default_factory=list)
 
 
 @dataclass
@@ -49,15 +51,16 @@ class PollPlan:
 
 
 def plan_poll(frames: Sequence[pb.FrameRecord], table: StreamTable, grid: Grid, max_in_flight: int,
-              partitions: Sequence[Partition] | None = None, max_age_s: float = 0.0,
+              partitions: Sequence[Partition] | None = None, max_age_s: float = 0.0, fold_encoded: int = 4,
               now: float | None = None) -> PollPlan:
     """Admit a poll's `frames` into the streams of `table` (a new stream starts with the
     served model's `grid`; `partitions`: where each frame came from) and split them by stream.
 
-    Backpressure (`max_age_s` > 0): a frame the gateway took more than `max_age_s` before
-    `now` is dropped, unless it is its stream's newest in the poll; so a stream is never
-    starved, and an encoder that fell behind takes one frame per stream per poll until
-    it has caught up."""
+    Backpressure (`max_age_s` > 0): the frames the gateway took more than `max_age_s` before
+    `now` (never a stream's newest in the poll), when there are several, are folded into
+    one record: `fold_encoded` of them, evenly spaced and the last among them, are encoded,
+    and the fold keeps each grid position's newest token. So an encoder that fell behind
+    (an outage) catches up in a bounded number of requests, and no frame is lost unsaid."""
     streams: dict[str, StreamWork] = {}
     queries: list[Polled] = []
     duplicates = 0
@@ -77,10 +80,13 @@ def plan_poll(frames: Sequence[pb.FrameRecord], table: StreamTable, grid: Grid, 
     for work in streams.values():
         work.in_flight = share
         if max_age_s > 0:
-            *older, newest = work.frames
-            stale = {i for i, f in older if f.gateway_time_unix and now - f.gateway_time_unix > max_age_s}
-            work.dropped = [p for p in older if p[0] in stale]
-            work.frames = [p for p in older if p[0] not in stale] + [newest]
+            *older, _ = work.frames
+            stale = [p for p in older if p[1].gateway_time_unix and now - p[1].gateway_time_unix > max_age_s]
+            if len(stale) > 1:
+                work.fold = stale
+                picked = {stale[int(k)][0] for k in np.linspace(0, len(stale) - 1, max(1, fold_encoded)).round()}
+                folded = {i for i, _ in stale}
+                work.frames = [p for p in work.frames if p[0] not in folded or p[0] in picked]
     return PollPlan(list(streams.values()), queries, duplicates)
 
 

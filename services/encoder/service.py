@@ -38,7 +38,7 @@ from livelens.v1 import messages_pb2 as pb
 from services.encoder import metrics
 from services.encoder.execute import Frame, Records, run_queries, run_stream
 from services.encoder.plan import Polled, StreamWork, plan_poll, plan_stream
-from services.encoder.records import dropped_record
+from services.encoder.records import fold_records
 from services.encoder.streams import Partition, StreamTable
 from services.encoder.triton_client import VisionModelClient
 
@@ -54,7 +54,8 @@ class EncoderStats:
     dead_letters: int = 0
     batches: int = 0
     skipped: int = 0  # unchanged: not encoded
-    dropped: int = 0  # too old when polled (encoder.max_frame_age_s): not encoded
+    folded: int = 0  # frames folded into others (older than encoder.max_frame_age_s when polled)
+    folds: int = 0  # records that stand for several frames
 
 
 class Outcome(NamedTuple):
@@ -84,14 +85,11 @@ class EncoderService:
         frames that could not be decoded are left out, in `rejected`)."""
         self.rejected = []
         self.stats.frames_in += len(frames)
-        poll = plan_poll(frames, self.streams, model.grid, self.cfg.encoder.max_in_flight, partitions,
-                         max_age_s=self.cfg.encoder.max_frame_age_s)
+        c = self.cfg.encoder
+        poll = plan_poll(frames, self.streams, model.grid, c.max_in_flight, partitions,
+                         max_age_s=c.max_frame_age_s, fold_encoded=c.fold_encoded_frames)
         self.stats.duplicates += poll.duplicates
         out: dict[int, pb.TokensRecord] = {}
-        for work in poll.streams:
-            for i, frame in work.dropped:
-                out[i] = dropped_record(self.cfg.encoder, frame, work.stream.grid)
-                self.stats.dropped += 1
         futures = [self.pool.submit(self._encode_stream, work, model) for work in poll.streams]
         if poll.queries:
             futures.append(self.pool.submit(self._encode_queries, poll.queries, model))
@@ -107,7 +105,22 @@ class EncoderService:
                     self.stats.skipped += 1
                 else:
                     self.stats.frames_encoded += 1
+        for work in poll.streams:
+            if work.fold:
+                self.fold(work.fold, out)
         return [out[i] for i in sorted(out)]
+
+    def fold(self, stale: list[Polled], out: dict[int, pb.TokensRecord]) -> None:
+        """The stale frames' records (those encoded) become one, in the last one's place."""
+        encoded = [out.pop(i) for i, _ in stale if i in out]
+        rec = fold_records(self.cfg.encoder, [f for _, f in stale], encoded)
+        out[stale[-1][0]] = rec
+        self.stats.folds += 1
+        self.stats.folded += len(stale) - 1
+        metrics.FRAMES_FOLDED.labels(rec.tenant).inc(len(stale) - 1)
+        log.info("stream %s/%s: frames %d-%d (%.1f-%.1fs) folded into one, %d of them encoded: the encoder was "
+                 "behind", rec.tenant, rec.stream_id, rec.folded.from_seq, rec.folded.to_seq, rec.folded.from_pts_s,
+                 rec.folded.to_pts_s, len(encoded))
 
     def preprocessing(self, model: VisionModelClient) -> FramePreprocessing:
         """The served model's preprocessing (an imported model's comes with its Triton config)."""

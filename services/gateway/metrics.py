@@ -15,3 +15,5 @@ QUESTIONS = Counter("livelens_gateway_questions", "Questions accepted, per tenan
 REFUSED = Counter("livelens_gateway_refused", "Items refused, per tenant and status", ["tenant", "status"])
 OPEN_STREAMS = Gauge("livelens_gateway_open_streams", "Streams open on this replica, per tenant", ["tenant"])
 ALERTS = Counter("livelens_gateway_alerts", "Proactive alerts raised", ["reason"])
+FRAMES_FOLDED = Counter("livelens_gateway_frames_folded", "Acknowledged frames folded into a later one (the stream "
+                        "fell behind), told to their Watch, per tenant and reason", ["tenant", "reason"])

@@ -9,11 +9,13 @@ status itself. Frames and commands go to Kafka; answers come back through `Kafka
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ from services.gateway.decider import ResponseTimingDecider
 from services.gateway.router import KafkaRouter
 from services.gateway.sessions import Session, SessionRegistry
 from services.gateway.validation import (
+    CheckedImage,
     InvalidItem,
     check_context_method,
     check_frame,
@@ -90,6 +93,18 @@ def remark_delta(rec: pb.ResponseRecord) -> api_pb2.WatchResponse:
         request_id=rec.request_id, text=rec.text_delta, final=rec.final, stream_time_s=rec.stream_time_s))
 
 
+async def refuse(context: grpc.aio.ServicerContext, items: AsyncIterator[api_pb2.WatchRequest],
+                 exc: InvalidItem, drain_s: float = 1.0) -> None:
+    """End a Watch that cannot open with its status. The items the client sent after its
+    `open` are read first (for up to `drain_s`): a client still writing when the call
+    ends sees its write fail, and grpc reports that as INTERNAL instead of our status."""
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+        async with asyncio.timeout(drain_s):
+            async for _ in items:
+                pass
+    await context.abort(exc.code, exc.message)
+
+
 class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
     def __init__(self, cfg: LivelensConfig, producer: Any) -> None:
         self.cfg = cfg
@@ -97,9 +112,15 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         self.sessions = SessionRegistry(cfg.gateway)
         self.handlers: dict[tuple[str, str], ResponseHandler] = {}  # (tenant, request id) -> its relay
         self.tasks: set[asyncio.Task[None]] = set()  # Watch items answered in the background
+        # Image decodes, off the event loop. Two at a time bounds their memory: each is at
+        # most gateway.max_frame_pixels x 3 bytes, known from the header before it starts.
+        self.decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="decode")
 
     # --- Kafka side ------------------------------------------------------------------
     def on_response(self, rec: pb.ResponseRecord) -> None:
+        if rec.HasField("folded"):  # the LLM service folded frames of a stream: its Watch hears it
+            self.relay_fold(rec.tenant, rec.stream_id, rec.folded)
+            return
         handler = self.handlers.get((rec.tenant, rec.request_id))
         if handler is not None:
             handler(rec)
@@ -117,7 +138,17 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 request_id=rec.request_id, stream_time_s=rec.stream_time_s, reason="instruction",
                 score=rec.score, text=rec.text_delta, instruction_id=rec.instruction_id, matched=rec.matched)))
 
+    def relay_fold(self, tenant: str, stream_id: str, fold: pb.FoldNotice) -> None:
+        session = self.sessions.get(tenant, stream_id)
+        if session is not None:  # the replica its Watch is on: each fold told, and counted, once
+            metrics.FRAMES_FOLDED.labels(tenant, fold.reason).inc(max(0, fold.frames - 1))
+            session.send(api_pb2.WatchResponse(folded=api_pb2.Folded(
+                from_seq=fold.from_seq, to_seq=fold.to_seq, from_pts_s=fold.from_pts_s, to_pts_s=fold.to_pts_s,
+                frames=fold.frames, encoded=fold.encoded, reason=fold.reason)))
+
     def on_tokens(self, rec: pb.TokensRecord) -> None:
+        if rec.HasField("folded") and not rec.query_request_id:
+            self.relay_fold(rec.tenant, rec.stream_id, rec.folded)
         session = self.sessions.get(rec.tenant, rec.stream_id)
         if session is None or rec.query_request_id or not self.cfg.gateway.proactive_alerts:
             return
@@ -178,11 +209,12 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                                cancel=pb.CancelAsk(request_id=request_id))
         lk.publish(self.producer, self.cfg.kafka.commands_topic, cmd)
 
-    def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
+    async def check_example(self, data: bytes) -> tuple[pb.FrameRecord.Encoding, bytes] | None:
         if not data:
             return None
-        encoding, _ = check_image(data, self.cfg.gateway, "the example image")
-        return encoding, data
+        image = check_image(data, self.cfg.gateway, "the example image")
+        await self.decodes(image)
+        return image.encoding, data
 
     # --- auth ------------------------------------------------------------------------
     async def tenant(self, context: grpc.aio.ServicerContext) -> str:
@@ -229,13 +261,21 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 check_session_id(resume)
             self.sessions.open(session)
         except InvalidItem as exc:
-            await context.abort(exc.code, exc.message)
+            await refuse(context, request_iterator, exc)
+        if resume:
+            try:
+                await self.resume(session)
+            except InvalidItem as exc:
+                self.sessions.refuse(session)
+                await refuse(context, request_iterator, exc)
+        else:
+            self.publish_command(session, pb.CommandRecord(open=pb.OpenStream()))
         log.info("stream %s %s by tenant %s (session %s)", stream_id, "resumed" if resume else "opened", tenant,
                  session.session_id)
         metrics.OPEN_STREAMS.labels(tenant).inc()
-        self.publish_command(session, pb.CommandRecord(open=pb.OpenStream(resume=bool(resume))))
         session.send(api_pb2.WatchResponse(opened=api_pb2.Opened(stream_id=stream_id, tenant=tenant,
-                                                                 session_id=session.session_id)))
+                                                                 session_id=session.session_id,
+                                                                 last_seq=session.last_seq)))
         reader = asyncio.create_task(self.read_items(session, request_iterator))
         ended = False
         try:
@@ -261,6 +301,21 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 self.publish_command(session, pb.CommandRecord(close=pb.CloseStream()))
             log.info("stream %s %s", stream_id, "closed" if ended else "detached: its Watch broke")
 
+    async def resume(self, session: Session) -> None:
+        """The stream's owner in the LLM service holds the session (NOT_FOUND if not) and
+        says how far it got; where this replica served the session before, it knows the
+        last frame it acknowledged, which may not have reached the owner yet."""
+        known = self.sessions.detached.pop(session.session_id, None)
+        if known is not None and known.key != (session.tenant, session.stream_id):
+            self.sessions.detached[session.session_id] = known  # another stream's: not this caller's to take
+            known = None
+        rec = await self.owner_reply(session.tenant, session.stream_id, session.session_id,
+                                     open=pb.OpenStream(resume=True))
+        session.last_seq, session.last_pts = rec.last_seq, rec.stream_time_s
+        if known is not None and known.last_seq > session.last_seq:
+            session.last_seq, session.last_pts = known.last_seq, known.last_pts
+        session.newest_pts = session.last_pts
+
     def publish_command(self, session: Session, cmd: pb.CommandRecord) -> None:
         cmd.stream_id, cmd.tenant, cmd.session_id = session.stream_id, session.tenant, session.session_id
         cmd.gateway_time_unix = time.time()
@@ -271,22 +326,29 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         async for item in items:
             kind = item.WhichOneof("item")
             if kind == "frame":
-                self.accept_frame(session, item.frame, loop)
+                await self.accept_frame(session, item.frame, loop)
             elif kind == "question":
-                self.accept_question(session, item.question)
+                await self.accept_question(session, item.question)
             elif kind in ("instruction", "cancel_instruction"):
                 task = asyncio.create_task(self.watch_instruction(session, item))
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
             else:
-                session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                                                    "the stream is already open")))
+                message = ("the stream is already open: `open` comes once, as the first item" if kind == "open" else
+                           "the WatchRequest is empty: set one of frame, question, instruction, cancel_instruction")
+                session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, message)))
 
-    def accept_frame(self, session: Session, frame: api_pb2.Frame,
-                     loop: asyncio.AbstractEventLoop) -> None:
+    async def decodes(self, image: CheckedImage) -> None:
+        """The image's pixels decode (InvalidItem if not), checked on the decoder threads:
+        the event loop, and so every other stream's acks, never waits for a decode."""
+        await asyncio.get_running_loop().run_in_executor(self.decoder, image.decodes)
+
+    async def accept_frame(self, session: Session, frame: api_pb2.Frame,
+                           loop: asyncio.AbstractEventLoop) -> None:
         try:
-            encoding, rgb = check_frame(frame, self.cfg.gateway, session.last_seq, session.last_pts)
+            image = check_frame(frame, self.cfg.gateway, session.last_seq, session.last_pts)
             self.sessions.admit_frame(session.tenant)
+            await self.decodes(image)
         except InvalidItem as exc:
             metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
             session.send(item_error(exc, seq=frame.seq))
@@ -295,9 +357,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         session.last_seq, session.last_pts = frame.seq, frame.pts_s
         session.newest_pts = frame.pts_s
         rec = pb.FrameRecord(stream_id=session.stream_id, tenant=session.tenant, session_id=session.session_id,
-                             seq=frame.seq,
-                             pts_s=frame.pts_s, encoding=encoding, data=frame.image,
-                             width=rgb.shape[1], height=rgb.shape[0], gateway_time_unix=time.time())
+                             seq=frame.seq, pts_s=frame.pts_s, encoding=image.encoding, data=frame.image,
+                             width=image.width, height=image.height, gateway_time_unix=time.time())
         future = lk.publish(self.producer, self.cfg.kafka.frames_topic, rec)
         ack = api_pb2.WatchResponse(ack=api_pb2.Ack(seq=frame.seq))
 
@@ -311,14 +372,14 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         future.add_callback(done)
         future.add_errback(failed)
 
-    def accept_question(self, session: Session, question: api_pb2.Question) -> None:
+    async def accept_question(self, session: Session, question: api_pb2.Question) -> None:
         request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
         try:
             text = check_question(question.text, self.cfg.gateway)
             check_max_tokens(question.max_tokens, self.cfg.llm.max_answer_tokens)
             method = check_context_method(question.context_method)
             timeout = check_timeout(question.timeout_s, self.cfg.gateway)
-            example = self.check_example(question.example_image)
+            example = await self.check_example(question.example_image)
             if (session.tenant, request_id) in self.handlers:
                 raise InvalidItem(grpc.StatusCode.ALREADY_EXISTS,
                                   f"request id {request_id!r} is already being answered")
@@ -402,9 +463,15 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
     async def instruction_command(self, tenant: str, stream_id: str, session_id: str,
                                   **command: Any) -> pb.ResponseRecord:
-        """An instruction command to the stream's owner in the LLM service (through any
-        gateway replica, as for `Ask`), and its reply: the stream's instructions."""
-        request_id = f"ins-{uuid.uuid4().hex[:12]}"
+        """An instruction command to the stream's owner, and its reply: the stream's instructions."""
+        rec = await self.owner_reply(tenant, stream_id, session_id, **command)
+        self.sessions.instructions[(tenant, stream_id)] = len(rec.instructions)
+        return rec
+
+    async def owner_reply(self, tenant: str, stream_id: str, session_id: str, **command: Any) -> pb.ResponseRecord:
+        """A command to the stream's owner in the LLM service (through any gateway replica,
+        as for `Ask`), and its reply; InvalidItem with the reply's status if it is an error."""
+        request_id = f"cmd-{uuid.uuid4().hex[:12]}"
         kind, body = next(iter(command.items()))
         body.request_id = request_id
         reply: asyncio.Future[pb.ResponseRecord] = asyncio.get_running_loop().create_future()
@@ -428,7 +495,6 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             self.handlers.pop((tenant, request_id), None)
         if rec.error:
             raise InvalidItem(response_status(rec), rec.error)
-        self.sessions.instructions[(tenant, stream_id)] = len(rec.instructions)
         return rec
 
     async def AddInstruction(self, request: api_pb2.AddInstructionRequest,
@@ -474,7 +540,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             check_max_tokens(request.max_tokens, self.cfg.llm.max_answer_tokens)
             timeout = check_timeout(request.timeout_s, self.cfg.gateway)
             method = check_context_method(request.context_method)
-            example = self.check_example(request.example_image)
+            example = await self.check_example(request.example_image)
             self.sessions.admit_question(tenant)
         except InvalidItem as exc:
             metrics.REFUSED.labels(tenant, exc.code.name).inc()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
@@ -39,6 +40,18 @@ class Session:
 
     def send(self, response: api_pb2.WatchResponse) -> None:
         self.outbox.put_nowait(response)
+
+
+@dataclass(frozen=True)
+class Detached:
+    """A session whose Watch broke here: how far it got, for its resume."""
+
+    key: tuple[str, str]  # (tenant, stream id)
+    last_seq: int
+    last_pts: float
+
+
+MAX_DETACHED = 10_000  # sessions remembered for their resume, oldest forgotten first
 
 
 @dataclass
@@ -75,6 +88,7 @@ class SessionRegistry:
         self.limits: dict[str, TenantLimits] = {}
         # (tenant, stream id) -> its standing instructions, as the owner's last reply said
         self.instructions: dict[tuple[str, str], int] = {}
+        self.detached: OrderedDict[str, Detached] = OrderedDict()  # by session id
 
     def open(self, session: Session) -> None:
         if (session.tenant, session.stream_id) in self.sessions:
@@ -87,12 +101,21 @@ class SessionRegistry:
                               f"(limit gateway.max_streams_per_tenant)")
         self.sessions[(session.tenant, session.stream_id)] = session
 
-    def close(self, session: Session, ended: bool = False) -> None:
-        """The session's Watch is over; `ended`: so is the stream (its instructions too)."""
+    def refuse(self, session: Session) -> None:
+        """A session that was never served (its resume was refused)."""
         if self.sessions.get((session.tenant, session.stream_id)) is session:
             del self.sessions[(session.tenant, session.stream_id)]
+
+    def close(self, session: Session, ended: bool = False) -> None:
+        """The session's Watch is over; `ended`: so is the stream (its instructions too)."""
+        self.refuse(session)
         if ended:
             self.instructions.pop((session.tenant, session.stream_id), None)
+        elif session.session_id:
+            self.detached[session.session_id] = Detached((session.tenant, session.stream_id), session.last_seq,
+                                                         session.last_pts)
+            while len(self.detached) > MAX_DETACHED:
+                self.detached.popitem(last=False)
 
     def get(self, tenant: str, stream_id: str) -> Session | None:
         return self.sessions.get((tenant, stream_id))

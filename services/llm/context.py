@@ -44,6 +44,9 @@ class FrameSegment:
     tag_scores: tuple[float, ...] = ()  # each tag's probability (1.0 where not given)
     offset: int = field(default=-1, compare=False)  # its tokens record's offset (checkpoints)
     sent_unix: float = field(default=0.0, compare=False)  # when the gateway took it (0: not known)
+    # Set when it stands for several frames folded into one (its stream fell behind): the
+    # first one's time. Its label says so ("folded 15.0-26.5s").
+    folded_from_s: float | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -209,7 +212,10 @@ def frame_block(frame: FrameSegment, chat: ChatLayout = DEFAULT_CHAT) -> Block:
     # The built-in layout labels each frame with its time (frames left out in between need
     # no marker) and tags; a research family's frames follow each other unlabelled.
     seen = ", ".join(t.replace('"', "'") for t in frame.tags)
-    label = chat.frame_open.format(t=frame.pts_s, seen=f' seen="{seen}"' if seen else "")
+    attrs = f' seen="{seen}"' if seen else ""
+    if frame.folded_from_s is not None:
+        attrs += f' folded="{frame.folded_from_s:.1f}-{frame.pts_s:.1f}s"'
+    label = chat.frame_open.format(t=frame.pts_s, seen=attrs)
     parts = (TextPart(label), VisualPart(frame), TextPart(chat.frame_close))
     return Block(tuple(p for p in parts if not isinstance(p, TextPart) or p.text), frame)
 

@@ -136,7 +136,7 @@ class LLMCore:
             metrics.FRAME_ARRIVAL.observe(max(0.0, time.time() - rec.gateway_time_unix))
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
                            tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix,
-                           dropped=rec.dropped)
+                           dropped=rec.dropped, folded=rec.folded if rec.HasField("folded") else None)
         if added is Added.FRAME:
             self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
         elif added is Added.HELD:  # it goes in when the stream's next prefill request starts
@@ -170,19 +170,25 @@ class LLMCore:
         stream = self.streams.get(key)
         if stream is None or stream.replaying:
             return
-        before = stream.frames_coalesced
+        before, held = stream.frames_coalesced, stream.coalesced
         frame = stream.take_coalesced()
-        if frame is not None:
+        if frame is not None and held is not None:
             self.stats.coalesced += stream.frames_coalesced - before
             metrics.FRAMES_COALESCED.labels(split_key(key)[0]).inc(stream.frames_coalesced - before)
+            if held.frames > 1:  # the client hears which of its frames went in as one
+                tenant, stream_id = split_key(key)
+                self.sink.response(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, folded=held.notice()),
+                                   flush=False)
             self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix, checked=True)
 
     def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
         kind = rec.WhichOneof("command")
         key = key_of(rec)
-        if kind == "open":
+        if kind == "open" and rec.open.resume:
+            self.resume(rec)
+        elif kind == "open":
             held = self.streams.get(key)
-            if held is None or not (rec.open.resume or held.session_id == rec.session_id):
+            if held is None or held.session_id != rec.session_id:
                 self.drop(key, tombstone=False)
                 self.save_checkpoint(self.stream(key, rec.session_id, partition))
                 log.info("stream %s opened (session %s, partition %d)", key, rec.session_id, partition)
@@ -213,6 +219,24 @@ class LLMCore:
             task = asyncio.get_running_loop().create_task(self.relay(rec))
             stream.answering[rec.ask.request_id] = task
             task.add_done_callback(lambda t: self.answered(stream, rec, t))
+
+    def resume(self, rec: pb.CommandRecord) -> None:
+        """A Watch resumes a session: only the one this stream holds (not an ended one, nor
+        another stream's). The reply says how far the stream got, so the gateway never
+        acknowledges a frame twice."""
+        held = self.streams.get(key_of(rec))
+        reply = pb.ResponseRecord(stream_id=rec.stream_id, tenant=rec.tenant, request_id=rec.open.request_id,
+                                  final=True)
+        if held is None or held.session_id != rec.session_id:
+            reply.code = "NOT_FOUND"
+            reply.error = (f"stream {rec.stream_id!r} has no session {rec.session_id!r} to resume: it ended (closed, "
+                           "or idle for llm.stream_idle_s), or it is another stream's; open the stream anew")
+        else:
+            held.last_record_s = time.monotonic()
+            reply.last_seq, reply.stream_time_s = held.newest
+            log.info("stream %s resumed (session %s) after seq %d", held.stream_id, rec.session_id, held.newest[0])
+        if rec.open.request_id:
+            self.sink.response(reply, flush=True)
 
     def on_instruction_command(self, rec: pb.CommandRecord, kind: str) -> None:
         """Add, cancel or list a stream's standing instructions; the reply lists them."""
@@ -326,7 +350,8 @@ class LLMCore:
                                    context_seqs=[f.seq for f in composed.context.frames],
                                    frames_seen=stream.context.frames_seen, held_frames=stream.held_frames(),
                                    context_method=method.value or c.materializer,
-                                   frames_coalesced=stream.frames_coalesced, frames_dropped=stream.frames_dropped)
+                                   frames_coalesced=stream.frames_coalesced, frames_dropped=stream.frames_dropped,
+                                   frames_folded=stream.frames_folded)
         newest = max(composed.context.frames, key=lambda f: f.seq, default=None)
         if newest is not None and newest.sent_unix:
             timings.context_lag_s = max(0.0, time.time() - newest.sent_unix)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from livelens.identity import key_path
 from services.llm.context import FrameSegment
 
 log = logging.getLogger("livelens.llm.segments")
@@ -225,7 +226,7 @@ class TieredSegmentStore:
             self._forget(stream_id, index)
             self.stats.deleted += 1
             return
-        path = self.disk_dir / stream_id / f"{index:09d}.seg"
+        path = self.disk_dir / key_path(stream_id) / f"{index:09d}.seg"
         path.parent.mkdir(parents=True, exist_ok=True)
         data = _encode(entry.segment)
         tmp = path.with_suffix(".tmp")

@@ -87,8 +87,11 @@ class Coalesced:
     frames: int = 0  # the frames it stands for, those without tokens after it included
     folded: int = 0  # those of them with tokens
     through_seq: int = -1  # the newest of them
+    first: tuple[int, float] = (-1, 0.0)  # (seq, pts) of the first of them
 
     def fold(self, frame: FrameSegment) -> None:
+        if self.first[0] < 0:
+            self.first = (frame.seq, frame.folded_from_s if frame.folded_from_s is not None else frame.pts_s)
         self.tokens[frame.kept] = frame.tokens
         self.kept |= frame.kept
         self.seq, self.pts_s, self.sent_unix = frame.seq, frame.pts_s, frame.sent_unix or self.sent_unix
@@ -106,7 +109,13 @@ class Coalesced:
         tags = sorted(self.tags.items(), key=lambda t: -t[1])
         return FrameSegment(self.seq, self.pts_s, self.tokens[self.kept], self.kept.copy(), pooled=pooled,
                             tags=tuple(t for t, _ in tags), tag_scores=tuple(p for _, p in tags),
-                            offset=self.offset, sent_unix=self.sent_unix)
+                            offset=self.offset, sent_unix=self.sent_unix,
+                            folded_from_s=self.first[1] if self.frames > 1 else None)
+
+    def notice(self) -> pb.FoldNotice:
+        """What the client is told about this fold."""
+        return pb.FoldNotice(from_seq=self.first[0], to_seq=self.through_seq, from_pts_s=self.first[1],
+                             to_pts_s=self.pts_s, frames=self.frames, encoded=self.folded, reason="context_behind")
 
 
 @dataclass
@@ -200,7 +209,9 @@ class Stream:
     # and how many were folded into another so far.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
-    frames_dropped: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s)
+    frames_dropped: int = 0  # by an encoder that dropped frames when it was behind (before folding)
+    frames_folded: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s): into another
+    newest: tuple[int, float] = (-1, 0.0)  # (seq, pts) of the newest frame it got: a resume goes on after it
     compute: PromptCompute = field(init=False)  # what the engine computed for it, by purpose
     unsaved_frames: int = 0  # frames taken since its last checkpoint
     answering: dict[str, asyncio.Task[None]] = field(default_factory=dict)  # request id -> its answer
@@ -222,11 +233,12 @@ class Stream:
     # --- frames in -------------------------------------------------------------------
     def add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool = False,
             tags: tuple[str, ...] = (), tag_scores: tuple[float, ...] = (), offset: int = -1,
-            sent_unix: float = 0.0, dropped: bool = False) -> Added:
+            sent_unix: float = 0.0, dropped: bool = False, folded: pb.FoldNotice | None = None) -> Added:
         """A frame's tokens (kept positions only, `kept` over the whole grid) and tags (with
         their probabilities), in order; `offset`: its tokens record's; `sent_unix`: when the
         gateway took it. `unchanged` (the encoder found nothing new) and `dropped` (the encoder
-        was behind and dropped it) frames have no tokens: they count as seen.
+        was behind and dropped it) frames have no tokens: they count as seen. A `folded`
+        record stands for that many frames the encoder folded into one: each counts as seen.
 
         Backpressure (`llm.max_context_lag_s`): while the stream's oldest frame not prefilled
         yet has waited longer than that, a new frame is held back (`Added.HELD`); the frames
@@ -235,7 +247,14 @@ class Stream:
         engine cannot keep up what enters the context is the newest the stream showed, in
         fewer, fuller frames."""
         self.last_record_s = time.monotonic()
-        added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix)
+        since = folded.from_pts_s if folded is not None and folded.frames > 1 else None
+        added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix, since)
+        if since is not None and added is not Added.DUPLICATE:
+            assert folded is not None
+            self.frames_folded += folded.frames - 1
+            self.context.frames_seen += folded.frames - 1
+        if added is not Added.DUPLICATE and seq > self.newest[0]:
+            self.newest = (seq, pts_s)
         if dropped and added is not Added.DUPLICATE:
             self.frames_dropped += 1
         if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
@@ -243,7 +262,8 @@ class Stream:
         return added
 
     def _add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool,
-             tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int, sent_unix: float) -> Added:
+             tags: tuple[str, ...], tag_scores: tuple[float, ...], offset: int, sent_unix: float,
+             folded_from_s: float | None) -> Added:
         c = self.coalesced
         if unchanged or not tokens.shape[0]:
             if c is not None and seq > c.through_seq:  # no tokens: the held frames stand for it
@@ -256,7 +276,7 @@ class Stream:
             self.held = np.zeros((kept.size, tokens.shape[1]), np.float32)
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
-                             offset=offset, sent_unix=sent_unix)
+                             offset=offset, sent_unix=sent_unix, folded_from_s=folded_from_s)
         lag = self.res.cfg.max_context_lag_s
         if not self.replaying and lag > 0 and self.res.materializer.backlog_s(self.stream_id) > lag:
             self._hold(frame)  # its owner asks the materializer to take it with the next request
@@ -328,6 +348,7 @@ class Stream:
         self.replaying = True
         self.session_id = checkpoint.session_id
         self.replay_base, self.replayed_beyond = (int(checkpoint.frames_seen), int(checkpoint.last_seq)), 0
+        self.newest = max(self.newest, (int(checkpoint.last_seq), 0.0))
         self.replay_kv_tag = checkpoint.kv_tag
         self.instructions.restore(list(checkpoint.instructions))
         for turn in checkpoint.turns:
