@@ -12,6 +12,7 @@ real engine behind) are `livelens bench streams`'s."""
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
     assert stream.context.frames_seen == 4  # each frame taken once
     assert stream.frames_coalesced == 2 and svc.stats.coalesced == 2  # two folded into the third
     assert svc.stats.frames == 2 and stream.coalesced is None
-    (told,) = [r for r in svc.sink.responses if r.HasField("folded")]  # the client hears of it
+    (told,) = [r for r in cast(Published, svc.sink).responses if r.HasField("folded")]  # the client hears of it
     f = told.folded
     assert (told.tenant, told.stream_id, f.from_seq, f.to_seq, f.from_pts_s, f.to_pts_s, f.frames, f.reason) == \
         ("acme", "cam", 1, 3, 0.5, 1.5, 3, "context_behind")
