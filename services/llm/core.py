@@ -134,9 +134,12 @@ class LLMCore:
             return
         if rec.gateway_time_unix and not stream.replaying:
             metrics.FRAME_ARRIVAL.observe(max(0.0, time.time() - rec.gateway_time_unix))
+        coalesced = stream.frames_coalesced
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
                            tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix,
                            dropped=rec.dropped, folded=rec.folded if rec.HasField("folded") else None)
+        if stream.folds:  # this frame carried frames held back before it
+            self.coalesced(stream, coalesced)
         if added is Added.FRAME:
             self.frame_taken(stream, rec.seq, rec.pts_s, rec.gateway_time_unix)
         elif added is Added.HELD:  # it goes in when the stream's next prefill request starts
@@ -170,16 +173,21 @@ class LLMCore:
         stream = self.streams.get(key)
         if stream is None or stream.replaying:
             return
-        before, held = stream.frames_coalesced, stream.coalesced
+        before = stream.frames_coalesced
         frame = stream.take_coalesced()
-        if frame is not None and held is not None:
-            self.stats.coalesced += stream.frames_coalesced - before
-            metrics.FRAMES_COALESCED.labels(split_key(key)[0]).inc(stream.frames_coalesced - before)
-            if held.frames > 1:  # the client hears which of its frames went in as one
-                tenant, stream_id = split_key(key)
-                self.sink.response(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, folded=held.notice()),
-                                   flush=False)
+        if frame is not None:
+            self.coalesced(stream, before)
             self.frame_taken(stream, frame.seq, frame.pts_s, frame.sent_unix, checked=True)
+
+    def coalesced(self, stream: Stream, before: int) -> None:
+        """Held frames went in folded (counted from `before`): counted, and the client hears
+        which of its frames went in as one."""
+        tenant, stream_id = split_key(stream.stream_id)
+        self.stats.coalesced += stream.frames_coalesced - before
+        metrics.FRAMES_COALESCED.labels(tenant).inc(stream.frames_coalesced - before)
+        for notice in stream.folds:
+            self.sink.response(pb.ResponseRecord(stream_id=stream_id, tenant=tenant, folded=notice))
+        stream.folds.clear()
 
     def on_command(self, rec: pb.CommandRecord, partition: int = -1) -> None:
         kind = rec.WhichOneof("command")

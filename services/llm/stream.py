@@ -209,6 +209,7 @@ class Stream:
     # and how many were folded into another so far.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
+    folds: list[pb.FoldNotice] = field(default_factory=list)  # those not told to the client yet
     frames_dropped: int = 0  # by an encoder that dropped frames when it was behind (before folding)
     frames_folded: int = 0  # by the encoder, which was behind (encoder.max_frame_age_s): into another
     newest: tuple[int, float] = (-1, 0.0)  # (seq, pts) of the newest frame it got: a resume goes on after it
@@ -301,6 +302,8 @@ class Stream:
         if c is None:
             return None
         frame = c.frame(pooled=self.held.mean(0) if self.held is not None else None)
+        if c.folded > 1:  # frames that showed something went in as one (not only unchanged ones after one)
+            self.folds.append(c.notice())
         self._enter(frame)
         self.context.frames_seen += c.frames - 1  # each frame it stands for is taken once
         self.context.last_seq = max(self.context.last_seq, c.through_seq)
