@@ -162,8 +162,10 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
         minutes = args.minutes[0] if args.minutes else 30.0
         streams = args.streams[0] if args.streams else 4
+        if args.replicas < 1:
+            return _fail(f"--replicas must be at least 1, got {args.replicas}")
         return run_soak(cfg, out, minutes=minutes, streams=streams, fps=args.fps or 0.5,
-                        kill_every_s=args.kill_every_s)
+                        kill_every_s=args.kill_every_s, replicas=args.replicas)
     if args.suite == "streams":  # its own defaults: 1-16 streams at 2 fps, 60 s each
         from livelens.dev.bench.streams import run_streams
 
@@ -308,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--video", default=None, help="video (default: vtest.avi)")
     bench.add_argument("--kill-every-s", type=float, default=300.0,
                        help="soak: seconds between two kill -9s (in turn: llm, encoder, gateway)")
+    bench.add_argument("--replicas", type=int, default=1,
+                       help="soak: replicas of each service (kills take them in turn; default 1)")
     bench.add_argument("--out", default=None, help="result file (default bench/results/SUITE.json)")
     bench.add_argument("--minutes", type=float, nargs="+", default=None,
                        help="context, needle, quality: stream lengths in minutes (default 1 10 30 60); "

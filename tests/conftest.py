@@ -23,6 +23,7 @@ def stack_config() -> LivelensConfig:
     cfg.gateway.max_streams_per_tenant = 3
     cfg.gateway.max_frame_bytes = 512 * 1024
     cfg.gateway.max_question_chars = 200
+    cfg.gateway.max_question_bytes = 400
     cfg.gateway.alert_cooldown_s = 2.0
     cfg.llm.max_answer_tokens = 16
     cfg.llm.max_instructions = 3  # low limits, for the tests of refusals

@@ -1,12 +1,16 @@
 """`livelens bench soak`: the whole local stack under faults, for a long run.
 
 `streams` streams (sample videos, looped) are sent at `fps` for `minutes`, each asking a
-question every `question_every_s`. Every `kill_every_s` one service is killed with
-SIGKILL, in turn the LLM service, the encoder and the gateway; the supervisor restarts
-it, and the time until it serves again is its recovery time. A stream whose Watch
-breaks (the gateway died) waits for the gateway and resumes its session after its last
-acknowledged frame. At the end every stream is asked once more, and its answer's
-timings say how many frames the LLM service took for it (each frame once) and holds.
+question every `question_every_s`. Every `kill_every_s` one service replica is killed
+with SIGKILL, in turn the LLM service, the encoder and the gateway (with `replicas`, each
+service's replicas in turn); the supervisor restarts it, and the time until it serves
+again is its recovery time. A stream whose Watch breaks (its gateway died) resumes its
+session through a gateway that serves, after its last acknowledged frame. At the end
+every stream is asked once more, and its answer's timings account for every frame the
+client got an ack for: in the context as itself, folded into another (the client was
+told), or dropped; `unaccounted` is what is left, and must be 0. A question is counted
+per stream as answered or not, and apart when it was asked during an outage (between a
+kill and the killed replica serving again).
 
 Written to bench/results/soak.json (+ a PNG of the services' memory over time).
 """
@@ -28,10 +32,10 @@ from typing import Any
 import psutil
 
 from livelens import health
-from livelens.client import Ack, Answer, Client, ItemError, WatchSession
+from livelens.client import Ack, Answer, Client, Folded, ItemError, WatchSession
 from livelens.config import LivelensConfig
 from livelens.dev.bench.e2e import machine
-from livelens.dev.stack import Stack, use_free_ports
+from livelens.dev.stack import Stack, health_target, use_free_ports
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
@@ -45,10 +49,19 @@ KILL_ORDER = ("llm", "encoder", "gateway")
 class StreamTally:
     name: str
     acked: set[int] = field(default_factory=set)
-    questions: int = 0
-    answered: int = 0
+    asked: dict[str, float] = field(default_factory=dict)  # request id -> when (s into the run)
+    outcome: dict[str, str] = field(default_factory=dict)  # request id -> "answered" or the status
+    folds_told: int = 0  # frames the client was told went in folded into another
     errors: Counter[str] = field(default_factory=Counter)
     resumes: int = 0
+
+    @property
+    def questions(self) -> int:
+        return len(self.asked)
+
+    @property
+    def answered(self) -> int:
+        return sum(o == "answered" for o in self.outcome.values())
 
 
 @dataclass
@@ -59,26 +72,31 @@ class Soak:
     fps: float
     question_every_s: float
     kill_every_s: float
+    # process name -> its health target; "llm", "llm-2", ... with replicas
+    targets: dict[str, str] = field(default_factory=dict)
     kills: list[dict[str, Any]] = field(default_factory=list)
     rss: list[dict[str, Any]] = field(default_factory=list)
+    t0: float = field(default_factory=time.monotonic)
 
     @property
-    def targets(self) -> dict[str, str]:
-        c = self.stack.cfg
-        return {"llm": f"{c.llm.health_host}:{c.llm.health_port}",
-                "encoder": f"{c.encoder.health_host}:{c.encoder.health_port}", "gateway": self.stack.gateway_target}
+    def gateways(self) -> list[str]:
+        return [t for name, t in self.targets.items() if name.startswith("gateway")]
+
+    def outage(self, at_s: float) -> bool:
+        """Whether a question asked at `at_s` was asked while a killed replica was down."""
+        return any(k["at_s"] <= at_s <= k["at_s"] + k["recovery_s"] for k in self.kills)
 
     def service_rss_mb(self) -> dict[str, float]:
-        """Resident memory of each service with its children (vLLM's engine core)."""
-        out = {}
-        for name in KILL_ORDER:
+        """Resident memory of each service (its replicas together) with their children (vLLM's engine core)."""
+        out = dict.fromkeys(KILL_ORDER, 0.0)
+        for name in self.targets:
             proc = self.stack.process(name).proc
             try:
                 root = psutil.Process(proc.pid) if proc else None
                 tree = [root, *root.children(recursive=True)] if root else []
-                out[name] = sum(p.memory_info().rss for p in tree) / 2**20
+                out[name.split("-")[0]] += sum(p.memory_info().rss for p in tree) / 2**20
             except psutil.Error:
-                out[name] = float("nan")
+                out[name.split("-")[0]] = float("nan")
         return out
 
     async def sample_memory(self, t0: float, end: float) -> None:
@@ -90,7 +108,9 @@ class Soak:
         turn = 0
         while (due := t0 + (turn + 1) * self.kill_every_s) < end:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            name = KILL_ORDER[turn % len(KILL_ORDER)]
+            service = KILL_ORDER[turn % len(KILL_ORDER)]
+            replicas = [n for n in self.targets if n.split("-")[0] == service]
+            name = replicas[(turn // len(KILL_ORDER)) % len(replicas)]
             turn += 1
             pid = self.stack.process(name).proc.pid  # type: ignore[union-attr]
             os.kill(pid, signal.SIGKILL)
@@ -105,15 +125,15 @@ class Soak:
             self.kills.append({"service": name, "at_s": round(killed - t0, 1), "recovery_s": round(recovery, 2)})
             print(f"==> soak: {name} serving again after {recovery:.1f}s", flush=True)
 
-    async def run_stream(self, tally: StreamTally, frames: list[bytes], end: float) -> None:
+    async def run_stream(self, tally: StreamTally, frames: list[bytes], end: float, gateway: int) -> None:
         """Frames at their stream time, a question every question_every_s; through gateway
-        deaths, resumed after the last acknowledged frame."""
+        deaths, resumed through a gateway that serves, after the last acknowledged frame."""
         session_id = ""
         period = 1.0 / self.fps
         started = time.monotonic()
         pending: set[str] = set()
         while time.monotonic() < end:
-            async with Client(self.stack.gateway_target, self.token) as client:
+            async with Client(self.gateways[gateway % len(self.gateways)], self.token) as client:
                 try:
                     async with client.watch(tally.name, resume_session_id=session_id) as s:
                         session_id = s.session_id
@@ -121,11 +141,15 @@ class Soak:
                 except Exception as exc:  # noqa: BLE001 - a refused or broken call: the gateway is restarting
                     tally.errors[type(exc).__name__] += 1
             if time.monotonic() < end:
-                tally.errors["UNAVAILABLE"] += len(pending)  # questions lost with their gateway
+                for request_id in pending:  # questions lost with their gateway
+                    tally.outcome[request_id] = "UNAVAILABLE"
                 pending.clear()
                 tally.resumes += 1
-                while not await asyncio.to_thread(health.check, self.stack.gateway_target):
-                    await asyncio.sleep(0.5)
+                while True:  # the next gateway that serves
+                    gateway += 1
+                    if await asyncio.to_thread(health.check, self.gateways[gateway % len(self.gateways)]):
+                        break
+                    await asyncio.sleep(0.5 / len(self.gateways))
 
     async def _stream_until_broken(self, s: WatchSession, tally: StreamTally, frames: list[bytes], started: float,
                                    period: float, end: float, pending: set[str]) -> None:
@@ -133,12 +157,15 @@ class Soak:
             async for e in s.events():
                 if isinstance(e, Ack):
                     tally.acked.add(e.seq)
+                elif isinstance(e, Folded):
+                    tally.folds_told += e.frames - 1
                 elif isinstance(e, ItemError) and e.request_id in pending:
                     pending.discard(e.request_id)
+                    tally.outcome[e.request_id] = e.status
                     tally.errors[e.status] += 1
                 elif isinstance(e, Answer) and e.final and e.request_id in pending:
                     pending.discard(e.request_id)
-                    tally.answered += 1
+                    tally.outcome.setdefault(e.request_id, "answered")
 
         listener = asyncio.create_task(listen())
         seq = max(tally.acked, default=-1) + 1  # after the last acknowledged frame
@@ -152,14 +179,14 @@ class Soak:
                 if time.monotonic() >= next_question:
                     next_question += self.question_every_s
                     request_id = f"{tally.name}-q{tally.questions}"
-                    tally.questions += 1
+                    tally.asked[request_id] = time.monotonic() - self.t0
                     pending.add(request_id)
                     await s.ask("What do you see now?", request_id=request_id, timeout_s=120)
             if not s.ended:  # the end: the answers still coming, then the frames' count
                 await asyncio.sleep(5)  # the last frames into the context
-                await s.ask("What happened?", request_id=f"{tally.name}-final", max_tokens=4, timeout_s=300)
+                tally.asked[f"{tally.name}-final"] = time.monotonic() - self.t0
                 pending.add(f"{tally.name}-final")
-                tally.questions += 1
+                await s.ask("What happened?", request_id=f"{tally.name}-final", max_tokens=4, timeout_s=300)
                 deadline = time.monotonic() + 300
                 while pending and time.monotonic() < deadline and not s.ended:
                     await asyncio.sleep(0.5)
@@ -173,13 +200,13 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
                                                          max_seconds=min(300.0, soak.minutes * 60))]
              for i, n in enumerate(names)}
     tallies = [StreamTally(n) for n in names]
-    t0 = time.monotonic()
+    t0 = soak.t0 = time.monotonic()
     end = t0 + soak.minutes * 60
     timings: dict[str, pb.AnswerTimings] = {}
     tenant = soak.stack.cfg.gateway.tokens[soak.token]
     with TopicSubscriber(soak.stack.cfg.kafka, ["responses"], tenant=tenant) as sub:
         await asyncio.gather(soak.sample_memory(t0, end), soak.kill_in_turn(t0, end),
-                             *(soak.run_stream(t, clips[t.name], end) for t in tallies))
+                             *(soak.run_stream(t, clips[t.name], end, i) for i, t in enumerate(tallies)))
         for rec in await asyncio.to_thread(lambda: list(sub.records(timeout_s=5))):
             if rec.final and rec.request_id == f"{rec.stream_id}-final":  # each stream's last question
                 timings[rec.stream_id] = rec.timings
@@ -188,7 +215,7 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
 
 
 def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int = 4, fps: float = 0.5,
-             question_every_s: float = 30.0, kill_every_s: float = 300.0) -> int:
+             question_every_s: float = 30.0, kill_every_s: float = 300.0, replicas: int = 1) -> int:
     use_free_ports(cfg)
     cfg.gateway.proactive_alerts = False  # the questions asked are the ones counted
     stack = Stack(cfg, Path(tempfile.mkdtemp(prefix="livelens-soak-")))
@@ -196,41 +223,87 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
     token = next(iter(cfg.gateway.tokens))
     soak = Soak(stack, token, minutes, fps, question_every_s, kill_every_s)
     try:
+        soak.targets = {service: health_target(cfg, service) for service in KILL_ORDER}
+        for service in KILL_ORDER:
+            for _ in range(replicas - 1):
+                print(f"==> starting another {service} replica", flush=True)
+                process, replica_cfg = stack.add_replica(service)
+                soak.targets[process.name] = health_target(replica_cfg, service)
         tallies, timings = asyncio.run(_soak(soak, streams))
     finally:
         stack.stop()
+    result = soak_result(soak, tallies, timings, streams, replicas)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    _plot(result, out.with_suffix(".png"))
+    print(f"\nlivelens bench soak ({minutes:g} min, {streams} streams at {fps:g} fps, {replicas} replica(s) of each "
+          f"service, {result['machine']})")
+    print(f"  frames acked / accounted for {result['frames_acked']} / {result['frames_accounted']}  "
+          f"(unaccounted {result['frames_unaccounted']})")
+    print(f"  questions / answered        {result['questions']} / {result['answered']}  errors {result['errors']}")
+    print(f"  answered outside outages    {result['answered_outside_outages']} / {result['questions_outside_outages']}"
+          f"  (lowest stream {result['answer_rate_outside_outages_min']})")
+    for row in result["per_stream"]:
+        print(f"    {row['stream']}: acked {row['acked']} = in context {row['in_context']} + folded {row['folded']} "
+              f"+ dropped {row['dropped']} + unaccounted {row['unaccounted']};  answered {row['answered']}/"
+              f"{row['questions']}, outside outages {row['answered_outside_outages']}/"
+              f"{row['questions_outside_outages']}")
+    print(f"  kills {result['kills']}, recovery p50 / max   {result['recovery_s_p50']} / {result['recovery_s_max']} s")
+    print(f"  RSS start / end             {result['rss_mb_start']} / {result['rss_mb_end']} MB;  LLM over the last 20 "
+          f"min: {result['llm_rss_mb_last_20min']} MB (change {result['llm_rss_change_last_20min']})")
+    print(f"  written to {out}")
+    return 0 if result["frames_unaccounted"] == 0 else 1
+
+
+def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.AnswerTimings], streams: int,
+                replicas: int) -> dict[str, Any]:
+    """The run's figures: per stream, every acknowledged frame accounted for (from the LLM
+    service's own counts in the last answer's timings) and its questions answered."""
     errors: Counter[str] = Counter()
+    rows: list[dict[str, Any]] = []
     for t in tallies:
         errors.update(t.errors)
+        timing = timings.get(t.name)
+        seen = timing.frames_seen if timing else 0
+        folded = (timing.frames_folded + timing.frames_coalesced) if timing else 0
+        dropped = timing.frames_dropped if timing else 0
+        outside = [r for r, at in t.asked.items() if not soak.outage(at)]
+        answered_outside = sum(t.outcome.get(r) == "answered" for r in outside)
+        rows.append({"stream": t.name, "acked": len(t.acked), "in_context": seen - folded - dropped,
+                     "folded": folded, "folds_told_to_client": t.folds_told, "dropped": dropped,
+                     "unaccounted": len(t.acked) - seen, "questions": t.questions, "answered": t.answered,
+                     "questions_outside_outages": len(outside), "answered_outside_outages": answered_outside,
+                     "answer_rate_outside_outages": round(answered_outside / len(outside), 3) if outside else None,
+                     "outcomes": dict(Counter(t.outcome.values())), "resumes": t.resumes,
+                     "final_answer": timing is not None})
     recoveries = [k["recovery_s"] for k in soak.kills]
     first, last = soak.rss[0], soak.rss[-1]
-    result = {
-        "minutes": minutes, "streams": streams, "fps": fps, "question_every_s": question_every_s,
-        "frames_acked": sum(len(t.acked) for t in tallies),
-        "frames_in_context": sum(timings[t.name].frames_seen for t in tallies if t.name in timings),
+    end_s = last["t_s"]
+    llm_late = [r["llm"] for r in soak.rss if r["t_s"] >= end_s - 20 * 60]
+    rates = [r["answer_rate_outside_outages"] for r in rows if r["answer_rate_outside_outages"] is not None]
+    return {
+        "minutes": soak.minutes, "streams": streams, "replicas": replicas, "fps": soak.fps,
+        "question_every_s": soak.question_every_s, "kill_every_s": soak.kill_every_s,
+        "frames_acked": sum(r["acked"] for r in rows),
+        "frames_accounted": sum(r["acked"] - r["unaccounted"] for r in rows),
+        "frames_unaccounted": sum(abs(r["unaccounted"]) for r in rows),
+        "frames_folded": sum(r["folded"] for r in rows), "frames_dropped": sum(r["dropped"] for r in rows),
         "frames_held": sum(timings[t.name].held_frames for t in tallies if t.name in timings),
-        "questions": sum(t.questions for t in tallies), "answered": sum(t.answered for t in tallies),
+        "questions": sum(r["questions"] for r in rows), "answered": sum(r["answered"] for r in rows),
+        "questions_outside_outages": sum(r["questions_outside_outages"] for r in rows),
+        "answered_outside_outages": sum(r["answered_outside_outages"] for r in rows),
+        "answer_rate_outside_outages_min": min(rates) if rates else None,
         "errors": dict(errors), "resumes": sum(t.resumes for t in tallies),
         "kills": len(soak.kills), "kill_log": soak.kills,
         "recovery_s_p50": round(statistics.median(recoveries), 2) if recoveries else None,
         "recovery_s_max": max(recoveries) if recoveries else None,
         "rss_mb_start": round(sum(v for k, v in first.items() if k != "t_s"), 1),
         "rss_mb_end": round(sum(v for k, v in last.items() if k != "t_s"), 1),
-        "rss": soak.rss, "per_stream": [{"stream": t.name, "acked": len(t.acked),
-                                         "in_context": timings[t.name].frames_seen if t.name in timings else None,
-                                         "questions": t.questions, "answered": t.answered} for t in tallies],
+        "llm_rss_mb_last_20min": [round(min(llm_late), 1), round(max(llm_late), 1)] if llm_late else None,
+        "llm_rss_change_last_20min": round(max(llm_late) / min(llm_late) - 1, 3) if llm_late else None,
+        "rss": soak.rss, "per_stream": rows,
         "machine": machine(), "unix_time": int(time.time()),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    _plot(result, out.with_suffix(".png"))
-    print(f"\nlivelens bench soak ({minutes:g} min, {streams} streams at {fps:g} fps, {result['machine']})")
-    print(f"  frames acked / in context   {result['frames_acked']} / {result['frames_in_context']}")
-    print(f"  questions / answered        {result['questions']} / {result['answered']}  errors {result['errors']}")
-    print(f"  kills {result['kills']}, recovery p50 / max   {result['recovery_s_p50']} / {result['recovery_s_max']} s")
-    print(f"  RSS start / end             {result['rss_mb_start']} / {result['rss_mb_end']} MB")
-    print(f"  written to {out}")
-    return 0 if result["frames_acked"] == result["frames_in_context"] else 1
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
