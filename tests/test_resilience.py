@@ -238,6 +238,53 @@ def test_a_second_llm_replica_rebuilds_the_streams_it_takes(stack, tmp_path):
     assert ours and all(adopted >= 7 and prefilled == 0 for adopted, prefilled in ours), (taken, taken_back)
 
 
+def test_after_a_kill_9_questions_wait_for_the_llm_and_a_rebuilt_stream_answers_as_one_that_never_crashed(stack):
+    """kill -9 of the LLM service (one replica) with a stream open and a question asked
+    while it is down: the question is answered after the restart, within its deadline, and
+    the stream, rebuilt from its checkpoint and the log, answers it and the next one in the
+    same words as a control stream that got the same frames after the restart (it never
+    crashed). Full context, so both prompts are the same tokens: what is compared is the
+    context the rebuild restored (frames, tags, times, dialogue), not how it was cached."""
+    frames = frames_of("Megamind.avi", 5.0)
+    llm = stack.process("llm")
+    target = f"127.0.0.1:{stack.cfg.llm.health_port}"
+
+    def text(events: list, request_id: str) -> str:
+        return "".join(e.text for e in events if isinstance(e, Answer) and e.request_id == request_id)
+
+    async def ask(s, question: str, request_id: str) -> list:
+        await s.ask(question, request_id=request_id, max_tokens=12, context_method="full", timeout_s=240)
+        return await collect(s, lambda ev: request_id in finals(ev)
+                             or any(isinstance(e, ItemError) and e.request_id == request_id for e in ev), 240)
+
+    async def run() -> dict[str, tuple[str, str]]:
+        async with Client(stack.gateway_target, TOKEN) as client, client.watch("crashed") as crashed:
+            for i, image in enumerate(frames):
+                await crashed.send_frame(i, i * 0.5, image)
+            await acked(crashed, range(len(frames)))
+            await asyncio.sleep(3)  # the frames into the context and its checkpoint
+            pid = llm.proc.pid
+            os.kill(pid, signal.SIGKILL)
+            down = asyncio.create_task(ask(crashed, "What is there?", "while-down"))
+            while llm.proc is None or llm.proc.pid == pid or not await asyncio.to_thread(health.check, target):
+                await asyncio.sleep(0.5)
+            waited = await down
+            assert not any(isinstance(e, ItemError) for e in waited), waited
+            async with client.watch("never-crashed") as control:
+                for i, image in enumerate(frames):
+                    await control.send_frame(i, i * 0.5, image)
+                await acked(control, range(len(frames)))
+                await asyncio.sleep(3)
+                first = text(await ask(control, "What is there?", "control-0"), "control-0")
+                then = (text(await ask(crashed, "What do you see?", "crashed-1"), "crashed-1"),
+                        text(await ask(control, "What do you see?", "control-1"), "control-1"))
+                return {"asked while down": (text(waited, "while-down"), first), "asked after": then}
+
+    got = asyncio.run(run())
+    print(f"rebuilt vs never crashed: {got}")
+    assert all(same_words(rebuilt, control) for rebuilt, control in got.values()), got
+
+
 def holder(stack, names: list[str], key: str) -> str:
     """Which LLM replica holds the stream `key`, as their logs say (the newest of opened or
     rebuilt there, not moved away since)."""
