@@ -90,6 +90,7 @@ class ItemError:
     message: str
     seq: int
     request_id: str
+    item: str = ""  # the kind of item it answers: "frame", "question", "instruction", ...
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,7 @@ def _event(resp: api_pb2.WatchResponse) -> Event | None:
         return Folded(f.from_seq, f.to_seq, f.from_pts_s, f.to_pts_s, f.frames, f.encoded, f.reason)
     if kind == "error":
         e = resp.error
-        return ItemError(e.status, e.message, e.seq, e.request_id)
+        return ItemError(e.status, e.message, e.seq, e.request_id, e.item)
     return None
 
 

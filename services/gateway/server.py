@@ -81,10 +81,10 @@ def instruction_list(rec: pb.ResponseRecord, added_id: str = "", cancelled_id: s
         added_id=added_id, cancelled_id=cancelled_id)
 
 
-def item_error(exc: InvalidItem, seq: int = 0, request_id: str = "") -> api_pb2.WatchResponse:
+def item_error(exc: InvalidItem, item: str, seq: int = 0, request_id: str = "") -> api_pb2.WatchResponse:
     return api_pb2.WatchResponse(error=api_pb2.ItemError(
         code=exc.code.value[0], status=exc.code.name, message=exc.message, seq=seq,
-        request_id=request_id))
+        request_id=request_id, item=item))
 
 
 def remark_delta(rec: pb.ResponseRecord) -> api_pb2.WatchResponse:
@@ -336,7 +336,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             else:
                 message = ("the stream is already open: `open` comes once, as the first item" if kind == "open" else
                            "the WatchRequest is empty: set one of frame, question, instruction, cancel_instruction")
-                session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, message)))
+                session.send(item_error(InvalidItem(grpc.StatusCode.INVALID_ARGUMENT, message), kind or ""))
 
     async def decodes(self, image: CheckedImage) -> None:
         """The image's pixels decode (InvalidItem if not), checked on the decoder threads:
@@ -351,7 +351,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             await self.decodes(image)
         except InvalidItem as exc:
             metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
-            session.send(item_error(exc, seq=frame.seq))
+            session.send(item_error(exc, "frame", seq=frame.seq))
             return
         metrics.FRAMES.labels(session.tenant).inc()
         session.last_seq, session.last_pts = frame.seq, frame.pts_s
@@ -367,7 +367,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
 
         def failed(exc: BaseException) -> None:
             err = InvalidItem(grpc.StatusCode.UNAVAILABLE, f"frame {frame.seq} not queued: {exc}")
-            loop.call_soon_threadsafe(session.send, item_error(err, seq=frame.seq))
+            loop.call_soon_threadsafe(session.send, item_error(err, "frame", seq=frame.seq))
 
         future.add_callback(done)
         future.add_errback(failed)
@@ -386,7 +386,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             self.sessions.admit_question(session.tenant)
         except InvalidItem as exc:
             metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
-            session.send(item_error(exc, request_id=request_id))
+            session.send(item_error(exc, "question", request_id=request_id))
             return
         metrics.QUESTIONS.labels(session.tenant).inc()
         timing = AnswerTiming()
@@ -394,7 +394,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         def relay(rec: pb.ResponseRecord) -> None:
             timing.relayed(rec)
             if rec.error:
-                session.send(item_error(InvalidItem(response_status(rec), rec.error), request_id=request_id))
+                session.send(item_error(InvalidItem(response_status(rec), rec.error), "question",
+                                        request_id=request_id))
             session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(
                 request_id=request_id, text=rec.text_delta, final=rec.final,
                 stream_time_s=rec.stream_time_s, ttft_s=rec.timings.ttft_s,
@@ -408,7 +409,8 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
                 return
             self.publish_cancel(session.tenant, session.stream_id, request_id)
             session.send(item_error(InvalidItem(grpc.StatusCode.DEADLINE_EXCEEDED,
-                                                f"no complete answer within {timeout:g}s"), request_id=request_id))
+                                                f"no complete answer within {timeout:g}s"), "question",
+                                    request_id=request_id))
             session.send(api_pb2.WatchResponse(answer=api_pb2.AnswerDelta(request_id=request_id, final=True)))
             session.pending.discard(request_id)
 
@@ -439,7 +441,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
             session.send(api_pb2.WatchResponse(instructions=reply))
         except InvalidItem as exc:
             metrics.REFUSED.labels(session.tenant, exc.code.name).inc()
-            session.send(item_error(exc, request_id=instruction_id))
+            session.send(item_error(exc, item.WhichOneof("item") or "", request_id=instruction_id))
         finally:
             session.pending.discard(marker)
 
