@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from livelens.client import Ack, Alert, Answer, Client, Event, ItemError
+from livelens.client import Ack, Alert, Answer, Client, Event, Folded, ItemError
 from livelens.records import encode_jpeg
 from livelens.video import read_frames
 
@@ -57,6 +57,7 @@ class WatchReport:
     alerts: list[Alert] = field(default_factory=list)
     remarks: dict[str, str] = field(default_factory=dict)  # alert request id -> the model's remark about it
     errors: list[ItemError] = field(default_factory=list)
+    folds: list[Folded] = field(default_factory=list)  # acknowledged frames that went in folded into one
     instructions: dict[str, str] = field(default_factory=dict)  # id -> text, registered before the first frame
     send_unix: dict[int, float] = field(default_factory=dict)
     ack_unix: dict[int, float] = field(default_factory=dict)
@@ -128,6 +129,10 @@ class ConsolePrinter:
             self._line(f"[{event.stream_time_s:6.1f}s] ALERT ({what}, score {event.score:.2f}): {event.text}\n")
         elif isinstance(event, ItemError):
             self._line(f"[error] {event.status}: {event.message}\n")
+        elif isinstance(event, Folded):
+            why = "the encoder was behind" if event.reason == "encoder_behind" else "the context was behind"
+            self._line(f"[{event.to_pts_s:6.1f}s] frames {event.from_seq}-{event.to_seq} "
+                       f"({event.from_pts_s:.1f}-{event.to_pts_s:.1f}s) went in folded into one: {why}\n")
 
     def close(self) -> None:
         self.bar.close()
@@ -182,6 +187,8 @@ async def watch_video(
                     report.errors.append(event)
                     if event.request_id in report.answers:
                         report.answers[event.request_id].done = True
+                elif isinstance(event, Folded):
+                    report.folds.append(event)
                 elif isinstance(event, Ack):
                     report.frames_acked += 1
                     report.ack_unix[event.seq] = now
