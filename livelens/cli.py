@@ -157,6 +157,10 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
 
 def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     out = Path(args.out or f"bench/results/{args.suite}.json")
+    if args.suite == "broker":  # no stack: a broker of each storage
+        from livelens.dev.bench.broker import run_broker_bench
+
+        return run_broker_bench(out)
     if args.suite == "soak":  # its own defaults: one run of 30 minutes, 4 streams at 0.5 fps
         from livelens.dev.bench.soak import run_soak
 
@@ -300,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench.add_argument("suite", choices=["e2e", "context", "needle", "encoder", "quality", "soak", "timing",
-                                          "streams"])
+                                          "streams", "broker"])
     bench.add_argument("--scorer", choices=["auto", "verify", "tags"], default=None,
                        help="timing: how the decider scores its checks (default: llm.instruction_scorer)")
     bench.add_argument("--events", default=None,
