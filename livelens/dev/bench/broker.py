@@ -40,6 +40,7 @@ def measure(bootstrap: str, steps: int, step: int, samples: int) -> list[dict[st
     tp = TopicPartition(TOPIC, 0)
     consumer.assign([tp])
     consumer.seek_to_end(tp)
+    consumer.position(tp)  # resolved now: the first send below is after it
     rows = []
     batches = 0
     try:
@@ -61,6 +62,7 @@ def measure(bootstrap: str, steps: int, step: int, samples: int) -> list[dict[st
             print(f"  {rows[-1]}", flush=True)
             batches += step
             consumer.seek_to_end(tp)
+            consumer.position(tp)
     finally:
         producer.close()
         consumer.close()
