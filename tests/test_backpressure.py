@@ -161,6 +161,7 @@ def test_a_record_the_encoder_folded_counts_each_frame_it_stands_for(tmp_path):
     frames = stream.context.sink + list(stream.context.window)
     assert [f.seq for f in frames] == [0, 24, 25] and frames[1].folded_from_s == 0.5
     assert stream.context.frames_seen == 26 and stream.frames_folded == 23 and stream.newest == (25, 12.5)
+    assert svc.stats.folded == 23  # livelens_llm_folded_total
     label = frame_block(frames[1]).parts[0]
     assert isinstance(label, TextPart) and label.text == '<frame t=12.0s seen="tabby" folded="0.5-12.0s">'
 

@@ -45,7 +45,8 @@ class LLMStats:
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
     coalesced: int = 0  # frames folded into a later one while their stream's prefill was behind (llm.max_context_lag_s)
-    dropped: int = 0  # frames the encoder dropped unencoded (it was behind: encoder.max_frame_age_s)
+    dropped: int = 0  # frames an encoder dropped unencoded (records from before encoders folded)
+    folded: int = 0  # frames the encoder folded into a later one (it was behind: encoder.max_frame_age_s)
     after_close: int = 0  # tokens records of a stream's session that had closed: ignored
     questions: int = 0
     errors: int = 0
@@ -134,10 +135,11 @@ class LLMCore:
             return
         if rec.gateway_time_unix and not stream.replaying:
             metrics.FRAME_ARRIVAL.observe(max(0.0, time.time() - rec.gateway_time_unix))
-        coalesced = stream.frames_coalesced
+        coalesced, folded = stream.frames_coalesced, stream.frames_folded
         added = stream.add(rec.seq, rec.pts_s, tokens, kept, unchanged=rec.unchanged, tags=tuple(rec.tags),
                            tag_scores=tuple(rec.tag_scores), offset=offset, sent_unix=rec.gateway_time_unix,
                            dropped=rec.dropped, folded=rec.folded if rec.HasField("folded") else None)
+        self.stats.folded += stream.frames_folded - folded
         if stream.folds:  # this frame carried frames held back before it
             self.coalesced(stream, coalesced)
         if added is Added.FRAME:

@@ -11,7 +11,7 @@ every `question_every_s`, through the gateway, as a client would. Measured per r
 - time to first token p50/p99 as the client sees it (question sent -> first text), next
   to the engine's own (submit -> first token) and the rest of the service's part (queue,
   frame wait) from the answers' timings;
-- frames coalesced by the LLM's backpressure (`llm.max_context_lag_s`) and dropped by the
+- frames coalesced by the LLM's backpressure (`llm.max_context_lag_s`) and folded by the
   encoder's (`encoder.max_frame_age_s`);
 - CPU seconds of the stack's processes (broker, Triton, services, vLLM's engine core) per
   stream-second.
@@ -271,10 +271,12 @@ class Bench:
             "questions": sum(len(ld.asked) for ld in loads),
             "answered": len(ttfts),
             "errors": dict(errors),
-            # frames folded into others by the LLM's backpressure, and dropped by the encoder's
+            # frames folded into others by the LLM's backpressure and by the encoder's
             "dropped": int(delta(before, after, "livelens_llm_coalesced_total")
+                           + delta(before, after, "livelens_llm_folded_total")
                            + delta(before, after, "livelens_llm_dropped_total")),
-            "encoder_dropped": int(delta(before, after, "livelens_llm_dropped_total")),
+            "encoder_folded": int(delta(before, after, "livelens_llm_folded_total")
+                                  + delta(before, after, "livelens_llm_dropped_total")),
             "prefill_s_per_frame": round(delta(before, after, "livelens_llm_kv_ingest_s") / ingested, 3)
             if ingested else None,
             "prefill_requests_in_flight": round(delta(before, after, "livelens_llm_kv_ingest_in_flight_sum_total")
