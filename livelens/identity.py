@@ -45,6 +45,7 @@ def split_key(key: str) -> tuple[str, str]:
 
 
 def key_path(key: str) -> PurePath:
-    """A stream key as a relative two-level path: each part percent-encoded, dots too, so
-    no key (checked or not) names a path outside the folder it is joined to."""
-    return PurePath(*(quote(part, safe="").replace(".", "%2E") or "%00" for part in split_key(key)))
+    """A stream key as a relative path, a level per part ("tenant/stream_id": two): each
+    part percent-encoded, dots too, so no key (checked or not) names a path outside the
+    folder it is joined to."""
+    return PurePath(*(quote(part, safe="").replace(".", "%2E") or "%00" for part in key.split("/", 1)))
