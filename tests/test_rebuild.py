@@ -113,3 +113,33 @@ def test_frames_still_in_flight_when_a_stream_closes_do_not_open_it_again(tmp_pa
     assert KEY not in svc.streams and svc.stats.after_close == 1
     svc.on_tokens(frame(0, rng, session="s2"), offset=4)  # the stream id opened anew
     assert svc.streams[KEY].session_id == "s2"
+
+
+def test_a_rebuild_counts_each_frame_a_folded_record_stands_for(tmp_path):
+    """Frames after the checkpoint came in a record the encoder folded (an outage): the
+    heir counts each of them as seen, as the owner did."""
+    cfg = load_config(env={})
+    rng = np.random.default_rng(1)
+    log = [frame(seq, rng) for seq in range(20)]
+    folded = frame(27, rng)  # stands for frames 20-27
+    folded.folded.CopyFrom(pb.FoldNotice(from_seq=20, to_seq=27, from_pts_s=10.0, to_pts_s=13.5, frames=8,
+                                         encoded=4, reason="encoder_behind"))
+    owner = service(cfg, tmp_path / "a")
+    for offset, rec in enumerate(log[:12]):
+        owner.on_tokens(rec, offset=offset, partition=3)
+    checkpoint = owner.streams[KEY].checkpoint()
+    for offset, rec in enumerate([*log[12:], folded], start=12):
+        owner.on_tokens(rec, offset=offset, partition=3)
+    assert owner.streams[KEY].context.frames_seen == 28
+
+    heir = service(cfg, tmp_path / "b")
+    started = RebuildStart(KEY, checkpoint, partition=3)
+    heir.on_rebuild(started)
+    everything = [*log, folded]
+    for offset in [*checkpoint.sink_offsets, *range(checkpoint.replay_from, len(everything))]:
+        heir.on_rebuild(Replayed(KEY, everything[offset], offset))
+    heir.on_rebuild(RebuildEnd(KEY, started.started, 0))
+    assert heir.streams[KEY].context.frames_seen == 28
+    for svc in (owner, heir):
+        assert svc.res is not None
+        svc.res.store.close()

@@ -259,7 +259,7 @@ class Stream:
         if dropped and added is not Added.DUPLICATE:
             self.frames_dropped += 1
         if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
-            self.replayed_beyond += 1
+            self.replayed_beyond += folded.frames if since is not None and folded is not None else 1
         return added
 
     def _add(self, seq: int, pts_s: float, tokens: np.ndarray, kept: np.ndarray, unchanged: bool,
