@@ -17,9 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 
-import cv2
 import grpc
-import numpy as np
 import psutil
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
@@ -28,11 +26,11 @@ from hypothesis import strategies as st
 from livelens import health
 from livelens import kafka as lk
 from livelens.client import Ack, Answer, Client, ItemError
-from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import api_pb2, api_pb2_grpc
 from livelens.v1 import messages_pb2 as pb
 from tests.test_integration import TOKEN, collect, frames_of
+from tests.test_validation import sized_jpeg, sized_png
 
 pytestmark = pytest.mark.integration
 
@@ -45,15 +43,8 @@ NEVER = {"INTERNAL", "UNKNOWN"}  # what no input may cause
 
 
 def _bomb(width: int, height: int, png: bool) -> bytes:
-    """A small image whose header says width x height."""
-    if png:
-        data = bytearray(cv2.imencode(".png", np.zeros((8, 8, 3), np.uint8))[1].tobytes())
-        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    else:
-        data = bytearray(encode_jpeg(np.zeros((8, 8, 3), np.uint8)))
-        at = data.index(b"\xff\xc0")
-        data[at + 5:at + 9] = (height & 0xFFFF).to_bytes(2, "big") + (width & 0xFFFF).to_bytes(2, "big")
-    return bytes(data)
+    """A small image whose header says width x height (a JPEG's sides wrap at 16 bits)."""
+    return sized_png(width, height) if png else sized_jpeg(width & 0xFFFF, height & 0xFFFF)
 
 
 floats = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.floats(-1, 1000),

@@ -13,17 +13,15 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import cv2
 import grpc
-import numpy as np
 import psutil
 import pytest
 
 from livelens.client import Ack, Answer, Client, Folded
-from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import api_pb2, api_pb2_grpc
 from tests.test_integration import TOKEN, collect, final_response, frames_of
+from tests.test_validation import sized_jpeg, sized_png
 
 pytestmark = pytest.mark.integration
 
@@ -123,20 +121,6 @@ def test_no_frame_or_question_poisons_a_stream(stack):
                                     "600 bytes in UTF-8, over gateway.max_question_bytes"), refused, strict=True):
         assert words in message, message
     assert [r.ack.seq for r in got if r.WhichOneof("item") == "ack"] == [0, 1]  # the stream went on
-
-
-def sized_jpeg(width: int, height: int) -> bytes:
-    """A small JPEG whose header says width x height: a pixel bomb."""
-    data = bytearray(encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
-    at = data.index(b"\xff\xc0")
-    data[at + 5:at + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
-def sized_png(width: int, height: int) -> bytes:
-    data = bytearray(cv2.imencode(".png", np.zeros((16, 16, 3), np.uint8))[1].tobytes())
-    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
-    return bytes(data)
 
 
 def test_pixel_bombs_cost_nothing(stack):
