@@ -295,14 +295,17 @@ def kafka_status(cfg: LivelensConfig, timeout_s: float = 10.0,
         for t in admin.describe_topics([t for t in wanted if t in existing]):
             partitions[t["name"]] = sorted(p["partition_index"] for p in t["partitions"])
         tps = [TopicPartition(t, p) for t, ps in partitions.items() for p in ps]
+        # Committed offsets first, end offsets after: both only grow, so each end is then at
+        # least its committed offset (read the other way round, a commit landing in between
+        # gave end < committed).
+        committed = {gid: admin.list_group_offsets({gid: None}).get(gid, {}) for gid, _ in groups.values()}
         ends = admin.list_partition_offsets({tp: OffsetSpec.LATEST for tp in tps}) if tps else {}
         starts = admin.list_partition_offsets({tp: OffsetSpec.EARLIEST for tp in tps}) if tps else {}
         descriptions = admin.describe_groups([gid for gid, _ in groups.values()])
         out = []
         for service, (gid, topics) in groups.items():
-            committed = admin.list_group_offsets({gid: None}).get(gid, {})
             status = group_status(service, gid, {t: partitions[t] for t in topics},
-                                  descriptions.get(gid, {}), committed, ends, starts)
+                                  descriptions.get(gid, {}), committed[gid], ends, starts)
             status.problems[:0] = [f"topic {t} does not exist (the {service} service creates it when it starts)"
                                    for t in topics if t not in existing]
             out.append(status)
