@@ -11,7 +11,7 @@ LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
 VIT_ONNX := model_repo/vision_vit/1/model.onnx model_repo/vision_vit_full/1/model.onnx
 
-.PHONY: all venv protos models helm samples object-store up test test-unit lint bench wheel clean
+.PHONY: all venv protos models helm samples object-store up test test-unit lint bench wheel wordnet-kinds clean
 
 all: venv protos models object-store
 
@@ -91,6 +91,11 @@ bench: venv protos models samples
 
 # The package with its generated code: `pip install dist/livelens-*.whl` is the client alone,
 # `pip install 'dist/livelens-...whl[server]'` adds the services (README: The client alone).
+# Each ImageNet class's WordNet names and kinds (livelens/data/imagenet_wordnet.json, committed),
+# rebuilt from WordNet 3.0: Debian's wordnet-base, downloaded and unpacked, not installed.
+wordnet-kinds: venv
+	$(PY) -m livelens.dev.wordnet_kinds
+
 wheel: venv protos
 	$(PIP) wheel --quiet --no-deps -w dist .
 

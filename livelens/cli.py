@@ -60,16 +60,19 @@ def _watch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this stream time")
     p.add_argument("--no-realtime", action="store_true",
                    help="send frames as fast as accepted instead of at their stream time")
+    p.add_argument("--cut-in", default=None, metavar="IMAGE@SECONDS[+SECONDS]",
+                   help="send IMAGE instead of the video from SECONDS, for 1.5 s or +SECONDS (a needle to ask about)")
 
 
 async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
                      args: argparse.Namespace) -> int:
     from livelens.client import Client, Refused
-    from livelens.video import VideoError, read_frames
+    from livelens.video import CutIn, VideoError, read_frames
     from livelens.watcher import ConsolePrinter, ScheduledQuestion, watch_video
 
     try:
         questions = [ScheduledQuestion.parse(s) for s in args.ask]
+        cut_in = CutIn.parse(args.cut_in) if args.cut_in else None
         total = sum(1 for _ in read_frames(video, args.fps, args.max_seconds, max_side=32))
     except (ValueError, VideoError) as exc:
         return _fail(str(exc), 2)
@@ -82,7 +85,8 @@ async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
             report = await watch_video(client, video, stream_id, args.fps, questions,
                                        realtime=not args.no_realtime,
                                        max_seconds=args.max_seconds, printer=printer,
-                                       notify=args.notify, linger_s=5.0 if args.notify else 0.0)
+                                       notify=args.notify, linger_s=5.0 if args.notify else 0.0,
+                                       cut_in=cut_in)
     except grpc.aio.AioRpcError as exc:
         printer.close()
         return _fail(f"{exc.code().name}: {exc.details()} (gateway {target})")
@@ -102,6 +106,9 @@ async def _run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
 def cmd_watch(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     target = args.target or f"{cfg.gateway.host}:{cfg.gateway.port}"
     return asyncio.run(_run_watch(cfg, target, args.token or _default_token(cfg), args.video, args))
+
+
+DEMO_CUT_IN = "skimage:chelsea.png"
 
 
 def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
@@ -133,6 +140,11 @@ def cmd_up(cfg: LivelensConfig, args: argparse.Namespace) -> int:
                 return _fail(str(exc))
             if not args.ask:
                 args.ask = ["8:What do you see in the video?", "20:What are the people doing?"]
+                if not args.cut_in:  # a cat cut in at 12 s; asked about after it left the recent window
+                    from livelens.dev.train.data import image_path
+
+                    args.cut_in = f"{image_path(DEMO_CUT_IN)}@12"
+                    args.ask += ["24:Did a cat appear in the video?", "26:When did a cat appear?"]
             args.max_seconds = args.max_seconds or 30.0
             print(f"==> demo: streaming {video} at {args.fps:g} fps", flush=True)
             code = asyncio.run(_run_watch(cfg, stack.gateway_target, _default_token(cfg), video, args))
@@ -214,9 +226,16 @@ def cmd_bench(cfg: LivelensConfig, args: argparse.Namespace) -> int:
     if args.suite == "quality":
         from livelens.dev.bench.quality import run_quality
 
-        return run_quality(cfg, out, args.minutes, args.depths, haystack=args.haystack, needle=args.needle,
-                           label=args.label, kind=args.kind, haystack_fps=args.haystack_fps,
-                           grounding_per_video=args.grounding_samples, skip=tuple(args.skip))
+        if args.needle and not args.label:
+            return _fail("--needle needs --label (what the needle image shows) and --kind")
+        try:
+            return run_quality(cfg, out, args.minutes, args.depths, haystacks=args.haystack,
+                               needles_file=Path(args.needles) if args.needles else None,
+                               needle=(args.needle, args.label, args.kind) if args.needle else None,
+                               haystack_fps=args.haystack_fps, grounding_per_video=args.grounding_samples,
+                               skip=tuple(args.skip), materializers=args.materializers or [cfg.llm.materializer])
+        except (FileNotFoundError, ValueError) as exc:
+            return _fail(str(exc))
     from livelens.dev.bench.e2e import run_e2e
 
     return run_e2e(cfg, seconds=args.seconds, fps=args.fps, video=args.video, out=out)
@@ -335,16 +354,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
                        help="needle, quality: where the needle goes (0 = start, 1 = end)")
     bench.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="needle: top-k values")
-    bench.add_argument("--haystack", default=None, help="quality: haystack video (default: a held-out video)")
-    bench.add_argument("--needle", default=None, help="quality: needle image (default: a held-out animal image)")
+    bench.add_argument("--haystack", nargs="+", default=None,
+                       help="quality: haystack videos, each needle in one in turn (default: vtest.avi bikes.mp4 "
+                            "Megamind_bugy.avi)")
+    bench.add_argument("--needles", default=None,
+                       help="quality: a needles file (JSON: needles [{image, label, kind, words}], absent [...]; "
+                            "default: livelens/dev/bench/needles.json)")
+    bench.add_argument("--needle", default=None, help="quality: one needle image instead of a needles file")
     bench.add_argument("--label", default=None, help="quality: what the needle image shows (with --needle)")
-    bench.add_argument("--kind", default="animal", help="quality: the needle's kind, in 'Which KIND appeared?'")
-    bench.add_argument("--haystack-fps", type=float, default=0.1,
-                       help="quality: frames per second of the needle haystacks (default 0.1)")
+    bench.add_argument("--kind", default="thing", help="quality: the needle's kind, in 'Which KIND appeared?'")
+    bench.add_argument("--haystack-fps", type=float, default=0.05,
+                       help="quality: frames per second of the needle haystacks (default 0.05)")
     bench.add_argument("--grounding-samples", type=int, default=10, help="quality: samples per held-out video")
     bench.add_argument("--materializers", nargs="+", default=None, choices=list(MATERIALIZERS),
                        help="streams: the stream counts again on a stack running each of these "
-                            "(default: all three; the configured llm.materializer's runs come first)")
+                            "(default: all three; the configured llm.materializer's runs come first); quality: "
+                            "a pipeline answering with each (default: llm.materializer)")
     bench.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle", "batching-off", "replicas"],
                        help="quality: parts to skip (grounding, needle); streams: (batching-off, replicas)")
 

@@ -267,6 +267,10 @@ class LLMConfig:
     # up to this many frames whose tags the question names, and the newest frame. A small
     # LLM misses a few frames' labels among many; next to the question it reads them. 0: off.
     recall_notes: int = 3
+    # A yes/no question ("Did a cat appear?") is answered with Yes or No first: the likelier
+    # of the two by the model's own probabilities over the composed context; the rest of
+    # the answer follows it (services/llm/yes_no.py).
+    yes_no_first: bool = True
     # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
     # the composed context), "streaming_kv" (frames prefilled once on arrival; their KV
     # stored per frame by our connector and loaded, re-rotated, for questions: vLLM's CPU

@@ -86,3 +86,44 @@ def read_frames(source: str | os.PathLike[str], fps: float, max_seconds: float |
             while next_t <= t:  # a gap in the source: do not burst to catch up
                 next_t += 1.0 / fps
             yield VideoFrame(round(t, 3), _fit(frame.to_ndarray(format="rgb24"), max_side))
+
+
+@dataclass(frozen=True)
+class CutIn:
+    """A still image shown instead of the video from `at_s` for `seconds` (a needle for
+    "Did a cat appear?"): `livelens watch --cut-in IMAGE@SECONDS[+SECONDS]`."""
+
+    image: str
+    at_s: float
+    seconds: float = 1.5
+
+    @staticmethod
+    def parse(spec: str) -> CutIn:
+        """"cat.png@10" or "cat.png@10+3"."""
+        image, sep, when = spec.rpartition("@")
+        at, _, seconds = when.partition("+")
+        try:
+            cut = CutIn(image, float(at), float(seconds) if seconds else 1.5)
+        except ValueError:
+            cut = CutIn("", -1.0)
+        if not sep or not image or cut.at_s < 0 or cut.seconds <= 0:
+            raise VideoError(f"--cut-in expects IMAGE@SECONDS[+SECONDS] (e.g. cat.png@10+1.5), got {spec!r}")
+        if not Path(image).is_file():
+            raise VideoError(f"cut-in image {image} does not exist")
+        return cut
+
+    def rgb(self, shape: tuple[int, ...]) -> np.ndarray:
+        """The image at a frame's size."""
+        bgr = cv2.imread(self.image, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise VideoError(f"cannot read cut-in image {self.image}")
+        return np.ascontiguousarray(cv2.resize(bgr, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)[..., ::-1])
+
+    def apply(self, frames: Iterator[VideoFrame]) -> Iterator[VideoFrame]:
+        still: np.ndarray | None = None
+        for f in frames:
+            if self.at_s <= f.pts_s < self.at_s + self.seconds:
+                still = self.rgb(f.rgb.shape) if still is None or still.shape != f.rgb.shape else still
+                yield VideoFrame(f.pts_s, still)
+            else:
+                yield f

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from livelens.client import Ack, Alert, Answer, Client, Event, Folded, ItemError
 from livelens.records import encode_jpeg
-from livelens.video import read_frames
+from livelens.video import CutIn, read_frames
 
 
 @dataclass(frozen=True)
@@ -151,10 +151,12 @@ async def watch_video(
     answer_timeout_s: float = 120.0,
     notify: list[str] | None = None,
     linger_s: float = 0.0,
+    cut_in: CutIn | None = None,
 ) -> WatchReport:
     """`notify`: standing instructions registered before the first frame ("a car appears");
     their alerts are in the report. `linger_s`: seconds to keep listening after the last
-    frame (an alert for the last frames comes after them)."""
+    frame (an alert for the last frames comes after them). `cut_in`: a still image sent
+    instead of the video for a while."""
     report = WatchReport()
     pending = sorted(questions, key=lambda q: q.at_s)
     async with client.watch(stream_id) as session:
@@ -207,7 +209,8 @@ async def watch_video(
                 printer.asked(rec)
             await session.ask(q.text, request_id=request_id)
 
-        for seq, frame in enumerate(read_frames(source, fps, max_seconds=max_seconds)):
+        frames = read_frames(source, fps, max_seconds=max_seconds)
+        for seq, frame in enumerate(cut_in.apply(frames) if cut_in else frames):
             while pending and pending[0].at_s <= frame.pts_s:
                 await ask(pending.pop(0))
             if realtime:

@@ -1,6 +1,7 @@
 import pytest
 
-from livelens.video import VideoError, read_frames, sample_video
+from livelens.dev.train.data import image_path
+from livelens.video import CutIn, VideoError, read_frames, sample_video
 from livelens.watcher import ScheduledQuestion
 
 
@@ -27,3 +28,23 @@ def test_scheduled_question_parse():
     for bad in ["no-colon", "x:question", "5:", "-1:q"]:
         with pytest.raises(ValueError, match="SECONDS:QUESTION"):
             ScheduledQuestion.parse(bad)
+
+
+def test_cut_in_replaces_the_frames_of_its_span_with_the_image():
+    cat = str(image_path("skimage:chelsea.png"))
+    cut = CutIn.parse(f"{cat}@2+1")
+    assert (cut.at_s, cut.seconds) == (2.0, 1.0) and CutIn.parse(f"{cat}@3").seconds == 1.5
+    plain = list(read_frames(sample_video("vtest.avi"), 2.0, max_seconds=4.0))
+    frames = list(cut.apply(iter(plain)))
+    assert [f.pts_s for f in frames] == [f.pts_s for f in plain]
+    changed = [f.pts_s for f, p in zip(frames, plain, strict=True) if f.rgb is not p.rgb]
+    assert changed == [2.0, 2.5]
+    assert frames[4].rgb.shape == plain[4].rgb.shape
+
+
+@pytest.mark.parametrize("spec", ["cat.png", "@3", "x@-1", "x@a", "x@1+0"])
+def test_a_bad_cut_in_is_a_clear_error(spec, tmp_path):
+    with pytest.raises(VideoError, match="--cut-in expects|does not exist"):
+        CutIn.parse(spec)
+    with pytest.raises(VideoError, match="does not exist"):
+        CutIn.parse(f"{tmp_path / 'none.png'}@3")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from livelens.labels import with_article
 from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 
 
@@ -220,13 +221,34 @@ def frame_block(frame: FrameSegment, chat: ChatLayout = DEFAULT_CHAT) -> Block:
     return Block(tuple(p for p in parts if not isinstance(p, TextPart) or p.text), frame)
 
 
-def recall_note(frames: Sequence[FrameSegment], unseen: Sequence[str] = ()) -> str:
-    """What the tagged frames showed, and what no frame did, as one line of text:
-    `Seen at 312.0s: tabby cat. Seen at 600.0s: street sign, prison. Not seen so far:
-    elephant.` A question's turn opens with it, next to the question, where even a small
-    LLM reads it (it loses a few frames' labels among many)."""
-    seen = [f"Seen at {f.pts_s:.1f}s: {', '.join(f.tags)}." for f in frames if f.tags]
-    return " ".join(seen + ([f"Not seen so far: {', '.join(unseen)}."] if unseen else []))
+@dataclass(frozen=True)
+class Sighting:
+    """What a question asks about (`word`: "cat", "vehicle"; "" when no word of it names the
+    tags) and the frames whose tags it names, in time order, with those tags."""
+
+    word: str
+    frames: tuple[FrameSegment, ...]
+    tags: tuple[str, ...]
+
+
+def recall_note(sightings: Sequence[Sighting] = (), newest: FrameSegment | None = None,
+                unseen: Sequence[str] = ()) -> str:
+    """What the frames a question names showed and when, what the newest frame shows, and
+    what no frame showed, as one line of text: `A cat was seen at 600.0s, 620.0s and
+    640.0s: Egyptian cat, tiger cat. The newest frame, at 1240.0s, shows unicycle,
+    mountain. No elephant was seen so far.` A question's turn opens with it, next to the
+    question, where even a small LLM reads it (it loses a few frames' labels among many)."""
+    parts = []
+    for s in sightings:
+        times = [f"{f.pts_s:.1f}s" for f in s.frames]
+        when = times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
+        subject = with_article(s.word).capitalize() if s.word else "Something named"
+        parts.append(f"{subject} was seen at {when}: {', '.join(s.tags)}.")
+    if newest is not None and newest.tags:
+        parts.append(f"The newest frame, at {newest.pts_s:.1f}s, shows {', '.join(newest.tags)}.")
+    if unseen:
+        parts.append(f"No {' or '.join(unseen)} was seen so far.")
+    return " ".join(parts)
 
 
 def tail_block(dialogue: Iterable[Turn], question: str, note: str = "", chat: ChatLayout = DEFAULT_CHAT,

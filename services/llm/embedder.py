@@ -8,6 +8,7 @@ the embeddings vLLM would compute from the same token ids.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,10 @@ from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from services.llm.context import Block, ComposedContext, EmbeddingPart, TextPart, VisualPart
+from services.llm.yes_no import answer_token_ids
 
 EMBED_KEYS = ("model.embed_tokens.weight", "embed_tokens.weight")
+CACHE_BYTES = 16 << 20  # text embeddings kept for reuse
 
 
 def load_embedding_table(model_dir: Path) -> torch.Tensor:
@@ -37,17 +40,27 @@ class ContextEmbedder:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.table = load_embedding_table(self.model_dir)
         self.hidden_size = int(json.loads((self.model_dir / "config.json").read_text())["hidden_size"])
-        self._cache: dict[str, torch.Tensor] = {}
+        # Texts embedded again and again (the head, the labels of the frames in the window):
+        # least recently used out past CACHE_BYTES. Every frame label and question tail is
+        # new text, so a cap by count let it grow by megabytes a minute.
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_bytes = 0
+        self.yes_no_ids = answer_token_ids(self.tokenizer)  # a yes/no answer's first token
 
     def text_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def embed_text(self, text: str) -> torch.Tensor:
         cached = self._cache.get(text)
-        if cached is None:
-            cached = self.table[torch.tensor(self.text_ids(text), dtype=torch.long)]
-            if len(self._cache) < 4096:
-                self._cache[text] = cached
+        if cached is not None:
+            self._cache.move_to_end(text)
+            return cached
+        cached = self.table[torch.tensor(self.text_ids(text), dtype=torch.long)]
+        self._cache[text] = cached
+        self._cache_bytes += cached.nbytes
+        while self._cache_bytes > CACHE_BYTES:
+            _, old = self._cache.popitem(last=False)
+            self._cache_bytes -= old.nbytes
         return cached
 
     def embed(self, context: ComposedContext) -> torch.Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,6 +82,8 @@ def engine_args(cfg: LLMConfig, kv_store_dir: str | Path | None = None):  # -> A
         # Requests carry a priority: a question, check or remark (0) is scheduled before the
         # frame prefill waiting in the engine (PREFILL_PRIORITY).
         scheduling_policy="priority",
+        # Yes/no questions choose their first token among "Yes" and "No" (services/llm/yes_no.py).
+        logits_processors=["services.llm.first_token:FirstTokenChoice"],
         **extra,  # type: ignore[arg-type]  # vLLM parses the dict into KVTransferConfig
     )
 
@@ -108,19 +110,26 @@ class VllmEngine:
 
     async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int,
                        kv_transfer_params: dict | None = None, logprobs: int | None = None,
-                       cache_salt: str | None = None, priority: int = 0) -> AsyncIterator[Delta]:
+                       cache_salt: str | None = None, priority: int = 0,
+                       first_token_ids: Sequence[int] = ()) -> AsyncIterator[Delta]:
         """`cache_salt`: a namespace of vLLM's prefix cache (requests only hit blocks computed
-        under the same salt). `priority`: lower is scheduled first."""
+        under the same salt). `priority`: lower is scheduled first. `first_token_ids`: the
+        first token generated is one of these (`services.llm.first_token`)."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        extra: dict = {}
+        if kv_transfer_params:
+            extra["kv_transfer_params"] = kv_transfer_params
+        if first_token_ids:
+            extra["first_token_ids"] = list(first_token_ids)
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=self.cfg.temperature,
             frequency_penalty=self.cfg.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
             logprobs=logprobs,
-            extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+            extra_args=extra or None,
         )
         start = time.perf_counter()
         first: float | None = None

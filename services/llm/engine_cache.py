@@ -32,7 +32,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from livelens.config import LLMConfig
@@ -241,9 +241,9 @@ class EngineCacheMaterializer:
 
     # --- questions -------------------------------------------------------------------
     async def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
-                       logprobs: int | None = None) -> AsyncIterator[Delta]:
+                       logprobs: int | None = None, first_token_ids: Sequence[int] = ()) -> AsyncIterator[Delta]:
         embeds = self.embedder.embed(composed)
         with self.gate.answer():
             async for delta in self.engine.generate(embeds, request_id, max_tokens, logprobs=logprobs,
-                                                    cache_salt=self.cache_salt):
+                                                    cache_salt=self.cache_salt, first_token_ids=first_token_ids):
                 yield delta

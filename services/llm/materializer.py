@@ -26,7 +26,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -91,7 +91,7 @@ class Materializer(Protocol):
         prefill request starts, so they go in then (folded into one)."""
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
-                 logprobs: int | None = None) -> AsyncIterator[Delta]:
+                 logprobs: int | None = None, first_token_ids: Sequence[int] = ()) -> AsyncIterator[Delta]:
         ...
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:
@@ -133,11 +133,11 @@ class RecomputeMaterializer:
         take()  # nothing waits for prefill
 
     def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
-                 logprobs: int | None = None) -> AsyncIterator[Delta]:
+                 logprobs: int | None = None, first_token_ids: Sequence[int] = ()) -> AsyncIterator[Delta]:
         if self.engine is None:
             raise RuntimeError(f"question {request_id}: this recompute materializer has no engine: frames only")
         return self.engine.generate(self.embedder.embed(composed), request_id, max_tokens, logprobs=logprobs,
-                                    cache_salt=self.cache_salt)
+                                    cache_salt=self.cache_salt, first_token_ids=first_token_ids)
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:
         return
@@ -416,7 +416,7 @@ class StreamingKVMaterializer:
 
     # --- questions -------------------------------------------------------------------
     async def generate(self, composed: ComposedContext, request_id: str, max_tokens: int,
-                       logprobs: int | None = None) -> AsyncIterator[Delta]:
+                       logprobs: int | None = None, first_token_ids: Sequence[int] = ()) -> AsyncIterator[Delta]:
         stream_id = composed.stream_id
         load, _ = self._plan(stream_id, composed.blocks[:-1], save_missing=False)
         ledger = self._stream(stream_id).ledger
@@ -430,7 +430,7 @@ class StreamingKVMaterializer:
         with self.gate.answer():
             async for delta in self.engine.generate(embeds, request_id, max_tokens,
                                                     kv_transfer_params={"load": load} if load else None,
-                                                    logprobs=logprobs):
+                                                    logprobs=logprobs, first_token_ids=first_token_ids):
                 yield delta
 
     def drop_stream(self, stream_id: str, moved: bool = False) -> None:

@@ -38,7 +38,7 @@ from livelens.identity import split_key
 from livelens.labels import question_names_tag, words_naming_classes
 from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 from livelens.v1 import messages_pb2 as pb
-from services.llm.context import ComposedContext, FrameSegment, StreamContext, recall_note
+from services.llm.context import ComposedContext, FrameSegment, Sighting, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import Delta
 from services.llm.engine_cache import EngineCacheMaterializer
@@ -48,6 +48,7 @@ from services.llm.materializer import Materializer, RecomputeMaterializer, Strea
 from services.llm.prompt_compute import PromptCompute, Purpose
 from services.llm.question_retrieval import QuestionQueries, question_scores
 from services.llm.segments import Segment, TieredSegmentStore, best_first, cosine_scores, then_unscored
+from services.llm.yes_no import is_yes_no
 
 
 class ContextMethod(enum.StrEnum):
@@ -154,10 +155,13 @@ class Composed:
     purpose: Purpose = "question"
     compute: PromptCompute | None = None  # its stream's account: what the engine computed is recorded there
     computed_tokens: int = 0  # of the prompt, once generating (the rest came from the engine's cache)
+    # A yes/no question's "Yes" and "No" tokens: its first token is one of them (`yes_no`).
+    first_token_ids: tuple[int, ...] = ()
 
     async def generate(self, request_id: str, max_tokens: int, logprobs: int | None = None) -> AsyncIterator[Delta]:
         recorded = False
-        async for delta in self.materializer.generate(self.context, request_id, max_tokens, logprobs=logprobs):
+        async for delta in self.materializer.generate(self.context, request_id, max_tokens, logprobs=logprobs,
+                                                      first_token_ids=self.first_token_ids):
             if not recorded and (delta.num_tokens or delta.finished):  # the prompt is done: its cache hits are known
                 recorded = True
                 cached = delta.cached_tokens
@@ -182,6 +186,7 @@ class _TagMatcher:
 
 
 MAX_EXAMPLES = 64  # example images whose question never came, per stream
+MAX_NOTE_TAGS = 3  # tags a note names per thing the question asks about
 
 
 @dataclass
@@ -458,22 +463,36 @@ class Stream:
     def recall(self, question: str, retrieved: list[FrameSegment], named: _TagMatcher | None = None) -> str:
         """The note that opens the question's turn (`recall_note`): the `llm.recall_notes`
         frames in the context whose tags the question names (the likeliest, then the
-        newest), and the newest frame, in time order; then the things the question names (ImageNet classes)
-        that no frame of the stream was tagged with. Empty with `llm.recall_notes` 0."""
+        newest), grouped by the word of the question that names them, with their times;
+        the newest frame; then the things the question names (ImageNet classes and their
+        kinds) that no frame of the stream was tagged with. Empty with `llm.recall_notes` 0."""
         limit = self.res.cfg.recall_notes
         frames = self.context.sink + retrieved + list(self.context.window)
         if not limit or not frames:
             return ""
         named = named or _TagMatcher(question)
         scored = [(score, f.seq, f) for f in frames if (score := f.tag_score(named)) is not None]
-        quoted = [f for _, _, f in sorted(scored, key=lambda x: (-x[0], -x[1]))[:limit]]
-        if frames[-1] not in quoted:
-            quoted.append(frames[-1])
+        quoted = sorted((f for _, _, f in sorted(scored, key=lambda x: (-x[0], -x[1]))[:limit]), key=lambda f: f.seq)
         asked = words_naming_classes(question)
+        sightings = []
+        told: set[int] = set()
+        for word in [*asked, ""]:  # "": frames the question names by no single word of it
+            wanted = named if not word else _TagMatcher(word)
+            shown = [f for f in quoted if f.seq not in told and f.tag_score(wanted) is not None]
+            if shown:
+                told.update(f.seq for f in shown)
+                best: dict[str, float] = {}
+                for f in shown:
+                    for t, p in f.scored_tags():
+                        if wanted(t):
+                            best[t] = max(p, best.get(t, 0.0))
+                tags = tuple(sorted(best, key=lambda t: -best[t])[:MAX_NOTE_TAGS])
+                sightings.append(Sighting(word, tuple(shown), tags))
+        newest = frames[-1] if frames[-1].seq not in told else None
         if asked:
-            tags = self.res.store.tags(self.stream_id) | {t for f in frames + self.context.evicted for t in f.tags}
-            asked = tuple(w for w in asked if not any(question_names_tag(w, t) for t in tags))
-        return recall_note(sorted(quoted, key=lambda f: f.seq), asked)
+            ever = self.res.store.tags(self.stream_id) | {t for f in frames + self.context.evicted for t in f.tags}
+            asked = tuple(w for w in asked if not any(question_names_tag(w, t) for t in ever))
+        return recall_note(sightings, newest, asked)
 
     def compose(self, question: str, max_tokens: int, method: ContextMethod = ContextMethod.DEFAULT,
                 example_request_id: str | None = None) -> Composed:
@@ -497,7 +516,8 @@ class Stream:
                                    f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
         composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note,
                                         retrieved_after_window=materializer.retrieved_after_window)
-        return Composed(composed, retrieved, materializer, tokens, "question", self.compute)
+        first = self.res.embedder.yes_no_ids if c.yes_no_first and is_yes_no(question) else ()
+        return Composed(composed, retrieved, materializer, tokens, "question", self.compute, first_token_ids=first)
 
     def newest_frame(self) -> FrameSegment | None:
         """What the stream shows now: the frames held back (folded, not in the context yet),
@@ -513,7 +533,7 @@ class Stream:
         tail is computed, never the prefill backlog), no past turns, and a note of what the
         newest frame showed (its tags, which came with it)."""
         newest = self.newest_frame()
-        note = recall_note([newest]) if newest is not None and self.res.cfg.recall_notes else ""
+        note = recall_note(newest=newest) if newest is not None and self.res.cfg.recall_notes else ""
         composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False,
                                         through_seq=self.res.materializer.ready_seq(self.context))
         return Composed(composed, [], self.res.materializer, tokens, purpose, self.compute)
