@@ -161,8 +161,9 @@ def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
 
 def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
     """The note before the question: the frames whose tags the question names (retrieved or
-    in the window, newest first up to llm.recall_notes) and the newest frame, in time order;
-    then what the question names that no frame was tagged with."""
+    in the window, newest first up to llm.recall_notes), by the word of the question that
+    names them, with their times; what the question names that no frame was tagged with;
+    the newest frame only when the question names nothing."""
     cfg = LLMConfig(sink_frames=1, window_frames=2, chunk_frames=1, retrieve_top_k=2, retrieve_token_budget=8,
                     recall_notes=1)
     stream = frames_only_stream(cfg, TieredSegmentStore(2**20, None, 0, 100))
@@ -176,11 +177,16 @@ def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
         return "".join(p.text for p in tail.parts if isinstance(p, TextPart)).rsplit("<|im_start|>user\n", 1)[1]
 
     assert question_turn("Did a cat appear?") == (
-        "Seen at 1.0s: Egyptian cat. Seen at 2.5s: street sign, prison.\nDid a cat appear?<|im_end|>\n"
-        "<|im_start|>assistant\n"), "the newest named frame only (recall_notes 1), then the newest frame"
-    assert question_turn("Which animal appeared?").startswith("Seen at 1.0s: Egyptian cat. Seen at 2.5s:")
+        "Seen at 1.0s: a cat (Egyptian cat). A cat was first seen at 1.0s.\nDid a cat appear?<|im_end|>\n"
+        "<|im_start|>assistant\n"), "the newest named frame only (recall_notes 1)"
+    assert question_turn("Which animal appeared?").startswith(
+        "Seen at 1.0s: an animal (Egyptian cat). An animal was first seen at 1.0s.\n"), "a kind names it"
     assert question_turn("Did a car or a dog appear?").startswith(
-        "Seen at 2.5s: street sign, prison. Not seen so far: car, dog.\nDid a car"), "named, never tagged"
-    assert "Not seen" not in question_turn("Did a tabby cat appear?")
+        "No car or dog was seen so far: it has not appeared.\nDid a car"), "named, never tagged"
+    assert question_turn("What happened?").startswith("Seen at 2.5s: street sign, prison.\nWhat"), "the newest"
+    assert "No " not in question_turn("Did a tabby cat appear?")
+    two = replace(cfg, recall_notes=2)
+    assert question_turn("When did a cat appear?", two).startswith(
+        "Seen at 0.5s and 1.0s: a cat (tabby cat, Egyptian cat). A cat was first seen at 0.5s.\n")
     assert question_turn("Did a cat appear?", replace(cfg, recall_notes=0)).startswith("Did a cat appear?")
     stream.close()

@@ -79,6 +79,20 @@ SCRIPT = textwrap.dedent('''
                            "tail": emb.block_tokens(composed.context.blocks[-1]),
                            "top": {str(t): lp for t, lp in top.items()},
                            "ref_top": {str(t): float(ref_lp[t]) for t in top}}
+        # A yes/no question: its first token is Yes or No, whichever the model finds likelier;
+        # the rest follows that word; other questions are left alone.
+        composed = stream.compose("Did a cat appear in the video?", 8)
+        yes, no = composed.first_token_ids
+        tokens, _ = await generate(composed, "yes-no", 8)
+        embeds = emb.embed(composed.context).float()
+        logits = ref.next_token_logits(embeds)
+        chosen = yes if logits[yes] >= logits[no] else no
+        then = torch.cat([embeds, emb.table[chosen][None].float()])
+        composed.first_token_ids = ()
+        free, _ = await generate(composed, "free", 1)
+        out["yes_no"] = {"ids": [yes, no], "tokens": tokens, "ref_first": chosen, "ref_rest": ref.greedy(then, 7),
+                         "free": free, "ref_free": ref.greedy(embeds, 1),
+                         "other": list(stream.compose("When did a cat appear?", 8).first_token_ids)}
         composed = stream.compose_check("Does the newest frame show a cat? Answer Yes or No.", 1)
         await generate(composed, "check", 1)
         out["check"] = {"computed": composed.computed_tokens, "n": composed.tokens,
@@ -127,3 +141,11 @@ def test_a_question_computes_only_retrieved_frames_its_tail_and_one_block(run: d
 def test_a_check_computes_only_its_tail_and_one_block(run: dict[str, Any]) -> None:
     c = run["check"]
     assert c["computed"] <= c["tail"] + run["block_size"]
+
+
+def test_a_yes_no_question_starts_with_the_likelier_of_yes_and_no(run: dict[str, Any]) -> None:
+    yn = run["yes_no"]
+    assert len(set(yn["ids"])) == 2 and yn["other"] == [], "only yes/no questions are constrained"
+    assert yn["tokens"][0] == yn["ref_first"], "the model's own choice between Yes and No"
+    assert yn["tokens"][1:] == yn["ref_rest"], "the answer goes on from that word"
+    assert yn["free"] == yn["ref_free"], "without the constraint: the model's own first token"

@@ -233,21 +233,28 @@ class Sighting:
 
 def recall_note(sightings: Sequence[Sighting] = (), newest: FrameSegment | None = None,
                 unseen: Sequence[str] = ()) -> str:
-    """What the frames a question names showed and when, what the newest frame shows, and
-    what no frame showed, as one line of text: `A cat was seen at 600.0s, 620.0s and
-    640.0s: Egyptian cat, tiger cat. The newest frame, at 1240.0s, shows unicycle,
-    mountain. No elephant was seen so far.` A question's turn opens with it, next to the
-    question, where even a small LLM reads it (it loses a few frames' labels among many)."""
+    """What the frames a question names showed and when, and what no frame showed, as one
+    line of text: `Seen at 600.0s, 620.0s and 640.0s: a cat (Egyptian cat, tiger cat). A cat
+    was first seen at 600.0s. No elephant was seen so far: it has not appeared.` A question
+    that names nothing gets what the newest frame shows instead (`Seen at 1240.0s:
+    unicycle, mountain.`). A question's turn opens with it, next to the question, where
+    even a small LLM reads it (it loses a few frames' labels among many). The newest frame
+    is left out when the question names something: measured, SmolLM2-135M then answered
+    "When did a cat appear?" with the newest frame's time (docs/quality.md)."""
     parts = []
     for s in sightings:
         times = [f"{f.pts_s:.1f}s" for f in s.frames]
         when = times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
-        subject = with_article(s.word).capitalize() if s.word else "Something named"
-        parts.append(f"{subject} was seen at {when}: {', '.join(s.tags)}.")
-    if newest is not None and newest.tags:
-        parts.append(f"The newest frame, at {newest.pts_s:.1f}s, shows {', '.join(newest.tags)}.")
+        if s.word:
+            subject = with_article(s.word)
+            parts.append(f"Seen at {when}: {subject} ({', '.join(s.tags)}). "
+                         f"{subject[0].upper()}{subject[1:]} was first seen at {times[0]}.")
+        else:
+            parts.append(f"Seen at {when}: {', '.join(s.tags)}.")
     if unseen:
-        parts.append(f"No {' or '.join(unseen)} was seen so far.")
+        parts.append(f"No {' or '.join(unseen)} was seen so far: it has not appeared.")
+    if not sightings and not unseen and newest is not None and newest.tags:
+        parts.append(f"Seen at {newest.pts_s:.1f}s: {', '.join(newest.tags)}.")
     return " ".join(parts)
 
 

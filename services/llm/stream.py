@@ -464,8 +464,9 @@ class Stream:
         """The note that opens the question's turn (`recall_note`): the `llm.recall_notes`
         frames in the context whose tags the question names (the likeliest, then the
         newest), grouped by the word of the question that names them, with their times;
-        the newest frame; then the things the question names (ImageNet classes and their
-        kinds) that no frame of the stream was tagged with. Empty with `llm.recall_notes` 0."""
+        the things the question names (ImageNet classes and their kinds) that no frame of
+        the stream was tagged with; the newest frame when it names nothing. Empty with
+        `llm.recall_notes` 0."""
         limit = self.res.cfg.recall_notes
         frames = self.context.sink + retrieved + list(self.context.window)
         if not limit or not frames:

@@ -62,10 +62,6 @@ class Reply:
     computed_tokens: int = 0  # of its prompt, by vLLM's count (the rest came from its cache)
 
 
-def says_yes(text: str) -> bool:
-    return text.strip().lower().lstrip("\"'").startswith("yes")
-
-
 TENANT = "bench"
 
 
