@@ -603,9 +603,9 @@ HEAD_MARKUP_TOKENS = 14  # ChatML around the system prompt and "The video so far
 CHARS_PER_TOKEN = 3  # the system prompt's length in tokens, over-estimated (English is ~4.4)
 FRAME_LABEL_TOKENS = 16  # "<frame t=...s>" + "</frame>\n": 13 tokens at t=0, 16 at t=1 h (measured)
 TAG_MARKUP_TOKENS = 4  # ' seen=""' in a frame's label
-# " Seen at 3600.0s: a soccer ball (). A soccer ball was first seen at 3600.0s." in a
-# question's note: 33 tokens (measured); 40 where the word it names is longer
-NOTE_FRAME_TOKENS = 40
+# " Seen at 3600.0s: a soccer ball (). A soccer ball appeared: it was first seen at
+# 3600.0s." in a question's note: 36 tokens (measured); 45 with a longer word and tag
+NOTE_FRAME_TOKENS = 45
 UNSEEN_NOTE_TOKENS = 16  # " Not seen so far: ..." (the question names the things; QUESTION_TOKENS bounds them)
 TAG_TOKENS = 7  # one tag and its ", ": ImageNet's longest short names are 6 tokens
 QUESTION_TOKENS = 64  # a question of ~250 characters (gateway.max_question_chars allows more)

@@ -177,16 +177,18 @@ def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
         return "".join(p.text for p in tail.parts if isinstance(p, TextPart)).rsplit("<|im_start|>user\n", 1)[1]
 
     assert question_turn("Did a cat appear?") == (
-        "Seen at 1.0s: a cat (Egyptian cat). A cat was first seen at 1.0s.\nDid a cat appear?<|im_end|>\n"
+        "Seen at 1.0s: a cat (Egyptian cat). An Egyptian cat appeared: it was first seen at 1.0s.\n"
+        "Did a cat appear?<|im_end|>\n"
         "<|im_start|>assistant\n"), "the newest named frame only (recall_notes 1)"
     assert question_turn("Which animal appeared?").startswith(
-        "Seen at 1.0s: an animal (Egyptian cat). An animal was first seen at 1.0s.\n"), "a kind names it"
+        "Seen at 1.0s: an animal (Egyptian cat). An Egyptian cat appeared: it was first seen at 1.0s.\n"), \
+        "a kind names it"
     assert question_turn("Did a car or a dog appear?").startswith(
         "No car or dog was seen so far: it has not appeared.\nDid a car"), "named, never tagged"
     assert question_turn("What happened?").startswith("Seen at 2.5s: street sign, prison.\nWhat"), "the newest"
     assert "No " not in question_turn("Did a tabby cat appear?")
     two = replace(cfg, recall_notes=2)
     assert question_turn("When did a cat appear?", two).startswith(
-        "Seen at 0.5s and 1.0s: a cat (tabby cat, Egyptian cat). A cat was first seen at 0.5s.\n")
+        "Seen at 0.5s and 1.0s: a cat (tabby cat, Egyptian cat). A tabby cat appeared: it was first seen at 0.5s.\n")
     assert question_turn("Did a cat appear?", replace(cfg, recall_notes=0)).startswith("Did a cat appear?")
     stream.close()

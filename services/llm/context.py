@@ -234,8 +234,9 @@ class Sighting:
 def recall_note(sightings: Sequence[Sighting] = (), newest: FrameSegment | None = None,
                 unseen: Sequence[str] = ()) -> str:
     """What the frames a question names showed and when, and what no frame showed, as one
-    line of text: `Seen at 600.0s, 620.0s and 640.0s: a cat (Egyptian cat, tiger cat). A cat
-    was first seen at 600.0s. No elephant was seen so far: it has not appeared.` A question
+    line of text: `Seen at 600.0s, 620.0s and 640.0s: a cat (Egyptian cat, tiger cat). An
+    Egyptian cat appeared: it was first seen at 600.0s. No elephant was seen so far: it has
+    not appeared.` A question
     that names nothing gets what the newest frame shows instead (`Seen at 1240.0s:
     unicycle, mountain.`). A question's turn opens with it, next to the question, where
     even a small LLM reads it (it loses a few frames' labels among many). The newest frame
@@ -246,9 +247,9 @@ def recall_note(sightings: Sequence[Sighting] = (), newest: FrameSegment | None 
         times = [f"{f.pts_s:.1f}s" for f in s.frames]
         when = times[0] if len(times) == 1 else ", ".join(times[:-1]) + " and " + times[-1]
         if s.word:
-            subject = with_article(s.word)
-            parts.append(f"Seen at {when}: {subject} ({', '.join(s.tags)}). "
-                         f"{subject[0].upper()}{subject[1:]} was first seen at {times[0]}.")
+            likeliest = with_article(s.tags[0] if s.tags else s.word)
+            parts.append(f"Seen at {when}: {with_article(s.word)} ({', '.join(s.tags)}). "
+                         f"{likeliest[0].upper()}{likeliest[1:]} appeared: it was first seen at {times[0]}.")
         else:
             parts.append(f"Seen at {when}: {', '.join(s.tags)}.")
     if unseen:
