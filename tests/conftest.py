@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.stack import use_free_ports
 from livelens.config import LivelensConfig, load_config
-from livelens.dev.stack import use_free_ports
 
 TOKENS = {"test-token": "acme", "beta-token": "beta"}
 
@@ -37,7 +37,7 @@ def stack_config() -> LivelensConfig:
 
 
 def started_stack(cfg: LivelensConfig) -> Iterator:
-    from livelens.dev.stack import Stack, check_prerequisites
+    from devtools.stack import Stack, check_prerequisites
 
     try:
         check_prerequisites(cfg)

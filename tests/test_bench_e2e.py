@@ -2,8 +2,8 @@
 
 import json
 
+from devtools.bench.e2e import answer_records
 from livelens.client import ItemError
-from livelens.dev.bench.e2e import answer_records
 from livelens.watcher import AnswerRecord, WatchReport
 
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from livelens.dev.bench.answers import first_word, score, times_said
-from livelens.dev.bench.quality import (
+from devtools.bench.answers import first_word, score, times_said
+from devtools.bench.quality import (
     NEEDLES_FILE,
     goals,
     model_repository,
@@ -16,9 +16,9 @@ from livelens.dev.bench.quality import (
     summary,
     video_path,
 )
-from livelens.dev.train.data import feature_grids, needle_frames, teacher_probs
-from livelens.labels import imagenet_names, question_names_tag
+from devtools.train.data import feature_grids, needle_frames, teacher_probs
 from livelens.video import VideoError
+from services.common.labels import imagenet_names, question_names_tag
 
 
 def test_first_word_and_times() -> None:

@@ -2,7 +2,7 @@
 on the whole stack: `livelens bench soak`): every acknowledged frame is in the context,
 folded or dropped, else unaccounted; questions asked during an outage are counted apart."""
 
-from livelens.dev.bench.soak import Soak, StreamTally, soak_result
+from devtools.bench.soak import Soak, StreamTally, soak_result
 from livelens.v1 import messages_pb2 as pb
 
 

@@ -3,7 +3,7 @@ percentiles between two scrapes (the way Prometheus' histogram_quantile reads bu
 
 import math
 
-from livelens.dev.bench.streams import delta, histogram_quantile
+from devtools.bench.streams import delta, histogram_quantile
 
 NAME = "livelens_llm_frame_to_kv_seconds"
 
@@ -37,7 +37,7 @@ def test_a_replica_that_leaves_keeps_its_last_counters_so_no_delta_goes_negative
     import http.server
     import threading
 
-    from livelens.dev.bench import streams
+    from devtools.bench import streams
 
     count = {"n": 3.0}
 

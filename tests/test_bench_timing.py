@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from livelens.dev.bench.timing import Event, Said, load_events, named, score, scores
+from devtools.bench.timing import Event, Said, load_events, named, score, scores
 
 EVENTS = [Event(10.0, 16.0, "cat"), Event(40.0, 44.0, "orange")]
 

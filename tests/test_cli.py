@@ -12,7 +12,7 @@ import time
 import pytest
 
 from livelens.config import REPO_ROOT
-from livelens.ports import free_port, is_free
+from services.common.ports import free_port, is_free
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -3,9 +3,10 @@ client: the SDK, `livelens watch` and `livelens health` against the running stac
 the topic subscriber, without torch, vLLM or any server dependency; the server commands
 say which extra they need.
 
-The wheel is built from this tree and installed with pip, its dependencies from the
-package index at the versions requirements.lock pins (as constraints: the lock's other
-packages are not installed)."""
+The wheel is built from sdk/ (the client's own distribution) and installed with pip, its
+dependencies from the package index at the versions requirements.lock pins (as
+constraints: the lock's other packages are not installed). It holds the `livelens`
+package alone: no `services`, no `devtools`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -32,17 +34,54 @@ def run(*cmd: str | Path, timeout: float = 600, check: bool = True) -> subproces
     return out
 
 
+SDK = REPO_ROOT / "sdk" / "livelens"
+
+
 @pytest.fixture(scope="module")
-def client_venv(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("client-install")
-    src = root / "src"  # the package sources only: setuptools writes its build files beside them
-    src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(REPO_ROOT / name, src / name)
-    for package in ("livelens", "services"):
-        shutil.copytree(REPO_ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
+def client_wheel(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("client-wheel")
+    src = root / "src"  # a copy: setuptools writes its build files beside the sources
+    shutil.copytree(REPO_ROOT / "sdk", src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
     run(sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", root / "dist", src)
-    wheel = next((root / "dist").glob("livelens-*.whl"))
+    return next((root / "dist").glob("livelens-*.whl"))
+
+
+def sdk_modules() -> list[str]:
+    """Every module of the SDK in this tree, generated code included."""
+    return sorted("livelens." + ".".join(p.relative_to(SDK).with_suffix("").parts).removesuffix(".__init__")
+                  for p in SDK.rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def test_the_client_wheel_holds_the_sdk_alone(client_wheel: Path) -> None:
+    names = zipfile.ZipFile(client_wheel).namelist()
+    packages = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert packages == {"livelens"}, packages
+    modules = sorted("livelens." + n.removeprefix("livelens/").removesuffix(".py").replace("/", ".").removesuffix(
+        ".__init__") for n in names if n.endswith(".py"))
+    assert modules == sdk_modules()
+    assert "livelens.v1.api_pb2" in modules and "livelens.client" in modules and "livelens.cli" in modules
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "livelens = livelens.cli:main" in zipfile.ZipFile(client_wheel).read(entry_points).decode()
+
+
+def test_no_sdk_module_imports_server_code() -> None:
+    """Read from the sources, so a lazy import inside a function counts too."""
+    server = ("services", "devtools", *SERVER_ONLY)
+    offending = []
+    for path in SDK.rglob("*.py"):
+        if "v1" in path.relative_to(SDK).parts:
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.split()
+            if len(words) >= 2 and words[0] in ("import", "from") and words[1].split(".")[0] in server:
+                offending.append(f"{path.relative_to(REPO_ROOT)}:{n}: {line.strip()}")
+    assert not offending, "\n".join(offending)
+
+
+@pytest.fixture(scope="module")
+def client_venv(client_wheel: Path, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("client-install")
+    wheel = client_wheel
     venv = root / "venv"
     run(sys.executable, "-m", "venv", venv)
     run(venv / "bin" / "pip", "install", "--quiet", "--disable-pip-version-check",
@@ -53,8 +92,8 @@ def client_venv(tmp_path_factory) -> Path:
 def test_the_client_install_has_no_server_dependencies(client_venv: Path) -> None:
     probe = f"import importlib.util as u; print(' '.join(m for m in {SERVER_ONLY!r} if u.find_spec(m)))"
     assert run(client_venv / "bin" / "python", "-c", probe).stdout.strip() == ""
-    # ... and the SDK, the subscriber and the CLI import without them
-    run(client_venv / "bin" / "python", "-c", "import livelens.client, livelens.subscriber, livelens.watcher")
+    # ... and every module of the SDK imports without them
+    run(client_venv / "bin" / "python", "-c", "import " + ", ".join(sdk_modules()))
 
 
 def test_server_commands_name_the_extra_they_need(client_venv: Path) -> None:

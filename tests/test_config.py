@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from livelens.config import ConfigError, frame_tokens, load_config
+from livelens.config import ConfigError
+from services.common.settings import frame_tokens, load_service_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_defaults_load_without_file_or_env():
-    cfg = load_config(env={})
+    cfg = load_service_config(env={})
     assert cfg.gateway.port == 50051
     assert cfg.kafka.partitions >= 1
     assert cfg.llm.block_size % 32 == 0
@@ -22,7 +23,7 @@ def test_defaults_load_without_file_or_env():
 def test_yaml_then_env_override(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("gateway:\n  port: 6000\n  tokens: {abc: acme}\nllm:\n  window_frames: 4\n")
-    cfg = load_config(f, env={"LIVELENS_GATEWAY__PORT": "7000", "LIVELENS_LLM__ENFORCE_EAGER": "false"})
+    cfg = load_service_config(f, env={"LIVELENS_GATEWAY__PORT": "7000", "LIVELENS_LLM__ENFORCE_EAGER": "false"})
     assert cfg.gateway.port == 7000
     assert cfg.gateway.tokens == {"abc": "acme"}
     assert cfg.llm.window_frames == 4
@@ -30,7 +31,7 @@ def test_yaml_then_env_override(tmp_path):
 
 
 def test_env_tokens_pairs():
-    cfg = load_config(env={"LIVELENS_GATEWAY__TOKENS": "t1=acme,t2=beta"})
+    cfg = load_service_config(env={"LIVELENS_GATEWAY__TOKENS": "t1=acme,t2=beta"})
     assert cfg.gateway.tokens == {"t1": "acme", "t2": "beta"}
 
 
@@ -47,12 +48,12 @@ def test_env_tokens_pairs():
 )
 def test_bad_settings_name_the_setting(env, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(env=env)
+        load_service_config(env=env)
 
 
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        load_config(tmp_path / "nope.yaml", env={})
+        load_service_config(tmp_path / "nope.yaml", env={})
 
 
 @pytest.mark.parametrize(
@@ -78,11 +79,11 @@ def test_missing_file_is_an_error(tmp_path):
 )
 def test_nonsensical_llm_values_are_refused(env, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(env=env)
+        load_service_config(env=env)
 
 
 def test_default_context_fits_the_model_length():
-    cfg = load_config(env={})
+    cfg = load_service_config(env={})
     assert cfg.llm.window_frames == 8 and cfg.llm.max_model_len == 4096
 
 
@@ -90,7 +91,7 @@ def test_a_window_that_cannot_fit_is_refused_from_yaml(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("llm:\n  window_frames: 64\n")
     with pytest.raises(ConfigError) as err:
-        load_config(f, env={})
+        load_service_config(f, env={})
     message = str(err.value)
     assert "llm.window_frames (64)" in message and "llm.max_model_len (4096)" in message
     assert "llm.sink_frames (2)" in message and "llm.retrieve_token_budget (512)" in message
@@ -99,22 +100,22 @@ def test_a_window_that_cannot_fit_is_refused_from_yaml(tmp_path):
 
 def test_a_window_that_cannot_fit_is_refused_from_env():
     with pytest.raises(ConfigError, match=r"llm\.window_frames \(64\).*> llm\.max_model_len \(4096\)"):
-        load_config(env={"LIVELENS_LLM__WINDOW_FRAMES": "64"})
+        load_service_config(env={"LIVELENS_LLM__WINDOW_FRAMES": "64"})
     # The same window fits a longer model length.
-    cfg = load_config(env={"LIVELENS_LLM__WINDOW_FRAMES": "64", "LIVELENS_LLM__MAX_MODEL_LEN": "8192"})
+    cfg = load_service_config(env={"LIVELENS_LLM__WINDOW_FRAMES": "64", "LIVELENS_LLM__MAX_MODEL_LEN": "8192"})
     assert cfg.llm.window_frames == 64
 
 
 def test_the_largest_window_named_in_the_error_fits(tmp_path):
     env = {"LIVELENS_LLM__WINDOW_FRAMES": "64", "LIVELENS_TRITON__MODEL_REPOSITORY": str(tmp_path)}
     with pytest.raises(ConfigError) as err:
-        load_config(env=env)
+        load_service_config(env=env)
     found = re.search(r"at most (\d+) fit", str(err.value))
     assert found, err.value
     fit = int(found.group(1))
-    assert load_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": str(fit)}).llm.window_frames == fit
+    assert load_service_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": str(fit)}).llm.window_frames == fit
     with pytest.raises(ConfigError):
-        load_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": str(fit + 1)})
+        load_service_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": str(fit + 1)})
 
 
 def test_tokens_per_frame_come_from_the_vision_models_grid(tmp_path):
@@ -124,13 +125,13 @@ def test_tokens_per_frame_come_from_the_vision_models_grid(tmp_path):
     model.mkdir(parents=True)
     (model / "model_info.json").write_text(json.dumps({"grid": [14, 14], "tokens_per_frame": 196}))
     env = {"LIVELENS_TRITON__MODEL_REPOSITORY": str(tmp_path), "LIVELENS_ENCODER__MODEL_NAME": "vision_vit"}
-    assert frame_tokens(load_config(env=env))[0] == 196
-    load_config(env=env)  # the default window fits 196-token frames too
+    assert frame_tokens(load_service_config(env=env))[0] == 196
+    load_service_config(env=env)  # the default window fits 196-token frames too
     with pytest.raises(ConfigError, match=r"frames of 196 tokens.*14x14 grid"):
-        load_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": "16"})
-    assert load_config(env={**env, "LIVELENS_ENCODER__MODEL_NAME": "nope"}).encoder.model_name == "nope"
+        load_service_config(env={**env, "LIVELENS_LLM__WINDOW_FRAMES": "16"})
+    assert load_service_config(env={**env, "LIVELENS_ENCODER__MODEL_NAME": "nope"}).encoder.model_name == "nope"
     with pytest.raises(ConfigError, match=r"frames of 49 tokens.*assumed"):
-        load_config(env={**env, "LIVELENS_ENCODER__MODEL_NAME": "nope", "LIVELENS_LLM__WINDOW_FRAMES": "64"})
+        load_service_config(env={**env, "LIVELENS_ENCODER__MODEL_NAME": "nope", "LIVELENS_LLM__WINDOW_FRAMES": "64"})
 
 
 def test_livelens_up_refuses_a_context_that_cannot_fit():
@@ -146,6 +147,6 @@ def test_livelens_up_refuses_a_context_that_cannot_fit():
 
 def test_frame_tags_count_in_the_context_budget():
     """Each tag lengthens every frame's label: enough of them no longer fit."""
-    load_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "5"})
+    load_service_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "5"})
     with pytest.raises(ConfigError, match=r"encoder.frame_tags \(60\)"):
-        load_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "60"})
+        load_service_config(env={"LIVELENS_ENCODER__FRAME_TAGS": "60"})

@@ -13,9 +13,9 @@ import asyncio
 
 import pytest
 
+from devtools.bench.answers import first_word, times_said
+from devtools.train.data import image_path
 from livelens.client import Ack, Answer, Client, ItemError
-from livelens.dev.bench.answers import first_word, times_said
-from livelens.dev.train.data import image_path
 from livelens.records import encode_jpeg
 from livelens.video import CutIn, read_frames, sample_video
 

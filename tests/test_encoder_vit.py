@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from kafka.structs import TopicPartition
 
-from livelens import kafka as lk
+from devtools.bench.encoder import frame, frame_records
 from livelens.config import FeatureCacheConfig, LivelensConfig
-from livelens.dev.bench.encoder import frame, frame_records
 from livelens.identity import stream_key
-from livelens.malloc import tune_malloc
-from livelens.models.preprocess import FramePreprocessing, preprocess
-from livelens.ports import free_port
 from livelens.records import decode_image, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
+from services.common import kafka as lk
+from services.common.malloc import tune_malloc
+from services.common.ports import free_port
+from services.common.preprocess import FramePreprocessing, preprocess
 from services.encoder.feature_cache import patch_differences
 from services.encoder.grid import UNKNOWN
 from services.encoder.novelty import token_cosines

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from livelens.labels import imagenet_names, question_names_tag
+from services.common.labels import imagenet_names, question_names_tag
 from services.encoder.records import frame_tags
 
 

@@ -24,11 +24,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from livelens import health
-from livelens import kafka as lk
 from livelens.client import Ack, Answer, Client, ItemError
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import api_pb2, api_pb2_grpc
 from livelens.v1 import messages_pb2 as pb
+from services.common import kafka as lk
 from tests.test_integration import TOKEN, collect, frames_of
 from tests.test_validation import sized_jpeg, sized_png
 

@@ -875,11 +875,11 @@ def test_grafana_dashboard_configmap(default_docs: list[dict[str, Any]], full_do
 
 def test_grafana_dashboard_metrics_are_the_services() -> None:
     """The dashboard's histograms, labelled counters and gauges are the ones the services
-    define (services/*/metrics.py, livelens/metrics.py); its other counters are the
+    define (services/*/metrics.py, services/common/metrics.py); its other counters are the
     services' stats, exported at scrape time."""
     from prometheus_client import REGISTRY
 
-    import livelens.metrics  # noqa: F401
+    import services.common.metrics  # noqa: F401
     import services.encoder.metrics  # noqa: F401
     import services.gateway.metrics  # noqa: F401
     import services.llm.metrics  # noqa: F401
@@ -967,7 +967,7 @@ def test_keda_follows_the_configured_groups_and_topics_and_plaintext(tmp_path: P
         (("--set", "llm.autoscaling.keda.enabled=true", "--set", "llm.autoscaling.keda.maxReplicas=24",
           "--set", "config.kafka.partitions=20"),
          "llm.autoscaling.keda.maxReplicas (24) exceeds config.kafka.partitions (20"),
-        # Without config.kafka.partitions the services create 4 (livelens/config.py).
+        # Without config.kafka.partitions the services create 4 (sdk/livelens/config.py).
         (("--set", "llm.autoscaling.keda.enabled=true", "--set", "llm.autoscaling.keda.maxReplicas=5",
           "--set", "config.kafka.partitions=null"),
          "llm.autoscaling.keda.maxReplicas (5) exceeds config.kafka.partitions (4"),
@@ -1045,10 +1045,10 @@ def _engine_builds(spec: dict[str, Any]) -> dict[str, list[str]]:
 
 
 def test_triton_builds_its_tensorrt_engine_on_the_node(default_docs: list[dict[str, Any]]) -> None:
-    """The init container runs exactly the trtexec command of `python -m livelens.dev.models.tensorrt`
+    """The init container runs exactly the trtexec command of `python -m devtools.models.tensorrt`
     (profile from configs/gpu.pbtxt) for each model Triton loads, and Triton loads only those,
     in that configuration."""
-    from livelens.dev.models.tensorrt import profile_for, read_config, trtexec_command
+    from devtools.models.tensorrt import profile_for, read_config, trtexec_command
 
     def expected(model: str) -> list[str]:
         models = Path(f"/models/{model}/1")

@@ -10,9 +10,9 @@ import time
 import grpc
 import pytest
 
+from devtools.train.data import image_path, needle_frames
 from livelens.client import Alert, Answer, Client, Refused
 from livelens.config import load_config
-from livelens.dev.train.data import image_path, needle_frames
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb

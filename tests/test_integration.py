@@ -13,13 +13,13 @@ import grpc
 import numpy as np
 import pytest
 
-from livelens import kafka as lk
 from livelens.client import Ack, Alert, Answer, Client, ItemError
 from livelens.records import decode_image, encode_jpeg, get_tokens
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
 from livelens.watcher import ScheduledQuestion, watch_video
+from services.common import kafka as lk
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,5 @@
 """The words a question may use for what a frame's tag names: WordNet's other names and
-kinds of each ImageNet class (livelens/data/imagenet_wordnet.json), plurals, and the
+kinds of each ImageNet class (services/common/data/imagenet_wordnet.json), plurals, and the
 question's words that name anything at all."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from livelens.labels import (
+from services.common.labels import (
     KINDS_FILE,
     class_words,
     imagenet_names,

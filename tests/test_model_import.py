@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 import torch
 
+from devtools.models.checkpoint import CheckpointError, normalize, read_checkpoint
+from devtools.models.tensorrt import profile_for, read_config
 from livelens.config import REPO_ROOT, LLMConfig
-from livelens.dev.models.checkpoint import CheckpointError, normalize, read_checkpoint
-from livelens.dev.models.tensorrt import profile_for, read_config
-from livelens.models.spec import ModelSpec
+from services.common.model_spec import ModelSpec
 
 IMAGE_SIZE = 56  # tests/tiny_checkpoints.py
 
@@ -41,7 +41,7 @@ QUESTION = "What is in the video?"
 def imported(request, tmp_path_factory) -> tuple[Path, Path, ModelSpec]:
     if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
         pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoints'")
-    from livelens.dev.models.importer import import_checkpoint
+    from devtools.models.importer import import_checkpoint
     from tests.tiny_checkpoints import build_llava_onevision
 
     root = tmp_path_factory.mktemp(f"import-{request.param}")

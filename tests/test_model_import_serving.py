@@ -42,8 +42,8 @@ SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import cv2, numpy as np
     from livelens.config import load_config
-    from livelens.ports import free_port
-    from livelens.dev.infra.triton import TritonServer
+    from services.common.ports import free_port
+    from devtools.infra.triton import TritonServer
     from livelens.records import decode_image
     from livelens.v1 import messages_pb2 as pb
     from services.encoder.service import EncoderService
@@ -105,7 +105,7 @@ SCRIPT = textwrap.dedent('''
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
     if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
         pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoint's")
-    from livelens.dev.models.importer import import_checkpoint
+    from devtools.models.importer import import_checkpoint
     from tests.tiny_checkpoints import build_llava_onevision
 
     tmp = tmp_path_factory.mktemp("imported-serving")
@@ -159,13 +159,13 @@ def test_imported_model_answers_through_the_whole_stack_as_transformers(tmp_path
     import cv2
     from transformers import AutoTokenizer
 
+    from devtools.models.importer import import_checkpoint
+    from devtools.models.tensorrt import read_config
+    from devtools.stack import Stack
     from livelens.client import Ack, Client
-    from livelens.config import apply_model_spec
-    from livelens.dev.models.importer import import_checkpoint
-    from livelens.dev.models.tensorrt import read_config
-    from livelens.dev.stack import Stack
-    from livelens.models.preprocess import FramePreprocessing
     from livelens.records import decode_image
+    from services.common.preprocess import FramePreprocessing
+    from services.common.settings import apply_model_spec
     from tests.conftest import TOKENS, stack_config
     from tests.tiny_checkpoints import build_llava_onevision
 

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.bench.needle import FPS, VisionModel, run_one
 from livelens.config import load_config
-from livelens.dev.bench.needle import FPS, VisionModel, run_one
 from livelens.video import read_frames, sample_video
 
 

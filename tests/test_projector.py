@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from livelens.config import LLMConfig
-from livelens.dev.models.vision import (
+from devtools.models.vision import (
     FEATURE_DIM,
     TRAINED_PROJECTOR,
     MLPProjector,
@@ -22,8 +21,9 @@ from livelens.dev.models.vision import (
     load_trained_projector,
     seeded_projector,
 )
-from livelens.dev.train.data import FeatureSet
-from livelens.labels import imagenet_names, listing, names_label
+from devtools.train.data import FeatureSet
+from livelens.config import LLMConfig
+from services.common.labels import imagenet_names, listing, names_label
 
 LLM_DIR = Path(LLMConfig().model_path)
 
@@ -120,7 +120,7 @@ def _tiny_features(n_groups: int = 3, per_group: int = 4) -> tuple[FeatureSet, t
 def test_head_cache_gives_the_full_forward_loss(tiny_llm: Path) -> None:
     """The training loss with the head block's KV cached equals a plain forward pass over
     the whole composition (text embedded as the LLM service embeds it)."""
-    from livelens.dev.train.projector import FrozenLLM, Sample, batch_loss, compose
+    from devtools.train.projector import FrozenLLM, Sample, batch_loss, compose
     from services.llm.context import TextPart
 
     llm = FrozenLLM(tiny_llm)
@@ -130,7 +130,7 @@ def test_head_cache_gives_the_full_forward_loss(tiny_llm: Path) -> None:
                Sample([5], "Did a dog appear in the video?", "No, I did not see a dog.")]
     with torch.no_grad():
         got = batch_loss(llm, proj, fs, samples)
-        from livelens.dev.models.vision import rms_rescale
+        from devtools.models.vision import rms_rescale
 
         losses, counts = [], []
         for s in samples:
@@ -148,7 +148,7 @@ def test_head_cache_gives_the_full_forward_loss(tiny_llm: Path) -> None:
 
 
 def test_training_steps_lower_the_loss(tiny_llm: Path, tmp_path: Path) -> None:
-    from livelens.dev.train.projector import (
+    from devtools.train.projector import (
         FrozenLLM,
         Options,
         SampleMaker,

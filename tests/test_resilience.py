@@ -17,15 +17,15 @@ import grpc
 import pytest
 import yaml
 
+from devtools.infra.process import ManagedProcess
 from livelens import health
 from livelens.client import Ack, Answer, Client, ItemError
 from livelens.config import REPO_ROOT, to_dict
-from livelens.dev.infra.process import ManagedProcess
-from livelens.ports import free_port
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
+from services.common.ports import free_port
 from tests.test_integration import TOKEN, collect, final_response, frames_of
 
 pytestmark = pytest.mark.integration

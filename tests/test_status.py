@@ -29,7 +29,8 @@ import yaml
 from livelens import kafka as lk
 from livelens import status
 from livelens.config import REPO_ROOT
-from livelens.ports import free_port
+from services.common import kafka as sk
+from services.common.ports import free_port
 
 RELEASE = "livelens"
 NAMESPACE = "video"
@@ -367,7 +368,7 @@ def test_derived_assignment_is_what_the_members_hold(stack):
     with the range assignor. Two real members of a group say what they hold."""
     cfg = stack.cfg
     group, topic = "livelens-status-probe", cfg.kafka.commands_topic
-    consumers = [lk.make_group_consumer(cfg.kafka, [topic], group, auto_commit=False) for _ in range(2)]
+    consumers = [sk.make_group_consumer(cfg.kafka, [topic], group, auto_commit=False) for _ in range(2)]
     stop = threading.Event()
 
     def poll(c: Any) -> None:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from livelens.dev.infra.process import ManagedProcess, ProcessFailed, describe_exit, wait_all_ready
-from livelens.dev.infra.supervisor import Supervisor, read_status
+from devtools.infra.process import ManagedProcess, ProcessFailed, describe_exit, wait_all_ready
+from devtools.infra.supervisor import Supervisor
+from livelens.local_stack import read_status
 
 
 def child(tmp: Path, name: str, code: str) -> ManagedProcess:

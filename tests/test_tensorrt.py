@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from devtools.models.tensorrt import InputProfile, Profile, profile_for, read_config, trtexec_command
 from livelens.config import REPO_ROOT
-from livelens.dev.models.tensorrt import InputProfile, Profile, profile_for, read_config, trtexec_command
 
 MODEL = REPO_ROOT / "model_repo" / "vision_encoder"
 MODELS = [MODEL.parent / name for name in ("vision_encoder", "vision_vit", "vision_vit_full")]
@@ -87,7 +87,7 @@ def test_onnx_has_dynamic_axes_matching_the_configuration(model: Path) -> None:
 
 
 def test_build_script_without_tensorrt_exits_2_with_a_sentence(tmp_path: Path) -> None:
-    run = subprocess.run([sys.executable, "-m", "livelens.dev.models.tensorrt", str(MODEL), "--dry-run"],
+    run = subprocess.run([sys.executable, "-m", "devtools.models.tensorrt", str(MODEL), "--dry-run"],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert run.returncode == 0 and "--optShapes=pixels:" in run.stdout
     model = tmp_path / "m"
@@ -95,9 +95,9 @@ def test_build_script_without_tensorrt_exits_2_with_a_sentence(tmp_path: Path) -
     (model / "1").mkdir()
     (model / "configs" / "gpu.pbtxt").write_text((MODEL / "configs" / "gpu.pbtxt").read_text())
     (model / "1" / "model.onnx").write_bytes(b"onnx")
-    run = subprocess.run([sys.executable, "-m", "livelens.dev.models.tensorrt", str(model)], capture_output=True,
+    run = subprocess.run([sys.executable, "-m", "devtools.models.tensorrt", str(model)], capture_output=True,
                          text=True, cwd=REPO_ROOT, timeout=120, env={"PATH": "/usr/bin:/bin"})
     assert run.returncode == 2 and "trtexec not found" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "livelens.dev.models.tensorrt", str(tmp_path / "none")],
+    run = subprocess.run([sys.executable, "-m", "devtools.models.tensorrt", str(tmp_path / "none")],
                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert run.returncode == 2 and "does not exist" in run.stderr

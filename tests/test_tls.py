@@ -12,11 +12,11 @@ import grpc
 import pytest
 import yaml
 
+from devtools.infra.process import ManagedProcess
 from livelens import health
 from livelens.client import Client
 from livelens.config import REPO_ROOT, to_dict
-from livelens.dev.infra.process import ManagedProcess
-from livelens.ports import free_port
+from services.common.ports import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,6 +1,6 @@
 import pytest
 
-from livelens.dev.train.data import image_path
+from devtools.train.data import image_path
 from livelens.video import CutIn, VideoError, read_frames, sample_video
 from livelens.watcher import ScheduledQuestion
 

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from livelens.config import TritonConfig, VisionConfig
-from livelens.models.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_batch
+from services.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_batch
 
 ONNX_PATH = Path(VisionConfig().onnx_path)
 INFO_PATH = ONNX_PATH.parent / "model_info.json"
 needs_onnx = pytest.mark.skipif(
     not ONNX_PATH.is_file() or not INFO_PATH.is_file(),
-    reason=f"{ONNX_PATH} not built yet: run `python -m livelens.dev.models.build` (make models)",
+    reason=f"{ONNX_PATH} not built yet: run `python -m devtools.models.build` (make models)",
 )
 
 
@@ -72,7 +72,7 @@ def test_preprocess_shape_dtype_and_normalization() -> None:
 
 @needs_onnx
 def test_onnx_matches_torch_model() -> None:
-    from livelens.dev.models.vision import build_vision_encoder
+    from devtools.models.vision import build_vision_encoder
 
     torch = pytest.importorskip("torch")
     info = json.loads(INFO_PATH.read_text())
@@ -100,8 +100,8 @@ def test_onnx_matches_torch_model() -> None:
 
 @pytest.fixture(scope="module")
 def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonConfig]:
-    from livelens.dev.infra.triton import TritonServer
-    from livelens.ports import free_port
+    from devtools.infra.triton import TritonServer
+    from services.common.ports import free_port
 
     cfg = TritonConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     server = TritonServer(cfg, tmp_path_factory.mktemp("triton") / "tritonserver.log")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from livelens.dev.models.vit import ViTConfig, build_tiny_vit, export_partial_onnx, load_siglip_state_dict
+from devtools.models.vit import ViTConfig, build_tiny_vit, export_partial_onnx, load_siglip_state_dict
 
 CFG = ViTConfig()
 

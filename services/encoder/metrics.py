@@ -1,8 +1,8 @@
-"""The encoder's histograms (its counters are its stats, `livelens.metrics`)."""
+"""The encoder's histograms (its counters are its stats, `services.common.metrics`)."""
 
 from prometheus_client import Counter, Histogram
 
-from livelens.metrics import LATENCY_BUCKETS
+from services.common.metrics import LATENCY_BUCKETS
 
 FRAME_TO_TOKENS = Histogram(
     "livelens_encoder_frame_to_tokens_seconds", "A frame accepted by the gateway -> its tokens published",

@@ -9,9 +9,9 @@ import time
 import numpy as np
 
 from livelens.config import EncoderConfig
-from livelens.labels import imagenet_names
 from livelens.records import get_tokens, set_tokens
 from livelens.v1 import messages_pb2 as pb
+from services.common.labels import imagenet_names
 from services.encoder.grid import Grid
 
 

@@ -27,14 +27,14 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from livelens import kafka as lk
 from livelens.config import LivelensConfig
-from livelens.health import HealthServer
-from livelens.malloc import tune_malloc
-from livelens.metrics import record_lag, serve_metrics
-from livelens.models.preprocess import FramePreprocessing
 from livelens.records import BadImage, decode_image
 from livelens.v1 import messages_pb2 as pb
+from services.common import kafka as lk
+from services.common.health import HealthServer
+from services.common.malloc import tune_malloc
+from services.common.metrics import record_lag, serve_metrics
+from services.common.preprocess import FramePreprocessing
 from services.encoder import metrics
 from services.encoder.execute import Frame, Records, run_queries, run_stream
 from services.encoder.plan import Polled, StreamWork, plan_poll, plan_stream

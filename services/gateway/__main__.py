@@ -1,8 +1,8 @@
 import asyncio
 import signal
 
-from livelens.config import load_config
-from livelens.logs import setup_logging
+from services.common.logs import setup_logging
+from services.common.settings import load_service_config
 from services.gateway.server import serve
 
 
@@ -11,7 +11,7 @@ async def main() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(load_config(), stop)
+    await serve(load_service_config(), stop)
 
 
 if __name__ == "__main__":

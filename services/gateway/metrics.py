@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from livelens.metrics import LATENCY_BUCKETS
+from services.common.metrics import LATENCY_BUCKETS
 
 TIME_TO_FIRST_TOKEN = Histogram(
     "livelens_gateway_time_to_first_token_seconds", "A question accepted -> its first answer text relayed",

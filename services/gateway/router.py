@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 from livelens import kafka as lk
 from livelens.config import KafkaConfig
-from livelens.metrics import record_lag
 from livelens.v1 import messages_pb2 as pb
+from services.common.metrics import record_lag
 
 log = logging.getLogger("livelens.gateway.router")
 

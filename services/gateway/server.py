@@ -23,12 +23,12 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from livelens import kafka as lk
 from livelens.config import LivelensConfig
-from livelens.metrics import serve_metrics
-from livelens.ports import ensure_free
 from livelens.v1 import api_pb2, api_pb2_grpc
 from livelens.v1 import messages_pb2 as pb
+from services.common import kafka as lk
+from services.common.metrics import serve_metrics
+from services.common.ports import ensure_free
 from services.gateway import metrics
 from services.gateway.decider import ResponseTimingDecider
 from services.gateway.router import KafkaRouter

@@ -1,8 +1,8 @@
-from livelens.config import load_config
-from livelens.logs import setup_logging
+from services.common.logs import setup_logging
+from services.common.settings import load_service_config
 from services.llm.service import main
 
 # The guard matters: vLLM's engine core starts in a spawned process that re-imports this.
 if __name__ == "__main__":
     setup_logging()
-    main(load_config())
+    main(load_service_config())

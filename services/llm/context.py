@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from livelens.labels import with_article
-from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from services.common.labels import with_article
+from services.common.model_spec import DEFAULT_CHAT, ChatLayout
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class StreamContext:
     on_evict: Callable[[str, int, list[FrameSegment]], None] | None = None
     evicted: list[FrameSegment] = field(default_factory=list)
     chunks_evicted: int = 0
-    chat: ChatLayout = DEFAULT_CHAT  # the model family's chat layout (`livelens.models.spec`)
+    chat: ChatLayout = DEFAULT_CHAT  # the model family's chat layout (`services.common.model_spec`)
     after_frames: np.ndarray | None = None  # a vector after the last frame ([n, hidden]), if the family has one
 
     def add_frame(self, segment: FrameSegment) -> bool:

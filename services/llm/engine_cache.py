@@ -36,7 +36,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from livelens.config import LLMConfig
-from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from services.common.model_spec import DEFAULT_CHAT, ChatLayout
 from services.llm import metrics
 from services.llm.context import ComposedContext, FrameSegment, StreamContext, frame_block, head_block
 from services.llm.embedder import ContextEmbedder

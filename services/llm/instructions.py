@@ -33,8 +33,8 @@ import grpc
 
 from livelens.config import LLMConfig
 from livelens.identity import split_key
-from livelens.labels import question_names_tag, words_naming_classes
 from livelens.v1 import messages_pb2 as pb
+from services.common.labels import question_names_tag, words_naming_classes
 from services.llm.context import FrameSegment
 
 if TYPE_CHECKING:

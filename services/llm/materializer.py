@@ -33,7 +33,7 @@ from typing import Protocol
 import numpy as np
 
 from livelens.config import LLMConfig
-from livelens.models.spec import DEFAULT_CHAT, ChatLayout
+from services.common.model_spec import DEFAULT_CHAT, ChatLayout
 from services.llm import metrics
 from services.llm.context import (
     Block,

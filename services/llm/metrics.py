@@ -1,8 +1,8 @@
-"""The LLM service's histograms (its counters are its stats, `livelens.metrics`)."""
+"""The LLM service's histograms (its counters are its stats, `services.common.metrics`)."""
 
 from prometheus_client import Counter, Histogram
 
-from livelens.metrics import LATENCY_BUCKETS
+from services.common.metrics import LATENCY_BUCKETS
 
 FRAME_TO_CONTEXT = Histogram(
     "livelens_llm_frame_to_context_seconds",

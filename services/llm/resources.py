@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 from livelens.config import LivelensConfig
-from livelens.models.spec import served_chat
+from services.common.model_spec import served_chat
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import VllmEngine
 from services.llm.engine_cache import EngineCacheMaterializer

@@ -27,11 +27,11 @@ from kafka import TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from livelens import kafka as lk
 from livelens.config import KafkaConfig, LivelensConfig
-from livelens.health import HealthServer
-from livelens.metrics import record_lag, serve_metrics
 from livelens.v1 import messages_pb2 as pb
+from services.common import kafka as lk
+from services.common.health import HealthServer
+from services.common.metrics import record_lag, serve_metrics
 from services.llm.core import LLMCore
 from services.llm.instructions import InstructionChecker, YesNo
 from services.llm.rebuild import rebuild_items

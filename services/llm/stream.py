@@ -35,9 +35,9 @@ import numpy as np
 
 from livelens.config import LLMConfig, window_slide
 from livelens.identity import split_key
-from livelens.labels import question_names_tag, words_naming_classes
-from livelens.models.spec import DEFAULT_CHAT, ChatLayout
 from livelens.v1 import messages_pb2 as pb
+from services.common.labels import question_names_tag, words_naming_classes
+from services.common.model_spec import DEFAULT_CHAT, ChatLayout
 from services.llm.context import ComposedContext, FrameSegment, Sighting, StreamContext, recall_note
 from services.llm.embedder import ContextEmbedder
 from services.llm.engine import Delta

@@ -279,7 +279,7 @@ prometheus.io pod annotations (metrics.podAnnotations): (dict "ctx" $ "port" 500
 
 {{/*
 The partitions of the livelens topics: config.kafka.partitions, else the embedded
-default of livelens/config.py (4).
+default of sdk/livelens/config.py (4).
 */}}
 {{- define "livelens.kafkaPartitions" -}}
 {{- dig "kafka" "partitions" 4 (.Values.config | default dict) | int }}

@@ -1,0 +1,175 @@
+"""`livelens bench e2e`: one stream through the whole local stack.
+
+Phase 1 (live): the video is sent at its stream time (2 fps for 60 s by default) with a
+question every `question_every_s` of stream time. Measures frames per second sustained,
+frame-to-token latency (client sends a frame -> its tokens reach a Kafka subscriber of
+`livelens.tokens`) and time to first answer token as the client sees it.
+Phase 2 (burst): the same frames sent as fast as the gateway takes them, to show the
+capacity of the encoder path on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from devtools.stack import Stack, use_free_ports
+from livelens.client import Client
+from livelens.config import LivelensConfig
+from livelens.subscriber import TopicSubscriber
+from livelens.video import sample_video
+from livelens.watcher import ScheduledQuestion, WatchReport, watch_video
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile; NaN for no values."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+def machine() -> str:
+    import os
+
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+class TopicWatcher:
+    """Reads topics in a thread while a benchmark runs, handing each record to `seen`."""
+
+    def __init__(self, cfg: LivelensConfig, topics: list[str], tenant: str | None = None) -> None:
+        self.sub = TopicSubscriber(cfg.kafka, topics, tenant=tenant)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def seen(self, rec: Any) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            for rec in self.sub.records(timeout_s=0.2):
+                self.seen(rec)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.sub.close()
+
+
+class TokenArrivals(TopicWatcher):
+    """Records when each (stream, seq)'s tokens reach a subscriber."""
+
+    def __init__(self, cfg: LivelensConfig) -> None:
+        self.arrivals: dict[tuple[str, int], float] = {}
+        super().__init__(cfg, ["tokens"])
+
+    def seen(self, rec: Any) -> None:
+        self.arrivals.setdefault((rec.stream_id, rec.seq), time.time())
+
+
+@dataclass
+class PhaseResult:
+    fps: float
+    frames: int
+    frame_to_token_p50_s: float
+    frame_to_token_p99_s: float
+
+
+def measure(report: WatchReport, stream_id: str, arrivals: dict[tuple[str, int], float]) -> PhaseResult:
+    latencies = [arrivals[(stream_id, seq)] - sent for seq, sent in report.send_unix.items()
+                 if (stream_id, seq) in arrivals]
+    done = [arrivals[(stream_id, seq)] for seq in report.send_unix if (stream_id, seq) in arrivals]
+    span = (max(done) - min(report.send_unix.values())) if done else float("nan")
+    return PhaseResult(fps=len(done) / span if span and span > 0 else float("nan"), frames=len(done),
+                       frame_to_token_p50_s=percentile(latencies, 50),
+                       frame_to_token_p99_s=percentile(latencies, 99))
+
+
+def answer_records(report: WatchReport) -> list[dict[str, Any]]:
+    """Every question asked, in the order asked, with what came back: the answer's text,
+    the stream time it is about, the client-measured time to first token (None when no
+    delta came), whether it finished, and the error it got, if any."""
+    errors = {e.request_id: e.message for e in report.errors if e.request_id}
+    return [{"question": a.question, "asked_at_s": a.asked_at_s, "stream_time_s": a.stream_time_s,
+             "text": a.text, "ttft_s": a.ttft_s or None,
+             "done": a.done, "error": errors.get(request_id)}
+            for request_id, a in report.answers.items()]
+
+
+async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seconds: float,
+                  fps: float, arrivals: TokenArrivals, every_s: float) -> dict[str, Any]:
+    questions = [ScheduledQuestion(t, "What is happening in the video right now?")
+                 for t in range(int(every_s), int(seconds) + 1, int(every_s))]
+    async with Client(target, token) as client:
+        print(f"phase 1: live, {seconds:g} s at {fps:g} fps, {len(questions)} questions", flush=True)
+        live = await watch_video(client, video, "bench-live", fps, questions, realtime=True,
+                                 max_seconds=seconds)
+        print("phase 2: burst, same frames as fast as accepted", flush=True)
+        burst = await watch_video(client, video, "bench-burst", fps, [], realtime=False,
+                                  max_seconds=seconds)
+    # Wait for every frame's tokens (the burst queues frames faster than they are encoded).
+    deadline = time.monotonic() + 300
+    expected = [("bench-live", seq) for seq in live.send_unix] + [("bench-burst", seq) for seq in burst.send_unix]
+    while time.monotonic() < deadline and not all(key in arrivals.arrivals for key in expected):
+        await asyncio.sleep(0.2)
+    live_r = measure(live, "bench-live", arrivals.arrivals)
+    burst_r = measure(burst, "bench-burst", arrivals.arrivals)
+    ttfts = [a.ttft_s for a in live.answers.values() if a.done and a.ttft_s]
+    server_ttfts = [a.server_ttft_s for a in live.answers.values() if a.done and a.server_ttft_s]
+    return {
+        "fps": live_r.fps,
+        "frame_to_token_p50_s": live_r.frame_to_token_p50_s,
+        "frame_to_token_p99_s": live_r.frame_to_token_p99_s,
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "engine_ttft_p50_s": percentile(server_ttfts, 50),
+        "questions": len(questions),
+        "answered": len(ttfts),
+        "frames_sent": live.frames_sent,
+        "frames_tokenized": live_r.frames,
+        "burst": asdict(burst_r),
+        "sample_answer": next((a.text for a in live.answers.values() if a.done), ""),
+        "answers": answer_records(live),
+        "errors": [e.message for e in live.errors + burst.errors],
+    }
+
+
+def run_e2e(cfg: LivelensConfig, seconds: float, fps: float, video: str | None, out: Path,
+            question_every_s: float = 5.0) -> int:
+    video = video or str(sample_video("vtest.avi"))
+    use_free_ports(cfg)  # never collides with a running `livelens up`
+    cfg.gateway.proactive_alerts = False  # alerts would compete with the measured questions
+    stack = Stack(cfg, Path(tempfile.mkdtemp(prefix="livelens-bench-")))
+    stack.start(progress=lambda m: print(f"==> {m}", flush=True))
+    try:
+        arrivals = TokenArrivals(cfg)
+        try:
+            result = asyncio.run(_phases(cfg, stack.gateway_target, next(iter(cfg.gateway.tokens)),
+                                         video, seconds, fps, arrivals, question_every_s))
+        finally:
+            arrivals.close()
+    finally:
+        stack.stop()
+    result.update(video=Path(video).name, video_seconds=seconds, target_fps=fps, machine=machine(),
+                  llm=Path(cfg.llm.model_path).name, vision=cfg.encoder.model_id,
+                  window_frames=cfg.llm.window_frames, sink_frames=cfg.llm.sink_frames,
+                  unix_time=int(time.time()))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nlivelens bench e2e ({result['video']}, {seconds:g} s at {fps:g} fps, {result['machine']})")
+    print(f"  frames/s sustained     {result['fps']:.2f}  (burst capacity {result['burst']['fps']:.2f})")
+    print(f"  frame->tokens p50/p99  {result['frame_to_token_p50_s']:.3f} / {result['frame_to_token_p99_s']:.3f} s")
+    print(f"  ttft p50/p99           {result['ttft_p50_s']:.3f} / {result['ttft_p99_s']:.3f} s "
+          f"({result['answered']}/{result['questions']} answered)")
+    print(f"  written to {out}")
+    return 0 if result["answered"] == result["questions"] else 1

@@ -1,0 +1,1 @@
+"""Training of the models livelens ships (the vision projector: `devtools.train.projector`)."""

@@ -1,1 +1,0 @@
-"""Training of the models livelens ships (the vision projector: `livelens.dev.train.projector`)."""
