@@ -72,7 +72,7 @@ $(SAMPLE):
 	$(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -qq opencv-doc
 
 build/bin/helm:
-	bash tools/install_helm.sh build/bin
+	bash devtools/install_helm.sh build/bin
 
 up: venv protos models samples object-store
 	$(VENV)/bin/livelens up

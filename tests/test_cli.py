@@ -26,6 +26,32 @@ def test_bad_config_exits_2_with_the_setting():
     assert "gateway.port: expected int" in out.stderr
 
 
+SUITES = ("e2e", "context", "needle", "encoder", "quality", "soak", "timing", "streams", "broker")
+
+
+def test_bench_has_a_subcommand_per_suite_each_with_its_own_flags():
+    listing = run_cli("bench", "--help")
+    assert listing.returncode == 0 and all(suite in listing.stdout for suite in SUITES), listing.stdout
+    assert "--kill-every-s" not in listing.stdout  # a suite's flags are in its own --help
+    soak, quality = run_cli("bench", "soak", "--help").stdout, run_cli("bench", "quality", "--help").stdout
+    assert "--kill-every-s" in soak and "--needle" not in soak
+    assert "--needle" in quality and "--kill-every-s" not in quality
+    wrong = run_cli("bench", "quality", "--kill-every-s", "60")  # another suite's flag
+    assert wrong.returncode == 2 and "unrecognized arguments: --kill-every-s" in wrong.stderr
+    assert run_cli("bench").returncode == 2  # no suite
+
+
+def test_the_server_commands_come_from_the_server_package():
+    from importlib.metadata import entry_points
+
+    from livelens.cli import COMMAND_GROUP, SERVER_COMMANDS
+
+    names = {e.name for e in entry_points(group=COMMAND_GROUP)}
+    assert names == set(SERVER_COMMANDS), names
+    top = run_cli("--help").stdout
+    assert all(name in top for name in ("watch", "health", "status", *SERVER_COMMANDS)) and "needs livelens" not in top
+
+
 def test_watch_missing_video_exits_2():
     out = run_cli("watch", "/nonexistent/video.mp4")
     assert out.returncode == 2

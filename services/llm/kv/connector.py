@@ -49,12 +49,15 @@ vLLM instantiates the class twice:
   - `wait_for_save()`: at the end of the step, writes each collected segment to the store
     (tensors first, metadata last) and logs an event.
 
-Limits (prototype): CPU backend only (ISA "vec" verified, fp32), one KV-cache group
-(plain attention models), no tensor/pipeline parallelism, segments must be contiguous
-from token 0 (vLLM only has prefix hits). Preemption: a preempted request is planned and
-loaded again when it is rescheduled (its block table is replaced), but that path is
-untested. A save range that was already computed before the step (vLLM's own prefix cache
-hit it, or we loaded it) is saved in the first step: its KV is in the request's blocks.
+Limits: vLLM's CPU attention backend only (its paged-cache packing; the layout is probed
+in the engine's own dtype, float32, bfloat16 or float16, so the AVX2, AVX-512 and AMX
+kernels are handled: `layout.py`), one KV-cache group (plain attention models), no
+tensor/pipeline parallelism, and segments tile a prompt contiguously from token 0 (vLLM
+only has prefix hits). Preemption: a preempted request is planned and loaded again when it
+is rescheduled (its block table is replaced), but that path is untested. A save range
+that was already computed before the step (vLLM's own prefix cache hit it, or we loaded
+it) is saved in the first step: its KV is in the request's blocks. docs/kv_connector.md
+says what was verified.
 """
 
 from __future__ import annotations

