@@ -66,7 +66,7 @@ def test_the_client_wheel_holds_the_sdk_alone(client_wheel: Path) -> None:
 
 def test_no_sdk_module_imports_server_code() -> None:
     """Read from the sources, so a lazy import inside a function counts too."""
-    server = ("services", "devtools", *SERVER_ONLY)
+    server = ("services", "devtools", *(m for m in SERVER_ONLY if m != "kubernetes"))  # kube: the SDK's own extra
     offending = []
     for path in SDK.rglob("*.py"):
         if "v1" in path.relative_to(SDK).parts:
