@@ -21,7 +21,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from devtools.bench.e2e import machine
+from devtools.bench.common import machine
 from devtools.infra.broker import TansuBroker
 from devtools.infra.object_store import ObjectStore
 from livelens.config import BrokerConfig

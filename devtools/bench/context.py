@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 import psutil
 
-from devtools.bench.e2e import machine, percentile
+from devtools.bench.common import machine, percentile
 from devtools.bench.needle import FPS, VisionModel
 from livelens.config import LivelensConfig
 from livelens.video import read_frames, sample_video

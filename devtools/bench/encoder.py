@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from devtools.bench.e2e import machine
+from devtools.bench.common import machine
 from livelens.config import FeatureCacheConfig, LivelensConfig
 from livelens.records import encode_jpeg, get_tokens
 from livelens.v1 import messages_pb2 as pb

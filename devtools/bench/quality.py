@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from devtools.bench.e2e import machine, percentile
+from devtools.bench.common import machine, percentile
 from livelens.config import LivelensConfig
 from livelens.identity import stream_key
 from livelens.records import encode_jpeg

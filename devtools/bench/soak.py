@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from devtools.bench.e2e import machine
+from devtools.bench.common import machine
 from devtools.stack import Stack, health_target, use_free_ports
 from livelens import health
 from livelens.client import Ack, Answer, Client, Folded, ItemError, WatchSession

@@ -41,7 +41,7 @@ from typing import Any
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from devtools.bench.e2e import TopicWatcher, machine, percentile
+from devtools.bench.common import TopicWatcher, machine, percentile
 from devtools.stack import Stack, use_free_ports
 from livelens.client import Answer, Client, ItemError
 from livelens.config import LivelensConfig

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from devtools.bench.e2e import machine
+from devtools.bench.common import machine
 from devtools.stack import Stack, use_free_ports
 from livelens.client import Alert, Answer, Client
 from livelens.config import LivelensConfig

