@@ -41,8 +41,8 @@ SCRIPT = textwrap.dedent('''
     from dataclasses import replace
     from pathlib import Path
     import cv2, numpy as np
-    from livelens.config import load_config
     from services.common.ports import free_port
+    from services.common.settings import load_service_config
     from devtools.infra.triton import TritonServer
     from livelens.records import decode_image
     from livelens.v1 import messages_pb2 as pb
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent('''
 
     async def main():
         out, work, env = Path(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-        cfg = load_config(env=env)
+        cfg = load_service_config(env=env)  # the model spec applied, as a service loads it
         tcfg = replace(cfg.triton, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
         rng = np.random.default_rng(3)
         images = [rng.integers(0, 256, (72, 96, 3), dtype=np.uint8) for _ in range(3)]
