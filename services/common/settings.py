@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from livelens.config import ConfigError, LivelensConfig, load_config
+from services.common.model_spec import ModelSpec, SpecError
 
 
 def load_service_config(path: str | os.PathLike[str] | None = None,
@@ -27,8 +28,6 @@ def apply_model_spec(cfg: LivelensConfig) -> None:
     """The settings `model.spec` decides (see ModelConfig)."""
     if not cfg.model.spec:
         return
-    from services.common.model_spec import ModelSpec, SpecError
-
     try:
         spec = ModelSpec.read(cfg.model.spec)
     except SpecError as exc:
@@ -66,8 +65,6 @@ def frame_tokens(cfg: LivelensConfig) -> tuple[int, str]:
     from the vision model's `model_info.json` in the Triton model repository (its "grid"),
     and where that number comes from. Without a readable one: 49, the default model's."""
     if cfg.model.spec:  # an imported model: its model config says (the LLM pod has no Triton repository)
-        from services.common.model_spec import ModelSpec
-
         spec = ModelSpec.read(cfg.model.spec)
         return spec.tokens_per_frame, f"the {spec.grid[0]}x{spec.grid[1]} grid of model.spec {cfg.model.spec}"
     info = Path(cfg.triton.model_repository) / cfg.encoder.model_name / "1" / "model_info.json"
