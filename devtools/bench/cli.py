@@ -18,6 +18,14 @@ def _out(p: argparse.ArgumentParser, suite: str) -> None:
                    help=f"result file (default bench/results/{suite}.json)")
 
 
+def _lengths(p: argparse.ArgumentParser, depths: bool = False) -> None:
+    """The stream lengths of the suites that grow a stream (and where their needle goes)."""
+    p.add_argument("--minutes", type=float, nargs="+", default=MINUTES, help="stream lengths (default 1 10 30 60)")
+    if depths:
+        p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
+                       help="where the needle goes (0 = start, 1 = end)")
+
+
 def add_arguments(bench: argparse.ArgumentParser) -> None:
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
 
@@ -29,7 +37,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     p.set_defaults(suite_run=_e2e)
 
     p = suites.add_parser("context", help="the context methods side by side: compute, memory and answers by length")
-    p.add_argument("--minutes", type=float, nargs="+", default=MINUTES, help="stream lengths (default 1 10 30 60)")
+    _lengths(p)
     p.add_argument("--methods", nargs="+", default=None,
                    choices=["full_context", "window_recompute", "recompute", "streaming_kv", "engine_cache"],
                    help="which context methods (default: all)")
@@ -37,9 +45,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     p.set_defaults(suite_run=_context)
 
     p = suites.add_parser("needle", help="retrieval: a needle frame found back at each depth and top-k")
-    p.add_argument("--minutes", type=float, nargs="+", default=MINUTES, help="stream lengths (default 1 10 30 60)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
-                   help="where the needle goes (0 = start, 1 = end)")
+    _lengths(p, depths=True)
     p.add_argument("--k", type=int, nargs="+", default=[4, 8, 16], help="top-k values (default 4 8 16)")
     _out(p, "needle")
     p.set_defaults(suite_run=_needle)
@@ -57,9 +63,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     p.set_defaults(suite_run=_encoder)
 
     p = suites.add_parser("quality", help="answer quality: needles of several kinds in several haystacks, grounding")
-    p.add_argument("--minutes", type=float, nargs="+", default=MINUTES, help="stream lengths (default 1 10 30 60)")
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9],
-                   help="where the needle goes (0 = start, 1 = end)")
+    _lengths(p, depths=True)
     p.add_argument("--haystack", nargs="+", default=None,
                    help="haystack videos (files or sample names), each needle in one in turn "
                         "(default: vtest.avi bikes.mp4 Megamind_bugy.avi)")
