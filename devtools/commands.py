@@ -35,8 +35,10 @@ def _up(args: argparse.Namespace) -> int:
     from devtools.train.data import image_path
     from livelens.video import VideoError, sample_video
     from services.common.ports import PortInUseError
+    from services.llm.budget import check_context_fits
 
     cfg = load_service_config(args.config)
+    check_context_fits(cfg)  # the LLM service would refuse it starting: before anything starts
 
     if args.replicas < 1:
         return fail(f"--replicas must be at least 1, got {args.replicas}")
@@ -126,7 +128,7 @@ def _models(args: argparse.Namespace) -> int:
     from devtools.models.importer import import_checkpoint
 
     repo = Path(args.model_repo or cfg.triton.model_repository)
-    models_dir = Path(args.models_dir) if args.models_dir else Path(cfg.llm.model_path).parent
+    models_dir = Path(args.models_dir) if args.models_dir else Path(cfg.llm.engine.model_path).parent
     try:
         spec = import_checkpoint(args.checkpoint, args.name, repo, models_dir, tokens_dtype=args.tokens_dtype)
     except CheckpointError as exc:

@@ -10,13 +10,13 @@ in a cluster: the same Kafka consumer group, ports of their own.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -25,8 +25,9 @@ from devtools.infra.object_store import ObjectStore
 from devtools.infra.process import ManagedProcess, wait_all_ready
 from devtools.infra.supervisor import Supervisor
 from devtools.infra.triton import TritonServer
+from devtools.models.settings import VisionBuild
 from livelens import health
-from livelens.config import REPO_ROOT, LivelensConfig, to_dict
+from livelens.config import REPO_ROOT, LivelensConfig, to_dict, with_settings
 from services.common import kafka as lk
 from services.common.ports import ensure_free, free_port
 
@@ -46,14 +47,12 @@ def health_target(cfg: LivelensConfig, service: str) -> str:
 
 def replica_config(cfg: LivelensConfig, service: str) -> LivelensConfig:
     """`cfg` with free ports for one more replica of `service` (its other settings shared)."""
-    new = copy.deepcopy(cfg)
     if service == "gateway":
-        new.gateway.port, new.gateway.metrics_port = free_port(), free_port() if cfg.gateway.metrics_port else 0
-    else:
-        section = new.encoder if service == "encoder" else new.llm
-        section.health_port = free_port()
-        section.metrics_port = free_port() if section.metrics_port else 0
-    return new
+        return with_settings(cfg, {"gateway.port": free_port(),
+                                   "gateway.metrics_port": free_port() if cfg.gateway.metrics_port else 0})
+    section = cfg.encoder if service == "encoder" else cfg.llm
+    return with_settings(cfg, {f"{service}.health_port": free_port(),
+                               f"{service}.metrics_port": free_port() if section.metrics_port else 0})
 
 
 def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
@@ -78,23 +77,25 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
     return ports
 
 
-def use_free_ports(cfg: LivelensConfig) -> None:
-    """Move every port of the local stack to a free one (benchmarks and tests run beside a
-    `livelens up`)."""
-    cfg.broker.port, cfg.broker.s3_port = free_port(), free_port()
-    cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
-    cfg.triton.grpc_port, cfg.triton.http_port, cfg.triton.metrics_port = (free_port() for _ in range(3))
-    cfg.gateway.port, cfg.encoder.health_port, cfg.llm.health_port = (free_port() for _ in range(3))
-    cfg.gateway.metrics_port, cfg.encoder.metrics_port, cfg.llm.metrics_port = (free_port() for _ in range(3))
+def use_free_ports(cfg: LivelensConfig) -> LivelensConfig:
+    """`cfg` with every port of the local stack moved to a free one (benchmarks and tests
+    run beside a `livelens up`)."""
+    ports = ["broker.port", "broker.s3_port", "triton.grpc_port", "triton.http_port", "triton.metrics_port",
+             "gateway.port", "encoder.health_port", "llm.health_port", "gateway.metrics_port",
+             "encoder.metrics_port", "llm.metrics_port"]
+    settings: dict[str, Any] = {name: free_port() for name in ports}
+    settings["kafka.bootstrap"] = f"{cfg.broker.host}:{settings['broker.port']}"
+    return with_settings(cfg, settings)
 
 
 def check_prerequisites(cfg: LivelensConfig) -> None:
     missing = []
-    if not (Path(cfg.llm.model_path) / "config.json").is_file():
-        missing.append(f"LLM weights at {cfg.llm.model_path}")
+    if not (Path(cfg.llm.engine.model_path) / "config.json").is_file():
+        missing.append(f"LLM weights at {cfg.llm.engine.model_path}")
     # Triton loads every model of the repository: all of them must be built.
-    for onnx in (cfg.vision.onnx_path, cfg.vision.vit_onnx_path):
-        if cfg.triton.enabled and not Path(onnx).is_file():
+    build = VisionBuild.of(cfg)
+    for onnx in (build.onnx_path, build.vit_onnx_path):
+        if cfg.triton.enabled and not onnx.is_file():
             missing.append(f"vision model at {onnx}")
     if missing:
         raise FileNotFoundError("missing " + " and ".join(missing) + ": run `make models`")
@@ -125,14 +126,16 @@ class Stack:
         for host, port, setting in port_settings(cfg):
             ensure_free(host, port, setting)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        settings: dict[str, Any] = {}
         if cfg.broker.enabled:  # the services talk to the broker started here, wherever its port was moved
-            cfg.kafka.bootstrap = f"{cfg.broker.host}:{cfg.broker.port}"
-        if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
+            settings["kafka.bootstrap"] = f"{cfg.broker.host}:{cfg.broker.port}"
+        if cfg.llm.context.materializer == "streaming_kv" and not cfg.llm.store.kv_shared_dir:
             # Every replica here shares this machine's disk: one that takes a stream over
             # (after a crash, or a second one) loads its stored KV. It lives as long as
             # the broker's log (in memory), so with the stack.
             self.shared_kv = self.run_dir / "kv-shared"
-            cfg.llm.kv_shared_dir = str(self.shared_kv)
+            settings["llm.store.kv_shared_dir"] = str(self.shared_kv)
+        self.cfg = cfg = with_settings(cfg, settings)
         (self.run_dir / "livelens.yaml").write_text(yaml.safe_dump(to_dict(cfg)))
         try:
             self._start(progress)
@@ -161,7 +164,7 @@ class Stack:
         lk.ensure_topics(cfg.kafka)
         if cfg.triton.enabled:
             progress(f"starting Triton on {cfg.triton.grpc_url}")
-            triton = TritonServer(cfg.triton, self.run_dir / "triton.log")
+            triton = TritonServer(cfg.triton, cfg.encoder.model_name, self.run_dir / "triton.log")
             self.processes.append(triton)
             triton.start()
         progress("starting LLM service (loads vLLM, ~30-60 s on CPU)")

@@ -24,7 +24,7 @@ def run_engine_script(script: str, tmp: Path) -> Any:
     """Run `script` in a fresh interpreter (vLLM's engine spawns processes: it needs a
     `__main__` of its own) as `script RESULT_PATH TMP`; returns the JSON it wrote there.
     Skipped where the LLM is not built."""
-    if not (Path(LLMConfig().model_path) / "config.json").is_file():
+    if not (Path(LLMConfig().engine.model_path) / "config.json").is_file():
         pytest.skip("LLM not built (make models)")
     path, result_path = tmp / "check.py", tmp / "result.json"
     path.write_text(script)

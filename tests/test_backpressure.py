@@ -1,4 +1,4 @@
-"""Backpressure in the LLM service (`llm.max_context_lag_s`): while a stream's prefill is
+"""Backpressure in the LLM service (`llm.backpressure.max_context_lag_s`): while a stream's prefill is
 behind, its new frames are held back, and go in folded into one when its next prefill
 request starts; through the service's own handlers (`LLMCore.on_tokens`, and
 `take_coalesced`, which the materializer calls back as the `take` it was given in `hold`).
@@ -16,7 +16,7 @@ from typing import cast
 
 import numpy as np
 
-from livelens.config import load_config
+from livelens.config import load_config, with_settings
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.llm.context import TextPart, frame_block
@@ -70,9 +70,8 @@ class Published(NoSink):
 
 
 def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMCore, BehindMaterializer]:
-    cfg = load_config(None)
-    cfg.llm.store_disk_dir = str(tmp_path)
-    cfg.llm.max_context_lag_s = lag_s
+    cfg = with_settings(load_config(None), {"llm.store.segments_disk_dir": str(tmp_path),
+                                            "llm.backpressure.max_context_lag_s": lag_s})
     res = frames_only_resources(cfg)  # as the service builds them, with a materializer that is behind
     materializer = BehindMaterializer(None, res.embedder)
     return LLMCore(cfg, replace(res, materializer=materializer, recompute=materializer), Published()), materializer
@@ -81,7 +80,7 @@ def service(tmp_path: Path, lag_s: float = 1.0) -> tuple[LLMCore, BehindMaterial
 def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))  # the first frame: the whole grid
-    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
+    m.behind = 1.5  # over llm.backpressure.max_context_lag_s (1 s)
     svc.on_tokens(record(1, [1, 2], 1.0, {"cat": 0.4}))
     svc.on_tokens(record(2, [2, 3], 2.0, {"cat": 0.7, "dog": 0.2}))
     svc.on_tokens(record(3, [3], 3.0))
@@ -115,7 +114,7 @@ def test_frames_held_back_while_behind_go_in_folded_into_one(tmp_path):
 def test_a_held_frame_stands_for_the_unchanged_ones_after_it(tmp_path):
     svc, m = service(tmp_path)
     svc.on_tokens(record(0, list(range(GRID)), 0.0))
-    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
+    m.behind = 1.5  # over llm.backpressure.max_context_lag_s (1 s)
     svc.on_tokens(record(1, [4], 1.0, {"cat": 0.9}))
     svc.on_tokens(record(1, [4], 1.0))  # redelivered while held: not taken twice
     svc.on_tokens(record(2, [], 0.0, unchanged=True))  # the same picture, later
@@ -168,14 +167,14 @@ def test_a_record_the_encoder_folded_counts_each_frame_it_stands_for(tmp_path):
 
 def test_no_frame_is_held_back_without_a_bound_or_on_a_replay(tmp_path):
     svc, m = service(tmp_path, lag_s=0.0)
-    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
+    m.behind = 1.5  # over llm.backpressure.max_context_lag_s (1 s)
     for seq in range(3):
         assert svc.streams.get(KEY) is None or svc.streams[KEY].coalesced is None
         svc.on_tokens(record(seq, list(range(GRID)), float(seq)))
     assert svc.stats.coalesced == 0 and svc.stats.frames == 3
 
     svc, m = service(tmp_path / "replay")
-    m.behind = 1.5  # over llm.max_context_lag_s (1 s)
+    m.behind = 1.5  # over llm.backpressure.max_context_lag_s (1 s)
     stream = svc.stream(KEY, "s1")
     stream.replaying = True  # a new owner rebuilding: every frame the last owner took is replayed
     assert stream.add(0, 0.0, np.ones((GRID, HIDDEN), np.float16), np.ones(GRID, bool)) is Added.FRAME

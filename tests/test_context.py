@@ -3,7 +3,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from livelens.config import LivelensConfig, LLMConfig
+from livelens.config import LivelensConfig, LLMConfig, with_settings
 from services.llm.context import FrameSegment, StreamContext, TextPart, VisualPart
 from services.llm.resources import frames_only_resources
 from services.llm.segments import TieredSegmentStore
@@ -95,9 +95,15 @@ def direction(i: int, tokens: int = 4, hidden: int = 8) -> np.ndarray:
 
 def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
     """What the service composes for a question (`Stream.compose`), per context method."""
-    cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=3,
-                    retrieve_token_budget=8)  # two 4-token frames
-    store = TieredSegmentStore(2**20, None, 0, cfg.retention_segments)
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.context.dialogue_turns": 1,
+        "llm.store.chunk_frames": 1,
+        "llm.retrieval.top_k": 3,
+        "llm.retrieval.token_budget": 8,
+    }).llm  # two 4-token frames
+    store = TieredSegmentStore(2**20, None, 0, cfg.store.retention_segments)
     stream = frames_only_stream(cfg, store)
     kept = np.ones(4, bool)
     for i in range(8):
@@ -120,11 +126,11 @@ def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
     assert [f.seq for f in full.context.frames] == list(range(8))
     # longer than the engine takes: a full context is refused, the others leave out the
     # oldest window frames
-    with pytest.raises(ContextError, match="exceeds llm.max_model_len"):
-        stream.compose("When?", cfg.max_model_len - full.tokens + 1, ContextMethod.FULL)
-    assert stream.compose("When?", cfg.max_model_len - full.tokens, ContextMethod.FULL).tokens == full.tokens
+    with pytest.raises(ContextError, match="exceeds llm.engine.max_model_len"):
+        stream.compose("When?", cfg.engine.max_model_len - full.tokens + 1, ContextMethod.FULL)
+    assert stream.compose("When?", cfg.engine.max_model_len - full.tokens, ContextMethod.FULL).tokens == full.tokens
     window = stream.compose("When?", 8, ContextMethod.WINDOW)
-    squeezed = stream.compose("When?", cfg.max_model_len - window.tokens + 1, ContextMethod.WINDOW)
+    squeezed = stream.compose("When?", cfg.engine.max_model_len - window.tokens + 1, ContextMethod.WINDOW)
     assert [f.seq for f in squeezed.context.frames] == [0, 7], "the oldest window frame left out"
     with pytest.raises(ContextError, match="streaming_kv"):
         stream.compose("When?", 8, ContextMethod.STREAMING_KV)
@@ -135,9 +141,16 @@ def test_stream_composes_sink_best_retrieved_within_budget_and_window(tmp_path):
 def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
     """A frame's tags are written into its label, survive the segment store (RAM and disk),
     and bring back the segment a question names, before any scored one."""
-    cfg = LLMConfig(sink_frames=1, window_frames=2, dialogue_turns=1, chunk_frames=1, retrieve_top_k=1,
-                    retrieve_token_budget=8)
-    stream = frames_only_stream(cfg, TieredSegmentStore(1, tmp_path, 2**20, cfg.retention_segments))  # all to disk
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.context.dialogue_turns": 1,
+        "llm.store.chunk_frames": 1,
+        "llm.retrieval.top_k": 1,
+        "llm.retrieval.token_budget": 8,
+    }).llm
+    # all to disk
+    stream = frames_only_stream(cfg, TieredSegmentStore(1, tmp_path, 2**20, cfg.store.retention_segments))
     kept = np.ones(4, bool)
     tags = {2: ("tabby cat", "tiger cat"), 4: ("beagle",)}
     scores = {2: (0.6, 0.2), 4: (0.15,)}
@@ -161,11 +174,17 @@ def test_frames_carry_their_tags_into_the_label_and_retrieval(tmp_path):
 
 def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
     """The note before the question: the frames whose tags the question names (retrieved or
-    in the window, newest first up to llm.recall_notes), by the word of the question that
+    in the window, newest first up to llm.context.recall_notes), by the word of the question that
     names them, with their times; what the question names that no frame was tagged with;
     the newest frame only when the question names nothing."""
-    cfg = LLMConfig(sink_frames=1, window_frames=2, chunk_frames=1, retrieve_top_k=2, retrieve_token_budget=8,
-                    recall_notes=1)
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.store.chunk_frames": 1,
+        "llm.retrieval.top_k": 2,
+        "llm.retrieval.token_budget": 8,
+        "llm.context.recall_notes": 1,
+    }).llm
     stream = frames_only_stream(cfg, TieredSegmentStore(2**20, None, 0, 100))
     tags = {1: ("tabby cat",), 2: ("Egyptian cat",), 5: ("street sign", "prison")}
     for i in range(6):
@@ -187,8 +206,9 @@ def test_the_question_turn_opens_with_what_the_named_frames_showed(tmp_path):
         "No car or dog was seen so far: it has not appeared.\nDid a car"), "named, never tagged"
     assert question_turn("What happened?").startswith("Seen at 2.5s: street sign, prison.\nWhat"), "the newest"
     assert "No " not in question_turn("Did a tabby cat appear?")
-    two = replace(cfg, recall_notes=2)
+    two = replace(cfg, context=replace(cfg.context, recall_notes=2))
     assert question_turn("When did a cat appear?", two).startswith(
         "Seen at 0.5s and 1.0s: a cat (tabby cat, Egyptian cat). A tabby cat appeared: it was first seen at 0.5s.\n")
-    assert question_turn("Did a cat appear?", replace(cfg, recall_notes=0)).startswith("Did a cat appear?")
+    off = replace(cfg, context=replace(cfg.context, recall_notes=0))
+    assert question_turn("Did a cat appear?", off).startswith("Did a cat appear?")
     stream.close()

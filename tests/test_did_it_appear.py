@@ -3,7 +3,7 @@ Kafka -> encoder -> Triton -> LLM service (vLLM), as a client asks them: a cat i
 into real footage, asked about long after it left the recent window.
 
 The questions are asked one after another, each once the answer before it is done, as a
-user in a conversation asks them: a question sees the past turns (`llm.dialogue_turns`),
+user in a conversation asks them: a question sees the past turns (`llm.context.dialogue_turns`),
 so questions asked at once would each see whichever of the others happened to finish
 first, and the small test LLM's wording follows them."""
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 
 from livelens.client import Ack, Answer, Client, ItemError
+from livelens.config import with_settings
 from livelens.subscriber import TopicSubscriber
 from tests.conftest import stack_config, started_stack
 from tests.test_integration import TOKEN, collect, final_response, frames_of
@@ -23,9 +24,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def durable_stack() -> Iterator:
-    cfg = stack_config()
-    cfg.broker.storage = "s3"
-    yield from started_stack(cfg)
+    yield from started_stack(with_settings(stack_config(), {"broker.storage": "s3"}))
 
 
 def test_a_kill_9_of_the_broker_loses_nothing_acknowledged(durable_stack):

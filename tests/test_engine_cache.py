@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent('''
     import asyncio, json, sys
     from pathlib import Path
     import numpy as np, torch
-    from livelens.config import LivelensConfig, LLMConfig
+    from livelens.config import LivelensConfig, LLMConfig, with_settings
     from services.llm.context import ComposedContext, FrameSegment, frame_block
     from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod, Stream
@@ -41,9 +41,16 @@ SCRIPT = textwrap.dedent('''
 
     async def main():
         tmp = Path(sys.argv[2])
-        cfg = LivelensConfig(llm=LLMConfig(materializer="engine_cache", dtype="float32", sink_frames=2,
-                                           window_frames=8, dialogue_turns=2, retrieve_top_k=1,
-                                           frequency_penalty=0.0, store_disk_dir=str(tmp / "segments")))
+        cfg = with_settings(LivelensConfig(), {
+            "llm.context.materializer": "engine_cache",
+            "llm.engine.dtype": "float32",
+            "llm.context.sink_frames": 2,
+            "llm.context.window_frames": 8,
+            "llm.context.dialogue_turns": 2,
+            "llm.retrieval.top_k": 1,
+            "llm.engine.frequency_penalty": 0.0,
+            "llm.store.segments_disk_dir": str(tmp / "segments"),
+        })
         c = cfg.llm
         engine, res = build_resources(cfg, None)  # as the service builds them
         emb = res.embedder
@@ -63,8 +70,8 @@ SCRIPT = textwrap.dedent('''
         out = {"frame_tokens": [emb.block_tokens(frame_block(f)) for f in frames], "per_request": per_request,
                "frame": stream.compute.spent["frame"].__dict__, "misses": stream.compute.prefix_misses,
                "window": [f.seq for f in stream.context.window], "stats": res.materializer.stats.__dict__,
-               "block_size": c.block_size}
-        ref = ReferenceLM(c.model_path)
+               "block_size": c.engine.block_size}
+        ref = ReferenceLM(c.engine.model_path)
         # An example image like frame 10 (out of the window): retrieved, after the window.
         stream.add_example("q", frames[10].tokens)
         composed = stream.compose("What is there?", 12, ContextMethod.DEFAULT, "q")

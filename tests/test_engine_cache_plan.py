@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from livelens.config import LivelensConfig, LLMConfig
+from livelens.config import LivelensConfig, with_settings
 from services.llm.context import frame_block
 from services.llm.engine import Delta
 from services.llm.engine_cache import EngineCacheMaterializer
@@ -55,8 +55,14 @@ class PrefixCacheEngine:
 
 
 def stream_on(engine: PrefixCacheEngine, **settings: object) -> Stream:
-    cfg = LivelensConfig(llm=LLMConfig(materializer="engine_cache", sink_frames=1, window_frames=4,
-                                       block_size=BLOCK, max_prefill_batch_frames=1, **settings))  # type: ignore[arg-type]
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.materializer": "engine_cache",
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 4,
+        "llm.engine.block_size": BLOCK,
+        "llm.backpressure.max_prefill_batch_frames": 1,
+        **settings,
+    })  # type: ignore[arg-type]
     try:
         res = frames_only_resources(cfg)
     except FileNotFoundError:

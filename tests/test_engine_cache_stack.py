@@ -1,5 +1,5 @@
 """The engine-cache path through the whole running stack (gateway -> Kafka -> encoder ->
-Triton -> LLM service with llm.materializer engine_cache), counted by vLLM's own figures
+Triton -> LLM service with llm.context.materializer engine_cache), counted by vLLM's own figures
 as the service reports them (`AnswerTimings` on the responses topic, Prometheus)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_engine_cache_answers_as_recompute_and_computes_each_frame_about_once(en
     for q in questions:
         assert exact[(q, "")] == exact[(q, "recompute")] == exact[(q, "full")], (q, exact)
         assert len(exact[(q, "")].split()) >= 3, exact
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model_path)
     scores = [agreement(tokenizer, evicted[(q, "")], evicted[(q, "full")]) for q in questions]
     assert sum(scores) / len(scores) >= 0.5, (scores, evicted)
     own: pb.AnswerTimings = timings[(questions[-1], "")]
@@ -50,7 +50,7 @@ def test_engine_cache_answers_as_recompute_and_computes_each_frame_about_once(en
     # The question computed its tail (the note, the past turns, the question) and at most
     # the window's partial last block: every frame of its context (each at least its label,
     # ~20 tokens, and its kept visual tokens) came from the engine's cache.
-    assert own.context_frames >= cfg.sink_frames + 1
+    assert own.context_frames >= cfg.context.sink_frames + 1
     assert own.prompt_tokens_computed <= own.context_tokens - 20 * own.context_frames, own
     with urllib.request.urlopen(f"http://{cfg.health_host}:{cfg.metrics_port}/metrics", timeout=10) as r:
         metrics = r.read().decode()

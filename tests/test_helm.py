@@ -415,10 +415,10 @@ def test_services_env_follows_the_config_convention(full_docs: list[dict[str, An
         assert env["LIVELENS_TRITON__GRPC_PORT"] == "8001"
         assert env["LIVELENS_ENCODER__TRITON_URL"] == f"{component('triton')}:8001"
     llm_env = env_of(pod_spec(find(full_docs, "StatefulSet", component("llm")))["containers"][0])
-    assert llm_env["LIVELENS_LLM__MODEL_PATH"] == "/models/llm"
+    assert llm_env["LIVELENS_LLM__ENGINE__MODEL_PATH"] == "/models/llm"
     # both stores live on the disk-tier volume, not in the image
-    assert llm_env["LIVELENS_LLM__STORE_DISK_DIR"] == "/var/lib/livelens/store/segments"
-    assert llm_env["LIVELENS_LLM__KV_STORE_DIR"] == "/var/lib/livelens/store/kv"
+    assert llm_env["LIVELENS_LLM__STORE__SEGMENTS_DISK_DIR"] == "/var/lib/livelens/store/segments"
+    assert llm_env["LIVELENS_LLM__STORE__KV_DIR"] == "/var/lib/livelens/store/kv"
     gw_env = env_of(pod_spec(find(full_docs, "Deployment", component("gateway")))["containers"][0])
     assert gw_env["LIVELENS_GATEWAY__HOST"] == "0.0.0.0"
     assert gw_env["LIVELENS_GATEWAY__PORT"] == "50051"
@@ -494,23 +494,24 @@ def test_llm_materializer_is_engine_cache_by_default(default_docs: list[dict[str
     written into the rendered config (the embedded default, streaming_kv, is for `make up`
     on a CPU)."""
     configmap = find(default_docs, "ConfigMap", component("config"))
-    assert yaml.safe_load(configmap["data"]["livelens.yaml"])["llm"]["materializer"] == "engine_cache"
-    assert _rendered_llm_config(default_docs, tmp_path).llm.materializer == "engine_cache"
+    assert yaml.safe_load(configmap["data"]["livelens.yaml"])["llm"]["context"]["materializer"] == "engine_cache"
+    assert _rendered_llm_config(default_docs, tmp_path).llm.context.materializer == "engine_cache"
 
 
 def test_llm_materializer_streaming_kv_when_set(tmp_path: Path) -> None:
-    docs = render("--set", "config.llm.materializer=streaming_kv")
+    docs = render("--set", "config.llm.context.materializer=streaming_kv")
     configmap = find(docs, "ConfigMap", component("config"))
     rendered = yaml.safe_load(configmap["data"]["livelens.yaml"])
-    assert rendered["llm"]["materializer"] == "streaming_kv"
-    assert rendered["llm"]["enforce_eager"] is False  # the rest of the section is kept
-    assert _rendered_llm_config(docs, tmp_path).llm.materializer == "streaming_kv"
+    assert rendered["llm"]["context"]["materializer"] == "streaming_kv"
+    assert rendered["llm"]["engine"]["enforce_eager"] is False  # the rest of the section is kept
+    assert _rendered_llm_config(docs, tmp_path).llm.context.materializer == "streaming_kv"
 
 
 def test_schema_rejects_an_unknown_materializer() -> None:
-    proc = run_helm("template", RELEASE, str(CHART), "--set", "config.llm.materializer=paged", check=False)
+    proc = run_helm("template", RELEASE, str(CHART), "--set", "config.llm.context.materializer=paged",
+                    check=False)
     assert proc.returncode != 0
-    assert "/config/llm/materializer" in proc.stderr
+    assert "/config/llm/context/materializer" in proc.stderr
     assert "recompute" in proc.stderr and "streaming_kv" in proc.stderr and "engine_cache" in proc.stderr
 
 
@@ -1187,7 +1188,7 @@ def test_an_imported_model_reaches_the_llm_pods_and_the_encoder() -> None:
     assert copy["command"] == ["sh", "-c", "test -s /models/llava-ov/livelens_model.json || "
                                "cp -R /app/build/models/llava-ov /models/"]
     env = env_of(llm["containers"][0])
-    assert env["LIVELENS_MODEL__SPEC"] == "/models/llava-ov" and "LIVELENS_LLM__MODEL_PATH" not in env
+    assert env["LIVELENS_MODEL__SPEC"] == "/models/llava-ov" and "LIVELENS_LLM__ENGINE__MODEL_PATH" not in env
     encoder = pod_spec(find(docs, "Deployment", component("encoder")))["containers"][0]
     assert env_of(encoder)["LIVELENS_ENCODER__MODEL_NAME"] == "llava-ov"
     default = pod_spec(find(render(), "StatefulSet", component("llm")))
@@ -1199,13 +1200,13 @@ def test_an_imported_model_reaches_the_llm_pods_and_the_encoder() -> None:
 def test_llm_replicas_share_a_kv_volume_when_asked(default_docs: list[dict[str, Any]],
                                                    full_docs: list[dict[str, Any]]) -> None:
     """Off by default (each replica's KV on its own disk tier); on, one ReadWriteMany claim
-    mounted by every replica, named to the LLM service by LIVELENS_LLM__KV_SHARED_DIR."""
+    mounted by every replica, named to the LLM service by LIVELENS_LLM__STORE__KV_SHARED_DIR."""
     default = pod_spec(find(default_docs, "StatefulSet", component("llm")))
-    assert "LIVELENS_LLM__KV_SHARED_DIR" not in env_of(default["containers"][0])
+    assert "LIVELENS_LLM__STORE__KV_SHARED_DIR" not in env_of(default["containers"][0])
     assert not [d for d in default_docs if d["metadata"]["name"] == component("llm-shared-kv")]
     spec = pod_spec(find(full_docs, "StatefulSet", component("llm")))
     llm = spec["containers"][0]
-    assert env_of(llm)["LIVELENS_LLM__KV_SHARED_DIR"] == "/var/lib/livelens/shared-kv"
+    assert env_of(llm)["LIVELENS_LLM__STORE__KV_SHARED_DIR"] == "/var/lib/livelens/shared-kv"
     assert {"name": "shared-kv", "mountPath": "/var/lib/livelens/shared-kv"} in llm["volumeMounts"]
     volume = next(v for v in spec["volumes"] if v["name"] == "shared-kv")
     assert volume["persistentVolumeClaim"]["claimName"] == component("llm-shared-kv")

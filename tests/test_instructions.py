@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
 
 from devtools.train.data import image_path, needle_frames
 from livelens.client import Alert, Answer, Client, Refused
-from livelens.config import load_config
+from livelens.config import load_config, with_settings
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
@@ -33,8 +34,7 @@ def test_the_subject_of_an_instruction():
 
 
 def test_instructions_are_added_cancelled_and_limited():
-    cfg = load_config(env={}).llm
-    cfg.max_instructions = 2
+    cfg = with_settings(load_config(env={}), {"llm.instructions.max_per_stream": 2}).llm
     s = InstructionSet(cfg)
     s.add(instruction(1))
     with pytest.raises(InstructionError) as same:
@@ -43,7 +43,8 @@ def test_instructions_are_added_cancelled_and_limited():
     with pytest.raises(InstructionError) as full:
         s.add(instruction(3))
     assert same.value.code == grpc.StatusCode.ALREADY_EXISTS
-    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "llm.max_instructions" in full.value.message
+    assert full.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "llm.instructions.max_per_stream" in full.value.message
     s.cancel("i-1")
     with pytest.raises(InstructionError) as gone:
         s.cancel("i-1")
@@ -55,8 +56,8 @@ def test_instructions_are_added_cancelled_and_limited():
 
 
 def test_fires_once_per_event_with_hysteresis_and_cooldown():
-    cfg = load_config(env={}).llm
-    cfg.instruction_fire, cfg.instruction_rearm, cfg.instruction_cooldown_s = 0.6, 0.4, 10.0
+    cfg = with_settings(load_config(env={}), {"llm.instructions.fire": 0.6, "llm.instructions.rearm": 0.4,
+                                              "llm.instructions.cooldown_s": 10.0}).llm
     s = InstructionSet(cfg)
     s.add(instruction(1))
     w = s.items["i-1"]
@@ -69,8 +70,7 @@ def test_fires_once_per_event_with_hysteresis_and_cooldown():
 
 
 def test_checks_take_turns_within_the_budget():
-    cfg = load_config(env={}).llm
-    cfg.instruction_checks_per_s = 2.0
+    cfg = with_settings(load_config(env={}), {"llm.instructions.checks_per_s": 2.0}).llm
     s = InstructionSet(cfg)
     for i in range(4):
         s.add(instruction(i, f"thing {i}"))
@@ -97,7 +97,7 @@ def test_tag_evidence_and_which_instructions_it_scores():
     s.add(instruction(1, "tell me when a cat appears"))
     s.add(instruction(2, "say when someone waves"))  # no class names it: the LLM checks it
     assert s.items["i-1"].by_tags and not s.items["i-2"].by_tags
-    cfg.instruction_scorer = "verify"
+    cfg = replace(cfg, instructions=replace(cfg.instructions, scorer="verify"))
     assert not InstructionSet(cfg)._watched(instruction(3, "a cat")).by_tags
 
 
@@ -105,7 +105,7 @@ def test_p_yes_reads_the_yes_and_no_tokens():
     from services.llm.embedder import ContextEmbedder
 
     cfg = load_config(env={})
-    yes_no = YesNo(ContextEmbedder(cfg.llm.model_path).text_ids)
+    yes_no = YesNo(ContextEmbedder(cfg.llm.engine.model_path).text_ids)
     yes, no = next(iter(yes_no.yes)), next(iter(yes_no.no))
     assert yes_no.p_yes({yes: math.log(0.6), no: math.log(0.2), 12345: math.log(0.2)}) == pytest.approx(0.75)
     assert yes_no.p_yes({12345: 0.0}) == 0.0
@@ -162,7 +162,7 @@ def test_instructions_are_registered_listed_cancelled_and_checked(stack):
         "empty": "INVALID_ARGUMENT", "too long": "INVALID_ARGUMENT", "bad id": "INVALID_ARGUMENT",
         "same id": "ALREADY_EXISTS"}
     assert "gateway.max_instruction_chars" in refused["too long"].message
-    assert per_stream.status == "RESOURCE_EXHAUSTED" and "llm.max_instructions" in per_stream.message
+    assert per_stream.status == "RESOURCE_EXHAUSTED" and "llm.instructions.max_per_stream" in per_stream.message
     assert per_tenant.status == "RESOURCE_EXHAUSTED" and "gateway.max_instructions_per_tenant" in per_tenant.message
     assert cancelled.cancelled_id == "dog" and "dog" not in [i.instruction_id for i in cancelled.instructions]
     assert unknown.code() == grpc.StatusCode.NOT_FOUND and no_stream.code() == grpc.StatusCode.NOT_FOUND
@@ -219,5 +219,5 @@ def test_an_alert_when_the_event_is_certain_and_none_on_a_static_stream(stack):
     alert = on_cut[0]
     assert alert.reason == "instruction" and alert.instruction_id == "cat" and alert.text
     assert "cat" in alert.matched and alert.matched in alert.text  # what matched: a cat tag and its probability
-    assert onset <= alert.stream_time_s <= onset + 2.0 and alert.score >= stack.cfg.llm.instruction_fire
+    assert onset <= alert.stream_time_s <= onset + 2.0 and alert.score >= stack.cfg.llm.instructions.fire
     assert [(r.stream_id, r.instruction_id) for r in published] == [("cat-cut", "cat")]  # topic subscribers too

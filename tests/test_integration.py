@@ -150,7 +150,8 @@ def test_bad_inputs_answered_while_stream_goes_on(stack):
     assert errors[3].status == "INVALID_ARGUMENT" and "not a JPEG or PNG" in errors[3].message
     assert errors["too-long"].status == "INVALID_ARGUMENT"
     assert "max_question_chars" in errors["too-long"].message
-    assert errors["negative"].status == "INVALID_ARGUMENT" and "llm.max_answer_tokens" in errors["negative"].message
+    assert errors["negative"].status == "INVALID_ARGUMENT"
+    assert "llm.engine.max_answer_tokens" in errors["negative"].message
     assert errors[5].status == "INVALID_ARGUMENT" and "finite" in errors[5].message
     assert [(e.code(), "max_tokens" in e.details() or "timeout_s" in e.details()) for e in bad_asks] == \
         [(grpc.StatusCode.INVALID_ARGUMENT, True)] * 3
@@ -357,7 +358,7 @@ def answers_before_and_after_evictions(stack, stream_id: str, questions: list[st
     frames: once while sink + window hold every frame, once after `evicted_frames` more.
     Answers by (question, method); with the request id under (question, method, "id")."""
     cfg = stack.cfg.llm
-    held = cfg.sink_frames + cfg.window_frames
+    held = cfg.context.sink_frames + cfg.context.window_frames
     frames = frames_of("vtest.avi", 30.0)[:held + evicted_frames]
 
     async def answers(client) -> dict[tuple[str, ...], str]:
@@ -398,7 +399,7 @@ def test_streaming_kv_answers_as_recompute_through_the_stack(stack):
     for q in questions:
         assert exact[(q, "streaming_kv")] == exact[(q, "recompute")] == exact[(q, "full")], (q, exact)
         assert len(exact[(q, "streaming_kv")].split()) >= 3, exact
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_path)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.engine.model_path)
     for m in ("streaming_kv", "recompute"):
         scores = [agreement(tokenizer, evicted[(q, m)], evicted[(q, "full")]) for q in questions]
         print(m, "agreement with full context after evictions:", scores, [evicted[(q, m)] for q in questions])

@@ -5,7 +5,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from livelens.config import load_config
+from livelens.config import load_config, with_settings
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.llm.core import LLMCore
@@ -19,10 +19,8 @@ def tokens_record(seq: int, rng: np.random.Generator) -> pb.TokensRecord:
 
 
 def test_memory_flat_over_thousands_of_frames(tmp_path):
-    cfg = load_config(env={})
-    cfg.llm.store_disk_dir = str(tmp_path)
-    cfg.llm.store_ram_mb = 8
-    cfg.llm.store_disk_mb = 32
+    cfg = with_settings(load_config(env={}), {"llm.store.segments_disk_dir": str(tmp_path),
+                                              "llm.store.segments_ram_mb": 8, "llm.store.segments_disk_mb": 32})
     # Frames only, no question: a recompute materializer without an engine.
     res = frames_only_resources(cfg)
     store = res.store
@@ -35,7 +33,7 @@ def test_memory_flat_over_thousands_of_frames(tmp_path):
             ram.append(store.stats.ram_bytes)
             disk.append(store.stats.disk_bytes)
     ctx = service.streams["t/long"].context
-    assert len(ctx.sink) == cfg.llm.sink_frames and len(ctx.window) == cfg.llm.window_frames
+    assert len(ctx.sink) == cfg.llm.context.sink_frames and len(ctx.window) == cfg.llm.context.window_frames
     assert max(ram) <= 8 * 2**20 and max(disk) <= 32 * 2**20
     assert ram[-1] == ram[len(ram) // 2], "flat once the budget is reached"
     # a replayed record changes nothing

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from livelens.config import LLMConfig
+from livelens.config import LivelensConfig, with_settings
 from services.llm.context import FrameSegment, StreamContext, frame_block, head_block
 from services.llm.kv.store import SegmentStore
 from services.llm.kv_ledger import KVLedger
@@ -34,7 +34,12 @@ def frame(seq: int) -> FrameSegment:
 @pytest.fixture
 def mat(tmp_path: Path) -> StreamingKVMaterializer:
     engine = SimpleNamespace(kv_store_dir=tmp_path)  # never asked to generate here
-    cfg = LLMConfig(sink_frames=1, window_frames=2, kv_disk_mb=6.5 * 2**10 / 2**20, retrieve_layers=[0])
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.store.kv_disk_mb": 6.5 * 2**10 / 2**20,
+        "llm.retrieval.layers": [0],
+    }).llm
     return StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
 
 
@@ -43,7 +48,8 @@ def ledger_of(m: StreamingKVMaterializer, stream_id: str) -> tuple[_StreamKV, KV
     c = m.cfg
     s = m._stream(stream_id)
     if s.ledger is None:
-        s.ledger = KVLedger(stream_id, c.retention_segments * c.chunk_frames, retained_chunks=c.retention_segments)
+        kept = c.store.retention_segments
+        s.ledger = KVLedger(stream_id, kept * c.store.chunk_frames, retained_chunks=kept)
     return s, s.ledger
 
 
@@ -74,7 +80,7 @@ def test_plan_loads_the_stored_prefix_and_saves_what_is_missing(mat: StreamingKV
 def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: StreamingKVMaterializer) -> None:
     ctx = StreamContext("cam", 1, 2, 0)
     s, ledger = ledger_of(mat, "cam")
-    budget = int(mat.cfg.kv_disk_mb * 2**20)
+    budget = int(mat.cfg.store.kv_disk_mb * 2**20)
     for seq in range(8):
         f = frame(seq)
         ctx.add_frame(f)
@@ -99,7 +105,13 @@ def test_stored_kv_leaves_disk_least_recently_used_first_and_sink_stays(mat: Str
 
 def test_retention_deletes_only_the_streams_own_least_recently_used_frames(tmp_path: Path) -> None:
     engine = SimpleNamespace(kv_store_dir=tmp_path)
-    cfg = LLMConfig(sink_frames=1, window_frames=2, retention_segments=2, chunk_frames=1, retrieve_layers=[0])
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.store.retention_segments": 2,
+        "llm.store.chunk_frames": 1,
+        "llm.retrieval.layers": [0],
+    }).llm
     mat = StreamingKVMaterializer(engine, CountingEmbedder(), cfg)  # type: ignore[arg-type]
     streams = {name: ledger_of(mat, name) for name in ("a", "b")}
     for name, (s, ledger) in streams.items():
@@ -157,8 +169,13 @@ class EmbeddingCounter(CountingEmbedder):
 
 def ingesting(tmp_path: Path, delay: float, concurrency: int) -> tuple[StreamingKVMaterializer, SlowEngine]:
     engine = SlowEngine(tmp_path, delay)
-    cfg = LLMConfig(sink_frames=1, window_frames=2, retrieve_layers=[0], prefill_yield_s=0,
-                    prefill_concurrency=concurrency)
+    cfg = with_settings(LivelensConfig(), {
+        "llm.context.sink_frames": 1,
+        "llm.context.window_frames": 2,
+        "llm.retrieval.layers": [0],
+        "llm.backpressure.prefill_yield_s": 0,
+        "llm.backpressure.prefill_concurrency": concurrency,
+    }).llm
     return StreamingKVMaterializer(engine, EmbeddingCounter(), cfg), engine  # type: ignore[arg-type]
 
 

@@ -39,7 +39,7 @@ QUESTION = "What is in the video?"
 
 @pytest.fixture(scope="module", params=["siglip", "clip"])
 def imported(request, tmp_path_factory) -> tuple[Path, Path, ModelSpec]:
-    if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
+    if not (Path(LLMConfig().engine.model_path) / "tokenizer.json").is_file():
         pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoints'")
     from devtools.models.importer import import_checkpoint
     from tests.tiny_checkpoints import build_llava_onevision

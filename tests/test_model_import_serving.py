@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from livelens.config import REPO_ROOT, LLMConfig
+from livelens.config import REPO_ROOT, LLMConfig, with_settings
 from tests.tiny_checkpoints import llava_onevision_reference
 
 pytestmark = pytest.mark.integration
@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent('''
                                  data=cv2.imencode(".png", cv2.cvtColor(im, cv2.COLOR_RGB2BGR))[1].tobytes(),
                                  encoding=pb.FrameRecord.PNG) for i, im in enumerate(images)]
         encoder = EncoderService(cfg)
-        with TritonServer(tcfg, work / "tritonserver.log"):
+        with TritonServer(tcfg, cfg.encoder.model_name, work / "tritonserver.log"):
             model = VisionModelClient(tcfg.grpc_url, cfg.encoder.model_name)
             model.wait_ready()
             # the pixels the encoder computes, for the reference: the same decode and the
@@ -103,7 +103,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path, Path]:
-    if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
+    if not (Path(LLMConfig().engine.model_path) / "tokenizer.json").is_file():
         pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoint's")
     from devtools.models.importer import import_checkpoint
     from tests.tiny_checkpoints import build_llava_onevision
@@ -114,10 +114,10 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Pa
     settings = {
         "LIVELENS_MODEL__SPEC": str(tmp / "models" / "tiny-ov"),
         "LIVELENS_TRITON__MODEL_REPOSITORY": str(tmp / "model_repo"),
-        "LIVELENS_LLM__DTYPE": "float32", "LIVELENS_LLM__KV_STORE_DTYPE": "float32",
-        "LIVELENS_LLM__FREQUENCY_PENALTY": "0", "LIVELENS_LLM__SYSTEM_PROMPT": SYSTEM,
-        "LIVELENS_LLM__MAX_MODEL_LEN": "2048", "LIVELENS_LLM__RETRIEVE_LAYERS": "1",
-        "LIVELENS_LLM__STORE_DISK_DIR": str(tmp / "segments"),
+        "LIVELENS_LLM__ENGINE__DTYPE": "float32", "LIVELENS_LLM__STORE__KV_DTYPE": "float32",
+        "LIVELENS_LLM__ENGINE__FREQUENCY_PENALTY": "0", "LIVELENS_LLM__CONTEXT__SYSTEM_PROMPT": SYSTEM,
+        "LIVELENS_LLM__ENGINE__MAX_MODEL_LEN": "2048", "LIVELENS_LLM__RETRIEVAL__LAYERS": "1",
+        "LIVELENS_LLM__STORE__SEGMENTS_DISK_DIR": str(tmp / "segments"),
         "LIVELENS_ENCODER__CACHE__SKIP_FRAMES": "false", "LIVELENS_ENCODER__CACHE__DROP_TOKENS": "false",
         "QUESTION": QUESTION,
     }
@@ -169,23 +169,23 @@ def test_imported_model_answers_through_the_whole_stack_as_transformers(tmp_path
     from tests.conftest import TOKENS, stack_config
     from tests.tiny_checkpoints import build_llava_onevision
 
-    if not (Path(LLMConfig().model_path) / "tokenizer.json").is_file():
+    if not (Path(LLMConfig().engine.model_path) / "tokenizer.json").is_file():
         pytest.skip("SmolLM2 not built (make models): its tokenizer is the tiny checkpoint's")
     ckpt = build_llava_onevision(tmp_path / "ckpt", tower="clip")
     import_checkpoint(ckpt, "tiny-ov", tmp_path / "model_repo", tmp_path / "models", progress=lambda m: None)
-    cfg = stack_config()
-    cfg.model.spec = str(tmp_path / "models" / "tiny-ov")
-    apply_model_spec(cfg)
-    cfg.triton.model_repository = str(tmp_path / "model_repo")
-    cfg.llm.dtype = "float32"
-    cfg.llm.frequency_penalty = 0.0
-    cfg.llm.system_prompt = SYSTEM
-    cfg.llm.max_model_len = 2048
-    cfg.llm.retrieve_layers = [1]
-    cfg.llm.max_answer_tokens = ANSWER_TOKENS
-    cfg.llm.store_disk_dir = str(tmp_path / "segments")
-    cfg.llm.kv_store_dir = str(tmp_path / "kv")
-    cfg.encoder.cache.skip_frames = cfg.encoder.cache.drop_tokens = False
+    cfg = apply_model_spec(with_settings(stack_config(), {"model.spec": str(tmp_path / "models" / "tiny-ov")}))
+    cfg = with_settings(cfg, {
+        "triton.model_repository": str(tmp_path / "model_repo"),
+        "llm.engine.dtype": "float32",
+        "llm.engine.frequency_penalty": 0.0,
+        "llm.context.system_prompt": SYSTEM,
+        "llm.engine.max_model_len": 2048,
+        "llm.retrieval.layers": [1],
+        "llm.engine.max_answer_tokens": ANSWER_TOKENS,
+        "llm.store.segments_disk_dir": str(tmp_path / "segments"),
+        "llm.store.kv_dir": str(tmp_path / "kv"),
+        "encoder.cache.skip_frames": False,
+        "encoder.cache.drop_tokens": False})
     rng = np.random.default_rng(5)
     images = [cv2.imencode(".png", rng.integers(0, 256, (72, 96, 3), dtype=np.uint8))[1].tobytes()
               for _ in range(3)]

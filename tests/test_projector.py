@@ -25,7 +25,7 @@ from devtools.train.data import FeatureSet
 from livelens.config import LLMConfig
 from services.common.labels import imagenet_names, listing, names_label
 
-LLM_DIR = Path(LLMConfig().model_path)
+LLM_DIR = Path(LLMConfig().engine.model_path)
 
 
 def test_encoder_interface_and_onnx(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from livelens.config import LivelensConfig, load_config
+from livelens.config import LivelensConfig, load_config, with_settings
 from livelens.records import set_tokens
 from livelens.v1 import messages_pb2 as pb
 from services.llm.core import LLMCore
@@ -25,7 +25,7 @@ def frame(seq: int, rng: np.random.Generator, session: str = "s1") -> pb.TokensR
 
 
 def service(cfg: LivelensConfig, store_dir: Path) -> LLMCore:
-    cfg.llm.store_disk_dir = str(store_dir)
+    cfg = with_settings(cfg, {"llm.store.segments_disk_dir": str(store_dir)})
     return LLMCore(cfg, frames_only_resources(cfg))
 
 
@@ -46,9 +46,8 @@ def state(s: Stream) -> dict:
 
 
 def test_replay_from_a_checkpoint_rebuilds_the_same_context(tmp_path):
-    cfg = load_config(env={})
-    cfg.llm.retention_segments = 6  # the replay starts well after the sink
-    cfg.llm.chunk_frames = 2
+    # the replay starts well after the sink
+    cfg = with_settings(load_config(env={}), {"llm.store.retention_segments": 6, "llm.store.chunk_frames": 2})
     rng = np.random.default_rng(0)
     log = [frame(seq, rng) for seq in range(41)]
     owner = service(cfg, tmp_path / "a")

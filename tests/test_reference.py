@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent('''
     import asyncio, json, sys
     from pathlib import Path
     import numpy as np, torch
-    from livelens.config import LivelensConfig, LLMConfig
+    from livelens.config import LivelensConfig, LLMConfig, with_settings
     from services.llm.context import ComposedContext, FrameSegment, frame_block, head_block
     from services.llm.kv.rope import model_rope_theta
     from services.llm.resources import build_resources
@@ -56,21 +56,28 @@ SCRIPT = textwrap.dedent('''
     async def main():
         tmp = Path(sys.argv[2])
         # frequency_penalty 0: the reference is transformers' plain greedy decoding.
-        cfg = LivelensConfig(llm=LLMConfig(dtype="float32", kv_store_dtype="float32", sink_frames=2,
-                                           window_frames=3, dialogue_turns=2, retrieve_top_k=2,
-                                           frequency_penalty=0.0, store_disk_dir=str(tmp / "segments")))
+        cfg = with_settings(LivelensConfig(), {
+            "llm.engine.dtype": "float32",
+            "llm.store.kv_dtype": "float32",
+            "llm.context.sink_frames": 2,
+            "llm.context.window_frames": 3,
+            "llm.context.dialogue_turns": 2,
+            "llm.retrieval.top_k": 2,
+            "llm.engine.frequency_penalty": 0.0,
+            "llm.store.segments_disk_dir": str(tmp / "segments"),
+        })
         c = cfg.llm
-        theta = model_rope_theta(c.model_path)
+        theta = model_rope_theta(c.engine.model_path)
         engine, res = build_resources(cfg, tmp / "kv")  # as the service builds them
         emb, streaming = res.embedder, res.materializer
         rms = float(emb.table.float().pow(2).mean().sqrt())
         rng = np.random.default_rng(0)
         frames = [FrameSegment(i, i * 0.5, (rng.standard_normal((49, 576)) * rms).astype(np.float16),
                                np.ones(49, bool)) for i in range(12)]
-        ref = ReferenceLM(c.model_path)
+        ref = ReferenceLM(c.engine.model_path)
         sref = StreamingReference(ref, theta)
         stream = Stream("s", res)
-        head = emb.embed(ComposedContext([head_block(c.system_prompt)]))
+        head = emb.embed(ComposedContext([head_block(c.context.system_prompt)]))
         results = []
         for f in frames:
             stream.add(f.seq, f.pts_s, f.tokens, f.kept)

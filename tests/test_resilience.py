@@ -414,15 +414,24 @@ def test_every_service_serves_its_metrics(stack):
             await collect(s, lambda ev: "metered" in finals(ev))
 
     asyncio.run(run())
-    time.sleep(1.5)  # consumer lag is sampled every second
 
     def scrape(port: int) -> dict[str, float]:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                 if line and not line.startswith("#")}
 
-    gateway, encoder, llm = (scrape(p) for p in (stack.cfg.gateway.metrics_port, stack.cfg.encoder.metrics_port,
-                                                 stack.cfg.llm.metrics_port))
+    # The question is answered after a bounded wait for its frames (llm.backpressure.frame_wait_s), so it
+    # can come before them when the encoders' group is still settling after the replica test
+    # before this one: the counters are read once the frames went through (or after 60 s).
+    deadline = time.monotonic() + 60
+    while True:
+        time.sleep(1.5)  # consumer lag is sampled every second
+        gateway, encoder, llm = (scrape(p) for p in (stack.cfg.gateway.metrics_port,
+                                                     stack.cfg.encoder.metrics_port, stack.cfg.llm.metrics_port))
+        through = (encoder.get("livelens_encoder_frames_in_total", 0) >= len(frames)
+                   and llm.get("livelens_llm_frame_to_context_seconds_count", 0) >= 1)
+        if through or time.monotonic() > deadline:
+            break
     assert gateway['livelens_gateway_frames_total{tenant="acme"}'] >= len(frames)
     assert gateway["livelens_gateway_time_to_first_token_seconds_count"] >= 1
     assert gateway["livelens_gateway_e2e_request_latency_seconds_count"] >= 1

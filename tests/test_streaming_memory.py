@@ -29,7 +29,7 @@ SCRIPT = textwrap.dedent('''
     import asyncio, json, sys
     from pathlib import Path
     import numpy as np, psutil
-    from livelens.config import LivelensConfig, LLMConfig
+    from livelens.config import LivelensConfig, LLMConfig, with_settings
     from services.llm.resources import build_resources
     from services.llm.stream import ContextMethod, Stream
 
@@ -44,9 +44,15 @@ SCRIPT = textwrap.dedent('''
         frames_total = int(sys.argv[3])
         kv_dir = Path(sys.argv[2]) / "kv"
         # frames fed 50 at a time, faster than real time: backpressure off, every frame goes in
-        cfg = LivelensConfig(llm=LLMConfig(dtype="float32", window_frames=4, kv_disk_mb=24, kv_ram_mb=8,
-                                           store_ram_mb=4, store_disk_dir=str(Path(sys.argv[2]) / "segments"),
-                                           max_context_lag_s=0.0))
+        cfg = with_settings(LivelensConfig(), {
+            "llm.engine.dtype": "float32",
+            "llm.context.window_frames": 4,
+            "llm.store.kv_disk_mb": 24,
+            "llm.store.kv_ram_mb": 8,
+            "llm.store.segments_ram_mb": 4,
+            "llm.store.segments_disk_dir": str(Path(sys.argv[2]) / "segments"),
+            "llm.backpressure.max_context_lag_s": 0.0,
+        })
         engine, res = build_resources(cfg, kv_dir)  # as the service builds them
         m = res.materializer
         rms = float(res.embedder.table.float().pow(2).mean().sqrt())
@@ -87,7 +93,7 @@ SCRIPT = textwrap.dedent('''
 
 
 def test_streaming_kv_memory_flat_as_the_stream_grows(tmp_path: Path) -> None:
-    if not (Path(LLMConfig().model_path) / "config.json").is_file():
+    if not (Path(LLMConfig().engine.model_path) / "config.json").is_file():
         pytest.skip("LLM not built (make models)")
     script = tmp_path / "grow.py"
     script.write_text(SCRIPT)
@@ -110,7 +116,7 @@ def test_streaming_kv_memory_flat_as_the_stream_grows(tmp_path: Path) -> None:
     assert result["sink"] == result["sink_stored"] == [0, 1]  # the sink's KV is never deleted
     # the service's retrieval found frame 20 by its example image, its KV deleted: the question
     # computed it (one miss: the loaded prefix stops there) and answered
-    assert len(result["retrieved"]) == LLMConfig().retrieve_top_k and 20 in result["retrieved"], result
+    assert len(result["retrieved"]) == LLMConfig().retrieval.top_k and 20 in result["retrieved"], result
     assert 20 not in result["retrieved_stored"], result
     assert stats["kv_misses"] == 1
     assert result["answer_tokens"] > 0

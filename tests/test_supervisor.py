@@ -24,7 +24,7 @@ def test_exits_are_described():
 
 def test_a_service_that_cannot_start_stops_the_wait_at_once(tmp_path):
     slow = child(tmp_path, "slow", "import time; time.sleep(60)")
-    broken = child(tmp_path, "broken", "import sys; print('llm.max_model_len is too small'); sys.exit(3)")
+    broken = child(tmp_path, "broken", "import sys; print('llm.engine.max_model_len is too small'); sys.exit(3)")
     slow.ready_check = lambda: False
     broken.ready_check = lambda: False
     for p in (slow, broken):
@@ -37,7 +37,7 @@ def test_a_service_that_cannot_start_stops_the_wait_at_once(tmp_path):
         slow.stop()
         broken.stop()
     assert time.monotonic() - t0 < 10  # not after the slow one's 60 s
-    assert "broken exited with code 3" in str(failed.value) and "llm.max_model_len" in str(failed.value)
+    assert "broken exited with code 3" in str(failed.value) and "llm.engine.max_model_len" in str(failed.value)
 
 
 def test_crashed_processes_are_restarted_with_back_off(tmp_path):

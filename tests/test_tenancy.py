@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from livelens import kafka as lk
-from livelens.config import ConfigError, GatewayConfig, KafkaConfig, LivelensConfig, validate
+from livelens.config import ConfigError, GatewayConfig, KafkaConfig, LivelensConfig, validate, with_settings
 from livelens.identity import key_of, split_key, stream_key
 from livelens.v1 import messages_pb2 as pb
 from services.gateway.decider import ResponseTimingDecider
@@ -72,8 +72,7 @@ def test_rate_limit_refills():
 
 
 def test_tokens_map_to_tenants():
-    cfg = LivelensConfig()
-    cfg.gateway.tokens = {"tok-a": "acme", "tok-b": "beta"}
+    cfg = with_settings(LivelensConfig(), {"gateway.tokens": {"tok-a": "acme", "tok-b": "beta"}})
     servicer = LiveLensServicer(cfg, producer=None)
     assert servicer.token_tenant("tok-a") == "acme" and servicer.token_tenant("tok-b") == "beta"
     assert servicer.token_tenant("tok-") is None and servicer.token_tenant("") is None

@@ -131,7 +131,7 @@ def test_questions_and_stream_ids():
 def test_answer_length_and_deadline_limits():
     assert check_max_tokens(0, 48) == 0 and check_max_tokens(48, 48) == 48
     for bad in (-1, 49, 10**9):
-        with pytest.raises(InvalidItem, match=r"max_tokens .* 1\.\.48 \(llm.max_answer_tokens\)") as info:
+        with pytest.raises(InvalidItem, match=r"max_tokens .* 1\.\.48 \(llm.engine.max_answer_tokens\)") as info:
             check_max_tokens(bad, 48)
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
     cfg = GatewayConfig(ask_timeout_s=60, max_ask_timeout_s=600)

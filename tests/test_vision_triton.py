@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from livelens.config import TritonConfig, VisionConfig
+from devtools.models.settings import VisionBuild
+from livelens.config import LivelensConfig, TritonConfig
 from services.common.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, preprocess_batch
 
-ONNX_PATH = Path(VisionConfig().onnx_path)
+MODEL = "vision_encoder"
+ONNX_PATH = VisionBuild.of(LivelensConfig(), env={}).onnx_path
 INFO_PATH = ONNX_PATH.parent / "model_info.json"
 needs_onnx = pytest.mark.skipif(
     not ONNX_PATH.is_file() or not INFO_PATH.is_file(),
@@ -104,7 +106,7 @@ def triton(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonConfig]:
     from services.common.ports import free_port
 
     cfg = TritonConfig(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
-    server = TritonServer(cfg, tmp_path_factory.mktemp("triton") / "tritonserver.log")
+    server = TritonServer(cfg, MODEL, tmp_path_factory.mktemp("triton") / "tritonserver.log")
     server.start()
     try:
         seconds = server.wait_ready(cfg.startup_timeout_s)
@@ -127,11 +129,11 @@ def _infer(client, cfg: TritonConfig, pixels: np.ndarray) -> np.ndarray:  # type
     from tritonclient import grpc as tgrpc
 
     outputs = [tgrpc.InferRequestedOutput("tokens")]
-    return client.infer(cfg.model_name, _inputs(pixels), outputs=outputs).as_numpy("tokens")
+    return client.infer(MODEL, _inputs(pixels), outputs=outputs).as_numpy("tokens")
 
 
 def _counts(client, cfg: TritonConfig) -> tuple[int, int]:  # type: ignore[no-untyped-def]
-    stats = client.get_inference_statistics(cfg.model_name, as_json=True)["model_stats"][0]
+    stats = client.get_inference_statistics(MODEL, as_json=True)["model_stats"][0]
     return int(stats.get("inference_count", 0)), int(stats.get("execution_count", 0))
 
 
@@ -180,7 +182,7 @@ def test_triton_batches_concurrent_requests(triton: TritonConfig) -> None:
                 barrier.wait(timeout=10)
                 for _ in range(requests_per_thread):
                     client.async_infer(
-                        triton.model_name,
+                        MODEL,
                         _inputs(frames[k : k + 1]),
                         callback=on_result,
                         outputs=[tgrpc.InferRequestedOutput("tokens")],

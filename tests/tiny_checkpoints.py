@@ -43,7 +43,7 @@ def build_llava_onevision(out: Path, tower: str = "siglip", seed: int = 0) -> Pa
         SiglipVisionConfig,
     )
 
-    tok = AutoTokenizer.from_pretrained(LLMConfig().model_path)
+    tok = AutoTokenizer.from_pretrained(LLMConfig().engine.model_path)
     tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
     tok.chat_template = LLAVA_ONEVISION_TEMPLATE
     image_id, video_id = (int(tok.convert_tokens_to_ids(t)) for t in ("<image>", "<video>"))  # type: ignore[arg-type]

@@ -8,7 +8,7 @@ import argparse
 from pathlib import Path
 
 from livelens.cli import fail
-from livelens.config import MATERIALIZERS, LivelensConfig
+from livelens.config import MATERIALIZERS, LivelensConfig, with_settings
 
 MINUTES = [1.0, 10.0, 30.0, 60.0]
 
@@ -77,7 +77,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
                    help="frames per second of the needle haystacks (default 0.05)")
     p.add_argument("--grounding-samples", type=int, default=10, help="samples per held-out video (default 10)")
     p.add_argument("--materializers", nargs="+", default=None, choices=list(MATERIALIZERS),
-                   help="a pipeline answering with each (default: llm.materializer)")
+                   help="a pipeline answering with each (default: llm.context.materializer)")
     p.add_argument("--skip", nargs="*", default=[], choices=["grounding", "needle"], help="parts to skip")
     _out(p, "quality")
     p.set_defaults(suite_run=_quality)
@@ -95,7 +95,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
 
     p = suites.add_parser("timing", help="when the system speaks up: the deciders against labelled events")
     p.add_argument("--scorer", choices=["auto", "verify", "tags"], default=None,
-                   help="how the decider scores its checks (default: llm.instruction_scorer)")
+                   help="how the decider scores its checks (default: llm.instructions.scorer)")
     p.add_argument("--video", default=None, help="one video of your own, with --events")
     p.add_argument("--events", default=None,
                    help="events of --video (JSON [{onset, end, label}] or CSV onset,end,label)")
@@ -114,7 +114,7 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
     p.add_argument("--fps", type=float, default=2.0, help="frames per second of each stream (default 2)")
     p.add_argument("--materializers", nargs="+", default=list(MATERIALIZERS), choices=list(MATERIALIZERS),
                    help="the stream counts again on a stack running each of these (default: all three; the "
-                        "configured llm.materializer's runs come first)")
+                        "configured llm.context.materializer's runs come first)")
     p.add_argument("--skip", nargs="*", default=[], choices=["batching-off", "replicas"], help="parts to skip")
     _out(p, "streams")
     p.set_defaults(suite_run=_streams)
@@ -166,7 +166,7 @@ def _quality(cfg: LivelensConfig, args: argparse.Namespace, out: Path) -> int:
                            needles_file=Path(args.needles) if args.needles else None,
                            needle=(args.needle, args.label, args.kind) if args.needle else None,
                            haystack_fps=args.haystack_fps, grounding_per_video=args.grounding_samples,
-                           skip=tuple(args.skip), materializers=args.materializers or [cfg.llm.materializer])
+                           skip=tuple(args.skip), materializers=args.materializers or [cfg.llm.context.materializer])
     except (FileNotFoundError, ValueError) as exc:
         return fail(str(exc))
 
@@ -189,7 +189,7 @@ def _timing(cfg: LivelensConfig, args: argparse.Namespace, out: Path) -> int:
         return fail("--video needs --events FILE (onset,end,label per event) to be scored", 2)
     videos = [args.video] if args.video else (args.videos or ["vtest.avi", "bikes.mp4"])
     if args.scorer:
-        cfg.llm.instruction_scorer = args.scorer
+        cfg = with_settings(cfg, {"llm.instructions.scorer": args.scorer})
     try:
         return run_timing(cfg, out, videos, minutes=args.minutes, fps=args.fps, events_file=args.events,
                           methods=tuple(args.methods or METHODS))

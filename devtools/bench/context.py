@@ -11,7 +11,7 @@ side by side:
 
 - full_context (`ContextMethod.FULL`): every frame the stream holds (sink, segment store,
   window) in the prompt, recomputed (a naive video LLM server); refused (the reason
-  recorded) where it does not fit `llm.max_model_len`;
+  recorded) where it does not fit `llm.engine.max_model_len`;
 - window_recompute (`ContextMethod.WINDOW`): sink + window re-prefilled for every question,
   vLLM's prefix cache reset before each (StreamingVLM's "sliding window with recompute");
 - recompute (`ContextMethod.RECOMPUTE`): sink + retrieved + window as `prompt_embeds`,
@@ -22,7 +22,7 @@ side by side:
   its own tokens. One stream grows through all the lengths (that is what a live stream
   does); questions are asked when it reaches each length. Its first minute is fed one frame
   at a time (the live pace when prefill keeps up), the rest as fast as the engine ingests
-  (the materializer then prefills up to `llm.max_prefill_batch_frames` per request).
+  (the materializer then prefills up to `llm.backpressure.max_prefill_batch_frames` per request).
 - engine_cache (`ContextMethod.ENGINE_CACHE`, the path for any vLLM): every frame prefilled
   once as it arrives into vLLM's own prefix cache ([head][sink][window], the window sliding
   several frames at a time); a question sends the whole context with the retrieved frames
@@ -35,7 +35,7 @@ instruction check (one after each question, as the service checks a frame). Thos
 do not depend on the hardware.
 
 One engine (with our KV connector loaded) serves every method, as in a service started with
-`llm.materializer: streaming_kv`; its recompute requests are salted, so they never hit
+`llm.context.materializer: streaming_kv`; its recompute requests are salted, so they never hit
 blocks the streaming path loaded. The three recomputing methods' streams take the recompute
 materializer as their own (their frames are not prefilled on arrival: that would only load
 the CPU). vLLM's prefix cache is reset before each method's questions, so no method reuses
@@ -59,7 +59,8 @@ import psutil
 
 from devtools.bench.common import machine, percentile
 from devtools.bench.needle import FPS, VisionModel
-from livelens.config import LivelensConfig
+from devtools.models.settings import VisionBuild
+from livelens.config import LivelensConfig, with_settings
 from livelens.video import read_frames, sample_video
 from services.llm.context import frame_block
 from services.llm.engine import VllmEngine
@@ -125,7 +126,7 @@ async def run_method(engine: VllmEngine, res: StreamResources, tokens: list[np.n
         try:
             composed = stream.compose(QUESTION, ANSWER_TOKENS, context_method, request_id)
         except ContextError as exc:  # full context longer than the engine takes
-            full = stream.context.compose(res.cfg.system_prompt, QUESTION, retrieved=stream.stored_frames())
+            full = stream.context.compose(res.cfg.context.system_prompt, QUESTION, retrieved=stream.stored_frames())
             row["context_tokens"] = res.embedder.count(full)
             row["reason"] = str(exc)
             break
@@ -174,7 +175,7 @@ def growing_resources(engine: VllmEngine, res: StreamResources, method: str) -> 
     salted (the streaming path's loaded blocks sit in the same prefix cache)."""
     if method == "streaming_kv":
         return res
-    cfg = replace(res.cfg, materializer="engine_cache")
+    cfg = replace(res.cfg, context=replace(res.cfg.context, materializer="engine_cache"))
     return replace(res, cfg=cfg, queries=None,
                    materializer=EngineCacheMaterializer(engine, res.embedder, cfg, res.chat, cache_salt=method))
 
@@ -283,8 +284,9 @@ async def bench(cfg: LivelensConfig, minutes: list[float], questions: int, token
         # method) and the segment store's disk tier in this run's directory.
         # (frames are fed faster than real time, each after the one before is prefilled:
         # no backpressure, so every method sees every frame)
-        run_cfg = replace(cfg, llm=replace(cfg.llm, materializer="streaming_kv", max_context_lag_s=0.0,
-                                           store_disk_dir=str(Path(tmp) / "segments")))
+        run_cfg = with_settings(cfg, {"llm.context.materializer": "streaming_kv",
+                                      "llm.backpressure.max_context_lag_s": 0.0,
+                                      "llm.store.segments_disk_dir": str(Path(tmp) / "segments")})
         engine, res = build_resources(run_cfg, Path(tmp) / "kv")
         try:
             for m in minutes:
@@ -354,9 +356,10 @@ def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def run_context(cfg: LivelensConfig, out: Path, minutes: list[float], questions: int = 5,
                 methods: list[str] | None = None) -> int:
     t0 = time.perf_counter()
-    cfg.llm.max_model_len = max(cfg.llm.max_model_len, 8192)  # room for the full-context baseline
+    # room for the full-context baseline
+    cfg = with_settings(cfg, {"llm.engine.max_model_len": max(cfg.llm.engine.max_model_len, 8192)})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    model = VisionModel(cfg.vision.onnx_path)
+    model = VisionModel(VisionBuild.of(cfg).onnx_path)
     frames = [f.rgb for f in read_frames(sample_video("vtest.avi"), FPS)]
     print(f"encoding {len(frames)} real frames of vtest.avi", flush=True)
     tokens = model.encode(frames)
@@ -366,9 +369,9 @@ def run_context(cfg: LivelensConfig, out: Path, minutes: list[float], questions:
         print(f"  {key}: {'n/a' if value is None else f'{value:.2f}x'}")
     result = {"runs": runs, "goals": summary, "video": "vtest.avi (looped, synthetic 2 fps timing)",
               "machine": machine(),
-              "llm": Path(cfg.llm.model_path).name, "window_frames": cfg.llm.window_frames,
-              "sink_frames": cfg.llm.sink_frames, "retrieve_top_k": cfg.llm.retrieve_top_k,
-              "max_model_len": cfg.llm.max_model_len, "questions_per_run": questions,
+              "llm": Path(cfg.llm.engine.model_path).name, "window_frames": cfg.llm.context.window_frames,
+              "sink_frames": cfg.llm.context.sink_frames, "retrieve_top_k": cfg.llm.retrieval.top_k,
+              "max_model_len": cfg.llm.engine.max_model_len, "questions_per_run": questions,
               "seconds": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

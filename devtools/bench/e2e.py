@@ -21,7 +21,7 @@ from typing import Any
 from devtools.bench.common import TopicWatcher, machine, percentile
 from devtools.stack import Stack, use_free_ports
 from livelens.client import Client
-from livelens.config import LivelensConfig
+from livelens.config import LivelensConfig, with_settings
 from livelens.video import sample_video
 from livelens.watcher import ScheduledQuestion, WatchReport, watch_video
 
@@ -113,8 +113,9 @@ async def _phases(cfg: LivelensConfig, target: str, token: str, video: str, seco
 def run_e2e(cfg: LivelensConfig, seconds: float, fps: float, video: str | None, out: Path,
             question_every_s: float = 5.0) -> int:
     video = video or str(sample_video("vtest.avi"))
-    use_free_ports(cfg)  # never collides with a running `livelens up`
-    cfg.gateway.proactive_alerts = False  # alerts would compete with the measured questions
+    # free ports: never collides with a running `livelens up`; no alerts: they would compete
+    # with the measured questions
+    cfg = with_settings(use_free_ports(cfg), {"gateway.proactive_alerts": False})
     stack = Stack(cfg, Path(tempfile.mkdtemp(prefix="livelens-bench-")))
     stack.start(progress=lambda m: print(f"==> {m}", flush=True))
     try:
@@ -127,8 +128,8 @@ def run_e2e(cfg: LivelensConfig, seconds: float, fps: float, video: str | None, 
     finally:
         stack.stop()
     result.update(video=Path(video).name, video_seconds=seconds, target_fps=fps, machine=machine(),
-                  llm=Path(cfg.llm.model_path).name, vision=cfg.encoder.model_id,
-                  window_frames=cfg.llm.window_frames, sink_frames=cfg.llm.sink_frames,
+                  llm=Path(cfg.llm.engine.model_path).name, vision=cfg.encoder.model_id,
+                  window_frames=cfg.llm.context.window_frames, sink_frames=cfg.llm.context.sink_frames,
                   unix_time=int(time.time()))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -169,12 +169,11 @@ def run_encoder(cfg: LivelensConfig, out: Path, seconds: float = 60.0, videos: l
     videos = videos or VIDEOS
     streams = streams or STREAMS
     on_model, off_model = BACKBONES[backbone]
-    tcfg = replace(cfg.triton, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port(),
-                   model_name=on_model)
+    tcfg = replace(cfg.triton, grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
     runs: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
     out.parent.mkdir(parents=True, exist_ok=True)
-    with TritonServer(tcfg, out.parent / "encoder-tritonserver.log"):
+    with TritonServer(tcfg, on_model, out.parent / "encoder-tritonserver.log"):
         models = {}
         for name in dict.fromkeys((on_model, off_model)):
             models[name] = VisionModelClient(tcfg.grpc_url, name)

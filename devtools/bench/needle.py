@@ -9,8 +9,8 @@ service's own `Stream` (`services.llm.stream`: context, tiered segment store fro
 since no question is answered here). The query is another frame of the needle clip
 (0.25 s off the sampled ones, so not an inserted image), given as the question's example
 image (`Stream.add_example`); the needle frames are looked up with the service's own
-retrieval (`Stream.retrieve`: best-first top-k, cut to `llm.retrieve_token_budget`), with
-`llm.retrieve_top_k` set to each k in turn. recall@k is the share of needle frames that
+retrieval (`Stream.retrieve`: best-first top-k, cut to `llm.retrieval.token_budget`), with
+`llm.retrieval.top_k` set to each k in turn. recall@k is the share of needle frames that
 end up in the context: retrieved, sink or window.
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from livelens.config import LivelensConfig
+from devtools.models.settings import VisionBuild
+from livelens.config import LivelensConfig, with_settings
 from livelens.video import read_frames, sample_video
 from services.common.preprocess import preprocess
 from services.llm.embedder import ContextEmbedder
@@ -38,12 +39,12 @@ QUESTION = "When did this appear?"  # retrieval scores the example image; the te
 
 
 class VisionModel:
-    def __init__(self, onnx_path: str) -> None:
+    def __init__(self, onnx_path: str | Path) -> None:
         import onnxruntime as ort
 
         if not Path(onnx_path).is_file():
             raise FileNotFoundError(f"{onnx_path} not found: run `make models`")
-        self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
 
     def encode(self, frames: list[np.ndarray], batch: int = 16) -> list[np.ndarray]:
         out: list[np.ndarray] = []
@@ -58,7 +59,7 @@ def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.nda
             embedder: ContextEmbedder | None = None) -> list[dict[str, Any]]:
     n = int(minutes * 60 * FPS)
     at = int(depth * (n - len(needle)))
-    cfg = replace(cfg, llm=replace(cfg.llm, store_disk_dir=str(disk_dir)))
+    cfg = with_settings(cfg, {"llm.store.segments_disk_dir": str(disk_dir)})
     res = frames_only_resources(cfg, embedder)
     stream = Stream("needle", res)
     kept = np.ones(needle[0].shape[0], bool)
@@ -75,8 +76,8 @@ def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.nda
     in_context = {f.seq for f in stream.context.sink} | {f.seq for f in stream.context.window}
     rows = []
     for k in ks:
-        # The same stream and frames, retrieving as a service with llm.retrieve_top_k = k.
-        stream.res = replace(res, cfg=replace(res.cfg, retrieve_top_k=k))
+        # The same stream and frames, retrieving as a service with llm.retrieval.top_k = k.
+        stream.res = replace(res, cfg=replace(res.cfg, retrieval=replace(res.cfg.retrieval, top_k=k)))
         t0 = time.perf_counter()
         retrieved = stream.retrieve(QUESTION, example)
         retrieve_s = time.perf_counter() - t0
@@ -93,7 +94,7 @@ def run_one(cfg: LivelensConfig, haystack: list[np.ndarray], needle: list[np.nda
 
 def run_needle(cfg: LivelensConfig, out: Path, minutes: list[float], depths: list[float], ks: list[int]) -> int:
     t0 = time.perf_counter()
-    model = VisionModel(cfg.vision.onnx_path)
+    model = VisionModel(VisionBuild.of(cfg).onnx_path)
     hay = [f.rgb for f in read_frames(sample_video("vtest.avi"), FPS)]
     clip = [f.rgb for f in read_frames(sample_video("Megamind.avi"), FPS * 2,
                                        max_seconds=NEEDLE_START_S + NEEDLE_SECONDS)
@@ -103,7 +104,7 @@ def run_needle(cfg: LivelensConfig, out: Path, minutes: list[float], depths: lis
     haystack = model.encode(hay)
     needle = model.encode(needle_frames)
     query = model.encode([query_frame])[0]
-    embedder = ContextEmbedder(cfg.llm.model_path)
+    embedder = ContextEmbedder(cfg.llm.engine.model_path)
     runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="livelens-needle-") as tmp:
         for m in minutes:
@@ -115,7 +116,7 @@ def run_needle(cfg: LivelensConfig, out: Path, minutes: list[float], depths: lis
     result = {"runs": runs, "needle": f"Megamind.avi {NEEDLE_START_S:g}-{NEEDLE_START_S + NEEDLE_SECONDS:g} s",
               "haystack": "vtest.avi (looped)", "fps": FPS, "needle_frames": len(needle),
               "query": "Megamind.avi frame between two inserted ones", "vision": cfg.encoder.model_id,
-              "retrieve_token_budget": cfg.llm.retrieve_token_budget, "chunk_frames": cfg.llm.chunk_frames,
+              "retrieve_token_budget": cfg.llm.retrieval.token_budget, "chunk_frames": cfg.llm.store.chunk_frames,
               "seconds": time.perf_counter() - t0}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from devtools.bench.common import machine, percentile
-from livelens.config import LivelensConfig
+from devtools.models.settings import VisionBuild
+from livelens.config import LivelensConfig, with_settings
 from livelens.identity import stream_key
 from livelens.records import encode_jpeg
 from livelens.v1 import messages_pb2 as pb
@@ -76,9 +77,8 @@ class Pipeline:
 
         # The haystack is fed faster than real time, its backlog bounded by the feeder: no
         # frame may be folded into another (backpressure is for live streams).
-        cfg.llm.max_context_lag_s = 0.0
-        self.cfg = cfg
-        self.service_encoder = f"vision_encoder_{cfg.vision.projector}"  # the served model the service runs
+        self.cfg = cfg = with_settings(cfg, {"llm.backpressure.max_context_lag_s": 0.0})
+        self.service_encoder = f"vision_encoder_{VisionBuild.of(cfg).projector}"  # the served model the service runs
         self.encoder = EncoderService(cfg)
         self.models: dict[str, VisionModelClient] = {}
         self.grpc_url = grpc_url
@@ -329,7 +329,7 @@ async def needle_run(p: Pipeline, haystack: list[np.ndarray], needle_frames: lis
     rows: list[dict[str, Any]] = []
     replies_of: dict[str, dict[str, Reply]] = {}
     ttft = None
-    own = p.cfg.llm.materializer
+    own = p.cfg.llm.context.materializer
     for method in methods:
         if method == "full" and not full_fits:
             continue
@@ -380,7 +380,7 @@ async def run_pipeline(p: Pipeline, result: dict[str, Any], methods: list[str], 
     length, its depth taken in turn from `depths`."""
     from devtools.train import projector as proj
 
-    own = p.cfg.llm.materializer
+    own = p.cfg.llm.context.materializer
     if first_pipeline and grounding_on:
         print("grounding on held-out videos", flush=True)
         g = await grounding(p, proj.held_out().videos, grounding_per_video, proj.teacher_labels)
@@ -469,7 +469,7 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
     from services.common.ports import free_port
 
     t_start = time.perf_counter()
-    cfg = replace(cfg, llm=replace(cfg.llm, temperature=0.0))
+    cfg = with_settings(cfg, {"llm.engine.temperature": 0.0})
     needles = read_needles(needles_file or NEEDLES_FILE)
     if needle is not None:  # one needle (image, label, kind) instead of the file's
         needles = NeedleSet((Needle(*needle),), needles.absent)
@@ -481,7 +481,7 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
     result: dict[str, Any] = {"machine": machine(), "videos": proj.held_out().videos, "haystacks": haystacks,
                               "needles": [vars(n) | {"words": list(n.words)} for n in needles.needles],
                               "absent": list(needles.absent), "haystack_fps": haystack_fps,
-                              "answer_tokens": ANSWER_TOKENS, "recall_notes": cfg.llm.recall_notes}
+                              "answer_tokens": ANSWER_TOKENS, "recall_notes": cfg.llm.context.recall_notes}
     with tempfile.TemporaryDirectory(prefix="livelens-quality-") as tmp:
         work = Path(tmp)
         # Both projectors, whichever is the configured default.
@@ -489,12 +489,12 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
             "vision_encoder_trained": proj.export_encoder_onnx(work / "trained.onnx", "trained"),
             "vision_encoder_seeded": proj.export_encoder_onnx(work / "seeded.onnx", "seeded")})
         # Ready means both served (the readiness check names one model; both load before it).
-        tcfg = replace(cfg.triton, model_repository=str(repo), model_name="vision_encoder_seeded",
-                       grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+        tcfg = replace(cfg.triton, model_repository=str(repo), grpc_port=free_port(), http_port=free_port(),
+                       metrics_port=free_port())
         out.parent.mkdir(parents=True, exist_ok=True)
-        with TritonServer(tcfg, work / "tritonserver.log"):
+        with TritonServer(tcfg, "vision_encoder_seeded", work / "tritonserver.log"):
             for i, materializer in enumerate(materializers):
-                p = Pipeline(replace(cfg, llm=replace(cfg.llm, materializer=materializer)), tcfg.grpc_url,
+                p = Pipeline(with_settings(cfg, {"llm.context.materializer": materializer}), tcfg.grpc_url,
                              work / materializer)
                 try:
                     asyncio.run(run_pipeline(p, result, ["full", materializer], first_pipeline=i == 0,

@@ -35,7 +35,7 @@ from devtools.bench.common import machine
 from devtools.stack import Stack, health_target, use_free_ports
 from livelens import health
 from livelens.client import Ack, Answer, Client, Folded, ItemError, WatchSession
-from livelens.config import LivelensConfig
+from livelens.config import LivelensConfig, with_settings
 from livelens.records import encode_jpeg
 from livelens.subscriber import TopicSubscriber
 from livelens.v1 import messages_pb2 as pb
@@ -216,8 +216,7 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
 
 def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int = 4, fps: float = 0.5,
              question_every_s: float = 30.0, kill_every_s: float = 300.0, replicas: int = 1) -> int:
-    use_free_ports(cfg)
-    cfg.gateway.proactive_alerts = False  # the questions asked are the ones counted
+    cfg = with_settings(use_free_ports(cfg), {"gateway.proactive_alerts": False})  # the questions asked are counted
     stack = Stack(cfg, Path(tempfile.mkdtemp(prefix="livelens-soak-")))
     stack.start(progress=lambda m: print(f"==> {m}", flush=True))
     token = next(iter(cfg.gateway.tokens))

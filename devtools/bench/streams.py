@@ -11,12 +11,12 @@ every `question_every_s`, through the gateway, as a client would. Measured per r
 - time to first token p50/p99 as the client sees it (question sent -> first text), next
   to the engine's own (submit -> first token) and the rest of the service's part (queue,
   frame wait) from the answers' timings;
-- frames coalesced by the LLM's backpressure (`llm.max_context_lag_s`) and folded by the
+- frames coalesced by the LLM's backpressure (`llm.backpressure.max_context_lag_s`) and folded by the
   encoder's (`encoder.max_frame_age_s`);
 - CPU seconds of the stack's processes (broker, Triton, services, vLLM's engine core) per
   stream-second.
 
-The same stream counts run again with cross-stream batching off (`llm.prefill_concurrency`
+The same stream counts run again with cross-stream batching off (`llm.backpressure.prefill_concurrency`
 1: one prefill request at a time) on a fresh stack, in the
 same command; the ratio of context frames/s is the figure. Then two replicas of the encoder and of the LLM service
 (8 partitions) against one at the same load, and one LLM replica leaving mid-run: its
@@ -28,7 +28,7 @@ Written to bench/results/streams.json (+ PNG).
 from __future__ import annotations
 
 import asyncio
-import copy
+import dataclasses
 import json
 import tempfile
 import time
@@ -44,7 +44,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from devtools.bench.common import TopicWatcher, machine, percentile
 from devtools.stack import Stack, use_free_ports
 from livelens.client import Answer, Client, ItemError
-from livelens.config import LivelensConfig
+from livelens.config import LivelensConfig, Materializer, with_settings
 from livelens.records import encode_jpeg
 from livelens.video import read_frames, sample_video
 
@@ -159,10 +159,10 @@ def kv_bytes_per_token(cfg: LivelensConfig) -> int:
     """Bytes of KV a token holds in the engine: keys and values of every layer, in its dtype."""
     from services.llm.engine import resolve_dtype
 
-    model = json.loads((Path(cfg.llm.model_path) / "config.json").read_text())
+    model = json.loads((Path(cfg.llm.engine.model_path) / "config.json").read_text())
     heads = model.get("num_key_value_heads", model["num_attention_heads"])
     head_dim = model.get("head_dim", model["hidden_size"] // model["num_attention_heads"])
-    width = 4 if resolve_dtype(cfg.llm.dtype) == "float32" else 2
+    width = 4 if resolve_dtype(cfg.llm.engine.dtype) == "float32" else 2
     return 2 * model["num_hidden_layers"] * heads * head_dim * width
 
 
@@ -330,7 +330,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
         await warm.run(1, "warm-up")
         for n in counts:
             run, _ = await bench.run(n, "on" if batching else "off")
-            run.update(replicas=1, batching=batching, materializer=cfg.llm.materializer)
+            run.update(replicas=1, batching=batching, materializer=cfg.llm.context.materializer)
             runs.append(run)
             _print_run(run)
         if not replicas:
@@ -347,7 +347,7 @@ async def _session(stack: Stack, cfg: LivelensConfig, counts: list[int], seconds
             spread["streams_per_llm_replica"] = await asyncio.to_thread(per_replica, bench.llm_urls)
 
         run, _ = await bench.run(n, "two", during=sample)
-        run.update(replicas=2, batching=batching, materializer=cfg.llm.materializer)
+        run.update(replicas=2, batching=batching, materializer=cfg.llm.context.materializer)
         runs.append(run)
         _print_run(run)
 
@@ -379,30 +379,30 @@ def per_replica(urls: list[str]) -> list[int]:
 
 def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: float = 60.0, fps: float = 2.0,
                 question_every_s: float = 10.0, batching_off: bool = True, replicas: bool = True,
-                materializers: tuple[str, ...] = ()) -> int:
+                materializers: tuple[Materializer, ...] = ()) -> int:
     """`materializers`: after the configured one's runs (batching on, the replicas, batching
     off), the same stream counts on a stack running each of these (batching on)."""
-    cfg.kafka.partitions = max(cfg.kafka.partitions, 8)  # room for two replicas to share the streams
-    cfg.gateway.proactive_alerts = False  # the questions asked are the load
-    cfg.gateway.max_streams_per_tenant = max(cfg.gateway.max_streams_per_tenant, max(counts))
-    cfg.gateway.tenant_max_fps = max(cfg.gateway.tenant_max_fps, 2 * fps * max(counts))
-    cfg.gateway.tenant_questions_per_minute = max(cfg.gateway.tenant_questions_per_minute, 10 * max(counts))
+    g = cfg.gateway
+    cfg = with_settings(cfg, {
+        "kafka.partitions": max(cfg.kafka.partitions, 8),  # room for two replicas to share the streams
+        "gateway.proactive_alerts": False,  # the questions asked are the load
+        "gateway.max_streams_per_tenant": max(g.max_streams_per_tenant, max(counts)),
+        "gateway.tenant_max_fps": max(g.tenant_max_fps, 2 * fps * max(counts)),
+        "gateway.tenant_questions_per_minute": max(g.tenant_questions_per_minute, 10 * max(counts))})
     print(f"==> decoding {max(counts)} streams' footage at {fps:g} fps", flush=True)
     frames = clips(fps, seconds, max(counts))
     runs: list[dict[str, Any]] = []
     spread: dict[str, Any] = {}
     progress = lambda m: print(f"==> {m}", flush=True)  # noqa: E731
-    own = cfg.llm.materializer
+    own = cfg.llm.context.materializer
     sessions = [(own, True, replicas)] + ([(own, False, False)] if batching_off else [])
     sessions += [(m, True, False) for m in materializers if m != own]
     for materializer, batching, with_replicas in sessions:
-        c = copy.deepcopy(cfg)
-        use_free_ports(c)
-        c.llm.materializer = materializer
+        c = with_settings(use_free_ports(cfg), {"llm.context.materializer": materializer})
         if not batching:  # one prefill request at a time
-            c.llm.prefill_concurrency = 1
+            c = with_settings(c, {"llm.backpressure.prefill_concurrency": 1})
         print(f"==> {materializer}, cross-stream batching {'on' if batching else 'off'} "
-              f"(llm.prefill_concurrency {c.llm.prefill_concurrency})", flush=True)
+              f"(llm.backpressure.prefill_concurrency {c.llm.backpressure.prefill_concurrency})", flush=True)
         stack = _start(c, progress)
         try:
             asyncio.run(_session(stack, c, counts, seconds, fps, question_every_s, batching, with_replicas,
@@ -428,7 +428,7 @@ def run_streams(cfg: LivelensConfig, out: Path, counts: list[int], seconds: floa
 
 def summarize(cfg: LivelensConfig, runs: list[dict[str, Any]], spread: dict[str, Any], counts: list[int],
               seconds: float, fps: float, every_s: float) -> dict[str, Any]:
-    own = cfg.llm.materializer
+    own = cfg.llm.context.materializer
 
     def run_of(streams: int, batching: bool, replicas: int = 1) -> dict[str, Any] | None:
         return next((r for r in runs if (r["streams"], r["batching"], r["replicas"], r["materializer"])
@@ -450,12 +450,10 @@ def summarize(cfg: LivelensConfig, runs: list[dict[str, Any]], spread: dict[str,
         "ttft_p99_ratio_8_to_1": round(on8["ttft_p99_s"] / one["ttft_p99_s"], 2) if on8 and one else None,
         "replicas": spread,
         "settings": {"seconds": seconds, "fps": fps, "question_every_s": every_s, "answer_tokens": ANSWER_TOKENS,
-                     "partitions": cfg.kafka.partitions, "prefill_concurrency": cfg.llm.prefill_concurrency,
-                     "max_context_lag_s": cfg.llm.max_context_lag_s,
-                     "max_frame_age_s": cfg.encoder.max_frame_age_s, "prefill_yield_s": cfg.llm.prefill_yield_s,
-                     "max_prefill_batch_frames": cfg.llm.max_prefill_batch_frames,
-                     "fetch_max_wait_ms": cfg.kafka.fetch_max_wait_ms, "window_frames": cfg.llm.window_frames,
-                     "llm": Path(cfg.llm.model_path).name, "vision": cfg.encoder.model_id},
+                     "partitions": cfg.kafka.partitions, **dataclasses.asdict(cfg.llm.backpressure),
+                     "max_frame_age_s": cfg.encoder.max_frame_age_s,
+                     "fetch_max_wait_ms": cfg.kafka.fetch_max_wait_ms, "window_frames": cfg.llm.context.window_frames,
+                     "llm": Path(cfg.llm.engine.model_path).name, "vision": cfg.encoder.model_id},
         "machine": machine(),
         "unix_time": int(time.time()),
     }

@@ -313,13 +313,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def run_timing(cfg: LivelensConfig, out: Path, videos: list[str], minutes: float, fps: float = 2.0,
                events_file: str | None = None, interval_s: float = 2.0, window_s: float = 2.0,
                methods: tuple[str, ...] = METHODS) -> int:
-    use_free_ports(cfg)
+    cfg = use_free_ports(cfg)
     token = next(iter(cfg.gateway.tokens), "")
     all_footage = ([footage_from(videos[0], events_file, fps, minutes)] if events_file else
                    [make_footage(v, minutes, fps, seed=i) for i, v in enumerate(videos)])
     runs = [m for m in ("decider", "commentary", "poll") if m in methods or (m == "decider" and "novelty" in methods)]
     result: dict[str, Any] = {"machine": machine(), "fps": fps, "minutes": minutes, "window_s": window_s,
-                              "scorer": cfg.llm.instruction_scorer,
+                              "scorer": cfg.llm.instructions.scorer,
                               "interval_s": interval_s, "videos": []}
     with tempfile.TemporaryDirectory(prefix="livelens-timing-") as tmp:
         stack = Stack(cfg, Path(tmp))

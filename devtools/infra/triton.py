@@ -120,15 +120,17 @@ def triton_env(layout: TritonLayout, base: dict[str, str] | None = None) -> dict
 
 
 class TritonServer(ManagedProcess):
-    """One tritonserver process serving `cfg.model_repository`.
+    """One tritonserver process serving `cfg.model_repository`; ready once `model_name`
+    (the model the encoder asks for: encoder.model_name) is.
 
-    with TritonServer(cfg, log_path) as server:   # start() + wait_ready()
+    with TritonServer(cfg, model_name, log_path) as server:   # start() + wait_ready()
         ...
     """
 
-    def __init__(self, cfg: TritonConfig, log_path: Path, work_dir: Path | None = None) -> None:
+    def __init__(self, cfg: TritonConfig, model_name: str, log_path: Path, work_dir: Path | None = None) -> None:
         super().__init__("triton", [], log_path)
         self.cfg = cfg
+        self.model_name = model_name
         self.work_dir = work_dir
 
     @property
@@ -178,7 +180,7 @@ class TritonServer(ManagedProcess):
 
     def is_ready(self) -> bool:
         return self._get_ok("/v2/health/ready") and self._get_ok(
-            f"/v2/models/{self.cfg.model_name}/ready"
+            f"/v2/models/{self.model_name}/ready"
         )
 
     def wait_ready(self, timeout_s: float | None = None, poll_s: float = 0.25) -> float:

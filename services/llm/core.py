@@ -44,7 +44,9 @@ class LLMStats:
     frames: int = 0
     duplicates: int = 0
     unchanged: int = 0  # frames the encoder did not re-encode
-    coalesced: int = 0  # frames folded into a later one while their stream's prefill was behind (llm.max_context_lag_s)
+    # frames folded into a later one while their stream's prefill was behind
+    # (llm.backpressure.max_context_lag_s)
+    coalesced: int = 0
     dropped: int = 0  # frames an encoder dropped unencoded (records from before encoders folded)
     folded: int = 0  # frames the encoder folded into a later one (it was behind: encoder.max_frame_age_s)
     after_close: int = 0  # tokens records of a stream's session that had closed: ignored
@@ -336,16 +338,17 @@ class LLMCore:
         # The question overtakes the frames sent just before it and its example image
         # (both go through the encoder first, and on the streaming-KV path through their
         # prefill): wait, bounded, until they are here. The stream's own backlog is bounded
-        # (llm.max_context_lag_s); other streams' frames do not come before it (priority).
+        # (llm.backpressure.max_context_lag_s); other streams' frames do not come before it (priority).
         self.take_coalesced(stream.stream_id)  # held-back frames: the question sees them
         waited = time.monotonic()
-        deadline = waited + c.frame_wait_s
+        deadline = waited + c.backpressure.frame_wait_s
         while not stream.ready(ask.after_seq, example_id) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         waited = time.monotonic() - waited
         t0 = time.perf_counter()
         # the gateway checks it; a producer writing to the commands topic directly is capped here
-        max_tokens = min(ask.max_tokens, c.max_answer_tokens) if ask.max_tokens > 0 else c.max_answer_tokens
+        most = c.engine.max_answer_tokens
+        max_tokens = min(ask.max_tokens, most) if ask.max_tokens > 0 else most
         try:
             method = ContextMethod(ask.context_method)
             composed = stream.compose(ask.question, max_tokens, method, example_id)
@@ -358,7 +361,7 @@ class LLMCore:
                                    context_tokens=composed.tokens, context_frames=len(composed.context.frames),
                                    context_seqs=[f.seq for f in composed.context.frames],
                                    frames_seen=stream.context.frames_seen, held_frames=stream.held_frames(),
-                                   context_method=method.value or c.materializer,
+                                   context_method=method.value or c.context.materializer,
                                    frames_coalesced=stream.frames_coalesced, frames_dropped=stream.frames_dropped,
                                    frames_folded=stream.frames_folded)
         newest = max(composed.context.frames, key=lambda f: f.seq, default=None)
@@ -410,9 +413,9 @@ class LLMCore:
         """A context as long as a full one (sink + window of 7x7-token frames), of
         random visual tokens, distinct from any stream's so it caches nothing useful."""
         c = self.cfg.llm
-        ctx = StreamContext("warmup", c.sink_frames, c.window_frames, 0)
+        ctx = StreamContext("warmup", c.context.sink_frames, c.context.window_frames, 0)
         rng = np.random.default_rng(0)
-        for i in range(c.sink_frames + c.window_frames):
+        for i in range(c.context.sink_frames + c.context.window_frames):
             tokens = rng.standard_normal((49, self.res.embedder.hidden_size)).astype(np.float16)
             ctx.add_frame(FrameSegment(i, i * 0.5, tokens, np.ones(49, bool)))
-        return self.res.embedder.embed(ctx.compose(c.system_prompt, "warm-up"))
+        return self.res.embedder.embed(ctx.compose(c.context.system_prompt, "warm-up"))

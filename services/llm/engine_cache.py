@@ -11,10 +11,10 @@ that its front never changes while a stream lives:
 - Each frame is prefilled once, when it arrives: a 1-token request over
   [head][sink][window through the frame]. Everything before the frame is in the cache from
   the request before; the frame is computed, and its KV stays in the engine's pages.
-- The request is cut one token past the last whole block (`llm.align_prefill_to_blocks`):
+- The request is cut one token past the last whole block (`llm.context.align_prefill_to_blocks`):
   vLLM caches whole blocks only, so the tokens of a trailing partial block would be computed
   by this request and again by the next. Cut, they are computed once, by the next request.
-- The window slides several frames at a time (`llm.window_slide_frames`): the one prefill
+- The window slides several frames at a time (`llm.context.window_slide_frames`): the one prefill
   after a slide recomputes what is left of the window, shared by the frames of the slide.
 - A question sends the whole context and computes the retrieved frames (after the window,
   with their time labels), its tail and at most the window's trailing partial block. An
@@ -88,7 +88,7 @@ class EngineCacheMaterializer:
         self.embedder = embedder
         self.cfg = cfg
         self.chat = chat
-        self.head = head_block(cfg.system_prompt, chat)
+        self.head = head_block(cfg.context.system_prompt, chat)
         # On an engine shared with the streaming-KV path (benchmarks): blocks its connector
         # loaded are in the prefix cache under this layout's hashes too; a salt keeps apart.
         self.cache_salt = cache_salt
@@ -180,11 +180,11 @@ class EngineCacheMaterializer:
                 metrics.FRAME_TO_KV.observe(max(0.0, now - (w.sent_unix or w.arrived)))
 
     def _take(self, s: _CachedStream) -> list[_Waiting]:
-        """The next frames to prefill, oldest first: at most `llm.max_prefill_batch_frames`
+        """The next frames to prefill, oldest first: at most `llm.backpressure.max_prefill_batch_frames`
         of those still in the sink or window (the others left it before their turn)."""
         held = {f.seq for f in s.ctx.sink} | {f.seq for f in s.ctx.window}
         batch: list[_Waiting] = []
-        while s.waiting and len(batch) < self.cfg.max_prefill_batch_frames:
+        while s.waiting and len(batch) < self.cfg.backpressure.max_prefill_batch_frames:
             w = s.waiting.popleft()
             if w.seq in held:
                 batch.append(w)
@@ -200,10 +200,10 @@ class EngineCacheMaterializer:
 
     def cut(self, tokens: int) -> int:
         """How much of a `tokens`-long prefill to send: one token past its last whole block
-        (`llm.align_prefill_to_blocks`), so no partial block is computed twice."""
-        if not self.cfg.align_prefill_to_blocks:
+        (`llm.context.align_prefill_to_blocks`), so no partial block is computed twice."""
+        if not self.cfg.context.align_prefill_to_blocks:
             return tokens
-        b = self.cfg.block_size
+        b = self.cfg.engine.block_size
         return min(tokens, (tokens - 1) // b * b + 1)
 
     async def _prefill(self, s: _CachedStream, through_seq: int, frames: int) -> None:
@@ -219,7 +219,7 @@ class EngineCacheMaterializer:
             if mine != before:
                 break
             common += mine[1]
-        b = self.cfg.block_size
+        b = self.cfg.engine.block_size
         expected = min(common // b * b, s.last_cached_through, (sent - 1) // b * b)
         loop = asyncio.get_running_loop()
         t0 = loop.time()

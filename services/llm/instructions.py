@@ -9,8 +9,8 @@ generating (LiveStar's verification, MMDuet's per-frame relevance score). The ch
 one frame, for all its stream's instructions, go to the engine at once, and those of
 other streams beside them: vLLM batches the one-token requests into its steps.
 
-An instruction fires when P(yes) reaches `llm.instruction_fire`; it fires again only
-after P(yes) fell under `llm.instruction_rearm` (hysteresis) and `llm.instruction_cooldown_s`
+An instruction fires when P(yes) reaches `llm.instructions.fire`; it fires again only
+after P(yes) fell under `llm.instructions.rearm` (hysteresis) and `llm.instructions.cooldown_s`
 of stream time passed. A firing is published at once as a proactive response with the
 instruction id, the score and what matched (the gateway turns it into an `Alert`); the
 model's short remark about it streams after it under the same request id (`remark`), so
@@ -78,7 +78,7 @@ class Watched:
 
     instruction: pb.StandingInstruction
     what: str
-    by_tags: bool = False  # scored by the classifier's tags, not the LLM (llm.instruction_scorer)
+    by_tags: bool = False  # scored by the classifier's tags, not the LLM (llm.instructions.scorer)
     armed: bool = True  # P(yes) was under the re-arm level since the last firing (or never fired)
     fired_pts: float | None = None
     score: float = 0.0  # the last P(yes)
@@ -98,10 +98,10 @@ class InstructionSet:
         if instruction.instruction_id in self.items:
             raise InstructionError(grpc.StatusCode.ALREADY_EXISTS,
                                    f"instruction id {instruction.instruction_id!r} exists on this stream")
-        if len(self.items) >= self.cfg.max_instructions:
+        if len(self.items) >= self.cfg.instructions.max_per_stream:
             raise InstructionError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                   f"the stream has {len(self.items)} instructions, the most llm.max_instructions "
-                                   "allows: cancel one first")
+                                   f"the stream has {len(self.items)} instructions, the most "
+                                   "llm.instructions.max_per_stream allows: cancel one first")
         self.items[instruction.instruction_id] = self._watched(instruction)
         self.budget = max(self.budget, 1.0)  # checked from the next frame on
 
@@ -117,14 +117,14 @@ class InstructionSet:
 
     def _watched(self, instruction: pb.StandingInstruction) -> Watched:
         what = subject(instruction.text)
-        scorer = self.cfg.instruction_scorer
+        scorer = self.cfg.instructions.scorer
         return Watched(instruction, what, by_tags=scorer == "tags" or (scorer == "auto" and
                                                                        bool(words_naming_classes(what))))
 
     def due(self, now: float) -> list[Watched]:
         """The instructions to check on a new frame, within the budget: the least recently
         checked first (with more instructions than checks a second, they take turns)."""
-        rate = self.cfg.instruction_checks_per_s
+        rate = self.cfg.instructions.checks_per_s
         self.budget = min(max(rate, len(self.items)), self.budget + (now - self.refilled) * rate)
         self.refilled = now
         n = min(len(self.items), math.floor(self.budget + 1e-9))
@@ -139,10 +139,10 @@ class InstructionSet:
         c = self.cfg
         w.score = score
         if not w.armed:
-            w.armed = score < c.instruction_rearm
+            w.armed = score < c.instructions.rearm
             return False
-        cooling = w.fired_pts is not None and pts_s - w.fired_pts < c.instruction_cooldown_s
-        if score >= c.instruction_fire and not cooling:
+        cooling = w.fired_pts is not None and pts_s - w.fired_pts < c.instructions.cooldown_s
+        if score >= c.instructions.fire and not cooling:
             w.armed, w.fired_pts = False, pts_s
             return True
         return False
@@ -217,7 +217,7 @@ class InstructionChecker:
         # classifier's tags came with the frame: checked at once, so a firing is not held
         # back by the prefill queue (the remark computes what it lacks).
         if any(not w.by_tags for w in stream.instructions.items.values()):
-            deadline = time.monotonic() + self.cfg.frame_wait_s
+            deadline = time.monotonic() + self.cfg.backpressure.frame_wait_s
             while not stream.ready(seq) and time.monotonic() < deadline:
                 await asyncio.sleep(0.01)
         due = stream.instructions.due(time.monotonic())
@@ -242,7 +242,7 @@ class InstructionChecker:
             await self.remark(stream, w, score, pts_s, alert_id)
 
     async def p_yes(self, stream: Stream, w: Watched) -> float:
-        composed = stream.compose_check(self.cfg.instruction_check_prompt.format(what=w.what), 1)
+        composed = stream.compose_check(self.cfg.instructions.check_prompt.format(what=w.what), 1)
         first: dict[int, float] = {}
         async for delta in composed.generate(f"check-{uuid.uuid4().hex[:12]}", 1, logprobs=ANSWER_LOGPROBS):
             if delta.logprobs and not first:
@@ -270,7 +270,7 @@ class InstructionChecker:
     async def remark(self, stream: Stream, w: Watched, score: float, pts_s: float, alert_id: str) -> None:
         """What the model says about a firing, streamed after its alert (same request id)."""
         c = self.cfg
-        composed = stream.compose_check(c.instruction_remark_prompt.format(what=w.what), c.instruction_remark_tokens,
+        composed = stream.compose_check(c.instructions.remark_prompt.format(what=w.what), c.instructions.remark_tokens,
                                         purpose="remark")
         tenant, stream_id = split_key(stream.stream_id)
         t0, tokens = time.perf_counter(), 0
@@ -281,7 +281,7 @@ class InstructionChecker:
                                            instruction_id=w.instruction.instruction_id, score=score, error=error))
 
         try:
-            async for delta in composed.generate(f"{alert_id}-remark", c.instruction_remark_tokens):
+            async for delta in composed.generate(f"{alert_id}-remark", c.instructions.remark_tokens):
                 tokens = delta.num_tokens
                 if delta.text or delta.finished:
                     send(delta.text, delta.finished)

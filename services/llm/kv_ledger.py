@@ -4,8 +4,8 @@ Each `Stream` owns one `KVLedger`. The materializer tells it what the engine sav
 frame's KV, with its mean keys) and what a question loaded; the stream tells it which
 frames are its sink and which chunks left the window. The ledger answers what may leave
 the disk, least recently used first: never the sink, never a frame still in the window,
-and at most `llm.retention_segments` chunks' worth of out-of-window frames per stream.
-`KVDiskBudget` is the one order shared by every stream, for `llm.kv_disk_mb` over all.
+and at most `llm.store.retention_segments` chunks' worth of out-of-window frames per stream.
+`KVDiskBudget` is the one order shared by every stream, for `llm.store.kv_disk_mb` over all.
 """
 
 from __future__ import annotations

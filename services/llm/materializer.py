@@ -15,7 +15,7 @@ the streaming-KV materializer informs (saved, loaded) and obeys (deleted).
 Segment ids are chosen here: `head-<hash of the system prompt>` and `<stream tag>-<seq>`,
 with a per-process nonce in the stream tag so a reused stream id never meets old KV. A
 stream's tag goes into its checkpoint: on a KV directory the replicas share
-(`llm.kv_shared_dir`), a new owner keeps the tag and adopts the segments already there.
+(`llm.store.kv_shared_dir`), a new owner keeps the tag and adopts the segments already there.
 """
 
 from __future__ import annotations
@@ -198,14 +198,14 @@ class StreamingKVMaterializer:
         self.cfg = cfg
         self.store = SegmentStore(engine.kv_store_dir)  # read side: metadata, deletion
         self.chat = chat
-        self.head = head_block(cfg.system_prompt, chat)
+        self.head = head_block(cfg.context.system_prompt, chat)
         head_text = "".join(p.text for p in self.head.parts if isinstance(p, TextPart))
         self.head_id = "head-" + hashlib.sha256(head_text.encode()).hexdigest()[:16]
         self.nonce = uuid.uuid4().hex[:8]
-        self.shared = bool(cfg.kv_shared_dir)  # the engine's KV directory is every replica's
+        self.shared = bool(cfg.store.kv_shared_dir)  # the engine's KV directory is every replica's
         self.streams: dict[str, _StreamKV] = {}
         self.saved: dict[str, int] = {}  # segment id -> bytes on disk
-        self.budget = KVDiskBudget(int(cfg.kv_disk_mb * 2**20))
+        self.budget = KVDiskBudget(int(cfg.store.kv_disk_mb * 2**20))
         self.stats = KVStats()
         self.gate = PrefillGate(cfg, self.stats)
 
@@ -306,7 +306,7 @@ class StreamingKVMaterializer:
                 live = bool(s.queue)
                 source = s.queue if live else s.backfill
                 batch = [source.popleft()]
-                while source and len(batch) < self.cfg.max_prefill_batch_frames:
+                while source and len(batch) < self.cfg.backpressure.max_prefill_batch_frames:
                     batch.append(source.popleft())
                 s.in_flight = batch if live else []
                 try:
@@ -380,8 +380,8 @@ class StreamingKVMaterializer:
             return
         seq = int(seg_id.rsplit("-", 1)[1])
         means = summary.get("mean_keys") or {}
-        keys = (np.stack([np.asarray(means[str(i)], np.float32).reshape(-1) for i in self.cfg.retrieve_layers])
-                if all(str(i) in means for i in self.cfg.retrieve_layers) else None)
+        keys = (np.stack([np.asarray(means[str(i)], np.float32).reshape(-1) for i in self.cfg.retrieval.layers])
+                if all(str(i) in means for i in self.cfg.retrieval.layers) else None)
         if s.ledger.saved(seq, keys):  # prefilled after it left the window
             self.budget.evictable(s.ledger, seq)
 

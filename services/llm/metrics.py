@@ -7,7 +7,7 @@ from services.common.metrics import LATENCY_BUCKETS
 FRAME_TO_CONTEXT = Histogram(
     "livelens_llm_frame_to_context_seconds",
     "A frame accepted by the gateway -> its tokens in the stream's context", buckets=LATENCY_BUCKETS)
-# Finer than LATENCY_BUCKETS where a live context's lag lies (llm.max_context_lag_s): `bench
+# Finer than LATENCY_BUCKETS where a live context's lag lies (llm.backpressure.max_context_lag_s): `bench
 # streams` reads its percentiles from these buckets.
 LAG_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0, 60.0)
 FRAME_TO_KV = Histogram(
@@ -20,7 +20,7 @@ FRAME_ARRIVAL = Histogram(
     buckets=LAG_BUCKETS)
 FRAMES_COALESCED = Counter(
     "livelens_llm_frames_coalesced", "Frames folded into a later one because their stream's prefill was behind "
-    "(llm.max_context_lag_s), per tenant", ["tenant"])
+    "(llm.backpressure.max_context_lag_s), per tenant", ["tenant"])
 TIME_TO_FIRST_TOKEN = Histogram(
     "livelens_llm_time_to_first_token_seconds", "Engine submit -> the answer's first token", buckets=LATENCY_BUCKETS)
 E2E_ANSWER = Histogram(

@@ -1,11 +1,11 @@
 """How frame prefill shares one engine with answers, for the materializers that prefill
 frames as they arrive (streaming KV, engine cache).
 
-- Up to `llm.prefill_concurrency` prefill requests of all streams are in the engine at once:
+- Up to `llm.backpressure.prefill_concurrency` prefill requests of all streams are in the engine at once:
   vLLM schedules the requests it holds into one engine step, so several streams' frames are
   prefilled together. Waiters are served in turn (asyncio's semaphore is FIFO): no stream
   starves.
-- A prefill waits (at most `llm.prefill_yield_s`) while a question, check or remark
+- A prefill waits (at most `llm.backpressure.prefill_yield_s`) while a question, check or remark
   generates: vLLM puts a prefill in the same step as the answers' decodes, so each of their
   tokens would take as long as the prefill. The frames that arrive meanwhile go together in
   the next request.
@@ -51,7 +51,8 @@ class PrefillGate:
     def __init__(self, cfg: LLMConfig, stats: PrefillStats) -> None:
         self.cfg = cfg
         self.stats = stats
-        self.slots = asyncio.Semaphore(cfg.prefill_concurrency) if cfg.prefill_concurrency > 0 else None
+        concurrency = cfg.backpressure.prefill_concurrency
+        self.slots = asyncio.Semaphore(concurrency) if concurrency > 0 else None
         self.answering = 0  # questions, checks and remarks generating now
         self.no_answers = asyncio.Event()  # set while `answering` is 0
         self.no_answers.set()
@@ -59,18 +60,18 @@ class PrefillGate:
 
     @contextlib.asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
-        """A prefill slot, taken once no answer generates (or `llm.prefill_yield_s` passed)."""
+        """A prefill slot, taken once no answer generates (or `llm.backpressure.prefill_yield_s` passed)."""
         async with self.slots or contextlib.nullcontext():
             await self._yield_to_answers()
             yield
 
     async def _yield_to_answers(self) -> None:
-        if self.no_answers.is_set() or not self.cfg.prefill_yield_s:
+        if self.no_answers.is_set() or not self.cfg.backpressure.prefill_yield_s:
             return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.no_answers.wait(), self.cfg.prefill_yield_s)
+            await asyncio.wait_for(self.no_answers.wait(), self.cfg.backpressure.prefill_yield_s)
         self.stats.prefill_waits += 1
         self.stats.prefill_wait_s += loop.time() - t0
 

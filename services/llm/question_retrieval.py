@@ -25,7 +25,7 @@ class QuestionQueries:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32,
                                                      num_hidden_layers=depth)
         if len(model.model.layers) < depth:
-            raise ValueError(f"llm.retrieve_layers {self.layers}: the model has {len(model.model.layers)} layers")
+            raise ValueError(f"llm.retrieval.layers {self.layers}: the model has {len(model.model.layers)} layers")
         self.model = model.model.eval()
         cfg = model.config
         self.heads = int(cfg.num_attention_heads)

@@ -1,5 +1,5 @@
 """What the LLM service's streams share, built in one place: the engine, the embedder,
-the segment store and the materializers, as `llm.materializer` says. The service, the
+the segment store and the materializers, as `llm.context.materializer` says. The service, the
 benchmarks and the tests all build their streams' resources here (`build_resources`, or
 `frames_only_resources` where no engine is needed), so what they measure or assert is
 what the service runs."""
@@ -42,27 +42,27 @@ def remove_stale_dirs(root: Path) -> None:
 def segment_store(cfg: LivelensConfig) -> TieredSegmentStore:
     c = cfg.llm
     return TieredSegmentStore(
-        ram_budget_bytes=int(c.store_ram_mb * 2**20),
-        disk_dir=Path(c.store_disk_dir) / f"llm-{os.getpid()}" if c.store_disk_dir else None,
-        disk_budget_bytes=int(c.store_disk_mb * 2**20), retention_segments=c.retention_segments)
+        ram_budget_bytes=int(c.store.segments_ram_mb * 2**20),
+        disk_dir=Path(c.store.segments_disk_dir) / f"llm-{os.getpid()}" if c.store.segments_disk_dir else None,
+        disk_budget_bytes=int(c.store.segments_disk_mb * 2**20), retention_segments=c.store.retention_segments)
 
 
 def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngine, StreamResources]:
-    """The engine and what every stream shares, as `llm.materializer` says (the service,
+    """The engine and what every stream shares, as `llm.context.materializer` says (the service,
     the benchmarks and the tests all build them here)."""
     c = cfg.llm
     chat, after_frames = served_chat(cfg.model.spec)
-    embedder = ContextEmbedder(c.model_path)
+    embedder = ContextEmbedder(c.engine.model_path)
     store = segment_store(cfg)
     materializer: Materializer
-    if c.materializer == "streaming_kv":
+    if c.context.materializer == "streaming_kv":
         if kv_dir is None:
-            raise ValueError("llm.materializer streaming_kv needs a KV store directory")
+            raise ValueError("llm.context.materializer streaming_kv needs a KV store directory")
         engine = VllmEngine(c, kv_dir)
         materializer = StreamingKVMaterializer(engine, embedder, c, chat)
         recompute = RecomputeMaterializer(engine, embedder, cache_salt="recompute")
-        queries: QuestionQueries | None = QuestionQueries(c.model_path, c.retrieve_layers)
-    elif c.materializer == "engine_cache":
+        queries: QuestionQueries | None = QuestionQueries(c.engine.model_path, c.retrieval.layers)
+    elif c.context.materializer == "engine_cache":
         # Recompute requests share its cache: both compute every block with its own positions.
         engine = VllmEngine(c)
         materializer = EngineCacheMaterializer(engine, embedder, c, chat)
@@ -78,7 +78,7 @@ def build_resources(cfg: LivelensConfig, kv_dir: Path | None) -> tuple[VllmEngin
 def frames_only_resources(cfg: LivelensConfig, embedder: ContextEmbedder | None = None) -> StreamResources:
     """Streams without an engine (benchmarks of retrieval and memory, tests): frames go in,
     contexts are composed, nothing is answered (a recompute materializer with no engine)."""
-    recompute = RecomputeMaterializer(None, embedder or ContextEmbedder(cfg.llm.model_path))
+    recompute = RecomputeMaterializer(None, embedder or ContextEmbedder(cfg.llm.engine.model_path))
     chat, after_frames = served_chat(cfg.model.spec)
     return StreamResources(cfg.llm, recompute.embedder, segment_store(cfg), recompute, recompute,
                            chat=chat, after_frames=after_frames)

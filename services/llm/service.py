@@ -129,13 +129,13 @@ class LLMService:
         cfg = self.cfg
         health = HealthServer(cfg.llm.health_host, cfg.llm.health_port, "llm.health_port",
                               "livelens.llm").start()
-        for root in (cfg.llm.kv_store_dir, cfg.llm.store_disk_dir):
+        for root in (cfg.llm.store.kv_dir, cfg.llm.store.segments_disk_dir):
             if root:
                 remove_stale_dirs(Path(root))
         kv_dir = None  # this process's own: removed when it ends
-        if cfg.llm.materializer == "streaming_kv" and not cfg.llm.kv_shared_dir:
-            kv_dir = Path(cfg.llm.kv_store_dir) / f"llm-{os.getpid()}"
-        engine, res = build_resources(cfg, Path(cfg.llm.kv_shared_dir) if cfg.llm.kv_shared_dir else kv_dir)
+        if cfg.llm.context.materializer == "streaming_kv" and not cfg.llm.store.kv_shared_dir:
+            kv_dir = Path(cfg.llm.store.kv_dir) / f"llm-{os.getpid()}"
+        engine, res = build_resources(cfg, Path(cfg.llm.store.kv_shared_dir) if cfg.llm.store.kv_shared_dir else kv_dir)
         lk.ensure_topics(cfg.kafka)
         self.producer = lk.make_producer(cfg.kafka, "livelens-llm")
         sink = KafkaSink(cfg.kafka, self.producer)
@@ -157,7 +157,7 @@ class LLMService:
         # Serving means owning partitions: before that, questions would find no frames.
         await asyncio.to_thread(self.assigned.wait, 60)
         health.set(True)
-        log.info("llm service ready: model %s", cfg.llm.model_path)
+        log.info("llm service ready: model %s", cfg.llm.engine.model_path)
         idle_check = time.monotonic()
         try:
             while (item := await queue.get()) is not None:

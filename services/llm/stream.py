@@ -139,7 +139,7 @@ class StreamResources:
             wanted = StreamingKVMaterializer if method is ContextMethod.STREAMING_KV else EngineCacheMaterializer
             if not isinstance(self.materializer, wanted):
                 raise ContextError(f"context method {method.value} needs a service started with "
-                                   f"llm.materializer: {method.value}")
+                                   f"llm.context.materializer: {method.value}")
             return self.materializer
         return self.recompute
 
@@ -210,7 +210,7 @@ class Stream:
     replay_kv_tag: str = ""  # the last owner's stored-KV ids (the checkpoint's)
     instructions: InstructionSet = field(init=False)  # standing instructions, checked on each frame
     last_record_s: float = field(default_factory=time.monotonic)  # idle streams are closed
-    # Backpressure (llm.max_context_lag_s): the frames held back while its prefill is behind,
+    # Backpressure (llm.backpressure.max_context_lag_s): the frames held back while its prefill is behind,
     # and how many were folded into another so far.
     coalesced: Coalesced | None = None
     frames_coalesced: int = 0
@@ -228,12 +228,13 @@ class Stream:
 
     def __post_init__(self) -> None:
         c = self.res.cfg
-        self.context = StreamContext(self.stream_id, c.sink_frames, c.window_frames, c.dialogue_turns,
-                                     chunk_frames=c.chunk_frames, window_slide=window_slide(c),
+        x = c.context
+        self.context = StreamContext(self.stream_id, x.sink_frames, x.window_frames, x.dialogue_turns,
+                                     chunk_frames=c.store.chunk_frames, window_slide=window_slide(c),
                                      on_evict=self._evicted, chat=self.res.chat, after_frames=self.res.after_frames)
         self.compute = PromptCompute(tenant=split_key(self.stream_id)[0] if "/" in self.stream_id else "")
-        self.kv = KVLedger(self.stream_id, retained_frames=c.retention_segments * c.chunk_frames,
-                           retained_chunks=c.retention_segments)
+        self.kv = KVLedger(self.stream_id, retained_frames=c.store.retention_segments * c.store.chunk_frames,
+                           retained_chunks=c.store.retention_segments)
         self.instructions = InstructionSet(c)
 
     # --- frames in -------------------------------------------------------------------
@@ -246,7 +247,7 @@ class Stream:
         was behind and dropped it) frames have no tokens: they count as seen. A `folded`
         record stands for that many frames the encoder folded into one: each counts as seen.
 
-        Backpressure (`llm.max_context_lag_s`): while the stream's oldest frame not prefilled
+        Backpressure (`llm.backpressure.max_context_lag_s`): while the stream's oldest frame not prefilled
         yet has waited longer than that, a new frame is held back (`Added.HELD`); the frames
         held go in when the stream's next prefill request starts, folded into one
         (`Coalesced`, `take_coalesced`). So a burst is prefilled frame by frame, and when the
@@ -283,7 +284,7 @@ class Stream:
         self.held[kept] = tokens
         frame = FrameSegment(seq, pts_s, tokens, kept, pooled=self.held.mean(0), tags=tags, tag_scores=tag_scores,
                              offset=offset, sent_unix=sent_unix, folded_from_s=folded_from_s)
-        lag = self.res.cfg.max_context_lag_s
+        lag = self.res.cfg.backpressure.max_context_lag_s
         if not self.replaying and lag > 0 and self.res.materializer.backlog_s(self.stream_id) > lag:
             self._hold(frame)  # its owner asks the materializer to take it with the next request
             return Added.HELD
@@ -325,7 +326,7 @@ class Stream:
     def _evicted(self, stream_id: str, index: int, frames: list[FrameSegment]) -> None:
         self.res.store.put(Segment(stream_id, index, tuple(frames)))
         self.chunks[index] = (frames[0].offset, len(frames))
-        while len(self.chunks) > self.res.cfg.retention_segments:
+        while len(self.chunks) > self.res.cfg.store.retention_segments:
             self.chunks.popitem(last=False)
         self.res.materializer.frames_evicted(self.kv, index, frames)  # on a replay: the ledger's books
 
@@ -372,7 +373,7 @@ class Stream:
         self.context.frames_seen = self.replay_base[0] + self.replayed_beyond
         c = self.res.cfg
         self.res.materializer.rebuilt(self.context, self.kv,
-                                      self.stored_frames(newest_chunks=c.backfill_frames // c.chunk_frames),
+                                      self.stored_frames(newest_chunks=c.backfill_frames // c.store.chunk_frames),
                                       self.replay_kv_tag, compute=self.compute)
 
     def add_example(self, request_id: str, tokens: np.ndarray) -> None:
@@ -408,12 +409,12 @@ class Stream:
         one, else (streaming KV) by the question's own attention queries against each
         segment's mean key. Top-k, then cut to the retrieved part's token budget (best first)."""
         c, res = self.res.cfg, self.res
-        if not c.retrieve_top_k:
+        if not c.retrieval.top_k:
             return []
         first = res.store.tagged(self.stream_id, named or _TagMatcher(question))
-        ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieve_top_k]
+        ranked = (first + [i for i in self._ranked(question, example) if i not in first])[:c.retrieval.top_k]
         picked: list[Segment] = []
-        budget = c.retrieve_token_budget
+        budget = c.retrieval.token_budget
         for index in ranked:
             segment = res.store.get(self.stream_id, index)
             if segment is None:  # a corrupt or missing file is skipped (and counted)
@@ -430,14 +431,14 @@ class Stream:
         c, res = self.res.cfg, self.res
         if example is not None:
             indices, keys = res.store.keys(self.stream_id)
-            return best_first(indices, cosine_scores(keys, example), c.retrieve_top_k)
+            return best_first(indices, cosine_scores(keys, example), c.retrieval.top_k)
         if res.queries is not None and isinstance(res.materializer, StreamingKVMaterializer):
             indices, qkeys = self.kv.question_keys()
             ranked = []
             if indices:
                 query = res.queries(res.embedder.embed_text(f"<|im_start|>user\n{question}<|im_end|>\n"))
-                ranked = best_first(indices, question_scores(qkeys, query), c.retrieve_top_k)
-            return then_unscored(ranked, res.store.keys(self.stream_id)[0], c.retrieve_top_k)
+                ranked = best_first(indices, question_scores(qkeys, query), c.retrieval.top_k)
+            return then_unscored(ranked, res.store.keys(self.stream_id)[0], c.retrieval.top_k)
         return []
 
     def held_frames(self) -> int:
@@ -445,7 +446,7 @@ class Stream:
         ctx = self.context
         stored, _ = self.res.store.keys(self.stream_id)
         return (len(ctx.sink) + len(ctx.window) + len(ctx.evicted)
-                + sum(self.chunks.get(i, (0, self.res.cfg.chunk_frames))[1] for i in stored))
+                + sum(self.chunks.get(i, (0, self.res.cfg.store.chunk_frames))[1] for i in stored))
 
     def stored_frames(self, newest_chunks: int | None = None) -> list[FrameSegment]:
         """Every frame the segment store still holds for the stream (of its `newest_chunks`
@@ -461,13 +462,13 @@ class Stream:
         return frames
 
     def recall(self, question: str, retrieved: list[FrameSegment], named: _TagMatcher | None = None) -> str:
-        """The note that opens the question's turn (`recall_note`): the `llm.recall_notes`
+        """The note that opens the question's turn (`recall_note`): the `llm.context.recall_notes`
         frames in the context whose tags the question names (the likeliest, then the
         newest), grouped by the word of the question that names them, with their times;
         the things the question names (ImageNet classes and their kinds) that no frame of
         the stream was tagged with; the newest frame when it names nothing. Empty with
-        `llm.recall_notes` 0."""
-        limit = self.res.cfg.recall_notes
+        `llm.context.recall_notes` 0."""
+        limit = self.res.cfg.context.recall_notes
         frames = self.context.sink + retrieved + list(self.context.window)
         if not limit or not frames:
             return ""
@@ -511,13 +512,14 @@ class Stream:
             retrieved = self.retrieve(question, example, named)
         note = self.recall(question, retrieved, named)
         if method is ContextMethod.FULL:
-            tokens = embedder.count(self.context.compose(c.system_prompt, question, retrieved=retrieved, note=note))
-            if tokens + max_tokens > c.max_model_len:
+            full = self.context.compose(c.context.system_prompt, question, retrieved=retrieved, note=note)
+            tokens, most = embedder.count(full), c.engine.max_model_len
+            if tokens + max_tokens > most:
                 raise ContextError(f"the full context of stream {self.stream_id} is {tokens} tokens; with "
-                                   f"{max_tokens} to answer it exceeds llm.max_model_len ({c.max_model_len})")
+                                   f"{max_tokens} to answer it exceeds llm.engine.max_model_len ({most})")
         composed, tokens = self._fitted(question, max_tokens, retrieved=retrieved, note=note,
                                         retrieved_after_window=materializer.retrieved_after_window)
-        first = self.res.embedder.yes_no_ids if c.yes_no_first and is_yes_no(question) else ()
+        first = self.res.embedder.yes_no_ids if c.context.yes_no_first and is_yes_no(question) else ()
         return Composed(composed, retrieved, materializer, tokens, "question", self.compute, first_token_ids=first)
 
     def newest_frame(self) -> FrameSegment | None:
@@ -534,7 +536,7 @@ class Stream:
         tail is computed, never the prefill backlog), no past turns, and a note of what the
         newest frame showed (its tags, which came with it)."""
         newest = self.newest_frame()
-        note = recall_note(newest=newest) if newest is not None and self.res.cfg.recall_notes else ""
+        note = recall_note(newest=newest) if newest is not None and self.res.cfg.context.recall_notes else ""
         composed, tokens = self._fitted(question, max_tokens, note=note, dialogue=False,
                                         through_seq=self.res.materializer.ready_seq(self.context))
         return Composed(composed, [], self.res.materializer, tokens, purpose, self.compute)
@@ -543,11 +545,11 @@ class Stream:
         """`context.compose(...)` with the oldest window frames left out until the prompt
         plus the answer fits the engine; and its length in tokens."""
         c, embedder = self.res.cfg, self.res.embedder
-        composed = self.context.compose(c.system_prompt, question, **parts)
+        composed = self.context.compose(c.context.system_prompt, question, **parts)
         tokens = embedder.count(composed)
         limit = len(self.context.window)
-        while tokens + max_tokens > c.max_model_len and limit > 0:
+        while tokens + max_tokens > c.engine.max_model_len and limit > 0:
             limit -= 1
-            composed = self.context.compose(c.system_prompt, question, window_limit=limit, **parts)
+            composed = self.context.compose(c.context.system_prompt, question, window_limit=limit, **parts)
             tokens = embedder.count(composed)
         return composed, tokens

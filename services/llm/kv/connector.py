@@ -154,7 +154,7 @@ class SegmentKVConnector(KVConnectorBase_V1):
         if self.rope_type != "default":  # at start-up, not when a question first loads KV
             raise NotImplementedError(
                 f"the streaming-KV connector re-rotates keys with plain RoPE only; this model uses rope_type "
-                f"{self.rope_type!r} ({vllm_config.model_config.model}): use llm.materializer: recompute")
+                f"{self.rope_type!r} ({vllm_config.model_config.model}): use llm.context.materializer: recompute")
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
         self._plans: dict[str, list[LoadSlice]] = {}
