@@ -168,14 +168,15 @@ def test_settings_of_earlier_releases_are_read_with_a_warning(tmp_path, caplog):
     """llm.window_frames is now llm.context.window_frames: the old name still works, in YAML
     and the environment, and the log says what to write instead; the new name wins."""
     f = tmp_path / "c.yaml"
-    f.write_text("llm:\n  window_frames: 4\n  retrieve_top_k: 2\n  instruction_scorer: tags\n")
+    f.write_text("llm:\n  window_frames: 4\n  retrieve_top_k: 2\n  instruction_scorer: tags\n"
+                 "encoder:\n  model_name: vision_vit\ntriton:\n  model_name: vision_encoder\n")
     with caplog.at_level("WARNING", logger="livelens.config"):
         cfg = load_service_config(f, env={"LIVELENS_LLM__KV_STORE_DTYPE": "float32",
                                           "LIVELENS_LLM__MAX_ANSWER_TOKENS": "20",
                                           "LIVELENS_LLM__ENGINE__MAX_ANSWER_TOKENS": "30"})
     assert cfg.llm.context.window_frames == 4 and cfg.llm.retrieval.top_k == 2
     assert cfg.llm.instructions.scorer == "tags" and cfg.llm.store.kv_dtype == "float32"
-    assert cfg.llm.engine.max_answer_tokens == 30
+    assert cfg.llm.engine.max_answer_tokens == 30 and cfg.encoder.model_name == "vision_vit"
     said = caplog.text
     assert "llm.window_frames is deprecated: it is now llm.context.window_frames" in said
     assert "LIVELENS_LLM__KV_STORE_DTYPE (now LIVELENS_LLM__STORE__KV_DTYPE)" in said

@@ -1,10 +1,17 @@
-"""Configuration of every livelens service, as typed dataclasses.
+"""Configuration of every livelens service, as typed, frozen dataclasses.
 
-One `LivelensConfig` describes the whole stack. It starts from the embedded defaults
-below, is overridden by an optional YAML file (`--config` or `LIVELENS_CONFIG`) and
-then by environment variables named `LIVELENS_<SECTION>__<FIELD>` (for example
-`LIVELENS_GATEWAY__PORT=50061`). Every service reads the same object, so a setting has
-one name everywhere: in the YAML file, the environment, the Helm values and the docs.
+One `LivelensConfig` describes the whole stack, a section per part (the LLM service's split
+by concern, as vLLM splits its own config classes). It starts from the embedded defaults
+below, is overridden by an optional YAML file (`--config` or `LIVELENS_CONFIG`) and then by
+environment variables named `LIVELENS_<SECTION>__<FIELD>`, with `__` between nested
+sections (`LIVELENS_GATEWAY__PORT=50061`, `LIVELENS_LLM__CONTEXT__WINDOW_FRAMES=16`). Every
+service reads the same object, so a setting has one name everywhere: in the YAML file, the
+environment, the Helm values and the docs (docs/configuration.md).
+
+Values are coerced to their field's type when loaded, choices are `Literal` types, and
+`validate` checks what a type cannot say. A loaded config is frozen: `with_settings` derives
+a changed, validated copy. Names of earlier releases (`RENAMED`) are still read, with a
+deprecation warning.
 """
 
 from __future__ import annotations
@@ -403,6 +410,7 @@ RENAMED = {
     **{f"llm.{name}": f"llm.backpressure.{name}" for name in (
         "frame_wait_s", "prefill_yield_s", "max_prefill_batch_frames", "prefill_concurrency", "max_context_lag_s")},
     "llm.max_instructions": "llm.instructions.max_per_stream",
+    "triton.model_name": "encoder.model_name",  # the one vision model name
     **{f"llm.instruction_{name}": f"llm.instructions.{name}" for name in (
         "scorer", "fire", "rearm", "cooldown_s", "checks_per_s", "check_prompt", "remark_prompt", "remark_tokens")},
 }
@@ -518,7 +526,9 @@ def _set(tree: dict[str, Any], dotted: str, value: Any, origin: str) -> None:
     node[name] = value
 
 
-BUILD_ONLY = "vision."  # the vision model's build settings (devtools/models/build.py)
+# The vision model's build settings (devtools/models/settings.py): LIVELENS_VISION__* variables are
+# the build's, skipped here; a config file's `vision:` section is ignored with a warning.
+BUILD_ONLY = "vision."
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -550,10 +560,11 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         data = yaml.safe_load(p.read_text()) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"config file {p}: expected a mapping at the top level")
-        for dotted, value in _flatten(data):
+        # an earlier release's name first, so that the current one wins where both are set
+        for dotted, value in sorted(_flatten(data), key=lambda item: item[0] not in RENAMED):
             _set(tree, dotted, value, f"config file {p}")
     variables = {".".join(key[len("LIVELENS_"):].lower().split("__")): (key, value) for key, value in env.items()
-                 if key.startswith("LIVELENS_") and "__" in key}
+                 if key.startswith("LIVELENS_") and "__" in key and not key.startswith("LIVELENS_VISION__")}
     # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> encoder.cache.drop_threshold; an earlier
     # release's name first, so that the current one wins where both are set
     for dotted in sorted(variables, key=lambda d: (d not in RENAMED, d)):
