@@ -77,3 +77,60 @@ def test_the_loop_dead_letters_foreign_records_and_commits_only_what_was_handled
     again: list[Consumed] = []
     run_once(third, again.extend)
     assert [c.msg.seq for c in again] == [4]
+
+
+def test_gained_partitions_give_no_record_until_the_service_releases_them(stack):
+    """The LLM service rebuilds the streams of a partition it takes off the polling thread:
+    meanwhile the partition is paused, and its records come once it is released."""
+    suffix = time.monotonic_ns()
+    k = dataclasses.replace(stack.cfg.kafka, frames_topic=f"consume-paused-{suffix}", partitions=1)
+    lk.ensure_topics(k)
+    topology = Topology("consume-test", f"consume-paused-{suffix}", {k.frames_topic: pb.FrameRecord}, (), "none")
+    producer = lk.make_producer(k, "consume-test")
+    for seq in range(3):
+        producer.send(k.frames_topic, key=b"acme/consume", value=frame(seq).SerializeToString())
+    producer.flush()
+    producer.close()
+    gained: list[set[int]] = []
+    loop = ConsumeLoop(k, topology, on_gained=lambda ps: gained.append({tp.partition for tp in ps}))
+    stop = threading.Event()
+    got: list[Consumed] = []
+    thread = threading.Thread(target=loop.run, args=(got.extend, stop), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not gained and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert gained == [{0}]
+        time.sleep(2)  # several polls
+        assert got == [], "records of a partition not released yet"
+        loop.release({0})
+        deadline = time.monotonic() + 30
+        while len(got) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [c.msg.seq for c in got] == [0, 1, 2]
+    finally:
+        stop.set()
+        thread.join(30)
+
+
+def test_an_evicted_member_that_gets_its_partitions_back_has_gained_them():
+    """kafka-python calls `on_partitions_lost` when this member's session expired (another
+    member may have consumed its partitions since): what it held is dropped at once, and
+    the same partitions assigned again are gained (rebuilt), not kept. A plain rebalance
+    that gives a partition back to the same member changes nothing for it. (The listener
+    alone: an eviction cannot be forced on the real broker in a test's time.)"""
+    from kafka import TopicPartition
+
+    events: list[tuple[str, set[int]]] = []
+    changes = lk.RebalanceChanges(lambda ps: events.append(("lost", {tp.partition for tp in ps})),
+                                  lambda ps: events.append(("gained", {tp.partition for tp in ps})))
+    p0, p1 = TopicPartition("t", 0), TopicPartition("t", 1)
+    changes.on_partitions_assigned({p0, p1})
+    changes.on_partitions_revoked({p0, p1})
+    changes.on_partitions_assigned({p0})
+    assert events == [("gained", {0, 1}), ("lost", {1})]
+    events.clear()
+    changes.on_partitions_lost({p0})
+    changes.on_partitions_assigned({p0})
+    assert events == [("lost", {0}), ("gained", {0})]

@@ -115,11 +115,14 @@ def test_frames_still_in_flight_when_a_stream_closes_do_not_open_it_again(tmp_pa
 
 
 def test_a_rebuild_counts_each_frame_a_folded_record_stands_for(tmp_path):
-    """Frames after the checkpoint came in a record the encoder folded (an outage): the
-    heir counts each of them as seen, as the owner did."""
+    """Frames before and after the checkpoint came in records the encoder folded (outages):
+    the heir counts each of them as seen, and as folded, once, as the owner did."""
     cfg = load_config(env={})
     rng = np.random.default_rng(1)
-    log = [frame(seq, rng) for seq in range(20)]
+    early = frame(8, rng)  # stands for frames 6-8, before the checkpoint
+    early.folded.CopyFrom(pb.FoldNotice(from_seq=6, to_seq=8, from_pts_s=3.0, to_pts_s=4.0, frames=3,
+                                        encoded=2, reason="encoder_behind"))
+    log = [frame(seq, rng) for seq in range(6)] + [early] + [frame(seq, rng) for seq in range(9, 20)]
     folded = frame(27, rng)  # stands for frames 20-27
     folded.folded.CopyFrom(pb.FoldNotice(from_seq=20, to_seq=27, from_pts_s=10.0, to_pts_s=13.5, frames=8,
                                          encoded=4, reason="encoder_behind"))
@@ -127,9 +130,10 @@ def test_a_rebuild_counts_each_frame_a_folded_record_stands_for(tmp_path):
     for offset, rec in enumerate(log[:12]):
         owner.on_tokens(rec, offset=offset, partition=3)
     checkpoint = owner.streams[KEY].checkpoint()
+    assert checkpoint.frames_folded == 2
     for offset, rec in enumerate([*log[12:], folded], start=12):
         owner.on_tokens(rec, offset=offset, partition=3)
-    assert owner.streams[KEY].context.frames_seen == 28
+    assert owner.streams[KEY].context.frames_seen == 28 and owner.streams[KEY].frames_folded == 9
 
     heir = service(cfg, tmp_path / "b")
     started = RebuildStart(KEY, checkpoint, partition=3)
@@ -138,7 +142,8 @@ def test_a_rebuild_counts_each_frame_a_folded_record_stands_for(tmp_path):
     for offset in [*checkpoint.sink_offsets, *range(checkpoint.replay_from, len(everything))]:
         heir.on_rebuild(Replayed(KEY, everything[offset], offset))
     heir.on_rebuild(RebuildEnd(KEY, started.started, 0))
-    assert heir.streams[KEY].context.frames_seen == 28
+    assert checkpoint.replay_from <= 6, "the replay goes over the early fold again"
+    assert heir.streams[KEY].context.frames_seen == 28 and heir.streams[KEY].frames_folded == 9
     for svc in (owner, heir):
         assert svc.res is not None
         svc.res.store.close()

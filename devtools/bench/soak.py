@@ -42,6 +42,7 @@ from livelens.v1 import messages_pb2 as pb
 from livelens.video import read_frames, sample_video
 
 VIDEOS = ("vtest.avi", "Megamind.avi", "bikes.mp4", "vtest.avi")
+FINAL_QUESTIONS, FINAL_QUESTIONS_EVERY_S = 3, 10.0
 KILL_ORDER = ("llm", "encoder", "gateway")
 
 
@@ -183,10 +184,15 @@ class Soak:
                     pending.add(request_id)
                     await s.ask("What do you see now?", request_id=request_id, timeout_s=120)
             if not s.ended:  # the end: the answers still coming, then the frames' count
-                await asyncio.sleep(5)  # the last frames into the context
-                tally.asked[f"{tally.name}-final"] = time.monotonic() - self.t0
-                pending.add(f"{tally.name}-final")
-                await s.ask("What happened?", request_id=f"{tally.name}-final", max_tokens=4, timeout_s=300)
+                # A question waits for its frames at most llm.backpressure.frame_wait_s: a
+                # stream whose context is still behind at the end (a replica rebuilding it)
+                # is counted by the last of a few final questions, FINAL_QUESTIONS_EVERY_S apart.
+                for i in range(FINAL_QUESTIONS):
+                    await asyncio.sleep(FINAL_QUESTIONS_EVERY_S)
+                    request_id = f"{tally.name}-final-{i}"
+                    tally.asked[request_id] = time.monotonic() - self.t0
+                    pending.add(request_id)
+                    await s.ask("What happened?", request_id=request_id, max_tokens=4, timeout_s=300)
                 deadline = time.monotonic() + 300
                 while pending and time.monotonic() < deadline and not s.ended:
                     await asyncio.sleep(0.5)
@@ -207,9 +213,13 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
     with TopicSubscriber(soak.stack.cfg.kafka, ["responses"], tenant=tenant) as sub:
         await asyncio.gather(soak.sample_memory(t0, end), soak.kill_in_turn(t0, end),
                              *(soak.run_stream(t, clips[t.name], end, i) for i, t in enumerate(tallies)))
+        last: dict[str, int] = {}
         for rec in await asyncio.to_thread(lambda: list(sub.records(timeout_s=5))):
-            if rec.final and rec.request_id == f"{rec.stream_id}-final":  # each stream's last question
-                timings[rec.stream_id] = rec.timings
+            prefix = f"{rec.stream_id}-final-"
+            if rec.final and not rec.error and rec.request_id.startswith(prefix):  # each stream's last answered
+                i = int(rec.request_id[len(prefix):])
+                if i >= last.get(rec.stream_id, -1):
+                    last[rec.stream_id], timings[rec.stream_id] = i, rec.timings
     soak.rss.append({"t_s": round(time.monotonic() - t0, 1), **soak.service_rss_mb()})
     return tallies, timings
 

@@ -68,12 +68,18 @@ class ConsumeLoop:
     cfg: KafkaConfig
     topology: Topology
     on_lost: Callable[[set[Any]], None] | None = None  # partitions taken away (polling thread)
-    on_gained: Callable[[set[Any]], None] | None = None  # partitions given (before their records)
+    # Partitions given (polling thread, before their records). They stay paused until the
+    # service `release`s their numbers: it prepares their state (the LLM service rebuilds
+    # the streams it takes) off the polling thread, which must return to the consumer
+    # quickly: a rebalance callback that runs past the session timeout gets the member
+    # evicted (kafka-python sends no heartbeat meanwhile).
+    on_gained: Callable[[set[Any]], None] | None = None
     commit_every_s: float = 0.0  # 0: commit after each batch `process` returned from
     stats: ConsumeStats = field(default_factory=ConsumeStats)
     consumer: Any = field(init=False)
     producer: Any = field(init=False)  # for dead letters
     _handled: dict[tuple[str, int], int] = field(init=False, default_factory=dict)
+    _released: set[int] = field(init=False, default_factory=set)  # partition numbers to resume
     _lock: threading.Lock = field(init=False, default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -86,8 +92,24 @@ class ConsumeLoop:
         with self._lock:  # what we handled when we held them before is not what counts now
             for tp in partitions:
                 self._handled.pop((tp.topic, tp.partition), None)
+                self._released.discard(tp.partition)  # a release meant for an earlier holding
         if self.on_gained is not None:
+            self.consumer.pause(*partitions)
             self.on_gained(partitions)
+
+    def release(self, numbers: set[int]) -> None:
+        """The service is ready for the records of these partitions (their numbers, in every
+        source topic); from any thread. The polling thread resumes them before its next poll."""
+        with self._lock:
+            self._released |= numbers
+
+    def _resume_released(self) -> None:
+        with self._lock:
+            numbers, self._released = self._released, set()
+        if numbers:
+            paused = [tp for tp in self.consumer.paused() if tp.partition in numbers]
+            if paused:
+                self.consumer.resume(*paused)
 
     def dead_letter(self, record: Any, reason: str) -> None:
         """A record that parsed but could not be processed (the service says why)."""
@@ -122,6 +144,7 @@ class ConsumeLoop:
         pending: list[Consumed] = []
         deadline = time.monotonic() + timeout_s
         while not self.consumer.assignment() and time.monotonic() < deadline:
+            self._resume_released()
             pending += self.parse(self.consumer.poll(timeout_ms=200))
         return pending
 
@@ -134,6 +157,7 @@ class ConsumeLoop:
                 if self.commit_every_s and time.monotonic() - committed > self.commit_every_s:
                     committed = time.monotonic()
                     self.commit_handled()
+                self._resume_released()
                 batch = pending or self.parse(self.consumer.poll(timeout_ms=poll_timeout_ms))
                 pending = None
                 if not batch:

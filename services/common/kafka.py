@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -107,10 +107,9 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
     stream. With `auto_commit=False` the caller commits after a record's results are
     published (at-least-once; consumers dedupe by (stream, seq)). `on_lost` and
     `on_gained` are called (in the polling thread, inside `poll`, before any record of a
-    gained partition is returned) with the partitions this member loses or newly gets in a
-    rebalance: kafka's eager protocol revokes every partition and then assigns, so a
-    partition given back to the same member is neither (its state stays valid: no one else
-    consumed it); at the first assignment every partition is gained."""
+    gained partition is returned) with the partitions this member loses or newly gets
+    (`RebalanceChanges`). They must return quickly: they run on the consumer's own loop,
+    which sends no heartbeat meanwhile."""
     consumer = KafkaConsumer(
         bootstrap_servers=cfg.bootstrap,
         group_id=group_id,
@@ -123,28 +122,40 @@ def make_group_consumer(cfg: KafkaConfig, topics: list[str], group_id: str,
         max_poll_records=64,
         **consumer_limits(cfg),
     )
-    listener = None
-    if on_lost is not None or on_gained is not None:
-        from kafka import ConsumerRebalanceListener
-
-        class Changes(ConsumerRebalanceListener):  # type: ignore[misc]
-            def __init__(self) -> None:
-                self.revoked: set[Any] = set()
-
-            def on_partitions_revoked(self, revoked: Any) -> None:
-                self.revoked = set(revoked)
-
-            def on_partitions_assigned(self, assigned: Any) -> None:
-                lost, gained = self.revoked - set(assigned), set(assigned) - self.revoked
-                self.revoked = set()
-                if lost and on_lost is not None:
-                    on_lost(lost)
-                if gained and on_gained is not None:
-                    on_gained(gained)
-
-        listener = Changes()
+    listener = RebalanceChanges(on_lost, on_gained) if on_lost is not None or on_gained is not None else None
     consumer.subscribe(topics, listener=listener)
     return consumer
+
+
+class RebalanceChanges(ConsumerRebalanceListener):  # type: ignore[misc]
+    """What a rebalance changed for this member: the partitions it lost and those it
+    newly got. Kafka's eager protocol revokes every partition and then assigns, so a
+    partition given back to the same member is neither (its state stays valid: no one else
+    consumed it meanwhile). A member evicted from the group (its session expired) has lost
+    its partitions at once: another member may have consumed them since, so what it held
+    of them is stale, and getting them back is a gain. At the first assignment every
+    partition is gained."""
+
+    def __init__(self, on_lost: Callable[[set[Any]], None] | None,
+                 on_gained: Callable[[set[Any]], None] | None) -> None:
+        self.on_lost, self.on_gained = on_lost, on_gained
+        self.revoked: set[Any] = set()
+
+    def on_partitions_revoked(self, revoked: Any) -> None:
+        self.revoked = set(revoked)
+
+    def on_partitions_lost(self, lost: Any) -> None:
+        self.revoked = set()
+        if lost and self.on_lost is not None:
+            self.on_lost(set(lost))
+
+    def on_partitions_assigned(self, assigned: Any) -> None:
+        lost, gained = self.revoked - set(assigned), set(assigned) - self.revoked
+        self.revoked = set()
+        if lost and self.on_lost is not None:
+            self.on_lost(lost)
+        if gained and self.on_gained is not None:
+            self.on_gained(gained)
 
 
 def dead_letter(producer: KafkaProducer, cfg: KafkaConfig, service: str, record: Any, reason: str) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,7 +88,7 @@ def read_range(consumer: KafkaConsumer, topic: str, partition: int, start: int, 
             yield r
 
 
-def rebuild_items(cfg: KafkaConfig, partitions: set[int], held: set[str]) -> Iterator[Any]:
+def rebuild_items(cfg: KafkaConfig, partitions: set[int], held: set[str]) -> Generator[Any, None, None]:
     """What a new owner of `partitions` replays, for each stream with a checkpoint that it
     does not already hold: RebuildStart, Replayed..., RebuildEnd."""
     consumer = KafkaConsumer(bootstrap_servers=cfg.bootstrap, enable_auto_commit=False,

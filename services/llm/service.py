@@ -87,15 +87,47 @@ class LLMService:
             for c in batch:
                 put(c)
 
+        # A partition's streams are rebuilt (their records replayed onto the queue) by a
+        # thread of their own, while the partition stays paused (`ConsumeLoop.on_gained`):
+        # in the rebalance callback, a rebuild that outlasts the session timeout got this
+        # replica evicted, and the partitions it then got back unrebuilt missed what the
+        # other replica had consumed meanwhile. Each holding of a partition has a number
+        # (`holding`): a rebuild stops, and its partition stays paused, once the partition
+        # was lost after it started.
+        holding: dict[int, int] = {}
+        lock = threading.Lock()  # holding, and what is put on the queue for a partition
+
+        def rebuild(numbers: dict[int, int]) -> None:
+            for partition, held in sorted(numbers.items()):
+                items = rebuild_items(k, {partition}, held=set())
+                try:
+                    for n, item in enumerate(items):
+                        with lock:
+                            if holding.get(partition) != held or self.stop_event.is_set():
+                                break
+                            put(item)
+                        while n % 64 == 0 and queue.qsize() > 256 and not self.stop_event.is_set():  # bounded
+                            time.sleep(0.01)
+                except Exception:  # noqa: BLE001 - the broker failed us: serve on, the streams start afresh
+                    log.exception("partition %d: rebuilding its streams failed; they go on from new records",
+                                  partition)
+                finally:
+                    items.close()
+                with lock:
+                    if holding.get(partition) == held:
+                        consume.release({partition})
+
         def gained(partitions: set[Any]) -> None:
-            numbers = {tp.partition for tp in partitions if tp.topic == k.tokens_topic}
-            for n, item in enumerate(rebuild_items(k, numbers, held=set())):
-                put(item)
-                while n % 64 == 0 and queue.qsize() > 256 and not self.stop_event.is_set():  # bounded replay
-                    time.sleep(0.01)
+            with lock:
+                numbers = {tp.partition: holding.setdefault(tp.partition, 0) for tp in partitions}
+            threading.Thread(target=rebuild, args=(numbers,), name="rebuild", daemon=True).start()
 
         def lost(partitions: set[Any]) -> None:
-            put(ForgetPartitions({tp.partition for tp in partitions if tp.topic == k.tokens_topic}))
+            numbers = {tp.partition for tp in partitions}
+            with lock:
+                for n in numbers:
+                    holding[n] = holding.get(n, 0) + 1
+                put(ForgetPartitions(numbers))
 
         consume = self.consume = ConsumeLoop(k, self.topology(), on_lost=lost, on_gained=gained, commit_every_s=1.0)
         try:

@@ -256,13 +256,16 @@ class Stream:
         self.last_record_s = time.monotonic()
         since = folded.from_pts_s if folded is not None and folded.frames > 1 else None
         added = self._add(seq, pts_s, tokens, kept, unchanged or dropped, tags, tag_scores, offset, sent_unix, since)
+        # a replayed frame the checkpoint counted already counts once (`begin_replay`)
+        counted = self.replaying and seq <= self.replay_base[1]
         if since is not None and added is not Added.DUPLICATE:
             assert folded is not None
-            self.frames_folded += folded.frames - 1
             self.context.frames_seen += folded.frames - 1
+            if not counted:
+                self.frames_folded += folded.frames - 1
         if added is not Added.DUPLICATE and seq > self.newest[0]:
             self.newest = (seq, pts_s)
-        if dropped and added is not Added.DUPLICATE:
+        if dropped and added is not Added.DUPLICATE and not counted:
             self.frames_dropped += 1
         if self.replaying and added is not Added.DUPLICATE and seq > self.replay_base[1]:
             self.replayed_beyond += folded.frames if since is not None and folded is not None else 1
@@ -347,6 +350,8 @@ class Stream:
         return pb.StreamCheckpoint(
             stream_id=stream_id, tenant=tenant, session_id=self.session_id, sink_offsets=sink,
             replay_from=replay_from, replay_chunk=replay_chunk, last_seq=ctx.last_seq, frames_seen=ctx.frames_seen,
+            frames_folded=self.frames_folded, frames_coalesced=self.frames_coalesced,
+            frames_dropped=self.frames_dropped,
             turns=[pb.StreamCheckpoint.Turn(question=t.question, answer=t.answer) for t in ctx.dialogue],
             time_unix=time.time(), kv_tag=self.res.materializer.kv_tag(self.stream_id),
             instructions=self.instructions.protos())
@@ -357,6 +362,8 @@ class Stream:
         self.replaying = True
         self.session_id = checkpoint.session_id
         self.replay_base, self.replayed_beyond = (int(checkpoint.frames_seen), int(checkpoint.last_seq)), 0
+        self.frames_folded, self.frames_coalesced, self.frames_dropped = (
+            int(checkpoint.frames_folded), int(checkpoint.frames_coalesced), int(checkpoint.frames_dropped))
         self.newest = max(self.newest, (int(checkpoint.last_seq), 0.0))
         self.replay_kv_tag = checkpoint.kv_tag
         self.instructions.restore(list(checkpoint.instructions))
