@@ -25,7 +25,6 @@ from devtools.infra.object_store import ObjectStore
 from devtools.infra.process import ManagedProcess, wait_all_ready
 from devtools.infra.supervisor import Supervisor
 from devtools.infra.triton import TritonServer
-from devtools.models.settings import VisionBuild
 from livelens import health
 from livelens.config import REPO_ROOT, LivelensConfig, to_dict, with_settings
 from services.common import kafka as lk
@@ -92,9 +91,11 @@ def check_prerequisites(cfg: LivelensConfig) -> None:
     missing = []
     if not (Path(cfg.llm.engine.model_path) / "config.json").is_file():
         missing.append(f"LLM weights at {cfg.llm.engine.model_path}")
-    # Triton loads every model of the repository: all of them must be built.
-    build = VisionBuild.of(cfg)
-    for onnx in (build.onnx_path, build.vit_onnx_path):
+    # Triton loads every model of the repository (each runs its version 1's ONNX): all of
+    # them must be built, the one the encoder asks for first.
+    repo = Path(cfg.triton.model_repository)
+    models = sorted({cfg.encoder.model_name} | {p.parent.name for p in repo.glob("*/config.pbtxt")})
+    for onnx in (repo / name / "1" / "model.onnx" for name in models):
         if cfg.triton.enabled and not onnx.is_file():
             missing.append(f"vision model at {onnx}")
     if missing:

@@ -65,7 +65,7 @@ def test_shipped_weights_load_and_are_not_the_seeded_projector() -> None:
     # The seeded projector depends on its seed alone; unknown kinds are refused.
     torch.testing.assert_close(seeded_projector(hidden, 0).weight, seeded.weight)
     assert not torch.equal(seeded_projector(hidden, 1).weight, seeded.weight)
-    with pytest.raises(ValueError, match="projector"):
+    with pytest.raises(ValueError, match="PROJECTOR"):
         build_projector("random", hidden)
 
 

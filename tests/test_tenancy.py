@@ -8,7 +8,7 @@ import grpc
 import pytest
 
 from livelens import kafka as lk
-from livelens.config import ConfigError, GatewayConfig, KafkaConfig, LivelensConfig, validate, with_settings
+from livelens.config import ConfigError, GatewayConfig, KafkaConfig, LivelensConfig, with_settings
 from livelens.identity import key_of, split_key, stream_key
 from livelens.v1 import messages_pb2 as pb
 from services.gateway.decider import ResponseTimingDecider
@@ -78,19 +78,17 @@ def test_tokens_map_to_tenants():
     assert servicer.token_tenant("tok-") is None and servicer.token_tenant("") is None
 
 
-@pytest.mark.parametrize("change, setting", [
-    (lambda c: c.gateway.tokens.update({"t": "a/b"}), "gateway.tokens"),
-    (lambda c: c.gateway.cert_tenants.update({"cn": ""}), "gateway.cert_tenants"),
-    (lambda c: setattr(c.gateway, "tls_client_ca", "ca.pem"), "gateway.tls_client_ca"),
-    (lambda c: setattr(c.gateway, "tenant_max_fps", 0), "gateway.tenant_max_fps"),
-    (lambda c: setattr(c.kafka, "security_protocol", "TLS"), "kafka.security_protocol"),
-    (lambda c: setattr(c.kafka, "security_protocol", "SASL_SSL"), "kafka.sasl_mechanism"),
+@pytest.mark.parametrize("settings, setting", [
+    ({"gateway.tokens": {"dev-token": "dev", "t": "a/b"}}, "gateway.tokens"),
+    ({"gateway.cert_tenants": {"cn": ""}}, "gateway.cert_tenants"),
+    ({"gateway.tls_client_ca": "ca.pem"}, "gateway.tls_client_ca"),
+    ({"gateway.tenant_max_fps": 0}, "gateway.tenant_max_fps"),
+    ({"kafka.security_protocol": "TLS"}, "kafka.security_protocol"),
+    ({"kafka.security_protocol": "SASL_SSL"}, "kafka.sasl_mechanism"),
 ])
-def test_tenancy_and_kafka_security_settings_are_checked(change, setting):
-    cfg = LivelensConfig()
-    change(cfg)
+def test_tenancy_and_kafka_security_settings_are_checked(settings, setting):
     with pytest.raises(ConfigError, match=setting):
-        validate(cfg)
+        with_settings(LivelensConfig(), settings)
 
 
 def test_kafka_security_settings_reach_every_client():
