@@ -147,3 +147,48 @@ def test_a_rebuild_counts_each_frame_a_folded_record_stands_for(tmp_path):
     for svc in (owner, heir):
         assert svc.res is not None
         svc.res.store.close()
+
+
+def test_a_stream_that_moves_finishes_the_answers_it_had_begun(tmp_path):
+    """Its questions' offsets were committed when they were taken: the new owner will not
+    read them again, so the replica that loses the stream answers them before it lets go
+    (and writes no checkpoint of it any more). A closed stream's answers stop."""
+    import asyncio
+
+    cfg = load_config(env={})
+    rng = np.random.default_rng(3)
+
+    async def until(event: asyncio.Event) -> None:
+        await event.wait()
+
+    async def run() -> tuple[bool, bool, bool, bool]:
+        svc = service(cfg, tmp_path)
+        for seq in range(3):
+            svc.on_tokens(frame(seq, rng), offset=seq, partition=3)
+        stream = svc.streams[KEY]
+        release = asyncio.Event()
+        answer = asyncio.create_task(until(release))  # an answer still generating
+        stream.answering["q1"] = answer
+        dropped: list[str] = []
+        svc.res.store.drop_stream = dropped.append  # type: ignore[method-assign, assignment]
+        svc.forget_partitions({3})
+        gone_at_once = KEY not in svc.streams
+        await asyncio.sleep(0.05)
+        kept_answering, kept_stores = not answer.cancelled(), dropped == []
+        release.set()
+        await asyncio.sleep(0.05)
+        return gone_at_once, kept_answering and kept_stores, answer.done() and not answer.cancelled(), \
+            dropped == [KEY]
+
+    assert asyncio.run(run()) == (True, True, True, True)
+
+    async def closed() -> bool:
+        svc = service(cfg, tmp_path / "closed")
+        svc.on_tokens(frame(0, rng), offset=0, partition=3)
+        answer = asyncio.create_task(until(asyncio.Event()))
+        svc.streams[KEY].answering["q1"] = answer
+        svc.drop(KEY, tombstone=True)
+        await asyncio.sleep(0.05)
+        return answer.cancelled()
+
+    assert asyncio.run(closed())

@@ -107,10 +107,21 @@ class LLMCore:
         partition lost."""
         stream = self.streams.pop(key, None)
         self.stats.streams = len(self.streams)
-        if stream is not None:
+        if stream is not None and moved and stream.answering:
+            # The questions it is answering were taken (their offsets committed): the new
+            # owner will not read them again, so they are answered here, then it goes.
+            asyncio.get_running_loop().create_task(self._close_after_answers(key, stream))
+        elif stream is not None:
             stream.close(moved=moved)  # its answers and checks stop too: nobody is left to hear them
         if tombstone:
             self.sink.checkpoint(key, None)
+
+    async def _close_after_answers(self, key: str, stream: Stream) -> None:
+        stream.stop_checks()
+        await asyncio.gather(*stream.answering.values(), return_exceptions=True)
+        log.info("stream %s: the answers it had begun are done; it goes", key)
+        # what it holds is keyed by the stream: taken back here meanwhile, it is the new holder's
+        stream.close(moved=True, keep_stores=key in self.streams)
 
     def save_checkpoint(self, stream: Stream) -> None:
         stream.unsaved_frames = 0
@@ -407,7 +418,8 @@ class LLMCore:
             return
         if not ask.proactive and method is ContextMethod.DEFAULT:  # evaluation questions leave no trace
             stream.add_turn(ask.question, "".join(text).strip())
-            self.save_checkpoint(stream)
+            if self.streams.get(key_of(cmd)) is stream:  # not once another replica holds it
+                self.save_checkpoint(stream)
 
     def warmup_context(self) -> torch.Tensor:
         """A context as long as a full one (sink + window of 7x7-token frames), of

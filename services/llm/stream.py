@@ -397,15 +397,20 @@ class Stream:
     def add_turn(self, question: str, answer: str) -> None:
         self.context.add_turn(question, answer)
 
-    def close(self, moved: bool = False) -> None:
-        """Closed, or (`moved`) another replica owns the stream now: everything it holds goes,
-        its answers and checks stop."""
-        for task in [*self.answering.values(), self.check_task]:
-            if task is not None:
-                task.cancel()
+    def close(self, moved: bool = False, keep_stores: bool = False) -> None:
+        """Closed, or (`moved`) another replica owns the stream now: everything it holds goes
+        (but what the stores keep under its id with `keep_stores`), its answers and checks stop."""
+        for task in self.answering.values():
+            task.cancel()
+        self.stop_checks()
+        if not keep_stores:
+            self.res.store.drop_stream(self.stream_id)
+            self.res.materializer.drop_stream(self.stream_id, moved=moved)
+
+    def stop_checks(self) -> None:
+        if self.check_task is not None:
+            self.check_task.cancel()
         self.check_next = None
-        self.res.store.drop_stream(self.stream_id)
-        self.res.materializer.drop_stream(self.stream_id, moved=moved)
 
     # --- questions -------------------------------------------------------------------
     def retrieve(self, question: str, example: np.ndarray | None,
