@@ -61,7 +61,8 @@ def _vision_up_to_date(onnx_path: Path, info_path: Path, want: dict[str, object]
 def vision_want(hidden: int, target_rms: float, seed: int, projector: str) -> dict[str, object]:
     """The model_info.json entries that identify an encoder built from these inputs; the
     trained projector's weights file by its hash, so new weights rebuild the ONNX."""
-    from devtools.models.vision import PROJECTORS, TRAINED_PROJECTOR
+    from devtools.models.settings import PROJECTORS
+    from devtools.models.vision import TRAINED_PROJECTOR
 
     if projector not in PROJECTORS:
         raise ValueError(f"LIVELENS_VISION__PROJECTOR must be one of {', '.join(PROJECTORS)}, got {projector!r}")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from livelens.config import ConfigError, LivelensConfig
 
+PROJECTORS = ("trained", "seeded")  # the MobileNetV2 encoder's (`VisionBuild.projector`)
+
 
 @dataclass(frozen=True)
 class VisionBuild:
@@ -29,8 +31,8 @@ class VisionBuild:
         projector = env.get("LIVELENS_VISION__PROJECTOR", "seeded")
         if not seed.isdigit():
             raise ConfigError(f"LIVELENS_VISION__SEED: expected a non-negative integer, got {seed!r}")
-        if projector not in ("seeded", "trained"):
-            raise ConfigError(f"LIVELENS_VISION__PROJECTOR must be seeded or trained, got {projector!r}")
+        if projector not in PROJECTORS:
+            raise ConfigError(f"LIVELENS_VISION__PROJECTOR must be one of {', '.join(PROJECTORS)}, got {projector!r}")
         return cls(Path(cfg.triton.model_repository), int(seed), projector)
 
     @property

