@@ -21,7 +21,7 @@ DEMO_CUT_IN = "skimage:chelsea.png"
 
 def _up_arguments(p: argparse.ArgumentParser) -> None:
     watch_arguments(p)
-    p.add_argument("--video", help="demo video (default: opencv-doc's vtest.avi)")
+    p.add_argument("--video", help="demo video: a file or a sample video's name (default: opencv-doc's vtest.avi)")
     p.add_argument("--no-demo", action="store_true", help="start the stack only")
     p.add_argument("--exit-after-demo", action="store_true", help="stop once the demo is done")
     p.add_argument("--run-dir", help="where logs and the effective config go (default: a temp dir)")

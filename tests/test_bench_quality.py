@@ -14,10 +14,8 @@ from devtools.bench.quality import (
     questions_for,
     read_needles,
     summary,
-    video_path,
 )
 from devtools.train.data import feature_grids, needle_frames, teacher_probs
-from livelens.video import VideoError
 from services.common.labels import imagenet_names, question_names_tag
 
 
@@ -110,12 +108,3 @@ def test_model_repository_serves_both_projectors(tmp_path: Path) -> None:
     assert (repo / "vision_encoder_seeded" / "1" / "model.onnx").read_bytes() == b"not really onnx"
     assert (repo / "vision_encoder_trained" / "1" / "model.onnx").read_bytes() == b"trained"
     assert (repo / "vision_encoder_trained" / "1" / "model.py").is_file()
-
-
-def test_a_haystack_is_a_file_or_a_sample_video(tmp_path: Path) -> None:
-    mine = tmp_path / "mine.mp4"
-    mine.write_bytes(b"")
-    assert video_path(str(mine)) == mine
-    assert video_path("vtest.avi").name == "vtest.avi"
-    with pytest.raises(VideoError, match="not found"):
-        video_path("no-such-video.mp4")

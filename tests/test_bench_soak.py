@@ -10,8 +10,8 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     soak = Soak(stack=None, token="t", minutes=1.0, fps=0.5, question_every_s=30.0,  # type: ignore[arg-type]
                 kill_every_s=300.0)
     soak.kills = [{"service": "llm", "at_s": 100.0, "recovery_s": 40.0}]
-    soak.rss = [{"t_s": 0.0, "llm": 1000.0, "encoder": 100.0, "gateway": 50.0},
-                {"t_s": 60.0, "llm": 1050.0, "encoder": 100.0, "gateway": 50.0}]
+    soak.rss = [{"t_s": 0.0, "llm": 1000.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0},
+                {"t_s": 60.0, "llm": 1050.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0}]
     whole = StreamTally("soak-0", acked=set(range(30)), folds_told=9)
     whole.asked = {"q0": 30.0, "q1": 110.0, "q2": 150.0}
     whole.outcome = {"q0": "answered", "q1": "DEADLINE_EXCEEDED", "q2": "answered"}
@@ -29,6 +29,7 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     assert rows["soak-1"]["answer_rate_outside_outages"] == 0.5
     assert result["answer_rate_outside_outages_min"] == 0.5 and result["answered"] == 3
     assert result["llm_rss_change_last_20min"] == 0.05
+    assert result["rss_mb_start"] == 1170.0  # the services and the broker
 
 
 def test_the_settled_memory_figure_leaves_out_each_llm_start_s_warm_up() -> None:
@@ -41,8 +42,8 @@ def test_the_settled_memory_figure_leaves_out_each_llm_start_s_warm_up() -> None
     soak.kills = [{"service": "llm", "at_s": 1200.0, "recovery_s": 60.0},
                   {"service": "encoder", "at_s": 1500.0, "recovery_s": 10.0}]
     llm = {600.0: 5000.0, 900.0: 5050.0, 1230.0: 2000.0, 1300.0: 4000.0, 1600.0: 5100.0, 1800.0: 5150.0}
-    soak.rss = [{"t_s": 0.0, "llm": 4000.0, "encoder": 100.0, "gateway": 50.0}]
-    soak.rss += [{"t_s": t, "llm": mb, "encoder": 100.0, "gateway": 50.0} for t, mb in llm.items()]
+    soak.rss = [{"t_s": 0.0, "llm": 4000.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0}]
+    soak.rss += [{"t_s": t, "llm": mb, "encoder": 100.0, "gateway": 50.0, "broker": 20.0} for t, mb in llm.items()]
     result = soak_result(soak, [], {}, streams=0, replicas=1)
     assert result["llm_rss_mb_last_20min"] == [2000.0, 5150.0]
     assert 1200.0 + 60.0 + SETTLE_S <= 1600.0  # 1230 and 1300 are the warm-up's

@@ -1,7 +1,9 @@
+from pathlib import Path
+
 import pytest
 
 from devtools.train.data import image_path
-from livelens.video import CutIn, VideoError, read_frames, sample_video
+from livelens.video import CutIn, VideoError, read_frames, sample_video, video_source
 from livelens.watcher import ScheduledQuestion
 
 
@@ -48,3 +50,13 @@ def test_a_bad_cut_in_is_a_clear_error(spec, tmp_path):
         CutIn.parse(spec)
     with pytest.raises(VideoError, match="does not exist"):
         CutIn.parse(f"{tmp_path / 'none.png'}@3")
+
+
+def test_a_video_is_a_file_a_camera_a_url_or_a_sample_video(tmp_path: Path) -> None:
+    mine = tmp_path / "mine.mp4"
+    mine.write_bytes(b"")
+    assert video_source(str(mine)) == str(mine)
+    assert Path(video_source("vtest.avi")).name == "vtest.avi"
+    assert video_source("rtsp://camera/1") == "rtsp://camera/1" and video_source("0") == "0"
+    with pytest.raises(VideoError, match="sample video"):
+        video_source("no-such-video.mp4")

@@ -45,7 +45,7 @@ from livelens.config import LivelensConfig, with_settings
 from livelens.identity import stream_key
 from livelens.records import encode_jpeg
 from livelens.v1 import messages_pb2 as pb
-from livelens.video import read_frames, sample_video
+from livelens.video import read_frames, video_source
 
 GROUNDING_QUESTION = "What objects do you see?"
 ABSENT = ["airplane", "elephant", "guitar"]  # objects none of the haystacks or needles show
@@ -189,12 +189,7 @@ def model_repository(dst: Path, onnx: dict[str, Path]) -> Path:
 
 
 def video_frames(name: str, fps: float, max_seconds: float | None = None) -> list[np.ndarray]:
-    return [f.rgb for f in read_frames(video_path(name), fps, max_seconds=max_seconds)]
-
-
-def video_path(name: str) -> Path:
-    """A video file, or the name of a sample video the packages ship ("vtest.avi")."""
-    return Path(name) if Path(name).is_file() else sample_video(name)
+    return [f.rgb for f in read_frames(video_source(name), fps, max_seconds=max_seconds)]
 
 
 async def grounding(p: Pipeline, videos: list[str], per_video: int, teacher: Any) -> dict[str, Any]:
@@ -477,7 +472,7 @@ def run_quality(cfg: LivelensConfig, out: Path, minutes: list[float], depths: li
     for n in needles.needles:
         n.path()  # every image is there before anything starts
     for h in haystacks:
-        video_path(h)  # every haystack is there before anything starts
+        video_source(h)  # every haystack is there before anything starts
     result: dict[str, Any] = {"machine": machine(), "videos": proj.held_out().videos, "haystacks": haystacks,
                               "needles": [vars(n) | {"words": list(n.words)} for n in needles.needles],
                               "absent": list(needles.absent), "haystack_fps": haystack_fps,

@@ -2,15 +2,15 @@
 
 `streams` streams (sample videos, looped) are sent at `fps` for `minutes`, each asking a
 question every `question_every_s`. Every `kill_every_s` one service replica is killed
-with SIGKILL, in turn the LLM service, the encoder and the gateway (with `replicas`, each
-service's replicas in turn); the supervisor restarts it, and the time until it serves
-again is its recovery time. A stream whose Watch breaks (its gateway died) resumes its
-session through a gateway that serves, after its last acknowledged frame. At the end
-every stream is asked once more, and its answer's timings account for every frame the
-client got an ack for: in the context as itself, folded into another (the client was
-told), or dropped; `unaccounted` is what is left, and must be 0. A question is counted
-per stream as answered or not, and apart when it was asked during an outage (between a
-kill and the killed replica serving again).
+with SIGKILL, in turn the LLM service, the encoder, the gateway (with `replicas`, each
+service's replicas in turn) and, when its log is on disk, the broker; the supervisor
+restarts it, and the time until it serves again is its recovery time. A stream whose
+Watch breaks (its gateway died) resumes its session through a gateway that serves,
+after its last acknowledged frame. At the end every stream is asked once more, and its
+answer's timings account for every frame the client got an ack for: in the context as
+itself, folded into another (the client was told), or dropped; `unaccounted` is what is
+left, and must be 0. A question is counted per stream as answered or not, and apart when
+it was asked during an outage (between a kill and the killed replica serving again).
 
 Written to bench/results/soak.json (+ a PNG of the services' memory over time).
 """
@@ -32,6 +32,8 @@ from typing import Any
 import psutil
 
 from devtools.bench.common import machine
+from devtools.infra.broker import TansuBroker
+from devtools.infra.object_store import ObjectStore
 from devtools.stack import Stack, health_target, use_free_ports
 from livelens import health
 from livelens.client import Ack, Answer, Client, Folded, ItemError, WatchSession
@@ -44,7 +46,7 @@ from livelens.video import read_frames, sample_video
 VIDEOS = ("vtest.avi", "Megamind.avi", "bikes.mp4", "vtest.avi")
 FINAL_QUESTIONS, FINAL_QUESTIONS_EVERY_S = 3, 10.0
 SETTLE_S = 300.0  # an LLM service this long after its start is warm (its caches full)
-KILL_ORDER = ("llm", "encoder", "gateway")
+SERVICES = ("llm", "encoder", "gateway")
 
 
 @dataclass
@@ -74,8 +76,9 @@ class Soak:
     fps: float
     question_every_s: float
     kill_every_s: float
-    # process name -> its health target; "llm", "llm-2", ... with replicas
+    # service process name -> its health target; "llm", "llm-2", ... with replicas
     targets: dict[str, str] = field(default_factory=dict)
+    kill_order: tuple[str, ...] = SERVICES
     kills: list[dict[str, Any]] = field(default_factory=list)
     rss: list[dict[str, Any]] = field(default_factory=list)
     t0: float = field(default_factory=time.monotonic)
@@ -89,16 +92,28 @@ class Soak:
         return any(k["at_s"] <= at_s <= k["at_s"] + k["recovery_s"] for k in self.kills)
 
     def service_rss_mb(self) -> dict[str, float]:
-        """Resident memory of each service (its replicas together) with their children (vLLM's engine core)."""
-        out = dict.fromkeys(KILL_ORDER, 0.0)
-        for name in self.targets:
+        """Resident memory of each service (its replicas together) with their children
+        (vLLM's engine core), and of the bundled broker (with its object store). The LLM
+        service's is also split: its own process and its children, and anonymous memory
+        (the heap: caches, tensors) against file-backed pages (mapped libraries and files)."""
+        out = dict.fromkeys((*SERVICES, "broker", "llm_main", "llm_children", "llm_anon", "llm_file"), 0.0)
+        broker = [p.name for p in self.stack.processes if isinstance(p, (TansuBroker, ObjectStore))]
+        for name in [*self.targets, *broker]:
+            part = "broker" if name in broker else name.split("-")[0]
             proc = self.stack.process(name).proc
             try:
                 root = psutil.Process(proc.pid) if proc else None
                 tree = [root, *root.children(recursive=True)] if root else []
-                out[name.split("-")[0]] += sum(p.memory_info().rss for p in tree) / 2**20
-            except psutil.Error:
-                out[name.split("-")[0]] = float("nan")
+                rss = [p.memory_info().rss / 2**20 for p in tree]
+                out[part] += sum(rss)
+                if part == "llm" and tree:
+                    out["llm_main"] += rss[0]
+                    out["llm_children"] += sum(rss[1:])
+                    anon, file = zip(*(_anon_file_mb(p.pid) for p in tree), strict=True)
+                    out["llm_anon"] += sum(anon)
+                    out["llm_file"] += sum(file)
+            except (psutil.Error, OSError):
+                out[part] = float("nan")
         return out
 
     async def sample_memory(self, t0: float, end: float) -> None:
@@ -110,17 +125,18 @@ class Soak:
         turn = 0
         while (due := t0 + (turn + 1) * self.kill_every_s) < end:
             await asyncio.sleep(max(0.0, due - time.monotonic()))
-            service = KILL_ORDER[turn % len(KILL_ORDER)]
-            replicas = [n for n in self.targets if n.split("-")[0] == service]
-            name = replicas[(turn // len(KILL_ORDER)) % len(replicas)]
+            part = self.kill_order[turn % len(self.kill_order)]
+            replicas = [n for n in self.targets if n.split("-")[0] == part] or [part]
+            name = replicas[(turn // len(self.kill_order)) % len(replicas)]
             turn += 1
-            pid = self.stack.process(name).proc.pid  # type: ignore[union-attr]
+            process = self.stack.process(name)
+            pid = process.proc.pid  # type: ignore[union-attr]
             os.kill(pid, signal.SIGKILL)
             killed = time.monotonic()
             print(f"==> soak: killed {name} (pid {pid}) at {killed - t0:.0f}s", flush=True)
             while True:
-                proc = self.stack.process(name).proc
-                if proc is not None and proc.pid != pid and await asyncio.to_thread(health.check, self.targets[name]):
+                proc = process.proc
+                if proc is not None and proc.pid != pid and await asyncio.to_thread(process.is_ready):
                     break
                 await asyncio.sleep(0.5)
             recovery = time.monotonic() - killed
@@ -233,8 +249,12 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
     token = next(iter(cfg.gateway.tokens))
     soak = Soak(stack, token, minutes, fps, question_every_s, kill_every_s)
     try:
-        soak.targets = {service: health_target(cfg, service) for service in KILL_ORDER}
-        for service in KILL_ORDER:
+        soak.targets = {service: health_target(cfg, service) for service in SERVICES}
+        if cfg.broker.enabled and cfg.broker.storage == "s3":
+            # A broker whose log is on disk is killed in its turn too; one whose log is in
+            # memory is not: its restart loses the log by design.
+            soak.kill_order = (*SERVICES, next(p.name for p in stack.processes if isinstance(p, TansuBroker)))
+        for service in SERVICES:
             for _ in range(replicas - 1):
                 print(f"==> starting another {service} replica", flush=True)
                 process, replica_cfg = stack.add_replica(service)
@@ -319,8 +339,8 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
         "kills": len(soak.kills), "kill_log": soak.kills,
         "recovery_s_p50": round(statistics.median(recoveries), 2) if recoveries else None,
         "recovery_s_max": max(recoveries) if recoveries else None,
-        "rss_mb_start": round(sum(v for k, v in first.items() if k != "t_s"), 1),
-        "rss_mb_end": round(sum(v for k, v in last.items() if k != "t_s"), 1),
+        "rss_mb_start": round(sum(first[k] for k in (*SERVICES, "broker")), 1),
+        "rss_mb_end": round(sum(last[k] for k in (*SERVICES, "broker")), 1),
         "llm_rss_mb_last_20min": [round(min(llm_late), 1), round(max(llm_late), 1)] if llm_late else None,
         "llm_rss_change_last_20min": round(max(llm_late) / min(llm_late) - 1, 3) if llm_late else None,
         "llm_rss_settled_mb_last_20min": [round(min(settled), 1), round(max(settled), 1)] if settled else None,
@@ -331,6 +351,14 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
     }
 
 
+def _anon_file_mb(pid: int) -> tuple[float, float]:
+    """A process's resident anonymous and file-backed memory, MB (Linux /proc; 0 for a
+    process that has died and is not reaped yet: its status has no memory lines)."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    anon, file = (int(fields.get(f, "0 kB").split()[0]) / 1024 for f in ("RssAnon", "RssFile"))
+    return anon, file
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -338,7 +366,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4))
-    for name in KILL_ORDER:
+    for name in (*SERVICES, "broker"):
         ax.plot([r["t_s"] / 60 for r in result["rss"]], [r[name] for r in result["rss"]], label=name)
     for k in result["kill_log"]:
         ax.axvline(k["at_s"] / 60, color="grey", lw=0.8, ls=":")

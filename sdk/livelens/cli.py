@@ -91,10 +91,11 @@ def watch_arguments(p: argparse.ArgumentParser) -> None:
 async def run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
                      args: argparse.Namespace) -> int:
     from livelens.client import Client, Refused
-    from livelens.video import CutIn, VideoError, read_frames
+    from livelens.video import CutIn, VideoError, read_frames, video_source
     from livelens.watcher import ConsolePrinter, ScheduledQuestion, watch_video
 
     try:
+        video = video_source(video)
         questions = [ScheduledQuestion.parse(s) for s in args.ask]
         cut_in = CutIn.parse(args.cut_in) if args.cut_in else None
         total = sum(1 for _ in read_frames(video, args.fps, args.max_seconds, max_side=32))
@@ -197,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     watch = sub.add_parser("watch", help="stream a video file through the gateway and ask about it")
-    watch.add_argument("video", help="video file, camera index, or rtsp:// URL")
+    watch.add_argument("video", help="video file, camera index, rtsp:// URL, or a sample video's name (vtest.avi)")
     watch_arguments(watch)
     watch.add_argument("--target", help="gateway host:port (default: gateway.host:gateway.port)")
     watch.add_argument("--token", help="bearer token (default: $LIVELENS_TOKEN or the first configured)")

@@ -42,6 +42,18 @@ def sample_video(name: str = "vtest.avi") -> Path:
     raise VideoError(f"sample video {name} not found (install the opencv-doc package: `make samples`)")
 
 
+def video_source(name: str) -> str:
+    """What `read_frames` opens for `name`: a file, a camera index or a URL as given, else
+    the sample video of that name ("bikes.mp4")."""
+    if "://" in name or name.isdigit() or Path(name).is_file():
+        return name
+    try:
+        return str(sample_video(name))
+    except VideoError:
+        raise VideoError(f"video {name} does not exist: give a file, a camera index, an rtsp:// or http:// URL, "
+                         "or the name of a sample video (vtest.avi, Megamind.avi, bikes.mp4, ...)") from None
+
+
 def _fit(rgb: np.ndarray, max_side: int) -> np.ndarray:
     h, w = rgb.shape[:2]
     scale = max_side / max(h, w)
