@@ -65,11 +65,9 @@ def test_watch_bad_ask_exits_2():
 
 
 def test_watch_without_gateway_says_unavailable():
-    from livelens.video import sample_video
-
     port = free_port()
-    out = run_cli("watch", str(sample_video("bigbuckbunny.mp4")), "--target", f"127.0.0.1:{port}",
-                  "--no-realtime")
+    # a sample video by its name: found where the packages put it
+    out = run_cli("watch", "bigbuckbunny.mp4", "--target", f"127.0.0.1:{port}", "--no-realtime")
     assert out.returncode == 1
     assert "UNAVAILABLE" in out.stderr and f"127.0.0.1:{port}" in out.stderr
 

@@ -95,9 +95,9 @@ async def run_watch(cfg: LivelensConfig, target: str, token: str, video: str,
     from livelens.watcher import ConsolePrinter, ScheduledQuestion, watch_video
 
     try:
-        video = video_source(video)
         questions = [ScheduledQuestion.parse(s) for s in args.ask]
         cut_in = CutIn.parse(args.cut_in) if args.cut_in else None
+        video = video_source(video)
         total = sum(1 for _ in read_frames(video, args.fps, args.max_seconds, max_side=32))
     except (ValueError, VideoError) as exc:
         return fail(str(exc), 2)
