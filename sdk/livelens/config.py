@@ -88,8 +88,8 @@ class BrokerConfig:
     # through a local S3 server (ministack) it starts beside it on s3_port, under data_dir
     # ("": the run directory's broker-data): a kill -9 of the broker loses nothing
     # acknowledged. Not the default: Tansu lists a partition's every batch on each fetch,
-    # so every read slows as the log grows; the soak on it left 400 of 3604 frames unread
-    # and rebuilds took minutes (docs/operations.md).
+    # so every read slows as the log grows; the soak on it ended with 400 of 3604 frames
+    # out of the context and rebuilds of minutes (docs/operations.md).
     storage: Literal["memory", "s3"] = "memory"
     s3_port: int = 19100
     data_dir: str = ""
