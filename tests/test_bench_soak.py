@@ -12,10 +12,10 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     soak.kills = [{"service": "llm", "at_s": 100.0, "recovery_s": 40.0}]
     soak.rss = [{"t_s": 0.0, "llm": 1000.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0},
                 {"t_s": 60.0, "llm": 1050.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0}]
-    whole = StreamTally("soak-0", acked=set(range(30)), folds_told=9)
+    whole = StreamTally("soak-0", acked=set(range(30)), folds_told=9, encoded=set(range(30)))
     whole.asked = {"q0": 30.0, "q1": 110.0, "q2": 150.0}
     whole.outcome = {"q0": "answered", "q1": "DEADLINE_EXCEEDED", "q2": "answered"}
-    short = StreamTally("soak-1", acked=set(range(30)))
+    short = StreamTally("soak-1", acked=set(range(30)), encoded=set(range(29)))  # seq 29 never encoded
     short.asked = {"q0": 30.0, "q1": 60.0}
     short.outcome = {"q0": "answered"}
     timings = {"soak-0": pb.AnswerTimings(frames_seen=30, frames_folded=9, frames_coalesced=2),
@@ -24,6 +24,7 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     rows = {r["stream"]: r for r in result["per_stream"]}
     assert (rows["soak-0"]["in_context"], rows["soak-0"]["folded"], rows["soak-0"]["unaccounted"]) == (19, 11, 0)
     assert rows["soak-1"]["unaccounted"] == 2 and result["frames_unaccounted"] == 2
+    assert rows["soak-1"]["acked_not_encoded"] == [29]
     # q1 of soak-0 was asked during the LLM's outage (100-140 s): apart
     assert (rows["soak-0"]["questions_outside_outages"], rows["soak-0"]["answered_outside_outages"]) == (2, 2)
     assert rows["soak-1"]["answer_rate_outside_outages"] == 0.5

@@ -56,6 +56,7 @@ class StreamTally:
     asked: dict[str, float] = field(default_factory=dict)  # request id -> when (s into the run)
     outcome: dict[str, str] = field(default_factory=dict)  # request id -> "answered" or the status
     folds_told: int = 0  # frames the client was told went in folded into another
+    encoded: set[int] = field(default_factory=set)  # seqs the tokens topic carries at the end
     errors: Counter[str] = field(default_factory=Counter)
     resumes: int = 0
 
@@ -238,7 +239,24 @@ async def _soak(soak: Soak, streams: int) -> tuple[list[StreamTally], dict[str, 
                 if i >= last.get(rec.stream_id, -1):
                     last[rec.stream_id], timings[rec.stream_id] = i, rec.timings
     soak.rss.append({"t_s": round(time.monotonic() - t0, 1), **soak.service_rss_mb()})
+    encoded = await asyncio.to_thread(encoded_seqs, soak.stack.cfg, tenant, names)
+    for t in tallies:
+        t.encoded = encoded[t.name]
     return tallies, timings
+
+
+def encoded_seqs(cfg: LivelensConfig, tenant: str, names: list[str]) -> dict[str, set[int]]:
+    """Per stream, the seqs the tokens topic carries (a folded record: every seq it stands
+    for): an acknowledged frame missing here was lost before the LLM service; one here but
+    unaccounted, in the LLM service."""
+    out: dict[str, set[int]] = {n: set() for n in names}
+    with TopicSubscriber(cfg.kafka, ["tokens"], from_beginning=True, tenant=tenant) as sub:
+        for rec in sub.records(timeout_s=5):
+            if rec.stream_id in out:
+                out[rec.stream_id].add(rec.seq)
+                if rec.HasField("folded"):
+                    out[rec.stream_id].update(range(rec.folded.from_seq, rec.folded.to_seq + 1))
+    return out
 
 
 def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int = 4, fps: float = 0.5,
@@ -275,7 +293,8 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
           f"  (lowest stream {result['answer_rate_outside_outages_min']})")
     for row in result["per_stream"]:
         print(f"    {row['stream']}: acked {row['acked']} = in context {row['in_context']} + folded {row['folded']} "
-              f"+ dropped {row['dropped']} + unaccounted {row['unaccounted']};  answered {row['answered']}/"
+              f"+ dropped {row['dropped']} + unaccounted {row['unaccounted']} (not encoded: "
+              f"{row['acked_not_encoded'] or 'none'});  answered {row['answered']}/"
               f"{row['questions']}, outside outages {row['answered_outside_outages']}/"
               f"{row['questions_outside_outages']}")
     print(f"  kills {result['kills']}, recovery p50 / max   {result['recovery_s_p50']} / {result['recovery_s_max']} s")
@@ -303,7 +322,10 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
         answered_outside = sum(t.outcome.get(r) == "answered" for r in outside)
         rows.append({"stream": t.name, "acked": len(t.acked), "in_context": seen - folded - dropped,
                      "folded": folded, "folds_told_to_client": t.folds_told, "dropped": dropped,
-                     "unaccounted": len(t.acked) - seen, "questions": t.questions, "answered": t.answered,
+                     "unaccounted": len(t.acked) - seen,
+                     # where the unaccounted went: acknowledged but never encoded (the first 20)
+                     "acked_not_encoded": sorted(t.acked - t.encoded)[:20],
+                     "questions": t.questions, "answered": t.answered,
                      "questions_outside_outages": len(outside), "answered_outside_outages": answered_outside,
                      "answer_rate_outside_outages": round(answered_outside / len(outside), 3) if outside else None,
                      "outcomes": dict(Counter(t.outcome.values())), "resumes": t.resumes,
