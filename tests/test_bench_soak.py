@@ -33,20 +33,23 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     assert result["rss_mb_start"] == 1170.0  # the services and the broker
 
 
-def test_the_settled_memory_figure_leaves_out_each_llm_start_s_warm_up() -> None:
-    """A restarted LLM service rebuilds its streams and fills its caches: its samples
-    within SETTLE_S of being back are left out of the settled figure (not of the raw one)."""
+def test_the_memory_figures_leave_out_a_restarting_llm_as_they_say() -> None:
+    """A restarted LLM service loads its model (not serving), then rebuilds its streams and
+    fills its caches: the serving figure leaves out its samples before it serves again, the
+    settled one those within SETTLE_S of that, the raw one only those when it is not running."""
     from devtools.bench.soak import SETTLE_S
 
     soak = Soak(stack=None, token="t", minutes=30.0, fps=0.5, question_every_s=30.0,  # type: ignore[arg-type]
                 kill_every_s=300.0)
     soak.kills = [{"service": "llm", "at_s": 1200.0, "recovery_s": 60.0},
                   {"service": "encoder", "at_s": 1500.0, "recovery_s": 10.0}]
-    llm = {600.0: 5000.0, 900.0: 5050.0, 1230.0: 2000.0, 1300.0: 4000.0, 1600.0: 5100.0, 1800.0: 5150.0}
+    llm = {600.0: 5000.0, 900.0: 5050.0, 1200.0: float("nan"), 1230.0: 2000.0, 1300.0: 4000.0, 1600.0: 5100.0,
+           1800.0: 5150.0}
     soak.rss = [{"t_s": 0.0, "llm": 4000.0, "encoder": 100.0, "gateway": 50.0, "broker": 20.0}]
     soak.rss += [{"t_s": t, "llm": mb, "encoder": 100.0, "gateway": 50.0, "broker": 20.0} for t, mb in llm.items()]
     result = soak_result(soak, [], {}, streams=0, replicas=1)
     assert result["llm_rss_mb_last_20min"] == [2000.0, 5150.0]
+    assert result["llm_rss_serving_mb_last_20min"] == [4000.0, 5150.0]  # 1230: before it served again
     assert 1200.0 + 60.0 + SETTLE_S <= 1600.0  # 1230 and 1300 are the warm-up's
     assert result["llm_rss_settled_mb_last_20min"] == [5000.0, 5150.0]
     assert result["llm_rss_settled_change_last_20min"] == 0.03

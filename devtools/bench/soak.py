@@ -300,7 +300,8 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
     print(f"  kills {result['kills']}, recovery p50 / max   {result['recovery_s_p50']} / {result['recovery_s_max']} s")
     print(f"  RSS start / end             {result['rss_mb_start']} / {result['rss_mb_end']} MB;  LLM over the last 20 "
           f"min: {result['llm_rss_mb_last_20min']} MB (change {result['llm_rss_change_last_20min']})")
-    print(f"  LLM over the last 20 min, at least {SETTLE_S:g} s after its (re)start: "
+    print(f"  LLM over the last 20 min, while serving: {result['llm_rss_serving_mb_last_20min']} MB (change "
+          f"{result['llm_rss_serving_change_last_20min']});  at least {SETTLE_S:g} s after serving again: "
           f"{result['llm_rss_settled_mb_last_20min']} MB (change {result['llm_rss_settled_change_last_20min']})")
     print(f"  written to {out}")
     return 0 if result["frames_unaccounted"] == 0 else 1
@@ -332,18 +333,20 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
                      "final_answer": timing is not None})
     recoveries = [k["recovery_s"] for k in soak.kills]
     first, last = soak.rss[0], soak.rss[-1]
-    end_s = last["t_s"]
-    llm_late = [r["llm"] for r in soak.rss if r["t_s"] >= end_s - 20 * 60]
-    # The same, without the samples of an LLM service still warming up: within SETTLE_S of
-    # its start or restart, it rebuilds its streams and fills its caches to their budgets
-    # (llm.store.kv_ram_mb, segments_ram_mb): growth by design, not a leak.
+    # The LLM service's memory over the last 20 min, three ways: every sample it is running
+    # in (a process still loading its model included), only those once it serves again after
+    # a kill, and only those once it has been serving for SETTLE_S (its caches full to their
+    # budgets: growth by design, not a leak).
     llm_kills = [(0.0, 0.0)] + [(k["at_s"], k["recovery_s"]) for k in soak.kills if k["service"].startswith("llm")]
 
-    def warm(t_s: float) -> bool:
+    def serving_for(t_s: float) -> float:
         killed, recovery = max(k for k in llm_kills if k[0] <= t_s)
-        return t_s >= killed + recovery + SETTLE_S
+        return t_s - killed - recovery
 
-    settled = [r["llm"] for r in soak.rss if r["t_s"] >= end_s - 20 * 60 and warm(r["t_s"]) and r["llm"] == r["llm"]]
+    late = [r for r in soak.rss if r["t_s"] >= last["t_s"] - 20 * 60 and r["llm"] == r["llm"]]  # NaN: not running
+    llm_late = [r["llm"] for r in late]
+    serving = [r["llm"] for r in late if serving_for(r["t_s"]) >= 0]
+    settled = [r["llm"] for r in late if serving_for(r["t_s"]) >= SETTLE_S]
     rates = [r["answer_rate_outside_outages"] for r in rows if r["answer_rate_outside_outages"] is not None]
     return {
         "minutes": soak.minutes, "streams": streams, "replicas": replicas, "fps": soak.fps,
@@ -363,14 +366,18 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
         "recovery_s_max": max(recoveries) if recoveries else None,
         "rss_mb_start": round(sum(first[k] for k in (*SERVICES, "broker")), 1),
         "rss_mb_end": round(sum(last[k] for k in (*SERVICES, "broker")), 1),
-        "llm_rss_mb_last_20min": [round(min(llm_late), 1), round(max(llm_late), 1)] if llm_late else None,
-        "llm_rss_change_last_20min": round(max(llm_late) / min(llm_late) - 1, 3) if llm_late else None,
-        "llm_rss_settled_mb_last_20min": [round(min(settled), 1), round(max(settled), 1)] if settled else None,
-        "llm_rss_settled_change_last_20min": round(max(settled) / min(settled) - 1, 3) if settled else None,
+        **_spread("llm_rss", llm_late), **_spread("llm_rss_serving", serving),
+        **_spread("llm_rss_settled", settled),
         "settle_s": SETTLE_S,
         "rss": soak.rss, "per_stream": rows,
         "machine": machine(), "unix_time": int(time.time()),
     }
+
+
+def _spread(name: str, mb: list[float]) -> dict[str, Any]:
+    """`<name>_mb_last_20min`: [min, max]; `<name>_change_last_20min`: max / min - 1."""
+    return {f"{name}_mb_last_20min": [round(min(mb), 1), round(max(mb), 1)] if mb else None,
+            f"{name}_change_last_20min": round(max(mb) / min(mb) - 1, 3) if mb else None}
 
 
 def _anon_file_mb(pid: int) -> tuple[float, float]:

@@ -13,7 +13,9 @@ JSON may carry small per-segment summaries (the mean pre-RoPE key of chosen laye
 retrieval by the LLM service).
 
 Segments recently saved or loaded stay in RAM (`ram_bytes`, least recently used out):
-a frame's KV is loaded again and again while it is in a stream's window.
+a frame's KV is loaded again and again while it is in a stream's window. That RAM is one
+arena reserved when the store is made (`services.llm.kv.arena`); a segment served from it
+is a set of views into the arena, valid until the store's next save, load or delete.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from services.llm.kv.arena import RamArena, aligned
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
@@ -49,14 +53,21 @@ def segment_bytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+@dataclass(frozen=True)
+class _Cached:
+    start: int  # its span in the arena
+    nbytes: int
+    tensors: dict[str, torch.Tensor]  # views into that span
+
+
 class SegmentStore:
     def __init__(self, root: str | os.PathLike[str], dtype: torch.dtype | None = None, ram_bytes: int = 0) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype  # None: as given
         self.ram_bytes = ram_bytes
-        self._ram: OrderedDict[str, dict[str, torch.Tensor]] = OrderedDict()
-        self._ram_used = 0
+        self._arena = RamArena(ram_bytes) if ram_bytes > 0 else None
+        self._ram: OrderedDict[str, _Cached] = OrderedDict()
 
     def _paths(self, seg_id: str) -> tuple[Path, Path]:
         check_id(seg_id)
@@ -113,7 +124,7 @@ class SegmentStore:
         cached = self._ram.get(seg_id)
         if cached is not None:
             self._ram.move_to_end(seg_id)
-            return cached
+            return cached.tensors
         tensor_path, _ = self._paths(seg_id)
         tensors = load_file(str(tensor_path))
         self._remember(seg_id, tensors)
@@ -124,9 +135,7 @@ class SegmentStore:
         tensor_path, meta_path = self._paths(seg_id)
         meta_path.unlink(missing_ok=True)
         tensor_path.unlink(missing_ok=True)
-        dropped = self._ram.pop(seg_id, None)
-        if dropped is not None:
-            self._ram_used -= segment_bytes(dropped)
+        self._evict(seg_id)
 
     def delete_prefix(self, prefix: str) -> int:
         """Remove every segment whose id starts with `prefix`; how many there were."""
@@ -135,18 +144,32 @@ class SegmentStore:
             self.delete(seg_id)
         return len(ids)
 
+    @property
+    def ram_used(self) -> int:
+        return sum(c.nbytes for c in self._ram.values())
+
     def _remember(self, seg_id: str, tensors: dict[str, torch.Tensor]) -> None:
-        size = segment_bytes(tensors)
-        if size > self.ram_bytes:
+        """Copy the segment into the arena, evicting the least recently used until it fits."""
+        if self._arena is None:
             return
-        old = self._ram.pop(seg_id, None)
-        if old is not None:
-            self._ram_used -= segment_bytes(old)
-        self._ram[seg_id] = tensors
-        self._ram_used += size
-        while self._ram_used > self.ram_bytes:
-            _, evicted = self._ram.popitem(last=False)
-            self._ram_used -= segment_bytes(evicted)
+        self._evict(seg_id)
+        nbytes = sum(aligned(t.numel() * t.element_size()) for t in tensors.values())
+        if nbytes > self._arena.capacity:
+            return
+        while (start := self._arena.alloc(nbytes)) is None:
+            self._evict(next(iter(self._ram)))  # never empty here: an empty arena fits it
+        views: dict[str, torch.Tensor] = {}
+        at = start
+        for name, t in tensors.items():
+            views[name] = self._arena.view(at, t)
+            views[name].copy_(t)
+            at += aligned(t.numel() * t.element_size())
+        self._ram[seg_id] = _Cached(start, nbytes, views)
+
+    def _evict(self, seg_id: str) -> None:
+        cached = self._ram.pop(seg_id, None)
+        if cached is not None and self._arena is not None:
+            self._arena.free(cached.start, cached.nbytes)
 
     def log_event(self, **event: object) -> None:
         """Append one JSON line to <dir>/events.jsonl (what was saved/loaded, for tests and docs)."""
