@@ -365,3 +365,18 @@ def test_prototype_save_load_same_greedy_tokens(tmp_path: Path) -> None:
     # local prefix-cache hit (192 tokens) completed by the connector (256 tokens)
     assert r["mixed_same_tokens"] and r["mixed"]["num_cached_tokens"] == 448
     assert r["events"][-1]["tokens"] == 256 and r["events"][-1]["segments"] == [["P", 192, 256, 0]]
+
+
+def test_only_the_worker_side_reserves_the_ram_cache(tmp_path: Path) -> None:
+    """vLLM makes the connector twice, in the scheduler and in the worker: the RAM cache
+    (reserved when made) belongs to the worker alone, not once per process."""
+    pytest.importorskip("vllm")
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from services.llm.kv.connector import connector_store
+
+    extra = {"store_dir": str(tmp_path), "store_dtype": "float16", "ram_cache_mb": 1}
+    assert connector_store(extra, KVConnectorRole.WORKER).ram_bytes == 2**20
+    assert connector_store(extra, KVConnectorRole.SCHEDULER).ram_bytes == 0
+    with pytest.raises(ValueError, match="store_dir"):
+        connector_store({}, KVConnectorRole.WORKER)

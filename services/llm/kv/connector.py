@@ -138,16 +138,22 @@ def layer_index(layer_name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def connector_store(extra: dict[str, Any], role: KVConnectorRole) -> SegmentStore:
+    """The segment store of one side of the connector. Only the worker's has the RAM cache
+    (`ram_cache_mb`, reserved now): it serves the loads; the scheduler reads metadata."""
+    store_dir = extra.get("store_dir")
+    if not store_dir:
+        raise ValueError("SegmentKVConnector needs kv_connector_extra_config['store_dir']")
+    dtype = extra.get("store_dtype")
+    ram_mb = float(extra.get("ram_cache_mb", 0)) if role == KVConnectorRole.WORKER else 0.0
+    return SegmentStore(store_dir, getattr(torch, dtype) if dtype else None, ram_bytes=int(ram_mb * 2**20))
+
+
 class SegmentKVConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig | None = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)  # type: ignore[arg-type]
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
-        store_dir = extra.get("store_dir")
-        if not store_dir:
-            raise ValueError("SegmentKVConnector needs kv_connector_extra_config['store_dir']")
-        dtype = extra.get("store_dtype")
-        self.store = SegmentStore(store_dir, getattr(torch, dtype) if dtype else None,
-                                  ram_bytes=int(float(extra.get("ram_cache_mb", 0)) * 2**20))
+        self.store = connector_store(extra, role)
         self.mean_key_layers = {int(i) for i in extra.get("mean_key_layers", [])}
         self.block_size = vllm_config.cache_config.block_size
         self.rope_theta, self.rope_type = rope_params(vllm_config, extra)
@@ -161,7 +167,7 @@ class SegmentKVConnector(KVConnectorBase_V1):
         # worker side: seg_id -> layer -> (k, v), filled by save_kv_layer, flushed by wait_for_save
         self._pending: dict[str, tuple[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]] = {}
         self._isa: dict[str, str] = {}
-        logger.info("SegmentKVConnector role=%s store=%s rope_theta=%s", role.name, store_dir, self.rope_theta)
+        logger.info("SegmentKVConnector role=%s store=%s rope_theta=%s", role.name, self.store.root, self.rope_theta)
         import vllm
 
         if getattr(vllm, "__version__", VLLM_VERSION) != VLLM_VERSION:
