@@ -28,6 +28,10 @@ def test_every_acknowledged_frame_is_accounted_for_and_outages_are_apart() -> No
     # q1 of soak-0 was asked during the LLM's outage (100-140 s): apart
     assert (rows["soak-0"]["questions_outside_outages"], rows["soak-0"]["answered_outside_outages"]) == (2, 2)
     assert rows["soak-1"]["answer_rate_outside_outages"] == 0.5
+    assert rows["soak-0"]["missed"] == [{"request_id": "q1", "asked_at_s": 110.0, "outcome": "DEADLINE_EXCEEDED",
+                                         "in_outage": True}]
+    assert rows["soak-1"]["missed"] == [{"request_id": "q1", "asked_at_s": 60.0, "outcome": "no reply",
+                                         "in_outage": False}]
     assert result["answer_rate_outside_outages_min"] == 0.5 and result["answered"] == 3
     assert result["llm_rss_change_last_20min"] == 0.05
     assert result["rss_mb_start"] == 1170.0  # the services and the broker

@@ -297,6 +297,10 @@ def run_soak(cfg: LivelensConfig, out: Path, minutes: float = 30.0, streams: int
               f"{row['acked_not_encoded'] or 'none'});  answered {row['answered']}/"
               f"{row['questions']}, outside outages {row['answered_outside_outages']}/"
               f"{row['questions_outside_outages']}")
+        if row["missed"]:
+            print("      not answered: " + ", ".join(f"{m['request_id']} asked at {m['asked_at_s']:g} s "
+                                                 f"({m['outcome']}{', in an outage' if m['in_outage'] else ''})"
+                                                 for m in row["missed"]))
     print(f"  kills {result['kills']}, recovery p50 / max   {result['recovery_s_p50']} / {result['recovery_s_max']} s")
     print(f"  RSS start / end             {result['rss_mb_start']} / {result['rss_mb_end']} MB;  LLM over the last 20 "
           f"min: {result['llm_rss_mb_last_20min']} MB (change {result['llm_rss_change_last_20min']})")
@@ -330,6 +334,10 @@ def soak_result(soak: Soak, tallies: list[StreamTally], timings: dict[str, pb.An
                      "questions_outside_outages": len(outside), "answered_outside_outages": answered_outside,
                      "answer_rate_outside_outages": round(answered_outside / len(outside), 3) if outside else None,
                      "outcomes": dict(Counter(t.outcome.values())), "resumes": t.resumes,
+                     # the questions not answered: when asked, and what came back instead
+                     "missed": [{"request_id": r, "asked_at_s": round(at, 1), "outcome": t.outcome.get(r, "no reply"),
+                                 "in_outage": soak.outage(at)}
+                                for r, at in t.asked.items() if t.outcome.get(r) != "answered"],
                      "final_answer": timing is not None})
     recoveries = [k["recovery_s"] for k in soak.kills]
     first, last = soak.rss[0], soak.rss[-1]
