@@ -76,13 +76,16 @@ def port_settings(cfg: LivelensConfig) -> list[tuple[str, int, str]]:
     return ports
 
 
+# Every port the local stack listens on, as settings.
+PORT_SETTINGS = ("broker.port", "broker.s3_port", "triton.grpc_port", "triton.http_port", "triton.metrics_port",
+                 "gateway.port", "encoder.health_port", "llm.health_port", "gateway.metrics_port",
+                 "encoder.metrics_port", "llm.metrics_port")
+
+
 def use_free_ports(cfg: LivelensConfig) -> LivelensConfig:
     """`cfg` with every port of the local stack moved to a free one (benchmarks and tests
     run beside a `livelens up`)."""
-    ports = ["broker.port", "broker.s3_port", "triton.grpc_port", "triton.http_port", "triton.metrics_port",
-             "gateway.port", "encoder.health_port", "llm.health_port", "gateway.metrics_port",
-             "encoder.metrics_port", "llm.metrics_port"]
-    settings: dict[str, Any] = {name: free_port() for name in ports}
+    settings: dict[str, Any] = {name: free_port() for name in PORT_SETTINGS}
     settings["kafka.bootstrap"] = f"{cfg.broker.host}:{settings['broker.port']}"
     return with_settings(cfg, settings)
 

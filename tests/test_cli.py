@@ -86,10 +86,10 @@ def test_up_names_the_taken_port_and_its_setting():
 
 @pytest.mark.integration
 def test_ctrl_c_stops_everything_up_started(tmp_path):
-    ports = {"BROKER__PORT": free_port(), "TRITON__GRPC_PORT": free_port(),
-             "TRITON__HTTP_PORT": free_port(), "TRITON__METRICS_PORT": free_port(),
-             "GATEWAY__PORT": free_port(), "ENCODER__HEALTH_PORT": free_port(),
-             "LLM__HEALTH_PORT": free_port()}
+    from devtools.stack import PORT_SETTINGS
+
+    # every port on a free one: a default one may be held by another test's stack or client
+    ports = {name.upper().replace(".", "__"): free_port() for name in PORT_SETTINGS}
     env = {**os.environ, **{f"LIVELENS_{k}": str(v) for k, v in ports.items()},
            "LIVELENS_KAFKA__BOOTSTRAP": f"127.0.0.1:{ports['BROKER__PORT']}"}
     proc = subprocess.Popen([sys.executable, "-m", "livelens.cli", "up", "--no-demo", "--run-dir",
