@@ -153,17 +153,18 @@ class SegmentStore:
         if self._arena is None:
             return
         self._evict(seg_id)
-        nbytes = sum(aligned(t.numel() * t.element_size()) for t in tensors.values())
+        spans = [aligned(t.numel() * t.element_size()) for t in tensors.values()]
+        nbytes = sum(spans)
         if nbytes > self._arena.capacity:
             return
         while (start := self._arena.alloc(nbytes)) is None:
             self._evict(next(iter(self._ram)))  # never empty here: an empty arena fits it
         views: dict[str, torch.Tensor] = {}
         at = start
-        for name, t in tensors.items():
+        for (name, t), span in zip(tensors.items(), spans, strict=True):
             views[name] = self._arena.view(at, t)
             views[name].copy_(t)
-            at += aligned(t.numel() * t.element_size())
+            at += span
         self._ram[seg_id] = _Cached(start, nbytes, views)
 
     def _evict(self, seg_id: str) -> None:
