@@ -380,3 +380,5 @@ def test_only_the_worker_side_reserves_the_ram_cache(tmp_path: Path) -> None:
     assert connector_store(extra, KVConnectorRole.SCHEDULER).ram_bytes == 0
     with pytest.raises(ValueError, match="store_dir"):
         connector_store({}, KVConnectorRole.WORKER)
+    with pytest.raises(ValueError, match="llm.store.kv_ram_mb is 1000000000 MB, more than the"):
+        connector_store({**extra, "ram_cache_mb": 1e9}, KVConnectorRole.WORKER)

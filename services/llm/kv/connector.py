@@ -66,6 +66,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import psutil
 import torch
 from vllm.config import VllmConfig
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -146,6 +147,10 @@ def connector_store(extra: dict[str, Any], role: KVConnectorRole) -> SegmentStor
         raise ValueError("SegmentKVConnector needs kv_connector_extra_config['store_dir']")
     dtype = extra.get("store_dtype")
     ram_mb = float(extra.get("ram_cache_mb", 0)) if role == KVConnectorRole.WORKER else 0.0
+    available_mb = psutil.virtual_memory().available / 2**20
+    if ram_mb > available_mb:  # a clear error now, not the kernel's OOM kill while it is written
+        raise ValueError(f"llm.store.kv_ram_mb is {ram_mb:.0f} MB, more than the {available_mb:.0f} MB of memory "
+                         "available: lower it")
     return SegmentStore(store_dir, getattr(torch, dtype) if dtype else None, ram_bytes=int(ram_mb * 2**20))
 
 
